@@ -1,0 +1,159 @@
+//! The children table and the reaper: which pid serves which peer, since when, and what became
+//! of every child that ended. Every count changes in exactly two places: `add` when a child is
+//! forked and `end_child` when one is reaped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use nix::errno::Errno;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::session::EXIT_PANIC;
+
+/// One live child.
+#[derive(Debug, Clone, Copy)]
+struct Child {
+    /// The client it serves, for the log line when it ends.
+    peer: SocketAddr,
+    /// When it was forked, to log how long the session lasted.
+    started: Instant,
+}
+
+/// How a reaped child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Exited(i32),
+    Killed { signal: Signal, core_dumped: bool },
+}
+
+/// Totals since start, for the status line.
+#[derive(Debug, Default, Clone)]
+pub struct Totals {
+    /// Children forked.
+    pub forked: u64,
+    /// Children reaped, by exit code.
+    pub exited: BTreeMap<i32, u64>,
+    /// Children reaped, by the signal that killed them.
+    pub killed: BTreeMap<&'static str, u64>,
+}
+
+impl Totals {
+    pub fn ended(&self) -> u64 {
+        self.exited.values().sum::<u64>() + self.killed.values().sum::<u64>()
+    }
+}
+
+/// Live children by pid, plus the totals.
+#[derive(Debug, Default)]
+pub struct Children {
+    live: HashMap<Pid, Child>,
+    pub totals: Totals,
+}
+
+impl Children {
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    /// Records a child the parent has just forked.
+    pub fn add(&mut self, pid: Pid, peer: SocketAddr) {
+        self.live.insert(
+            pid,
+            Child {
+                peer,
+                started: Instant::now(),
+            },
+        );
+        self.totals.forked += 1;
+    }
+
+    /// Reaps every child that has ended, then returns. SIGCHLD coalesces, so one signal may stand
+    /// for many children: loop until the kernel says none is left to collect (`StillAlive`) or
+    /// there are no children at all (ECHILD).
+    pub fn reap(&mut self) {
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => self.end_child(pid, Ending::Exited(code)),
+                Ok(WaitStatus::Signaled(pid, signal, core_dumped)) => self.end_child(
+                    pid,
+                    Ending::Killed {
+                        signal,
+                        core_dumped,
+                    },
+                ),
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+                // Stops and continues are not asked for (no WUNTRACED); nothing to do.
+                Ok(_) | Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    warn!("waitpid failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The one place a reaped child is accounted for: table, totals, log line.
+    fn end_child(&mut self, pid: Pid, ending: Ending) {
+        let Some(child) = self.live.remove(&pid) else {
+            // Not ours (e.g. a process this one inherited); reaping it is still right.
+            debug!("reaped unknown process {pid}: {}", describe(ending));
+            return;
+        };
+        match ending {
+            Ending::Exited(code) => *self.totals.exited.entry(code).or_default() += 1,
+            Ending::Killed { signal, .. } => {
+                *self.totals.killed.entry(signal.as_str()).or_default() += 1
+            }
+        }
+        let message = format!(
+            "child {pid} ({}) {} after {}",
+            child.peer,
+            describe(ending),
+            seconds(child.started.elapsed())
+        );
+        match ending {
+            Ending::Exited(EXIT_PANIC)
+            | Ending::Killed {
+                core_dumped: true, ..
+            } => warn!("{message}"),
+            _ => info!("{message}"),
+        }
+    }
+
+    /// Sends `signal` to every live child (shutdown). A child that has already exited but is not
+    /// yet reaped is a zombie, and signalling it is harmless.
+    pub fn signal_all(&self, signal: Signal) {
+        for pid in self.live.keys() {
+            if let Err(e) = kill(*pid, signal) {
+                debug!("cannot send {signal} to child {pid}: {e}");
+            }
+        }
+    }
+}
+
+fn describe(ending: Ending) -> String {
+    match ending {
+        Ending::Exited(code) => format!("exited with code {code}"),
+        Ending::Killed {
+            signal,
+            core_dumped: false,
+        } => format!("killed by signal {}", signal.as_str()),
+        Ending::Killed {
+            signal,
+            core_dumped: true,
+        } => format!("killed by signal {} (core dumped)", signal.as_str()),
+    }
+}
+
+/// `1.23s`: enough precision for an operator, one format everywhere.
+pub fn seconds(d: Duration) -> String {
+    format!("{:.2}s", d.as_secs_f64())
+}

@@ -1,0 +1,389 @@
+//! Settings: built-in defaults, then the TOML file (`-c`), then command-line flags, each layer
+//! overriding the one before. Everything is validated here, once, so the rest of the daemon
+//! works with values that are known to be sane; an error names where it came from (file or
+//! flag), the key, and the reason.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:2333";
+pub const DEFAULT_BANNER: &str = "connect successful!\n";
+pub const DEFAULT_BACKLOG: u32 = 1024;
+pub const DEFAULT_IDLE_TIMEOUT_SECS: f64 = 300.0;
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: f64 = 10.0;
+
+/// Longest timeout accepted anywhere (one year): keeps `Duration` arithmetic far from overflow.
+const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// The keys a config file may hold, in the order the documentation lists them.
+pub const KEYS: [&str; 5] = [
+    "listen",
+    "banner",
+    "backlog",
+    "idle_timeout",
+    "shutdown_timeout",
+];
+
+/// The command line. Every option is also a config-file key; a flag given here wins.
+#[derive(Debug, Parser)]
+#[command(name = "forkecho", version, about, long_about = None)]
+pub struct Cli {
+    /// TOML config file (keys as the long options, in snake_case)
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Address to listen on, IP:PORT ([::1]:PORT for IPv6); repeatable; port 0 picks a free port
+    /// [default: 127.0.0.1:2333]
+    #[arg(short = 'l', long = "listen", value_name = "ADDR", value_parser = parse_addr)]
+    pub listen: Vec<SocketAddr>,
+
+    /// Greeting sent to each client; \n \r \t \\ are interpreted; "" sends nothing
+    /// [default: "connect successful!\n"]
+    #[arg(long, value_name = "TEXT", value_parser = unescape)]
+    pub banner: Option<String>,
+
+    /// Listen backlog: connections the kernel queues before forkecho accepts them [default: 1024]
+    #[arg(long, value_name = "N", value_parser = parse_backlog)]
+    pub backlog: Option<u32>,
+
+    /// Close a session after this many seconds without input, or with a write blocked this long;
+    /// 0 = never [default: 300]
+    #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+    pub idle_timeout: Option<Duration>,
+
+    /// On SIGTERM/SIGINT, seconds sessions get to finish before their children are terminated
+    /// [default: 10]
+    #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+    pub shutdown_timeout: Option<Duration>,
+
+    /// Validate the configuration, print `configuration OK` and exit 0 (exit 2 on an error)
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// The validated settings the daemon runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where to listen; never empty.
+    pub listen: Vec<SocketAddr>,
+    /// Bytes sent to each client before echoing; empty = none (plain RFC 862 echo).
+    pub banner: Vec<u8>,
+    /// `listen(2)` backlog.
+    pub backlog: u32,
+    /// Idle (and blocked-write) limit of a session; `None` = never.
+    pub idle_timeout: Option<Duration>,
+    /// Grace period for sessions on a graceful shutdown.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: vec![DEFAULT_LISTEN.parse().expect("default address parses")],
+            banner: DEFAULT_BANNER.as_bytes().to_vec(),
+            backlog: DEFAULT_BACKLOG,
+            idle_timeout: Some(Duration::from_secs_f64(DEFAULT_IDLE_TIMEOUT_SECS)),
+            shutdown_timeout: Duration::from_secs_f64(DEFAULT_SHUTDOWN_TIMEOUT_SECS),
+        }
+    }
+}
+
+/// A configuration problem: where it is, which key, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file's path, or "command line".
+    pub origin: String,
+    pub key: Option<String>,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.key {
+            Some(key) => write!(f, "{}: key `{}`: {}", self.origin, key, self.reason),
+            None => write!(f, "{}: {}", self.origin, self.reason),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Defaults, overridden by the config file named on the command line (if any), overridden
+    /// by the flags.
+    pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
+        let mut config = Config::default();
+        if let Some(path) = &cli.config {
+            config.apply_file(path)?;
+        }
+        config.apply_flags(cli);
+        Ok(config)
+    }
+
+    fn apply_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            origin: origin.clone(),
+            key: None,
+            reason: format!("cannot read: {}", crate::os_error_text(&e)),
+        })?;
+        self.apply_toml(&origin, &text)
+    }
+
+    /// Applies the keys of one TOML document; `origin` names it in errors.
+    pub fn apply_toml(&mut self, origin: &str, text: &str) -> Result<(), ConfigError> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
+            origin: origin.to_string(),
+            key: None,
+            reason: describe_toml_error(text, &e),
+        })?;
+        for (key, value) in &table {
+            self.apply_key(key, value).map_err(|reason| ConfigError {
+                origin: origin.to_string(),
+                key: Some(key.clone()),
+                reason,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn apply_key(&mut self, key: &str, value: &toml::Value) -> Result<(), String> {
+        match key {
+            "listen" => self.listen = listen_from_toml(value)?,
+            "banner" => self.banner = expect_str(value)?.as_bytes().to_vec(),
+            "backlog" => self.backlog = check_backlog(expect_int(value)?)?,
+            "idle_timeout" => self.idle_timeout = never_if_zero(seconds_from_toml(value)?),
+            "shutdown_timeout" => self.shutdown_timeout = seconds_from_toml(value)?,
+            _ => {
+                return Err(format!(
+                    "unknown key (expected one of: {})",
+                    KEYS.join(", ")
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Flags were validated by clap's value parsers (the same checks as the file's).
+    fn apply_flags(&mut self, cli: &Cli) {
+        if !cli.listen.is_empty() {
+            self.listen = cli.listen.clone();
+        }
+        if let Some(banner) = &cli.banner {
+            self.banner = banner.as_bytes().to_vec();
+        }
+        if let Some(backlog) = cli.backlog {
+            self.backlog = backlog;
+        }
+        if let Some(idle) = cli.idle_timeout {
+            self.idle_timeout = never_if_zero(idle);
+        }
+        if let Some(grace) = cli.shutdown_timeout {
+            self.shutdown_timeout = grace;
+        }
+    }
+}
+
+/// "line 3, column 7: <what toml says>", short and on one line.
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim();
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message.to_string(),
+    }
+}
+
+fn never_if_zero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
+}
+
+fn expect_str(value: &toml::Value) -> Result<&str, String> {
+    value
+        .as_str()
+        .ok_or_else(|| format!("expected a string, found {}", describe_value(value)))
+}
+
+fn expect_int(value: &toml::Value) -> Result<i64, String> {
+    value
+        .as_integer()
+        .ok_or_else(|| format!("expected an integer, found {}", describe_value(value)))
+}
+
+fn describe_value(value: &toml::Value) -> String {
+    match value {
+        toml::Value::String(s) => format!("string {s:?}"),
+        toml::Value::Integer(i) => format!("integer {i}"),
+        toml::Value::Float(x) => format!("float {x}"),
+        toml::Value::Boolean(b) => format!("boolean {b}"),
+        other => other.type_str().to_string(),
+    }
+}
+
+fn listen_from_toml(value: &toml::Value) -> Result<Vec<SocketAddr>, String> {
+    let items = value.as_array().ok_or_else(|| {
+        format!(
+            "expected an array of addresses such as [\"127.0.0.1:2333\"], found {}",
+            describe_value(value)
+        )
+    })?;
+    if items.is_empty() {
+        return Err("expected at least one address".into());
+    }
+    items
+        .iter()
+        .map(|item| parse_addr(expect_str(item)?))
+        .collect()
+}
+
+fn seconds_from_toml(value: &toml::Value) -> Result<Duration, String> {
+    let secs = match value {
+        toml::Value::Integer(i) => *i as f64,
+        toml::Value::Float(x) => *x,
+        other => {
+            return Err(format!(
+                "expected a number of seconds, found {}",
+                describe_value(other)
+            ))
+        }
+    };
+    check_seconds(secs)
+}
+
+/// `IP:PORT`, with IPv6 in brackets. Host names are not resolved: what is bound is what is written.
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.trim().parse().map_err(|_| {
+        format!("`{s}` is not an address of the form IP:PORT, such as 127.0.0.1:2333 or [::1]:2333")
+    })
+}
+
+fn parse_backlog(s: &str) -> Result<u32, String> {
+    let n: i64 = s.parse().map_err(|_| format!("`{s}` is not an integer"))?;
+    check_backlog(n)
+}
+
+fn check_backlog(n: i64) -> Result<u32, String> {
+    if (1..=65535).contains(&n) {
+        Ok(n as u32)
+    } else {
+        Err(format!("must be from 1 to 65535, not {n}"))
+    }
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    check_seconds(secs)
+}
+
+fn check_seconds(secs: f64) -> Result<Duration, String> {
+    if secs.is_finite() && (0.0..=MAX_SECONDS).contains(&secs) {
+        Ok(Duration::from_secs_f64(secs))
+    } else {
+        Err(format!(
+            "must be a number of seconds from 0 to {MAX_SECONDS}, not {secs}"
+        ))
+    }
+}
+
+/// Interprets `\n`, `\r`, `\t` and `\\` so a banner with a line end can be given in a shell.
+pub fn unescape(s: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some('t') => out.push('\t'),
+            Some('\\') => out.push('\\'),
+            Some(other) => {
+                return Err(format!(
+                    "unknown escape `\\{other}` (known: \\n \\r \\t \\\\)"
+                ))
+            }
+            None => return Err("ends with a lone `\\`".into()),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let mut c = Config::default();
+        c.apply_toml("test.toml", text)?;
+        Ok(c)
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let c = from_toml(
+            r#"
+            listen = ["127.0.0.1:1", "[::1]:2"]
+            banner = ""
+            backlog = 7
+            idle_timeout = 0
+            shutdown_timeout = 1.5
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.listen.len(), 2);
+        assert!(c.banner.is_empty());
+        assert_eq!(c.backlog, 7);
+        assert_eq!(c.idle_timeout, None);
+        assert_eq!(c.shutdown_timeout, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn errors_name_origin_key_and_reason() {
+        let e = from_toml("bogus = 1").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("bogus"));
+        assert!(e
+            .to_string()
+            .starts_with("test.toml: key `bogus`: unknown key"));
+        let e = from_toml("backlog = \"many\"").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "test.toml: key `backlog`: expected an integer, found string \"many\""
+        );
+        let e = from_toml("backlog = 0").unwrap_err();
+        assert!(e.reason.contains("from 1 to 65535"), "{e}");
+        let e = from_toml("listen = [\"localhost\"]").unwrap_err();
+        assert!(e.reason.contains("`localhost`"), "{e}");
+        let e = from_toml("idle_timeout = -1").unwrap_err();
+        assert!(e.reason.contains("seconds"), "{e}");
+    }
+
+    #[test]
+    fn syntax_errors_give_a_line() {
+        let e = from_toml("backlog = 5\nlisten = [\n").unwrap_err();
+        assert_eq!(e.key, None);
+        assert!(
+            e.reason.starts_with("line 2") || e.reason.starts_with("line 3"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn banner_escapes() {
+        assert_eq!(unescape(r"hi\n").unwrap(), "hi\n");
+        assert_eq!(unescape(r"a\\b\t").unwrap(), "a\\b\t");
+        assert!(unescape(r"\q").is_err());
+        assert!(unescape("\\").is_err());
+    }
+}

@@ -1,0 +1,42 @@
+//! forkecho: a TCP echo server that forks one process per connection and supervises those
+//! processes without losing one.
+//!
+//! # Layout
+//! The modules follow the data, from the command line to a client's bytes:
+//!
+//! - [`config`]: defaults, the TOML file and the flags, merged and validated once.
+//! - [`logging`]: one whole line per event, tagged with the writing process's pid.
+//! - [`listen`]: binding the listening sockets (SO_REUSEADDR, backlog, IPv6-only).
+//! - [`server`]: the parent's `mio::Poll` loop: signals first, then accept → fork; shutdown.
+//! - [`spawn`]: `fork` and the child's hygiene (descriptors, signals, `_exit`): the fork-safety
+//!   rules live here.
+//! - [`session`]: the child's blocking echo, and the exit code that says how it ended.
+//! - [`children`]: the table of live children, the reaper, and the totals.
+//! - [`signals`]: signal-hook's self-pipe, what each signal means, and resetting them in a child.
+//!
+//! `main.rs` only parses the command line, binds, and hands over to [`server::run`].
+
+pub mod children;
+pub mod config;
+pub mod listen;
+pub mod logging;
+pub mod server;
+pub mod session;
+pub mod signals;
+pub mod spawn;
+
+/// An OS error as an operator reads it: `address already in use`, without Rust's
+/// `(os error 98)` suffix. Errors without an errno are shown as they are.
+pub fn os_error_text(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(code) => {
+            let text = nix::errno::Errno::from_raw(code).desc();
+            let mut chars = text.chars();
+            match chars.next() {
+                Some(first) => first.to_lowercase().chain(chars).collect(),
+                None => e.to_string(),
+            }
+        }
+        None => e.to_string(),
+    }
+}

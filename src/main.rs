@@ -1,0 +1,43 @@
+//! The `forkecho` binary: parse the command line, load the config, bind, serve.
+//!
+//! Exit codes: 0 after a clean shutdown, 1 when the server cannot start or fails, 2 for a
+//! configuration or usage error.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use forkecho::config::{Cli, Config};
+use forkecho::{listen, logging, server};
+
+const EXIT_FAILURE: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("forkecho: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if cli.check_config {
+        println!("configuration OK");
+        return ExitCode::SUCCESS;
+    }
+    logging::init();
+    let listeners = match listen::bind_all(&config.listen, config.backlog) {
+        Ok(listeners) => listeners,
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match server::run(&config, listeners) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("server failed: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}

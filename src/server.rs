@@ -1,0 +1,405 @@
+//! The parent: one `mio::Poll` loop over the listeners and the signal pipe, and nothing else.
+//!
+//! Each turn of the loop: wait; handle signals first (reap, shutdown, status), because a SIGTERM
+//! must close the listeners before more is accepted; then accept a bounded batch from each
+//! listener that has connections queued, forking one child per connection. The parent never
+//! reads or writes a client's bytes and never blocks anywhere but in `poll`.
+//!
+//! Shutdown is a small state machine driven by signals and the poll timeout:
+//! `Serving` → (SIGTERM/SIGINT) `Draining` until `shutdown_timeout` → SIGTERM to the children,
+//! `Terminating` for `KILL_TIMEOUT` → SIGKILL, `Killing` until all are reaped. A repeated
+//! SIGTERM/SIGINT skips to the next step; SIGQUIT goes straight to `Killing`. The loop ends when
+//! it is no longer serving and no child is left, so no child outlives the parent's exit.
+
+use std::io::{self, ErrorKind};
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use mio::{Events, Interest, Poll, Token};
+use nix::errno::Errno;
+use nix::sys::signal::Signal;
+use signal_hook_mio::v1_0::Signals;
+
+use crate::children::{seconds, Children};
+use crate::config::Config;
+use crate::listen::Listener;
+use crate::session::Settings;
+use crate::signals::{self, Request};
+use crate::spawn;
+
+/// The signal pipe's token; listener `i` is `Token(i)`.
+const SIGNALS: Token = Token(usize::MAX);
+/// Connections taken from one listener per turn before signals are looked at again, so a flood
+/// of clients cannot starve the reaper or delay a shutdown.
+const ACCEPT_BATCH: usize = 64;
+/// How long accepting pauses when the parent runs out of descriptors or memory.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Time between the SIGTERM and the SIGKILL sent to children on shutdown.
+const KILL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where the daemon is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// Listeners closed; sessions may finish until the deadline.
+    Draining {
+        until: Instant,
+    },
+    /// Children were sent SIGTERM; SIGKILL follows at the deadline.
+    Terminating {
+        until: Instant,
+    },
+    /// Children were sent SIGKILL; waiting to reap them.
+    Killing,
+}
+
+pub struct Server {
+    poll: Poll,
+    /// Read end of the self-pipe the signal handlers write to.
+    signals: Signals,
+    /// Listener `i` is registered as `Token(i)`; emptied on shutdown.
+    listeners: Vec<Listener>,
+    /// `ready[i]`: listener `i` may have connections queued (edge-triggered readiness is only
+    /// reported once, so we remember it until `accept` says WouldBlock).
+    ready: Vec<bool>,
+    children: Children,
+    /// What each new child needs for its session.
+    settings: Settings,
+    shutdown_timeout: Duration,
+    phase: Phase,
+    /// Accepting is paused until then, after running out of descriptors or memory.
+    paused_until: Option<Instant>,
+    /// Accept failures since the last successful accept; a warning is logged only for the first.
+    accept_failures: u64,
+    fork_failures: u64,
+    started: Instant,
+}
+
+/// Serves on `listeners` until a shutdown completes.
+pub fn run(config: &Config, listeners: Vec<Listener>) -> io::Result<()> {
+    let mut server = Server::new(config, listeners)?;
+    // Announced only now that the signal handlers are installed: whoever waits for this line
+    // (a test, a supervisor) may send SIGTERM at once and must not kill us with the default action.
+    for listener in &server.listeners {
+        info!("listening on {}", listener.local);
+    }
+    server.serve()
+}
+
+impl Server {
+    fn new(config: &Config, mut listeners: Vec<Listener>) -> io::Result<Server> {
+        let poll = Poll::new()?;
+        let mut signals = signals::hook()?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        for (i, listener) in listeners.iter_mut().enumerate() {
+            poll.registry()
+                .register(&mut listener.socket, Token(i), Interest::READABLE)?;
+        }
+        Ok(Server {
+            poll,
+            signals,
+            // Connections may already be queued before the first edge is seen.
+            ready: vec![true; listeners.len()],
+            listeners,
+            children: Children::default(),
+            settings: Settings {
+                banner: config.banner.clone(),
+                idle_timeout: config.idle_timeout,
+            },
+            shutdown_timeout: config.shutdown_timeout,
+            phase: Phase::Serving,
+            paused_until: None,
+            accept_failures: 0,
+            fork_failures: 0,
+            started: Instant::now(),
+        })
+    }
+
+    fn serve(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(256);
+        while !self.finished() {
+            if let Err(e) = self.poll.poll(&mut events, self.next_wakeup()) {
+                if e.kind() == ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let mut signalled = false;
+            for event in events.iter() {
+                match event.token() {
+                    SIGNALS => signalled = true,
+                    Token(i) => {
+                        if let Some(ready) = self.ready.get_mut(i) {
+                            *ready = true;
+                        }
+                    }
+                }
+            }
+            if signalled {
+                self.handle_signals();
+            }
+            self.handle_deadlines();
+            self.accept_ready();
+        }
+        info!("shutdown complete");
+        Ok(())
+    }
+
+    /// True once shutting down and every child has been reaped.
+    fn finished(&self) -> bool {
+        self.phase != Phase::Serving && self.children.is_empty()
+    }
+
+    fn accepting(&self) -> bool {
+        self.phase == Phase::Serving && self.paused_until.is_none()
+    }
+
+    /// The poll timeout: the nearest deadline, zero if a listener still has work, else none.
+    fn next_wakeup(&self) -> Option<Duration> {
+        if self.accepting() && self.ready.iter().any(|&r| r) {
+            return Some(Duration::ZERO);
+        }
+        let deadline = match self.phase {
+            Phase::Draining { until } | Phase::Terminating { until } => Some(until),
+            Phase::Serving => self.paused_until,
+            Phase::Killing => None,
+        }?;
+        Some(deadline.saturating_duration_since(Instant::now()))
+    }
+
+    fn handle_signals(&mut self) {
+        let requests = signals::pending(&mut self.signals);
+        // Reap first, so status lines and shutdown decisions see the current table.
+        if requests.contains(&Request::Reap) {
+            self.children.reap();
+        }
+        for request in requests {
+            match request {
+                Request::Reap => {}
+                Request::Shutdown(signal) => self.shutdown_requested(signal),
+                Request::ShutdownNow => self.shutdown_now(),
+                Request::Reload => {
+                    info!("SIGHUP: configuration reload is not supported yet; nothing changed")
+                }
+                Request::Status => self.log_status(),
+            }
+        }
+    }
+
+    fn handle_deadlines(&mut self) {
+        let now = Instant::now();
+        if self.paused_until.is_some_and(|t| t <= now) {
+            self.paused_until = None;
+        }
+        match self.phase {
+            Phase::Draining { until } if until <= now && !self.children.is_empty() => {
+                info!(
+                    "shutdown timeout: {} sessions still running; sending them SIGTERM",
+                    self.children.len()
+                );
+                self.terminate_children();
+            }
+            Phase::Terminating { until } if until <= now => {
+                info!(
+                    "{} children still running {} after SIGTERM; sending them SIGKILL",
+                    self.children.len(),
+                    seconds(KILL_TIMEOUT)
+                );
+                self.kill_children();
+            }
+            _ => {}
+        }
+    }
+
+    /// SIGTERM/SIGINT: the first starts a graceful shutdown; each repeat skips to the next step.
+    fn shutdown_requested(&mut self, signal: Signal) {
+        match self.phase {
+            Phase::Serving => {
+                self.stop_listening();
+                info!(
+                    "shutting down on {}: stopped listening; waiting up to {} for {} sessions \
+                     (send {} again to end them now)",
+                    signal.as_str(),
+                    seconds(self.shutdown_timeout),
+                    self.children.len(),
+                    signal.as_str()
+                );
+                self.phase = Phase::Draining {
+                    until: Instant::now() + self.shutdown_timeout,
+                };
+            }
+            Phase::Draining { .. } => {
+                info!(
+                    "{} again: sending SIGTERM to {} sessions",
+                    signal.as_str(),
+                    self.children.len()
+                );
+                self.terminate_children();
+            }
+            Phase::Terminating { .. } => {
+                info!(
+                    "{} again: sending SIGKILL to {} sessions",
+                    signal.as_str(),
+                    self.children.len()
+                );
+                self.kill_children();
+            }
+            Phase::Killing => {}
+        }
+    }
+
+    /// SIGQUIT: no grace; kill every child, reap them, exit.
+    fn shutdown_now(&mut self) {
+        self.stop_listening();
+        info!(
+            "immediate shutdown on SIGQUIT: sending SIGKILL to {} sessions",
+            self.children.len()
+        );
+        self.kill_children();
+    }
+
+    fn terminate_children(&mut self) {
+        self.children.signal_all(Signal::SIGTERM);
+        self.phase = Phase::Terminating {
+            until: Instant::now() + KILL_TIMEOUT,
+        };
+    }
+
+    fn kill_children(&mut self) {
+        self.children.signal_all(Signal::SIGKILL);
+        self.phase = Phase::Killing;
+    }
+
+    /// Closes every listener: new clients are refused by the kernel from now on.
+    fn stop_listening(&mut self) {
+        for listener in &mut self.listeners {
+            let _ = self.poll.registry().deregister(&mut listener.socket);
+        }
+        self.listeners.clear();
+        self.ready.clear();
+    }
+
+    /// Accepts a batch from every listener that may have connections queued.
+    fn accept_ready(&mut self) {
+        for i in 0..self.listeners.len() {
+            if self.ready[i] && self.accepting() {
+                self.accept_batch(i);
+            }
+        }
+    }
+
+    /// Accepts up to `ACCEPT_BATCH` connections from listener `i`, forking a child for each.
+    /// Leaves `ready[i]` set if the queue may not be empty yet.
+    fn accept_batch(&mut self, i: usize) {
+        for _ in 0..ACCEPT_BATCH {
+            match self.listeners[i].socket.accept() {
+                Ok((stream, peer)) => {
+                    self.accept_recovered();
+                    self.start_session(stream, peer);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.ready[i] = false;
+                    return;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if is_connection_error(&e) => {
+                    // The client is gone or was refused before we got to it; the next may be fine.
+                    debug!("accept on {}: {e} (skipped)", self.listeners[i].local);
+                }
+                Err(e) => {
+                    self.pause_accepting(i, &e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Out of descriptors or memory (or something unforeseen): the queued connection stays in
+    /// the kernel's backlog and we try again after a short pause, instead of spinning on the
+    /// same error or giving up on the listener. One warning per run of failures.
+    fn pause_accepting(&mut self, i: usize, e: &io::Error) {
+        if self.accept_failures == 0 {
+            warn!(
+                "accept on {} failed: {}; retrying every {} until it succeeds",
+                self.listeners[i].local,
+                crate::os_error_text(e),
+                seconds(ACCEPT_BACKOFF)
+            );
+        }
+        self.accept_failures += 1;
+        self.paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+    }
+
+    fn accept_recovered(&mut self) {
+        if self.accept_failures > 0 {
+            info!(
+                "accepting again after {} failed attempts",
+                self.accept_failures
+            );
+            self.accept_failures = 0;
+        }
+    }
+
+    /// Forks the child for one accepted connection. Kept short on purpose: all per-session setup
+    /// (socket options, banner) happens in the child.
+    fn start_session(&mut self, stream: mio::net::TcpStream, peer: std::net::SocketAddr) {
+        match spawn::spawn_session(stream, peer, &self.settings) {
+            Ok(pid) => {
+                self.children.add(pid, peer);
+                info!(
+                    "accepted {peer} -> child {pid} ({} active)",
+                    self.children.len()
+                );
+            }
+            Err(e) => {
+                self.fork_failures += 1;
+                warn!(
+                    "cannot fork for {peer}: {}; connection closed",
+                    crate::os_error_text(&e)
+                );
+            }
+        }
+    }
+
+    fn log_status(&self) {
+        let totals = &self.children.totals;
+        let mut endings: Vec<String> = totals
+            .exited
+            .iter()
+            .map(|(code, n)| format!("code {code}: {n}"))
+            .collect();
+        endings.extend(totals.killed.iter().map(|(sig, n)| format!("{sig}: {n}")));
+        info!(
+            "status: {} active, {} accepted, {} ended [{}], {} fork failures, uptime {}",
+            self.children.len(),
+            totals.forked + self.fork_failures,
+            totals.ended(),
+            endings.join(", "),
+            self.fork_failures,
+            seconds(self.started.elapsed())
+        );
+    }
+}
+
+/// Errors `accept` reports for one connection that went bad before it was taken (Linux passes
+/// pending network errors through accept; see accept(2)), after which accepting may continue.
+fn is_connection_error(e: &io::Error) -> bool {
+    let Some(errno) = e.raw_os_error().map(Errno::from_raw) else {
+        return false;
+    };
+    matches!(
+        errno,
+        Errno::ECONNABORTED
+            | Errno::EPROTO
+            | Errno::EPERM
+            | Errno::ENETDOWN
+            | Errno::ENOPROTOOPT
+            | Errno::EHOSTDOWN
+            | Errno::ENONET
+            | Errno::EHOSTUNREACH
+            | Errno::EOPNOTSUPP
+            | Errno::ENETUNREACH
+            | Errno::ETIMEDOUT
+    )
+}

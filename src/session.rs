@@ -1,0 +1,132 @@
+//! One client's session, run in its own child process: a plain blocking echo. Blocking I/O is
+//! the point of forking per connection: the child has one socket and nothing else to do, so the
+//! kernel does the waiting and each session's code stays a straight line.
+//!
+//! The outcome becomes the child's exit code, which the parent logs when it reaps the child:
+//!
+//! | code | outcome |
+//! |------|---------|
+//! | 0  | the client closed its side; everything it sent was echoed, then our side was shut down |
+//! | 3  | idle timeout: no input for `idle_timeout` |
+//! | 4  | write timeout: the client stopped reading and a write stayed blocked for `idle_timeout` |
+//! | 5  | connection reset by the peer |
+//! | 6  | broken pipe: the peer went away while we were writing |
+//! | 7  | any other I/O error (logged by the child) |
+//! | 70 | internal error: the session panicked (caught; never a core dump) |
+
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::Duration;
+
+use log::{debug, warn};
+
+pub const EXIT_CLIENT_CLOSED: i32 = 0;
+pub const EXIT_IDLE_TIMEOUT: i32 = 3;
+pub const EXIT_WRITE_TIMEOUT: i32 = 4;
+pub const EXIT_PEER_RESET: i32 = 5;
+pub const EXIT_BROKEN_PIPE: i32 = 6;
+pub const EXIT_IO_ERROR: i32 = 7;
+/// EX_SOFTWARE from sysexits.h.
+pub const EXIT_PANIC: i32 = 70;
+
+/// Echo buffer size. The seed used 1 KiB; 64 KiB matches the kernel's default socket buffer
+/// scale so a bulk transfer moves in few system calls.
+const BUFFER_SIZE: usize = 64 * 1024;
+
+/// What a session needs to know; copied into the child by `fork`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub banner: Vec<u8>,
+    pub idle_timeout: Option<Duration>,
+}
+
+/// How a session ended.
+#[derive(Debug)]
+pub enum Outcome {
+    ClientClosed,
+    IdleTimeout,
+    WriteTimeout,
+    PeerReset,
+    BrokenPipe,
+    IoError(io::Error),
+}
+
+impl Outcome {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::ClientClosed => EXIT_CLIENT_CLOSED,
+            Outcome::IdleTimeout => EXIT_IDLE_TIMEOUT,
+            Outcome::WriteTimeout => EXIT_WRITE_TIMEOUT,
+            Outcome::PeerReset => EXIT_PEER_RESET,
+            Outcome::BrokenPipe => EXIT_BROKEN_PIPE,
+            Outcome::IoError(_) => EXIT_IO_ERROR,
+        }
+    }
+
+    /// Classifies an error from a read (`writing == false`) or a write.
+    fn from_error(e: io::Error, writing: bool) -> Outcome {
+        match e.kind() {
+            // SO_RCVTIMEO / SO_SNDTIMEO expiring surface as EAGAIN.
+            ErrorKind::WouldBlock | ErrorKind::TimedOut if writing => Outcome::WriteTimeout,
+            ErrorKind::WouldBlock | ErrorKind::TimedOut => Outcome::IdleTimeout,
+            ErrorKind::ConnectionReset => Outcome::PeerReset,
+            ErrorKind::BrokenPipe => Outcome::BrokenPipe,
+            _ => Outcome::IoError(e),
+        }
+    }
+}
+
+/// Runs the whole session on `stream` and says how it ended.
+pub fn run(stream: TcpStream, peer: SocketAddr, settings: &Settings) -> Outcome {
+    let outcome = match serve(&stream, settings) {
+        Ok(()) => Outcome::ClientClosed,
+        Err(outcome) => outcome,
+    };
+    match &outcome {
+        Outcome::IoError(e) => warn!("session {peer} failed: {e}"),
+        other => debug!("session {peer} ended: {other:?}"),
+    }
+    outcome
+}
+
+fn serve(mut stream: &TcpStream, settings: &Settings) -> Result<(), Outcome> {
+    prepare(stream, settings).map_err(Outcome::IoError)?;
+    write_all(stream, &settings.banner)?;
+    let mut buffer = vec![0u8; BUFFER_SIZE];
+    loop {
+        let n = match stream.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Outcome::from_error(e, false)),
+        };
+        write_all(stream, &buffer[..n])?;
+    }
+    // The client half-closed and everything it sent is echoed: pass the EOF on.
+    match stream.shutdown(Shutdown::Write) {
+        Ok(()) => Ok(()),
+        // The client may already be fully gone; its data was delivered to the kernel regardless.
+        Err(e) if e.kind() == ErrorKind::NotConnected => Ok(()),
+        Err(e) => Err(Outcome::from_error(e, true)),
+    }
+}
+
+/// Per-session socket setup, done in the child so the parent's accept loop stays short.
+fn prepare(stream: &TcpStream, settings: &Settings) -> io::Result<()> {
+    // Accepted by mio, the socket is non-blocking; a child waits in the kernel instead.
+    stream.set_nonblocking(false)?;
+    // An echo is interactive: send each reply at once instead of waiting to coalesce (Nagle).
+    stream.set_nodelay(true)?;
+    // The same limit bounds silence from the client and a client that stopped reading, so no
+    // peer can pin a child forever. `None` (timeout 0) means wait indefinitely.
+    stream.set_read_timeout(settings.idle_timeout)?;
+    stream.set_write_timeout(settings.idle_timeout)?;
+    Ok(())
+}
+
+/// `write_all` that classifies the error; it already retries partial writes and EINTR.
+fn write_all(mut stream: &TcpStream, bytes: &[u8]) -> Result<(), Outcome> {
+    stream
+        .write_all(bytes)
+        .map_err(|e| Outcome::from_error(e, true))
+}

@@ -1,0 +1,111 @@
+//! Signals reach the parent's poll loop through signal-hook's self-pipe: the handler only sets a
+//! flag and writes a byte to a pipe that `mio::Poll` watches. Everything a signal means (reaping,
+//! shutdown, status) then runs in normal context from the loop.
+//!
+//! # Hazards
+//! - Logic in a handler (the seed's `printf` in its SIGCHLD handler) can deadlock on a lock the
+//!   interrupted code holds. Here no handler does more than signal-hook's flag-and-write.
+//! - A blocking `accept` interrupted by a signal fails with EINTR (the seed's retry loop). Here the
+//!   loop only accepts after `poll` said a connection is ready, on a non-blocking socket.
+//! - Signals coalesce: ten children exiting may deliver one SIGCHLD. The reaper therefore loops
+//!   until nothing is left (`children::Children::reap`), never "one signal, one child".
+//! - A child inherits the handlers and the pipe. A signal delivered to the child between `fork` and
+//!   its cleanup would run signal-hook's handler there and wake the parent's loop for nothing.
+//!   `block_all` closes that window: signals stay blocked across `fork`, the child resets every
+//!   hooked signal to its default, and only then unblocks (`reset_in_child`).
+
+use std::io;
+
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal};
+use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
+use signal_hook_mio::v1_0::Signals;
+
+/// Every signal the parent hooks; the child restores each of these to `SIG_DFL`.
+pub const HOOKED: [i32; 6] = [SIGCHLD, SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1];
+
+/// What the loop is asked to do, one variant per meaning (several signals may share one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// SIGCHLD: one or more children changed state.
+    Reap,
+    /// SIGTERM / SIGINT: stop accepting and let sessions finish (a second one escalates).
+    Shutdown(Signal),
+    /// SIGQUIT: kill every child now, reap, exit.
+    ShutdownNow,
+    /// SIGHUP: re-read the configuration.
+    Reload,
+    /// SIGUSR1: log one status line.
+    Status,
+}
+
+/// Installs the handlers and returns the pipe's read end, ready to register with `mio`.
+pub fn hook() -> io::Result<Signals> {
+    Signals::new(HOOKED)
+}
+
+/// The requests behind the signals received since the last call. Drains the pipe first, then
+/// reads the flags (signal-hook's order), so a signal arriving while we act is not lost: it
+/// makes the pipe readable again and the loop comes back.
+pub fn pending(signals: &mut Signals) -> Vec<Request> {
+    signals.pending().filter_map(request_for).collect()
+}
+
+fn request_for(signal: i32) -> Option<Request> {
+    let sig = Signal::try_from(signal).ok()?;
+    Some(match sig {
+        Signal::SIGCHLD => Request::Reap,
+        Signal::SIGTERM | Signal::SIGINT => Request::Shutdown(sig),
+        Signal::SIGQUIT => Request::ShutdownNow,
+        Signal::SIGHUP => Request::Reload,
+        Signal::SIGUSR1 => Request::Status,
+        _ => return None,
+    })
+}
+
+/// Blocks every signal in the calling (only) thread and returns the previous mask. Used around
+/// `fork` so that no handler can run in the child before it has reset them.
+pub fn block_all() -> io::Result<SigSet> {
+    let mut old = SigSet::empty();
+    nix::sys::signal::sigprocmask(
+        SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::all()),
+        Some(&mut old),
+    )?;
+    Ok(old)
+}
+
+/// Restores the mask `block_all` returned (the parent's side of the fork).
+pub fn restore_mask(mask: &SigSet) -> io::Result<()> {
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(mask), None)?;
+    Ok(())
+}
+
+/// In a freshly forked child: every hooked signal back to `SIG_DFL`, then an empty signal mask.
+///
+/// Why both: signal-hook's `unregister` would leave its handler installed, and a child that
+/// still had it would answer SIGTERM by writing into the parent's pipe instead of dying. The
+/// mask is inherited from `block_all`; a child must not start with signals blocked.
+pub fn reset_in_child() -> io::Result<()> {
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    for signal in HOOKED {
+        let sig = Signal::try_from(signal)?;
+        // Safe: installs SIG_DFL, no Rust code runs as a handler.
+        unsafe { sigaction(sig, &default) }?;
+    }
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_hooked_signal_has_a_meaning() {
+        for signal in HOOKED {
+            assert!(request_for(signal).is_some(), "signal {signal}");
+        }
+        assert_eq!(request_for(SIGINT), Some(Request::Shutdown(Signal::SIGINT)));
+        assert_eq!(request_for(libc::SIGUSR2), None);
+    }
+}

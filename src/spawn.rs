@@ -1,0 +1,124 @@
+//! `fork` and the child's hygiene: the one place a process is created, and everything the new
+//! child must undo before it may talk to its client.
+//!
+//! # Hazards
+//! A forked child is a copy of the parent at the instant of `fork`: its threads (only the calling
+//! one survives), its locks, its buffered output, its file descriptors and its signal handlers.
+//! Each rule below removes one way that copy can hurt:
+//!
+//! 1. No threads in the parent, ever: a lock held by another thread at `fork` (the allocator's,
+//!    the logger's) would stay locked forever in the child. Nothing in this crate spawns one.
+//! 2. Flush stdout/stderr before `fork`, or buffered bytes are written twice, once by each
+//!    process. The child ends with `_exit`, never returning into the parent's code: no
+//!    destructors of the parent's objects (they would deregister the parent's listeners) and no
+//!    at-exit hooks run in the child. Panics are caught; a panicking child exits 70.
+//! 3. The child closes every descriptor but stdio and its connection (the listeners, the poll fd,
+//!    both ends of the signal pipe), and restores the default action of every hooked signal.
+//! 4. (In `children`:) reaping loops, because SIGCHLD coalesces.
+//! 5. The parent closes its copy of the connection right after `fork`, or the client would never
+//!    see EOF when the child ends, and the parent's fd table would fill up.
+
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
+use std::panic::{self, AssertUnwindSafe};
+
+use nix::unistd::{fork, ForkResult, Pid};
+
+use crate::session::{self, Settings, EXIT_PANIC};
+use crate::signals;
+
+/// Forks a child that serves `stream` and returns its pid. In the parent the stream is closed
+/// before this returns (rule 5), whether the fork worked or not. The child never returns.
+pub fn spawn_session(
+    stream: mio::net::TcpStream,
+    peer: SocketAddr,
+    settings: &Settings,
+) -> io::Result<Pid> {
+    // Rule 2: nothing buffered may be inherited and written twice. (stderr is unbuffered, and
+    // the logger writes whole lines, but stdout is line-buffered.)
+    let _ = io::stdout().flush();
+    // Keep every signal pending across fork; see `signals::block_all`.
+    let parent_mask = signals::block_all()?;
+    // Safe: this process has exactly one thread (rule 1), so no lock is held by a thread that
+    // would not exist in the child; the child only runs `child_main`, which never returns.
+    let forked = unsafe { fork() };
+    if let Ok(ForkResult::Child) = forked {
+        child_main(stream, peer, settings);
+    }
+    if let Err(e) = signals::restore_mask(&parent_mask) {
+        // Not a reason to lose track of a child that now exists: report it and carry on.
+        log::error!("cannot restore the signal mask after fork: {e}");
+    }
+    // Rule 5: the parent's copy of the connection goes now; the child holds its own.
+    drop(stream);
+    match forked {
+        Ok(ForkResult::Parent { child }) => Ok(child),
+        Ok(ForkResult::Child) => unreachable!("the child never returns from child_main"),
+        Err(errno) => Err(errno.into()),
+    }
+}
+
+/// Everything the child does: clean up what it inherited, serve, exit. Never returns.
+fn child_main(stream: mio::net::TcpStream, peer: SocketAddr, settings: &Settings) -> ! {
+    let fd = stream.into_raw_fd();
+    // Rule 3, descriptors: stdio and this connection only.
+    close_inherited_fds(fd);
+    // Rule 3, signals: default actions, empty mask. If that fails the child could die silently
+    // or wake the parent; refuse to serve rather than serve half-isolated.
+    if let Err(e) = signals::reset_in_child() {
+        log::error!("session {peer}: cannot reset signal handling: {e}");
+        exit_child(EXIT_PANIC);
+    }
+    // Safe: `fd` is the accepted connection, owned by nobody else in this process.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    // Rule 2: a panic must not unwind out of here into the parent's accept loop.
+    let code = match panic::catch_unwind(AssertUnwindSafe(|| session::run(stream, peer, settings)))
+    {
+        Ok(outcome) => outcome.exit_code(),
+        Err(_) => EXIT_PANIC,
+    };
+    exit_child(code)
+}
+
+/// `_exit`, not `exit`: the at-exit hooks and stdio buffers are the parent's, not ours. Our own
+/// cleanup is done (the stream is closed by the kernel on exit; logs are written unbuffered).
+fn exit_child(code: i32) -> ! {
+    let _ = io::stdout().flush();
+    // Safe: `_exit` only ends this process.
+    unsafe { libc::_exit(code) }
+}
+
+/// Closes every descriptor except 0, 1, 2 and `keep`: the listeners, the epoll fd and both ends
+/// of signal-hook's pipe, whose numbers signal-hook does not expose, plus anything else the
+/// parent may hold. The Rust objects that owned them in the parent are never dropped here
+/// (the child `_exit`s), so nothing closes a number twice.
+fn close_inherited_fds(keep: RawFd) {
+    let keep = keep as libc::c_uint;
+    let mut ok = true;
+    // Safe: close_range only closes descriptors; no memory is touched.
+    unsafe {
+        if keep > 3 {
+            ok &= libc::close_range(3, keep - 1, 0) == 0;
+        }
+        ok &= libc::close_range(keep + 1, libc::c_uint::MAX, 0) == 0;
+    }
+    if !ok {
+        close_listed_fds(keep as RawFd);
+    }
+}
+
+/// Fallback for kernels without close_range(2) (before 5.9): close what /proc/self/fd lists.
+fn close_listed_fds(keep: RawFd) {
+    let fds: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(dir) => dir
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(_) => (3..1024).collect(),
+    };
+    for fd in fds.into_iter().filter(|&fd| fd > 2 && fd != keep) {
+        // Safe: closing a number; EBADF (the directory's own fd, already closed) is harmless.
+        unsafe { libc::close(fd) };
+    }
+}

@@ -1,0 +1,8 @@
+//! Integration tests: each starts the real `forkecho` binary on a loopback port picked by the
+//! kernel and talks bytes to it. One binary, one module per area, shared helpers in `util`.
+
+mod util;
+
+mod config;
+mod echo;
+mod supervision;

@@ -1,0 +1,448 @@
+//! Shared helpers for the integration tests: start the real `forkecho` binary, wait for it by
+//! reading its log (never a fixed sleep), talk to it over loopback, and clean up every process
+//! it started by pid, even when a test fails.
+
+#![allow(dead_code)] // each test module uses a different subset
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_forkecho");
+pub const BANNER: &[u8] = b"connect successful!\n";
+/// Upper bound for any single wait in a test; generous for a loaded 2-core CI machine.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// The server's stderr, collected line by line by a reader thread in the test process.
+#[derive(Default)]
+struct Log {
+    lines: Mutex<Vec<String>>,
+    grew: Condvar,
+}
+
+/// A running `forkecho`. Dropping it kills the server and every child it forked, by pid.
+pub struct Server {
+    child: Option<Child>,
+    pid: Pid,
+    log: Arc<Log>,
+    pub addrs: Vec<SocketAddr>,
+    _dir: Option<TempDir>,
+}
+
+/// Builds the command line of a server under test.
+pub struct ServerBuilder {
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    config: Option<String>,
+    listeners: usize,
+}
+
+impl ServerBuilder {
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.into(), value.into()));
+        self
+    }
+
+    /// Writes `text` to a fresh config file and passes it with `-c`.
+    pub fn config(mut self, text: &str) -> Self {
+        self.config = Some(text.into());
+        self
+    }
+
+    /// How many `listening on` lines to wait for (one per listen address); default 1.
+    pub fn listeners(mut self, n: usize) -> Self {
+        self.listeners = n;
+        self
+    }
+
+    /// Starts the server and waits until every listener is bound. When no `-l`/`--listen`
+    /// and no config is given, listens on 127.0.0.1 port 0 so tests never collide.
+    pub fn start(self) -> Server {
+        let mut args = self.args.clone();
+        let mut dir = None;
+        if let Some(text) = &self.config {
+            let d = TempDir::new();
+            let path = d.path().join("forkecho.toml");
+            std::fs::write(&path, text).unwrap();
+            args.insert(0, path.display().to_string());
+            args.insert(0, "-c".into());
+            dir = Some(d);
+        }
+        let has_listen = args.iter().any(|a| a == "-l" || a.starts_with("--listen"))
+            || self.config.as_deref().is_some_and(|c| c.contains("listen"));
+        if !has_listen {
+            args.push("-l".into());
+            args.push("127.0.0.1:0".into());
+        }
+        let mut cmd = Command::new(BIN);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if !self.envs.iter().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "debug");
+        }
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn forkecho");
+        let pid = Pid::from_raw(child.id() as i32);
+        let log = Arc::new(Log::default());
+        let stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&log);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lines.lock().unwrap().push(line);
+                sink.grew.notify_all();
+            }
+        });
+        let mut server = Server {
+            child: Some(child),
+            pid,
+            log,
+            addrs: Vec::new(),
+            _dir: dir,
+        };
+        let want = self.listeners;
+        server.wait_for_log(&format!("{want} `listening on` lines"), WAIT, |lines| {
+            lines.iter().filter(|l| l.contains("listening on ")).count() >= want
+        });
+        server.addrs = server
+            .log_lines()
+            .iter()
+            .filter_map(|l| l.split("listening on ").nth(1))
+            .map(|a| a.trim().parse().expect("address after `listening on`"))
+            .collect();
+        server
+    }
+}
+
+impl Server {
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder {
+            args: Vec::new(),
+            envs: Vec::new(),
+            config: None,
+            listeners: 1,
+        }
+    }
+
+    /// A server with default settings on 127.0.0.1, port 0.
+    pub fn start() -> Server {
+        Self::builder().start()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Connects to the first listener, with read/write timeouts so a broken server fails the
+    /// test instead of hanging it.
+    pub fn connect(&self) -> TcpStream {
+        connect(self.addr())
+    }
+
+    /// Connects and reads the default banner.
+    pub fn connect_greeted(&self) -> TcpStream {
+        let mut s = self.connect();
+        expect_banner(&mut s);
+        s
+    }
+
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lines.lock().unwrap().clone()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log_lines().join("\n")
+    }
+
+    /// Waits until `done(lines)` holds, or panics (printing the log) after `timeout`.
+    pub fn wait_for_log(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&[String]) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.log.lines.lock().unwrap();
+        loop {
+            if done(&lines) {
+                return;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                drop(lines);
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}\n--- server log ---\n{}",
+                    self.log_text()
+                );
+            }
+            lines = self.log.grew.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Waits for a log line containing `needle` and returns it.
+    pub fn wait_for_line(&self, needle: &str) -> String {
+        let mut found = None;
+        self.wait_for_log(&format!("a line with {needle:?}"), WAIT, |lines| {
+            found = lines.iter().find(|l| l.contains(needle)).cloned();
+            found.is_some()
+        });
+        found.unwrap()
+    }
+
+    /// Number of log lines containing `needle`.
+    pub fn count_lines(&self, needle: &str) -> usize {
+        self.log_lines().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// The pid of the child serving the client whose local address is `client`, read from the
+    /// parent's `accepted <peer> -> child <pid>` line.
+    pub fn child_pid_for(&self, client: SocketAddr) -> Pid {
+        let needle = format!("accepted {client} -> child ");
+        let line = self.wait_for_line(&needle);
+        let rest = line.split(&needle).nth(1).unwrap();
+        let pid = rest.split_whitespace().next().unwrap();
+        Pid::from_raw(pid.parse().expect("child pid"))
+    }
+
+    /// Live (and zombie) children of the server, from /proc.
+    pub fn children(&self) -> Vec<ProcInfo> {
+        children_of(self.pid)
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(self.pid, sig).expect("signal server");
+    }
+
+    /// Waits for the server to exit by itself and returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("server already reaped");
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "server did not exit within {timeout:?}\n--- server log ---\n{}",
+                    self.log_text()
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if child.try_wait().ok().flatten().is_none() {
+            // Freeze the parent first so it cannot fork while we collect its children.
+            let _ = kill(self.pid, Signal::SIGSTOP);
+            for c in children_of(self.pid) {
+                let _ = kill(c.pid, Signal::SIGKILL);
+            }
+            let _ = kill(self.pid, Signal::SIGKILL);
+            let _ = child.wait();
+        }
+        if thread::panicking() {
+            eprintln!("--- server log (pid {}) ---\n{}", self.pid, self.log_text());
+        }
+    }
+}
+
+/// One process as seen in /proc/<pid>/stat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcInfo {
+    pub pid: Pid,
+    pub state: char,
+}
+
+/// Every process whose parent is `parent`, with its state (`Z` = zombie).
+pub fn children_of(parent: Pid) -> Vec<ProcInfo> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The command name may contain spaces and parentheses: fields start after the last ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.len() < 2 {
+            continue;
+        }
+        if fields[1].parse::<i32>().ok() == Some(parent.as_raw()) {
+            out.push(ProcInfo {
+                pid: Pid::from_raw(pid),
+                state: fields[0].chars().next().unwrap_or('?'),
+            });
+        }
+    }
+    out
+}
+
+/// True if a process with this pid exists (zombies included).
+pub fn process_exists(pid: Pid) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Polls `cond` every few milliseconds until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, WAIT).expect("connect");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.set_write_timeout(Some(WAIT)).unwrap();
+    s
+}
+
+pub fn expect_banner(s: &mut TcpStream) {
+    let mut got = vec![0; BANNER.len()];
+    s.read_exact(&mut got).expect("read banner");
+    assert_eq!(got, BANNER, "banner");
+}
+
+/// Sends `data` and reads back exactly as many bytes.
+pub fn echo_roundtrip(s: &mut TcpStream, data: &[u8]) -> Vec<u8> {
+    s.write_all(data).unwrap();
+    let mut back = vec![0; data.len()];
+    s.read_exact(&mut back).expect("read echo");
+    back
+}
+
+/// Reads until EOF.
+pub fn read_to_eof(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("read to EOF");
+    out
+}
+
+/// Runs the binary to completion (for config and startup-error tests).
+pub fn run(args: &[&str]) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn forkecho");
+    let pid = Pid::from_raw(child.id() as i32);
+    // Guard: a server that unexpectedly starts serving is killed after WAIT.
+    let finished = wait_until(WAIT, || child.try_wait().unwrap().is_some());
+    if !finished {
+        let _ = kill(pid, Signal::SIGKILL);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(finished, "forkecho {args:?} did not exit: {out:?}");
+    out
+}
+
+/// A deterministic stream of pseudo-random bytes (xorshift64*), so a reader can check what a
+/// writer sent without keeping a copy. The stream does not depend on how it is cut into buffers.
+pub struct Noise {
+    state: u64,
+    word: [u8; 8],
+    used: usize,
+}
+
+impl Noise {
+    pub fn new(seed: u64) -> Self {
+        Noise {
+            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+            word: [0; 8],
+            used: 8,
+        }
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            if self.used == 8 {
+                self.state ^= self.state >> 12;
+                self.state ^= self.state << 25;
+                self.state ^= self.state >> 27;
+                self.word = self.state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+                self.used = 0;
+            }
+            *b = self.word[self.used];
+            self.used += 1;
+        }
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = vec![0; n];
+        self.fill(&mut v);
+        v
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "forkecho-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
