@@ -1,1 +1,194 @@
-//! placeholder
+//! The echo session a client sees: banner, byte-exact echo of any data (large, binary, many
+//! clients at once, IPv4 and IPv6), half-close, and the idle timeout.
+
+use crate::util::*;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::thread;
+
+/// Waits for the parent's log line saying the child serving `client` exited with `code`.
+fn wait_child_exit(server: &Server, client: SocketAddr, code: i32) -> String {
+    let pid = server.child_pid_for(client);
+    server.wait_for_line(&format!("child {pid} ({client}) exited with code {code} "))
+}
+
+/// Sends `data`, half-closes, and returns everything the server sends until EOF.
+fn send_and_drain(s: &mut TcpStream, data: &[u8]) -> Vec<u8> {
+    s.write_all(data).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    read_to_eof(s)
+}
+
+/// The seed's session: the greeting `connect successful!\n`, then `Hello!\n` comes back.
+#[test]
+fn greeting_then_hello_echoed() {
+    let server = Server::start();
+    let mut s = server.connect();
+    let mut greeting = [0; 20];
+    s.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting, b"connect successful!\n");
+    assert_eq!(echo_roundtrip(&mut s, b"Hello!\n"), b"Hello!\n");
+}
+
+/// 64 MiB of pseudo-random bytes, written and read concurrently, come back byte for byte,
+/// followed by EOF once the client half-closes.
+#[test]
+fn large_stream_echoed_exactly() {
+    const TOTAL: usize = 64 << 20;
+    const CHUNK: usize = 64 << 10;
+    const SEED: u64 = 0x5eed_0064;
+
+    let server = Server::start();
+    let mut s = server.connect_greeted();
+    let mut w = s.try_clone().unwrap();
+    let writer = thread::spawn(move || {
+        let mut noise = Noise::new(SEED);
+        let mut buf = vec![0; CHUNK];
+        let mut sent = 0;
+        while sent < TOTAL {
+            let n = CHUNK.min(TOTAL - sent);
+            noise.fill(&mut buf[..n]);
+            w.write_all(&buf[..n]).expect("write to server");
+            sent += n;
+        }
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+
+    let mut expected = Noise::new(SEED);
+    let mut buf = vec![0; CHUNK];
+    let mut want = vec![0; CHUNK];
+    let mut received = 0;
+    while received < TOTAL {
+        let n = s.read(&mut buf).expect("read echo");
+        assert!(n > 0, "EOF after {received} of {TOTAL} bytes");
+        let n = n.min(TOTAL - received);
+        expected.fill(&mut want[..n]);
+        if buf[..n] != want[..n] {
+            let i = (0..n).find(|&i| buf[i] != want[i]).unwrap();
+            panic!(
+                "echo differs at byte {}: got {:#04x}, want {:#04x}",
+                received + i,
+                buf[i],
+                want[i]
+            );
+        }
+        received += n;
+    }
+    // Nothing beyond what was sent, then EOF.
+    assert_eq!(read_to_eof(&mut s), b"", "extra bytes after {TOTAL} bytes");
+    writer.join().expect("writer thread");
+}
+
+/// Binary data with every byte value, NUL included, is echoed unchanged.
+#[test]
+fn binary_bytes_including_nul_echoed() {
+    let server = Server::start();
+    let mut s = server.connect_greeted();
+    let data: Vec<u8> = (0..=255u8).cycle().take(256 * 16).collect();
+    assert_eq!(echo_roundtrip(&mut s, &data), data);
+    let nuls = vec![0u8; 1000];
+    assert_eq!(echo_roundtrip(&mut s, &nuls), nuls);
+    assert_eq!(send_and_drain(&mut s, b"\0\0tail\0"), b"\0\0tail\0");
+}
+
+/// After the client half-closes, it gets all its data back then EOF, and the child exits 0.
+#[test]
+fn half_close_echoes_all_then_eof_and_child_exits_0() {
+    let server = Server::start();
+    let mut s = server.connect_greeted();
+    let client = s.local_addr().unwrap();
+    let mut data = b"first line\nsecond line\n".to_vec();
+    data.extend(Noise::new(4).bytes(16 << 10));
+    assert_eq!(send_and_drain(&mut s, &data), data);
+    let line = wait_child_exit(&server, client, 0);
+    assert!(line.contains("exited with code 0"), "{line}");
+}
+
+/// 100 clients at once each get their own data back, each from its own child process.
+#[test]
+fn hundred_concurrent_clients_each_own_child() {
+    const CLIENTS: u64 = 100;
+    let server = Server::start();
+    let addr = server.addr();
+    let handles: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            thread::spawn(move || {
+                let mut s = connect(addr);
+                expect_banner(&mut s);
+                let mut data = format!("client {i}\n").into_bytes();
+                data.extend(Noise::new(1000 + i).bytes(2000 + i as usize));
+                assert_eq!(echo_roundtrip(&mut s, &data), data, "client {i}");
+                s
+            })
+        })
+        .collect();
+    // Keep every connection open until each one is mapped to its child.
+    let streams: Vec<TcpStream> = handles
+        .into_iter()
+        .map(|h| h.join().expect("client thread"))
+        .collect();
+    let pids: HashSet<_> = streams
+        .iter()
+        .map(|s| server.child_pid_for(s.local_addr().unwrap()))
+        .collect();
+    assert_eq!(pids.len(), CLIENTS as usize, "distinct child pids");
+    assert!(
+        !pids.contains(&server.pid()),
+        "a client served by the parent"
+    );
+}
+
+/// `--banner ''` sends no greeting (plain RFC 862 echo); `--banner 'hi\n'` sends `hi` + newline.
+#[test]
+fn banner_empty_and_custom() {
+    let plain = Server::builder().args(["--banner", ""]).start();
+    let mut s = plain.connect();
+    assert_eq!(echo_roundtrip(&mut s, b"ping\n"), b"ping\n");
+    assert_eq!(send_and_drain(&mut s, b"pong"), b"pong");
+
+    let custom = Server::builder().args(["--banner", "hi\\n"]).start();
+    let mut s = custom.connect();
+    assert_eq!(send_and_drain(&mut s, b"x"), b"hi\nx");
+}
+
+/// With `--idle-timeout 0.5` a silent client gets EOF and its child exits with code 3.
+#[test]
+fn idle_client_disconnected_with_code_3() {
+    let server = Server::builder().args(["--idle-timeout", "0.5"]).start();
+    let mut s = server.connect_greeted();
+    let client = s.local_addr().unwrap();
+    assert_eq!(read_to_eof(&mut s), b"", "data from an idle session");
+    wait_child_exit(&server, client, 3);
+}
+
+/// A server listening on 127.0.0.1 and [::1] echoes on both.
+#[test]
+fn ipv4_and_ipv6_listeners_both_serve() {
+    if let Err(e) = std::net::TcpListener::bind("[::1]:0") {
+        eprintln!("skipping ipv4_and_ipv6_listeners_both_serve: cannot bind [::1]:0: {e}");
+        return;
+    }
+    let server = Server::builder()
+        .args(["-l", "127.0.0.1:0", "-l", "[::1]:0"])
+        .listeners(2)
+        .start();
+    assert_eq!(server.addrs.len(), 2, "{:?}", server.addrs);
+    assert!(
+        server.addrs.iter().any(|a| a.is_ipv4()),
+        "{:?}",
+        server.addrs
+    );
+    assert!(
+        server.addrs.iter().any(|a| a.is_ipv6()),
+        "{:?}",
+        server.addrs
+    );
+    for &addr in &server.addrs {
+        let mut s = connect(addr);
+        expect_banner(&mut s);
+        let data = format!("hello over {addr}\n").into_bytes();
+        assert_eq!(echo_roundtrip(&mut s, &data), data, "via {addr}");
+    }
+}

@@ -1,1 +1,485 @@
-//! placeholder
+//! How the parent supervises its children, as a user sees it: killed children are reaped and
+//! logged (never left as zombies, even 200 at once or under a signal barrage), children hold
+//! only their own socket and none of the parent's signal hooks, and SIGTERM, SIGQUIT and
+//! SIGUSR1 do what the contract says.
+
+use crate::util::*;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// The parent's log line for a child that died of `sig`, up to the duration.
+fn killed_line(pid: Pid, peer: SocketAddr, sig: &str) -> String {
+    format!("child {pid} ({peer}) killed by signal {sig} ")
+}
+
+/// Asserts the server closed this connection: the next read gives EOF or a reset, no data.
+fn assert_closed_by_server(s: &mut TcpStream, what: &str) {
+    let mut buf = [0; 64];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("{what}: got {n} unexpected bytes {:?}", &buf[..n]),
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("{what}: expected EOF or reset, got {e}"),
+    }
+}
+
+/// True if a TCP connect to `addr` is refused (nothing listening).
+fn connect_refused(addr: SocketAddr) -> bool {
+    match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        Ok(_) => false,
+        Err(e) => e.kind() == ErrorKind::ConnectionRefused,
+    }
+}
+
+/// Polls until a connect to `addr` is refused, with at most 100 probe connections in all.
+fn wait_connect_refused(addr: SocketAddr) -> bool {
+    let mut probes = 0;
+    let mut refused = false;
+    wait_until(WAIT, || {
+        probes += 1;
+        refused = connect_refused(addr);
+        refused || probes >= 100
+    });
+    refused
+}
+
+/// The value of `field` (e.g. `Threads`) in /proc/<pid>/status.
+fn proc_status(pid: Pid, field: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+    let prefix = format!("{field}:");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status:\n{text}"))
+        .trim()
+        .to_string()
+}
+
+/// A signal mask (`SigBlk`, `SigCgt`, ...) from /proc/<pid>/status: bit n-1 is signal n.
+fn signal_mask(pid: Pid, field: &str) -> u64 {
+    let hex = proc_status(pid, field);
+    u64::from_str_radix(&hex, 16).unwrap_or_else(|e| panic!("{field} {hex:?}: {e}"))
+}
+
+/// True if `line` contains `<n> active` with `n` a whole number (not the tail of a longer one).
+fn says_active(line: &str, n: usize) -> bool {
+    let needle = format!("{n} active");
+    line.match_indices(&needle)
+        .any(|(i, _)| i == 0 || !line.as_bytes()[i - 1].is_ascii_digit())
+}
+
+/// A session is greeted and echoes `data` (the server is alive and serving).
+fn assert_serves(server: &Server, data: &[u8]) {
+    let mut s = server.connect_greeted();
+    assert_eq!(echo_roundtrip(&mut s, data), data, "echo from a new client");
+}
+
+/// SIGKILL of a child mid-session: the parent logs it with pid and peer and reaps it, the
+/// client sees the connection end, and the next client is served.
+#[test]
+fn sigkilled_child_is_logged_and_reaped() {
+    let server = Server::start();
+    let mut s = server.connect_greeted();
+    assert_eq!(echo_roundtrip(&mut s, b"before\n"), b"before\n");
+    let peer = s.local_addr().unwrap();
+    let pid = server.child_pid_for(peer);
+
+    kill(pid, Signal::SIGKILL).unwrap();
+    server.wait_for_line(&killed_line(pid, peer, "SIGKILL"));
+    // The line is written after the child was reaped, so it is gone, not a zombie.
+    let kids = server.children();
+    assert!(
+        !kids.iter().any(|c| c.pid == pid),
+        "killed child {pid} still a child of the server: {kids:?}"
+    );
+    assert!(!process_exists(pid), "killed child {pid} still exists");
+    assert_closed_by_server(&mut s, "session of the killed child");
+
+    assert_serves(&server, b"after\n");
+}
+
+/// 200 children SIGKILLed at once: all 200 deaths are logged and no child (zombie or not) is
+/// left within 2 s of the kill, and the server keeps serving.
+#[test]
+fn two_hundred_children_killed_at_once_all_reaped() {
+    const N: usize = 200;
+    let server = Server::start();
+    let mut sessions: Vec<TcpStream> = (0..N).map(|_| server.connect_greeted()).collect();
+    let targets: Vec<(Pid, SocketAddr)> = sessions
+        .iter()
+        .map(|s| {
+            let peer = s.local_addr().unwrap();
+            (server.child_pid_for(peer), peer)
+        })
+        .collect();
+    let kids = server.children();
+    assert_eq!(kids.len(), N, "children before the kill: {kids:?}");
+
+    let killed_at = Instant::now();
+    for &(pid, _) in &targets {
+        kill(pid, Signal::SIGKILL).unwrap();
+    }
+    let deadline = killed_at + Duration::from_secs(2);
+
+    let wanted: Vec<String> = targets
+        .iter()
+        .map(|&(pid, peer)| killed_line(pid, peer, "SIGKILL"))
+        .collect();
+    server.wait_for_log(
+        "200 `killed by signal SIGKILL` lines within 2 s",
+        deadline.saturating_duration_since(Instant::now()),
+        |lines| {
+            wanted
+                .iter()
+                .all(|w| lines.iter().any(|l| l.contains(w.as_str())))
+        },
+    );
+    let none_left = wait_until(deadline.saturating_duration_since(Instant::now()), || {
+        server.children().is_empty()
+    });
+    assert!(
+        none_left,
+        "children left 2 s after the kill: {:?}",
+        server.children()
+    );
+    assert_eq!(server.count_lines("killed by signal SIGKILL"), N);
+
+    for (i, s) in sessions.iter_mut().enumerate() {
+        assert_closed_by_server(s, &format!("session {i}"));
+    }
+    assert_serves(&server, b"still here\n");
+}
+
+/// 200 sequential sessions are all served correctly while the parent receives thousands of
+/// spurious SIGCHLD, and afterwards no child is left behind.
+#[test]
+fn sigchld_barrage_loses_no_session_and_no_child() {
+    const SESSIONS: usize = 200;
+    const SIGNALS_PER_SESSION: usize = 25; // 5000 SIGCHLD in all, spread over the sessions
+    let server = Server::start();
+    let addr = server.addr();
+    let server_pid = server.pid();
+    let started = AtomicUsize::new(0);
+    let client_done = AtomicBool::new(false);
+
+    let sent = thread::scope(|scope| {
+        let sender = scope.spawn(|| {
+            let total = SESSIONS * SIGNALS_PER_SESSION;
+            let mut sent = 0;
+            let mut client_gone = false;
+            while sent < total {
+                // Keep pace with the client: a burst for each session it has started; the rest
+                // at once when it has finished (or stalled).
+                let target = if client_gone || client_done.load(Ordering::SeqCst) {
+                    total
+                } else {
+                    ((started.load(Ordering::SeqCst) + 1) * SIGNALS_PER_SESSION).min(total)
+                };
+                while sent < target {
+                    kill(server_pid, Signal::SIGCHLD).expect("SIGCHLD to the server");
+                    sent += 1;
+                }
+                if sent < total {
+                    let before = started.load(Ordering::SeqCst);
+                    client_gone = !wait_until(WAIT, || {
+                        started.load(Ordering::SeqCst) != before
+                            || client_done.load(Ordering::SeqCst)
+                    });
+                }
+            }
+            sent
+        });
+        let client = scope.spawn(|| {
+            struct Done<'a>(&'a AtomicBool);
+            impl Drop for Done<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::SeqCst);
+                }
+            }
+            let _done = Done(&client_done);
+            for i in 0..SESSIONS {
+                started.fetch_add(1, Ordering::SeqCst);
+                let mut s = connect(addr);
+                expect_banner(&mut s);
+                let mut data = format!("session {i}\n").into_bytes();
+                data.extend(Noise::new(7000 + i as u64).bytes(1000 + i));
+                assert_eq!(echo_roundtrip(&mut s, &data), data, "session {i}");
+                s.shutdown(Shutdown::Write).unwrap();
+                assert_eq!(read_to_eof(&mut s), b"", "session {i}: data after the echo");
+            }
+        });
+        client.join().expect("client thread");
+        sender.join().expect("signal thread")
+    });
+    assert_eq!(sent, SESSIONS * SIGNALS_PER_SESSION);
+
+    server.wait_for_log("200 `exited with code 0` lines", WAIT, |lines| {
+        lines
+            .iter()
+            .filter(|l| l.contains("exited with code 0"))
+            .count()
+            >= SESSIONS
+    });
+    assert_serves(&server, b"after the barrage\n");
+    let no_children = wait_until(WAIT, || server.children().is_empty());
+    assert!(
+        no_children,
+        "children left after all sessions ended: {:?}",
+        server.children()
+    );
+    assert_eq!(server.count_lines("killed by signal"), 0);
+    assert_eq!(server.count_lines("accepted "), SESSIONS + 1);
+}
+
+/// A barrage of SIGUSR1 and SIGHUP does not stop the server or disturb an open session, and
+/// SIGUSR1 still produces a `status:` line.
+#[test]
+fn sigusr1_sighup_barrage_server_keeps_running() {
+    let server = Server::start();
+    let mut s = server.connect_greeted();
+    assert_eq!(echo_roundtrip(&mut s, b"before\n"), b"before\n");
+    for i in 0..500 {
+        let sig = if i % 2 == 0 {
+            Signal::SIGUSR1
+        } else {
+            Signal::SIGHUP
+        };
+        server.signal(sig);
+    }
+    server.wait_for_line("status:");
+    assert_eq!(echo_roundtrip(&mut s, b"during\n"), b"during\n");
+    assert_serves(&server, b"new client\n");
+    // Still running and still answering signals after the barrage.
+    let before = server.count_lines("status:");
+    server.signal(Signal::SIGUSR1);
+    server.wait_for_log("one more `status:` line", WAIT, |lines| {
+        lines.iter().filter(|l| l.contains("status:")).count() > before
+    });
+    assert_eq!(server.count_lines("shutting down"), 0);
+}
+
+/// A child holds exactly fds 0, 1, 2 and its socket, blocks no signal and catches none of the
+/// parent's hooked signals; the parent is single-threaded.
+#[test]
+fn child_fds_and_signal_state_are_clean() {
+    let server = Server::start();
+    let mut s = server.connect_greeted();
+    assert_eq!(echo_roundtrip(&mut s, b"ready\n"), b"ready\n");
+    let pid = server.child_pid_for(s.local_addr().unwrap());
+
+    let mut fds: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/fd: {e}"))
+        .map(|e| {
+            let e = e.unwrap();
+            let fd: i32 = e.file_name().to_str().unwrap().parse().unwrap();
+            let target = std::fs::read_link(e.path())
+                .unwrap_or_else(|err| panic!("readlink fd {fd} of {pid}: {err}"));
+            (fd, target.display().to_string())
+        })
+        .collect();
+    fds.sort();
+    let numbers: Vec<i32> = fds.iter().map(|(fd, _)| *fd).collect();
+    assert_eq!(numbers.len(), 4, "child {pid} fds: {fds:?}");
+    assert_eq!(numbers[..3], [0, 1, 2], "child {pid} fds: {fds:?}");
+    let sockets: Vec<&(i32, String)> = fds
+        .iter()
+        .filter(|(_, t)| t.starts_with("socket:["))
+        .collect();
+    assert_eq!(sockets.len(), 1, "child {pid} fds: {fds:?}");
+    assert_eq!(sockets[0].0, numbers[3], "child {pid} fds: {fds:?}");
+
+    assert_eq!(proc_status(server.pid(), "Threads"), "1", "parent threads");
+
+    assert_eq!(signal_mask(pid, "SigBlk"), 0, "child {pid} blocks signals");
+    let caught = signal_mask(pid, "SigCgt");
+    for (name, n) in [
+        ("SIGHUP", 1),
+        ("SIGINT", 2),
+        ("SIGQUIT", 3),
+        ("SIGUSR1", 10),
+        ("SIGTERM", 15),
+        ("SIGCHLD", 17),
+    ] {
+        assert_eq!(
+            caught & (1 << (n - 1)),
+            0,
+            "child {pid} catches {name} (SigCgt {caught:016x})"
+        );
+    }
+    // The session still works after being inspected.
+    assert_eq!(echo_roundtrip(&mut s, b"still\n"), b"still\n");
+}
+
+/// SIGTERM during a session: listeners close, the session still finishes whole (all data back,
+/// then EOF), and the server exits 0 with no child left.
+#[test]
+fn sigterm_lets_active_session_finish_then_exits_0() {
+    const FIRST: usize = 100 << 10;
+    const TOTAL: usize = 300 << 10;
+    let mut server = Server::start();
+    let addr = server.addr();
+    let mut s = server.connect_greeted();
+    let peer = s.local_addr().unwrap();
+    let pid = server.child_pid_for(peer);
+    let data = Noise::new(0x7e57).bytes(TOTAL);
+
+    let mut r = s.try_clone().unwrap();
+    let reader = thread::spawn(move || read_to_eof(&mut r));
+    s.write_all(&data[..FIRST]).unwrap();
+
+    server.signal(Signal::SIGTERM);
+    server.wait_for_line("shutting down on SIGTERM");
+    assert!(
+        wait_connect_refused(addr),
+        "connects to {addr} not refused during the graceful shutdown"
+    );
+    assert!(
+        process_exists(pid),
+        "child {pid} gone before its client was done"
+    );
+
+    s.write_all(&data[FIRST..]).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let back = reader.join().expect("reader thread");
+    assert_eq!(back.len(), TOTAL, "bytes echoed before EOF");
+    assert!(back == data, "echoed data differs from what was sent");
+
+    let status = server.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(0), "server exit status {status:?}");
+    server.wait_for_line(&format!("child {pid} ({peer}) exited with code 0 "));
+    server.wait_for_line("shutdown complete");
+    assert!(
+        wait_until(WAIT, || !process_exists(pid)),
+        "child {pid} still exists after the server exited"
+    );
+    assert!(connect_refused(addr), "connect to {addr} after exit");
+    assert_eq!(
+        server.count_lines("accepted "),
+        1,
+        "accepted during shutdown"
+    );
+}
+
+/// With `--shutdown-timeout 0.5`, an idle session that does not finish gets its child
+/// terminated with SIGTERM, and the server exits 0 with no child left.
+#[test]
+fn shutdown_timeout_terminates_idle_session() {
+    let mut server = Server::builder()
+        .args(["--shutdown-timeout", "0.5"])
+        .start();
+    let mut s = server.connect_greeted();
+    let peer = s.local_addr().unwrap();
+    let pid = server.child_pid_for(peer);
+
+    server.signal(Signal::SIGTERM);
+    server.wait_for_line("shutting down on SIGTERM");
+    server.wait_for_line(&killed_line(pid, peer, "SIGTERM"));
+    let status = server.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(0), "server exit status {status:?}");
+    server.wait_for_line("shutdown complete");
+    assert!(
+        wait_until(WAIT, || !process_exists(pid)),
+        "child {pid} still exists after the server exited"
+    );
+    assert_closed_by_server(&mut s, "idle session after the shutdown timeout");
+}
+
+/// SIGQUIT shuts down at once: every child is SIGKILLed and reaped, the server exits 0.
+#[test]
+fn sigquit_kills_children_and_exits_0() {
+    let mut server = Server::start();
+    let mut sessions = [server.connect_greeted(), server.connect_greeted()];
+    let targets: Vec<(Pid, SocketAddr)> = sessions
+        .iter_mut()
+        .map(|s| {
+            assert_eq!(echo_roundtrip(s, b"open\n"), b"open\n");
+            let peer = s.local_addr().unwrap();
+            (server.child_pid_for(peer), peer)
+        })
+        .collect();
+
+    server.signal(Signal::SIGQUIT);
+    let status = server.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(0), "server exit status {status:?}");
+    for &(pid, peer) in &targets {
+        server.wait_for_line(&killed_line(pid, peer, "SIGKILL"));
+        assert!(
+            wait_until(WAIT, || !process_exists(pid)),
+            "child {pid} still exists after the server exited"
+        );
+    }
+    server.wait_for_line("shutdown complete");
+    for (i, s) in sessions.iter_mut().enumerate() {
+        assert_closed_by_server(s, &format!("session {i} after SIGQUIT"));
+    }
+}
+
+/// SIGUSR1 logs a `status:` line with the number of active sessions: 1 with one open session,
+/// 0 once it has ended.
+#[test]
+fn sigusr1_status_counts_active_sessions() {
+    let server = Server::start();
+    let mut s = server.connect_greeted();
+    let peer = s.local_addr().unwrap();
+    let pid = server.child_pid_for(peer);
+
+    server.signal(Signal::SIGUSR1);
+    let line = server.wait_for_line("status:");
+    assert!(
+        says_active(&line, 1),
+        "status with one open session: {line}"
+    );
+
+    s.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_eof(&mut s), b"");
+    server.wait_for_line(&format!("child {pid} ({peer}) exited with code 0 "));
+    server.signal(Signal::SIGUSR1);
+    server.wait_for_log("a second `status:` line", WAIT, |lines| {
+        lines.iter().filter(|l| l.contains("status:")).count() >= 2
+    });
+    let line = server
+        .log_lines()
+        .into_iter()
+        .filter(|l| l.contains("status:"))
+        .nth(1)
+        .unwrap();
+    assert!(
+        says_active(&line, 0),
+        "status after the session ended: {line}"
+    );
+}
+
+/// A second SIGTERM during a graceful shutdown (timeout 60 s) ends the idle session at once
+/// and the server exits 0 long before the timeout.
+#[test]
+fn second_sigterm_escalates_shutdown() {
+    let mut server = Server::builder().args(["--shutdown-timeout", "60"]).start();
+    let mut s = server.connect_greeted();
+    let peer = s.local_addr().unwrap();
+    let pid = server.child_pid_for(peer);
+
+    server.signal(Signal::SIGTERM);
+    server.wait_for_line("shutting down on SIGTERM");
+    assert!(
+        process_exists(pid),
+        "child {pid} ended by the first SIGTERM"
+    );
+    server.signal(Signal::SIGTERM);
+
+    let status = server.wait_exit(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "server exit status {status:?}");
+    server.wait_for_line(&format!("child {pid} ({peer}) killed by signal SIG"));
+    server.wait_for_line("shutdown complete");
+    assert!(
+        wait_until(WAIT, || !process_exists(pid)),
+        "child {pid} still exists after the server exited"
+    );
+    assert_closed_by_server(&mut s, "idle session after the second SIGTERM");
+}

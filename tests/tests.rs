@@ -5,4 +5,5 @@ mod util;
 
 mod config;
 mod echo;
+mod resources;
 mod supervision;

@@ -216,7 +216,10 @@ impl Server {
 
     /// Number of log lines containing `needle`.
     pub fn count_lines(&self, needle: &str) -> usize {
-        self.log_lines().iter().filter(|l| l.contains(needle)).count()
+        self.log_lines()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
     }
 
     /// The pid of the child serving the client whose local address is `client`, read from the
@@ -291,7 +294,11 @@ pub fn children_of(parent: Pid) -> Vec<ProcInfo> {
         return out;
     };
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
             continue;
         };
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {

@@ -1,0 +1,109 @@
+//! Running out of resources never ends the server or makes it spin: with its descriptor table
+//! full, accepting pauses (one warning, no busy loop) and resumes by itself once fds free up.
+
+use std::io::Read;
+use std::time::Duration;
+
+use crate::util::*;
+
+/// Sets the soft RLIMIT_NOFILE of another process (lowering or restoring the soft limit needs no
+/// privilege), returning the previous (soft, hard) pair.
+fn set_soft_nofile(pid: nix::unistd::Pid, soft: u64) -> (u64, u64) {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // Safe: reads the old limit into `old` first, then sets the new soft limit under it.
+    let rc = unsafe {
+        libc::prlimit(
+            pid.as_raw(),
+            libc::RLIMIT_NOFILE,
+            std::ptr::null(),
+            &mut old,
+        )
+    };
+    assert_eq!(rc, 0, "prlimit read: {}", std::io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    let rc = unsafe {
+        libc::prlimit(
+            pid.as_raw(),
+            libc::RLIMIT_NOFILE,
+            &new,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit set: {}", std::io::Error::last_os_error());
+    (old.rlim_cur, old.rlim_max)
+}
+
+/// The lowest descriptor number the process does not use: the one `accept` would get.
+fn lowest_free_fd(pid: nix::unistd::Pid) -> u64 {
+    let used: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !used.contains(n)).unwrap()
+}
+
+/// User + system CPU time of a process, in clock ticks.
+fn cpu_ticks(pid: nix::unistd::Pid) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    // After the command name: state is field 3 (index 0 here); utime and stime are fields 14, 15.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// EMFILE: accept fails, the parent pauses (no CPU burnt, one warning), keeps running, and
+/// serves the waiting clients as soon as descriptors are available again.
+#[test]
+fn full_fd_table_pauses_accepting_without_spinning_and_recovers() {
+    let server = Server::start();
+    let pid = server.pid();
+    let (soft, _) = set_soft_nofile(pid, lowest_free_fd(pid));
+
+    // The handshakes complete in the kernel's backlog; accept then fails with EMFILE.
+    let mut waiting: Vec<_> = (0..3).map(|_| server.connect()).collect();
+    server.wait_for_line("failed: too many open files");
+
+    // Safe: sysconf only reads a constant.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    let before = cpu_ticks(pid);
+    let window = Duration::from_secs(2);
+    // Measuring CPU use over a window is the point here, not waiting for readiness.
+    std::thread::sleep(window);
+    let used = cpu_ticks(pid) - before;
+    assert!(
+        used * 100 < 5 * ticks_per_second * window.as_secs(),
+        "parent used {used} ticks in {window:?} while accept failed: it is spinning"
+    );
+    assert!(process_exists(pid), "parent exited on EMFILE");
+    assert_eq!(
+        server.count_lines("failed: too many open files"),
+        1,
+        "one warning per burst"
+    );
+
+    set_soft_nofile(pid, soft);
+    for client in &mut waiting {
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut banner = vec![0; BANNER.len()];
+        client
+            .read_exact(&mut banner)
+            .expect("served within 2 s of fds freeing up");
+        assert_eq!(banner, BANNER);
+    }
+    server.wait_for_line("accepting again after");
+    let mut fresh = server.connect_greeted();
+    assert_eq!(echo_roundtrip(&mut fresh, b"still here\n"), b"still here\n");
+}
