@@ -138,6 +138,20 @@ fn hundred_concurrent_clients_each_own_child() {
         !pids.contains(&server.pid()),
         "a client served by the parent"
     );
+    // 100 children end at once and each logs its outcome under its own pid, while the parent
+    // logs every reap: no line may be cut or mixed with another.
+    drop(streams);
+    server.wait_for_log("100 children reaped", WAIT, |lines| {
+        lines
+            .iter()
+            .filter(|l| l.contains(") exited with code 0"))
+            .count()
+            == CLIENTS as usize
+    });
+    for pid in &pids {
+        server.wait_for_line(&format!("forkecho[{pid}] session "));
+    }
+    server.assert_whole_lines();
 }
 
 /// `--banner ''` sends no greeting (plain RFC 862 echo); `--banner 'hi\n'` sends `hi` + newline.

@@ -107,3 +107,89 @@ fn full_fd_table_pauses_accepting_without_spinning_and_recovers() {
     let mut fresh = server.connect_greeted();
     assert_eq!(echo_roundtrip(&mut fresh, b"still here\n"), b"still here\n");
 }
+
+/// uid and gid of `nobody`.
+fn nobody() -> (u32, u32) {
+    // Safe: getpwnam returns a pointer to static storage, read at once, in a test thread that
+    // no other code uses for passwd look-ups.
+    let entry = unsafe { libc::getpwnam(c"nobody".as_ptr()) };
+    assert!(!entry.is_null(), "no user nobody");
+    unsafe { ((*entry).pw_uid, (*entry).pw_gid) }
+}
+
+/// Processes (threads count too, as RLIMIT_NPROC counts them) whose real uid is `uid`.
+fn tasks_of_uid(uid: u32) -> u64 {
+    let mut n = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        };
+        if field("Uid:") == Some(uid as u64) {
+            n += field("Threads:").unwrap_or(1);
+        }
+    }
+    n
+}
+
+/// A fork that fails for real (RLIMIT_NPROC reached, running as `nobody`) closes that one
+/// connection with a warning; the parent keeps serving and forks again once a child has exited.
+#[test]
+fn failed_fork_closes_that_connection_and_serving_continues() {
+    use std::os::unix::process::CommandExt;
+
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping failed_fork test: only root can start the server as nobody");
+        return;
+    }
+    let (uid, gid) = nobody();
+    // A copy in a world-readable directory, so `nobody` may execute it wherever the tree is.
+    let dir = TempDir::new();
+    let program = dir.path().join("forkecho");
+    std::fs::copy(BIN, &program).unwrap();
+    // Room for the parent and exactly two children.
+    let limit = tasks_of_uid(uid) + 3;
+    let server = Server::builder()
+        .program(program)
+        .tweak(move |cmd| {
+            cmd.uid(uid).gid(gid);
+            // Safe: setrlimit is async-signal-safe; this runs after setuid, just before exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_NPROC,
+                        limit,
+                        limit,
+                    )?;
+                    Ok(())
+                });
+            }
+        })
+        .start();
+
+    let first = server.connect_greeted();
+    let mut second = server.connect_greeted();
+    let mut refused = server.connect();
+    let refused_addr = refused.local_addr().unwrap();
+    assert_eq!(read_to_eof(&mut refused), b"", "no banner without a child");
+    let warning = server.wait_for_line("cannot fork for");
+    assert!(warning.contains(&refused_addr.to_string()), "{warning}");
+    assert!(warning.contains("WARN"), "{warning}");
+
+    // The two sessions are unharmed, and a freed slot is used again.
+    assert_eq!(echo_roundtrip(&mut second, b"two\n"), b"two\n");
+    let first_addr = first.local_addr().unwrap();
+    drop(first);
+    server.wait_for_line(&format!("({first_addr}) exited with code"));
+    let mut again = server.connect_greeted();
+    assert_eq!(echo_roundtrip(&mut again, b"again\n"), b"again\n");
+
+    server.signal(nix::sys::signal::Signal::SIGUSR1);
+    let status = server.wait_for_line("status:");
+    assert!(status.contains("1 fork failures"), "{status}");
+}

@@ -483,3 +483,36 @@ fn second_sigterm_escalates_shutdown() {
     );
     assert_closed_by_server(&mut s, "idle session after the second SIGTERM");
 }
+
+/// SIGKILLs one process by pid when dropped (for a child the server no longer supervises).
+struct KillOnDrop(Pid);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = kill(self.0, Signal::SIGKILL);
+    }
+}
+
+/// A parent killed outright leaves its sessions echoing (each child stands alone), and a new
+/// forkecho binds the same port at once (SO_REUSEADDR) while the old session still holds it.
+#[test]
+fn sessions_survive_parent_crash_and_restart_binds_same_port() {
+    let mut first = Server::start();
+    let addr = first.addr();
+    let mut old = first.connect_greeted();
+    let orphan = first.child_pid_for(old.local_addr().unwrap());
+    let _orphan = KillOnDrop(orphan);
+    first.signal(Signal::SIGKILL);
+    let status = first.wait_exit(WAIT);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
+
+    assert_eq!(echo_roundtrip(&mut old, b"orphan\n"), b"orphan\n");
+    let second = Server::builder().arg("-l").arg(addr.to_string()).start();
+    assert_eq!(second.addr(), addr);
+    let mut new = second.connect_greeted();
+    assert_eq!(echo_roundtrip(&mut new, b"new\n"), b"new\n");
+    assert_eq!(echo_roundtrip(&mut old, b"old\n"), b"old\n");
+}

@@ -42,9 +42,23 @@ pub struct ServerBuilder {
     envs: Vec<(String, String)>,
     config: Option<String>,
     listeners: usize,
+    program: Option<PathBuf>,
+    tweak: Option<Box<dyn FnOnce(&mut Command)>>,
 }
 
 impl ServerBuilder {
+    /// Runs this binary instead of `BIN` (e.g. a copy another user may execute).
+    pub fn program(mut self, path: PathBuf) -> Self {
+        self.program = Some(path);
+        self
+    }
+
+    /// Adjusts the command before it is spawned (user, limits, ...).
+    pub fn tweak(mut self, f: impl FnOnce(&mut Command) + 'static) -> Self {
+        self.tweak = Some(Box::new(f));
+        self
+    }
+
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
         self.args.push(arg.into());
         self
@@ -91,7 +105,7 @@ impl ServerBuilder {
             args.push("-l".into());
             args.push("127.0.0.1:0".into());
         }
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(self.program.as_deref().unwrap_or(BIN.as_ref()));
         cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -101,6 +115,9 @@ impl ServerBuilder {
         }
         for (k, v) in &self.envs {
             cmd.env(k, v);
+        }
+        if let Some(tweak) = self.tweak {
+            tweak(&mut cmd);
         }
         let mut child = cmd.spawn().expect("spawn forkecho");
         let pid = Pid::from_raw(child.id() as i32);
@@ -142,6 +159,8 @@ impl Server {
             envs: Vec::new(),
             config: None,
             listeners: 1,
+            program: None,
+            tweak: None,
         }
     }
 
@@ -212,6 +231,22 @@ impl Server {
             found.is_some()
         });
         found.unwrap()
+    }
+
+    /// Asserts every log line is one whole record, `<time> <LEVEL> forkecho[<pid>] <message>`:
+    /// lines written by different processes at once were not cut into or mixed.
+    pub fn assert_whole_lines(&self) {
+        for line in self.log_lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let whole = fields.len() >= 4
+                && fields[0].ends_with('Z')
+                && ["ERROR", "WARN", "INFO", "DEBUG", "TRACE"].contains(&fields[1])
+                && fields[2]
+                    .strip_prefix("forkecho[")
+                    .and_then(|r| r.strip_suffix(']'))
+                    .is_some_and(|pid| pid.parse::<u32>().is_ok());
+            assert!(whole, "log line is not one whole record: {line:?}");
+        }
     }
 
     /// Number of log lines containing `needle`.
