@@ -36,6 +36,9 @@ pub struct Server {
     _dir: Option<TempDir>,
 }
 
+/// A change to the server's `Command` before it is spawned (user, limits, ...).
+type CommandTweak = Box<dyn FnOnce(&mut Command)>;
+
 /// Builds the command line of a server under test.
 pub struct ServerBuilder {
     args: Vec<String>,
@@ -43,7 +46,7 @@ pub struct ServerBuilder {
     config: Option<String>,
     listeners: usize,
     program: Option<PathBuf>,
-    tweak: Option<Box<dyn FnOnce(&mut Command)>>,
+    tweak: Option<CommandTweak>,
 }
 
 impl ServerBuilder {
