@@ -79,25 +79,36 @@ impl Children {
     /// for many children: loop until the kernel says none is left to collect (`StillAlive`) or
     /// there are no children at all (ECHILD).
     pub fn reap(&mut self) {
-        loop {
-            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) => self.end_child(pid, Ending::Exited(code)),
-                Ok(WaitStatus::Signaled(pid, signal, core_dumped)) => self.end_child(
-                    pid,
-                    Ending::Killed {
-                        signal,
-                        core_dumped,
-                    },
-                ),
-                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
-                // Stops and continues are not asked for (no WUNTRACED); nothing to do.
-                Ok(_) | Err(Errno::EINTR) => continue,
-                Err(e) => {
-                    warn!("waitpid failed: {e}");
-                    return;
-                }
+        while self.collect_one(Some(WaitPidFlag::WNOHANG)) {}
+    }
+
+    /// Last resort when the loop cannot go on: SIGKILL every child and wait for each one, so
+    /// that none outlives the parent.
+    pub fn kill_and_reap_all(&mut self) {
+        self.signal_all(Signal::SIGKILL);
+        while !self.live.is_empty() && self.collect_one(None) {}
+    }
+
+    /// One `waitpid(-1, flags)`, accounted for. False when there is nothing (more) to collect.
+    fn collect_one(&mut self, flags: Option<WaitPidFlag>) -> bool {
+        match waitpid(None, flags) {
+            Ok(WaitStatus::Exited(pid, code)) => self.end_child(pid, Ending::Exited(code)),
+            Ok(WaitStatus::Signaled(pid, signal, core_dumped)) => self.end_child(
+                pid,
+                Ending::Killed {
+                    signal,
+                    core_dumped,
+                },
+            ),
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return false,
+            // Stops and continues are not asked for (no WUNTRACED); EINTR: just ask again.
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => {
+                warn!("waitpid failed: {e}");
+                return false;
             }
         }
+        true
     }
 
     /// The one place a reaped child is accounted for: table, totals, log line.

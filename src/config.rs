@@ -117,10 +117,19 @@ impl Config {
     /// by the flags.
     pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
         let mut config = Config::default();
+        let mut origin = "command line".to_string();
         if let Some(path) = &cli.config {
             config.apply_file(path)?;
+            if cli.listen.is_empty() {
+                origin = path.display().to_string();
+            }
         }
         config.apply_flags(cli);
+        check_listen_unique(&config.listen).map_err(|reason| ConfigError {
+            origin,
+            key: Some("listen".into()),
+            reason,
+        })?;
         Ok(config)
     }
 
@@ -195,7 +204,8 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
         Some(span) => {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
-            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            let column = before[line_start..].chars().count() + 1;
             format!("line {line}, column {column}: {message}")
         }
         None => message.to_string(),
@@ -242,6 +252,17 @@ fn listen_from_toml(value: &toml::Value) -> Result<Vec<SocketAddr>, String> {
         .iter()
         .map(|item| parse_addr(expect_str(item)?))
         .collect()
+}
+
+/// The same address twice would fail later as "address already in use"; say what is wrong.
+/// Port 0 may repeat: each gets its own free port.
+fn check_listen_unique(addrs: &[SocketAddr]) -> Result<(), String> {
+    for (i, addr) in addrs.iter().enumerate() {
+        if addr.port() != 0 && addrs[..i].contains(addr) {
+            return Err(format!("{addr} is listed twice"));
+        }
+    }
+    Ok(())
 }
 
 fn seconds_from_toml(value: &toml::Value) -> Result<Duration, String> {
@@ -377,6 +398,16 @@ mod tests {
             e.reason.starts_with("line 2") || e.reason.starts_with("line 3"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn listen_addresses_must_be_distinct() {
+        let twice: Vec<SocketAddr> = vec!["127.0.0.1:7".parse().unwrap(); 2];
+        assert!(check_listen_unique(&twice)
+            .unwrap_err()
+            .contains("listed twice"));
+        let zeros: Vec<SocketAddr> = vec!["127.0.0.1:0".parse().unwrap(); 2];
+        assert!(check_listen_unique(&zeros).is_ok());
     }
 
     #[test]

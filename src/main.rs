@@ -29,7 +29,8 @@ fn main() -> ExitCode {
     let listeners = match listen::bind_all(&config.listen, config.backlog) {
         Ok(listeners) => listeners,
         Err(e) => {
-            log::error!("{e}");
+            // Straight to stderr, like config errors: RUST_LOG=off must not hide why we stopped.
+            eprintln!("forkecho: {e}");
             return ExitCode::from(EXIT_FAILURE);
         }
     };

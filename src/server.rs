@@ -3,13 +3,15 @@
 //! Each turn of the loop: wait; handle signals first (reap, shutdown, status), because a SIGTERM
 //! must close the listeners before more is accepted; then accept a bounded batch from each
 //! listener that has connections queued, forking one child per connection. The parent never
-//! reads or writes a client's bytes and never blocks anywhere but in `poll`.
+//! reads or writes a client's bytes and waits nowhere but in `poll` (and in writing a log
+//! line to stderr, which a stalled reader of that stderr can hold up).
 //!
 //! Shutdown is a small state machine driven by signals and the poll timeout:
 //! `Serving` → (SIGTERM/SIGINT) `Draining` until `shutdown_timeout` → SIGTERM to the children,
 //! `Terminating` for `KILL_TIMEOUT` → SIGKILL, `Killing` until all are reaped. A repeated
 //! SIGTERM/SIGINT skips to the next step; SIGQUIT goes straight to `Killing`. The loop ends when
-//! it is no longer serving and no child is left, so no child outlives the parent's exit.
+//! it is no longer serving and no child is left, so no child outlives the parent's exit; if
+//! `poll` itself fails, the children are killed and reaped before the error is returned.
 
 use std::io::{self, ErrorKind};
 use std::time::{Duration, Instant};
@@ -123,6 +125,8 @@ impl Server {
                 if e.kind() == ErrorKind::Interrupted {
                     continue;
                 }
+                // Without the loop nobody would reap or stop the children: take them along.
+                self.children.kill_and_reap_all();
                 return Err(e);
             }
             let mut signalled = false;
@@ -174,11 +178,18 @@ impl Server {
         if requests.contains(&Request::Reap) {
             self.children.reap();
         }
+        // One shutdown step per batch: a SIGTERM and a SIGINT that arrive together are one
+        // request, not a request and its escalation. SIGQUIT outranks both.
+        if requests.contains(&Request::ShutdownNow) {
+            self.shutdown_now();
+        } else if let Some(Request::Shutdown(signal)) =
+            requests.iter().find(|r| matches!(r, Request::Shutdown(_)))
+        {
+            self.shutdown_requested(*signal);
+        }
         for request in requests {
             match request {
-                Request::Reap => {}
-                Request::Shutdown(signal) => self.shutdown_requested(signal),
-                Request::ShutdownNow => self.shutdown_now(),
+                Request::Reap | Request::Shutdown(_) | Request::ShutdownNow => {}
                 Request::Reload => {
                     info!("SIGHUP: configuration reload is not supported yet; nothing changed")
                 }
@@ -251,6 +262,9 @@ impl Server {
 
     /// SIGQUIT: no grace; kill every child, reap them, exit.
     fn shutdown_now(&mut self) {
+        if self.phase == Phase::Killing {
+            return;
+        }
         self.stop_listening();
         info!(
             "immediate shutdown on SIGQUIT: sending SIGKILL to {} sessions",
@@ -299,6 +313,8 @@ impl Server {
                     self.start_session(stream, peer);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    // The queue is empty, so accept works again: the next failure is a new run.
+                    self.accept_recovered();
                     self.ready[i] = false;
                     return;
                 }

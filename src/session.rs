@@ -11,7 +11,7 @@
 //! | 4  | write timeout: the client stopped reading and a write stayed blocked for `idle_timeout` |
 //! | 5  | connection reset by the peer |
 //! | 6  | broken pipe: the peer went away while we were writing |
-//! | 7  | any other I/O error (logged by the child) |
+//! | 7  | any other I/O error, e.g. the connection timed out (logged by the child) |
 //! | 70 | internal error: the session panicked (caught; never a core dump) |
 
 use std::io::{self, ErrorKind, Read, Write};
@@ -66,9 +66,10 @@ impl Outcome {
     /// Classifies an error from a read (`writing == false`) or a write.
     fn from_error(e: io::Error, writing: bool) -> Outcome {
         match e.kind() {
-            // SO_RCVTIMEO / SO_SNDTIMEO expiring surface as EAGAIN.
-            ErrorKind::WouldBlock | ErrorKind::TimedOut if writing => Outcome::WriteTimeout,
-            ErrorKind::WouldBlock | ErrorKind::TimedOut => Outcome::IdleTimeout,
+            // SO_RCVTIMEO / SO_SNDTIMEO expiring surface as EAGAIN. (ETIMEDOUT is different: the
+            // connection itself died of retransmission or keepalive timeouts; that is code 7.)
+            ErrorKind::WouldBlock if writing => Outcome::WriteTimeout,
+            ErrorKind::WouldBlock => Outcome::IdleTimeout,
             ErrorKind::ConnectionReset => Outcome::PeerReset,
             ErrorKind::BrokenPipe => Outcome::BrokenPipe,
             _ => Outcome::IoError(e),
@@ -105,8 +106,9 @@ fn serve(mut stream: &TcpStream, settings: &Settings) -> Result<(), Outcome> {
     // The client half-closed and everything it sent is echoed: pass the EOF on.
     match stream.shutdown(Shutdown::Write) {
         Ok(()) => Ok(()),
-        // The client may already be fully gone; its data was delivered to the kernel regardless.
-        Err(e) if e.kind() == ErrorKind::NotConnected => Ok(()),
+        // The connection was reset after the client's EOF: whatever was still in our send
+        // buffer is lost, so this is not a clean end.
+        Err(e) if e.kind() == ErrorKind::NotConnected => Err(Outcome::PeerReset),
         Err(e) => Err(Outcome::from_error(e, true)),
     }
 }

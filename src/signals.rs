@@ -32,7 +32,7 @@ pub enum Request {
     Shutdown(Signal),
     /// SIGQUIT: kill every child now, reap, exit.
     ShutdownNow,
-    /// SIGHUP: re-read the configuration.
+    /// SIGHUP: reserved for re-reading the configuration; for now only logged.
     Reload,
     /// SIGUSR1: log one status line.
     Status,
@@ -40,7 +40,15 @@ pub enum Request {
 
 /// Installs the handlers and returns the pipe's read end, ready to register with `mio`.
 pub fn hook() -> io::Result<Signals> {
-    Signals::new(HOOKED)
+    let signals = Signals::new(HOOKED)?;
+    // Why: a launcher may have left some of them blocked (the mask survives exec). A blocked
+    // SIGCHLD would leave every child a zombie and a blocked SIGTERM would make us unstoppable.
+    let mut hooked = SigSet::empty();
+    for signal in HOOKED {
+        hooked.add(Signal::try_from(signal)?);
+    }
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&hooked), None)?;
+    Ok(signals)
 }
 
 /// The requests behind the signals received since the last call. Drains the pipe first, then
@@ -84,7 +92,8 @@ pub fn restore_mask(mask: &SigSet) -> io::Result<()> {
 ///
 /// Why both: signal-hook's `unregister` would leave its handler installed, and a child that
 /// still had it would answer SIGTERM by writing into the parent's pipe instead of dying. The
-/// mask is inherited from `block_all`; a child must not start with signals blocked.
+/// mask is inherited from `block_all`: a child that kept SIGTERM blocked would sit out the
+/// shutdown's SIGTERM step and die only to SIGKILL.
 pub fn reset_in_child() -> io::Result<()> {
     let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
     for signal in HOOKED {

@@ -9,11 +9,16 @@
 //! 1. No threads in the parent, ever: a lock held by another thread at `fork` (the allocator's,
 //!    the logger's) would stay locked forever in the child. Nothing in this crate spawns one.
 //! 2. Flush stdout/stderr before `fork`, or buffered bytes are written twice, once by each
-//!    process. The child ends with `_exit`, never returning into the parent's code: no
-//!    destructors of the parent's objects (they would deregister the parent's listeners) and no
-//!    at-exit hooks run in the child. Panics are caught; a panicking child exits 70.
-//! 3. The child closes every descriptor but stdio and its connection (the listeners, the poll fd,
-//!    both ends of the signal pipe), and restores the default action of every hooked signal.
+//!    process. The child ends with `_exit`, never returning into the parent's code: returning
+//!    would run the parent's accept loop (and its shutdown path) in a second process, and
+//!    `exit` would run at-exit hooks that belong to the parent. Panics are caught; a panicking
+//!    child exits 70.
+//! 3. The child closes every descriptor but stdio and its connection: a child holding a listener
+//!    would keep the port in LISTEN after the parent dies (a restart could not bind, and clients
+//!    would queue where nobody accepts), and one holding the signal pipe could wake the parent.
+//!    It restores the default action of every hooked signal, clears its signal mask, and starts
+//!    its own session (`setsid`), so that Ctrl-C on the terminal or a signal to the parent's
+//!    process group reaches the parent, which decides what the sessions get.
 //! 4. (In `children`:) reaping loops, because SIGCHLD coalesces.
 //! 5. The parent closes its copy of the connection right after `fork`, or the client would never
 //!    see EOF when the child ends, and the parent's fd table would fill up.
@@ -50,7 +55,8 @@ pub fn spawn_session(
         // Not a reason to lose track of a child that now exists: report it and carry on.
         log::error!("cannot restore the signal mask after fork: {e}");
     }
-    // Rule 5: the parent's copy of the connection goes now; the child holds its own.
+    // Rule 5: the parent's copy goes now, or the client would not see EOF when the child ends,
+    // and the parent's fd table would fill up with finished connections.
     drop(stream);
     match forked {
         Ok(ForkResult::Parent { child }) => Ok(child),
@@ -61,24 +67,60 @@ pub fn spawn_session(
 
 /// Everything the child does: clean up what it inherited, serve, exit. Never returns.
 fn child_main(stream: mio::net::TcpStream, peer: SocketAddr, settings: &Settings) -> ! {
-    let fd = stream.into_raw_fd();
-    // Rule 3, descriptors: stdio and this connection only.
-    close_inherited_fds(fd);
-    // Rule 3, signals: default actions, empty mask. If that fails the child could die silently
-    // or wake the parent; refuse to serve rather than serve half-isolated.
-    if let Err(e) = signals::reset_in_child() {
-        log::error!("session {peer}: cannot reset signal handling: {e}");
-        exit_child(EXIT_PANIC);
-    }
-    // Safe: `fd` is the accepted connection, owned by nobody else in this process.
-    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
-    // Rule 2: a panic must not unwind out of here into the parent's accept loop.
-    let code = match panic::catch_unwind(AssertUnwindSafe(|| session::run(stream, peer, settings)))
-    {
-        Ok(outcome) => outcome.exit_code(),
-        Err(_) => EXIT_PANIC,
-    };
+    // Rule 2: no panic may unwind out of here into the parent's accept loop, from the cleanup
+    // or from the session.
+    let code = panic::catch_unwind(AssertUnwindSafe(|| {
+        log_panics_as_one_line(peer);
+        let fd = stream.into_raw_fd();
+        // Rule 3: stdio and this connection only (why: see the module doc).
+        close_inherited_fds(fd);
+        // Rule 3: default actions and an empty mask; if that fails the child could ignore the
+        // shutdown's SIGTERM, so it refuses to serve rather than serve half-isolated.
+        if let Err(e) = signals::reset_in_child() {
+            log::error!("session {peer}: cannot reset signal handling: {e}");
+            return EXIT_PANIC;
+        }
+        leave_parents_process_group();
+        // Safe: `fd` is the accepted connection, owned by nobody else in this process.
+        let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+        session::run(stream, peer, settings).exit_code()
+    }))
+    .unwrap_or(EXIT_PANIC);
     exit_child(code)
+}
+
+/// A panic becomes one log line (with this child's pid, like every line) instead of the default
+/// multi-line message on stderr.
+fn log_panics_as_one_line(peer: SocketAddr) {
+    panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        let place = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        log::error!(
+            "session {peer} panicked{place}: {}",
+            message.replace('\n', " ")
+        );
+    }));
+}
+
+/// Own session and process group, and a name of its own in `ps`/`pkill`.
+///
+/// Why: Ctrl-C, Ctrl-\ and `kill -TERM -<pgid>` reach the whole process group, and `pkill -USR1
+/// forkecho` every process named forkecho. Sessions in the parent's group would die at once on
+/// a SIGINT meant to start a graceful shutdown, and of a SIGUSR1 meant to ask for status.
+/// PostgreSQL's postmaster does the same for its backends.
+fn leave_parents_process_group() {
+    // Cannot fail here: a freshly forked child is never a process group leader.
+    let _ = nix::unistd::setsid();
+    // Safe: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"forkecho-child".as_ptr()) };
 }
 
 /// `_exit`, not `exit`: the at-exit hooks and stdio buffers are the parent's, not ours. Our own
@@ -95,14 +137,17 @@ fn exit_child(code: i32) -> ! {
 /// (the child `_exit`s), so nothing closes a number twice.
 fn close_inherited_fds(keep: RawFd) {
     let keep = keep as libc::c_uint;
+    // The raw system call, not glibc's wrapper (glibc 2.34+ only): where the kernel lacks it,
+    // ENOSYS sends us to the fallback instead of failing to link or start.
+    let close_range = |first: libc::c_uint, last: libc::c_uint| {
+        // Safe: close_range only closes descriptors; no memory is touched.
+        unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) == 0 }
+    };
     let mut ok = true;
-    // Safe: close_range only closes descriptors; no memory is touched.
-    unsafe {
-        if keep > 3 {
-            ok &= libc::close_range(3, keep - 1, 0) == 0;
-        }
-        ok &= libc::close_range(keep + 1, libc::c_uint::MAX, 0) == 0;
+    if keep > 3 {
+        ok &= close_range(3, keep - 1);
     }
+    ok &= close_range(keep + 1, libc::c_uint::MAX);
     if !ok {
         close_listed_fds(keep as RawFd);
     }

@@ -176,3 +176,21 @@ fn config_file_two_listeners_both_serve() {
         assert_eq!(session(&mut s, &data), want, "via {addr}");
     }
 }
+
+/// The same address listed twice is a config error naming it, not a confusing bind failure.
+#[test]
+fn duplicate_listen_address_rejected() {
+    let out = run(&[
+        "-l",
+        "127.0.0.1:2999",
+        "-l",
+        "127.0.0.1:2999",
+        "--check-config",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("key `listen`") && err.contains("127.0.0.1:2999 is listed twice"),
+        "{err}"
+    );
+}

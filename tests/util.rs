@@ -304,8 +304,12 @@ impl Drop for Server {
             return;
         };
         if child.try_wait().ok().flatten().is_none() {
-            // Freeze the parent first so it cannot fork while we collect its children.
+            // Freeze the parent first so it cannot fork while we collect its children (SIGSTOP
+            // takes effect asynchronously: wait until /proc shows it stopped, briefly).
             let _ = kill(self.pid, Signal::SIGSTOP);
+            wait_until(Duration::from_secs(1), || {
+                process_state(self.pid).is_none_or(|s| s == 'T')
+            });
             for c in children_of(self.pid) {
                 let _ = kill(c.pid, Signal::SIGKILL);
             }
@@ -358,6 +362,17 @@ pub fn children_of(parent: Pid) -> Vec<ProcInfo> {
         }
     }
     out
+}
+
+/// The state letter of a process (`R`, `S`, `T`, `Z`, ...), or None if it does not exist.
+pub fn process_state(pid: Pid) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
 }
 
 /// True if a process with this pid exists (zombies included).
