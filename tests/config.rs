@@ -3,8 +3,7 @@
 
 use crate::util::*;
 
-use std::io::Write;
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Output;
 
@@ -33,13 +32,6 @@ fn expect_exit(out: &Output, code: i32) -> String {
         stderr(out)
     );
     stderr(out)
-}
-
-/// Sends `data`, half-closes, and returns everything the server sent until EOF (banner included).
-fn session(s: &mut TcpStream, data: &[u8]) -> Vec<u8> {
-    s.write_all(data).unwrap();
-    s.shutdown(Shutdown::Write).unwrap();
-    read_to_eof(s)
 }
 
 /// `--check-config` on a valid file with every key prints `configuration OK` and exits 0.
@@ -153,10 +145,13 @@ listen = ["127.0.0.1:0"]
         .config(config)
         .args(["--banner", "from flag\\n"])
         .start();
-    assert_eq!(session(&mut flagged.connect(), b"x"), b"from flag\nx");
+    assert_eq!(
+        send_and_drain(&mut flagged.connect(), b"x"),
+        b"from flag\nx"
+    );
 
     let plain = Server::builder().config(config).start();
-    assert_eq!(session(&mut plain.connect(), b"y"), b"from file\ny");
+    assert_eq!(send_and_drain(&mut plain.connect(), b"y"), b"from file\ny");
 }
 
 /// Two addresses in the file's `listen` array give two listeners, and both serve.
@@ -173,7 +168,7 @@ fn config_file_two_listeners_both_serve() {
         let data = format!("via {addr}\n").into_bytes();
         let mut want = BANNER.to_vec();
         want.extend_from_slice(&data);
-        assert_eq!(session(&mut s, &data), want, "via {addr}");
+        assert_eq!(send_and_drain(&mut s, &data), want, "via {addr}");
     }
 }
 

@@ -14,13 +14,6 @@ fn wait_child_exit(server: &Server, client: SocketAddr, code: i32) -> String {
     server.wait_for_line(&format!("child {pid} ({client}) exited with code {code} "))
 }
 
-/// Sends `data`, half-closes, and returns everything the server sends until EOF.
-fn send_and_drain(s: &mut TcpStream, data: &[u8]) -> Vec<u8> {
-    s.write_all(data).unwrap();
-    s.shutdown(Shutdown::Write).unwrap();
-    read_to_eof(s)
-}
-
 /// The seed's session: the greeting `connect successful!\n`, then `Hello!\n` comes back.
 #[test]
 fn greeting_then_hello_echoed() {

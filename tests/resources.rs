@@ -49,17 +49,10 @@ fn lowest_free_fd(pid: nix::unistd::Pid) -> u64 {
     (0..).find(|n| !used.contains(n)).unwrap()
 }
 
-/// User + system CPU time of a process, in clock ticks.
+/// User + system CPU time of a process, in clock ticks (fields 14 and 15 of its stat).
 fn cpu_ticks(pid: nix::unistd::Pid) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    // After the command name: state is field 3 (index 0 here); utime and stime are fields 14, 15.
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    let field = |n| stat_field(pid, n).unwrap().parse::<u64>().unwrap();
+    field(14) + field(15)
 }
 
 /// EMFILE: accept fails, the parent pauses (no CPU burnt, one warning), keeps running, and

@@ -331,48 +331,36 @@ pub struct ProcInfo {
 
 /// Every process whose parent is `parent`, with its state (`Z` = zombie).
 pub fn children_of(parent: Pid) -> Vec<ProcInfo> {
-    let mut out = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
+        return Vec::new();
     };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // The command name may contain spaces and parentheses: fields start after the last ')'.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.len() < 2 {
-            continue;
-        }
-        if fields[1].parse::<i32>().ok() == Some(parent.as_raw()) {
-            out.push(ProcInfo {
-                pid: Pid::from_raw(pid),
-                state: fields[0].chars().next().unwrap_or('?'),
-            });
-        }
-    }
-    out
+    let parent = parent.to_string();
+    dir.flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .map(Pid::from_raw)
+        .filter(|&pid| stat_field(pid, 4).as_deref() == Some(parent.as_str()))
+        .filter_map(|pid| {
+            Some(ProcInfo {
+                pid,
+                state: process_state(pid)?,
+            })
+        })
+        .collect()
+}
+
+/// Field `n` (1-based, as numbered in proc(5)) of /proc/<pid>/stat, or None if the process is
+/// gone. Fields 1 and 2 are the pid and "(comm)"; the command name may contain spaces and
+/// parentheses, so the rest is read after the last ')'.
+pub fn stat_field(pid: Pid, n: usize) -> Option<String> {
+    assert!(n >= 3, "fields 1 and 2 are not split out");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(n - 3).map(str::to_string)
 }
 
 /// The state letter of a process (`R`, `S`, `T`, `Z`, ...), or None if it does not exist.
 pub fn process_state(pid: Pid) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .next()?
-        .chars()
-        .next()
+    stat_field(pid, 3)?.chars().next()
 }
 
 /// True if a process with this pid exists (zombies included).
@@ -413,6 +401,13 @@ pub fn echo_roundtrip(s: &mut TcpStream, data: &[u8]) -> Vec<u8> {
     let mut back = vec![0; data.len()];
     s.read_exact(&mut back).expect("read echo");
     back
+}
+
+/// Sends `data`, half-closes, and returns everything the server sends until EOF.
+pub fn send_and_drain(s: &mut TcpStream, data: &[u8]) -> Vec<u8> {
+    s.write_all(data).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    read_to_eof(s)
 }
 
 /// Reads until EOF.
