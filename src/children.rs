@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use ipnet::IpNet;
 use log::{debug, info, warn};
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
@@ -21,6 +22,9 @@ struct Child {
     peer: SocketAddr,
     /// When it was forked, to log how long the session lasted.
     started: Instant,
+    /// The source it counts under for `max_per_source` (kept, so a reload that changes the
+    /// prefix lengths still releases the count it took).
+    source: IpNet,
 }
 
 /// How a reaped child ended.
@@ -47,10 +51,13 @@ impl Totals {
     }
 }
 
-/// Live children by pid, plus the totals.
+/// Live children by pid, live sessions by source, plus the totals.
 #[derive(Debug, Default)]
 pub struct Children {
     live: HashMap<Pid, Child>,
+    /// Live sessions per source; a source with none has no entry, so this stays as small as
+    /// the set of sources that have sessions now.
+    per_source: HashMap<IpNet, usize>,
     pub totals: Totals,
 }
 
@@ -63,15 +70,30 @@ impl Children {
         self.live.is_empty()
     }
 
+    /// Live sessions from `source`.
+    pub fn from_source(&self, source: &IpNet) -> usize {
+        self.per_source.get(source).copied().unwrap_or(0)
+    }
+
+    /// The `n` sources with the most live sessions, busiest first.
+    pub fn busiest_sources(&self, n: usize) -> Vec<(IpNet, usize)> {
+        let mut all: Vec<(IpNet, usize)> = self.per_source.iter().map(|(s, c)| (*s, *c)).collect();
+        all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        all.truncate(n);
+        all
+    }
+
     /// Records a child the parent has just forked.
-    pub fn add(&mut self, pid: Pid, peer: SocketAddr) {
+    pub fn add(&mut self, pid: Pid, peer: SocketAddr, source: IpNet) {
         self.live.insert(
             pid,
             Child {
                 peer,
                 started: Instant::now(),
+                source,
             },
         );
+        *self.per_source.entry(source).or_default() += 1;
         self.totals.forked += 1;
     }
 
@@ -118,6 +140,12 @@ impl Children {
             debug!("reaped unknown process {pid}: {}", describe(ending));
             return;
         };
+        if let Some(count) = self.per_source.get_mut(&child.source) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_source.remove(&child.source);
+            }
+        }
         match ending {
             Ending::Exited(code) => *self.totals.exited.entry(code).or_default() += 1,
             Ending::Killed { signal, .. } => {

@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
+use ipnet::IpNet;
+
+use crate::limits::{self, Limits, Rate};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:2333";
 pub const DEFAULT_BANNER: &str = "connect successful!\n";
@@ -20,13 +23,27 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: f64 = 10.0;
 const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
 
 /// The keys a config file may hold, in the order the documentation lists them.
-pub const KEYS: [&str; 5] = [
+pub const KEYS: [&str; 15] = [
     "listen",
     "banner",
     "backlog",
     "idle_timeout",
     "shutdown_timeout",
+    "max_session_time",
+    "max_children",
+    "max_per_source",
+    "source_prefix_v4",
+    "source_prefix_v6",
+    "allow",
+    "deny",
+    "max_rate_per_source",
+    "rate_burst",
+    "refusal_message",
 ];
+
+/// Longest refusal message: it is written once to a non-blocking socket, so it must fit
+/// in an empty send buffer with room to spare.
+const MAX_REFUSAL_MESSAGE: usize = 1024;
 
 /// The command line. Every option is also a config-file key; a flag given here wins.
 #[derive(Debug, Parser)]
@@ -60,6 +77,47 @@ pub struct Cli {
     #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
     pub shutdown_timeout: Option<Duration>,
 
+    /// End a session after this many seconds whatever it is doing; 0 = no limit [default: 0]
+    #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+    pub max_session_time: Option<Duration>,
+
+    /// Most sessions at once; at the limit new clients wait in the backlog [default: 1024]
+    #[arg(long, value_name = "N", value_parser = parse_max_children)]
+    pub max_children: Option<usize>,
+
+    /// Most sessions at once from one source; more are refused; 0 = no limit [default: 32]
+    #[arg(long, value_name = "N", value_parser = parse_count)]
+    pub max_per_source: Option<usize>,
+
+    /// IPv4 addresses sharing this prefix length count as one source [default: 32]
+    #[arg(long, value_name = "LEN", value_parser = parse_prefix_v4)]
+    pub source_prefix_v4: Option<u8>,
+
+    /// IPv6 addresses sharing this prefix length count as one source [default: 64]
+    #[arg(long, value_name = "LEN", value_parser = parse_prefix_v6)]
+    pub source_prefix_v6: Option<u8>,
+
+    /// Serve only clients in this prefix (ADDR/LEN or ADDR); repeatable; none = everyone
+    #[arg(long, value_name = "PREFIX", value_parser = limits::parse_prefix)]
+    pub allow: Vec<IpNet>,
+
+    /// Refuse clients in this prefix (ADDR/LEN or ADDR); repeatable; wins over --allow
+    #[arg(long, value_name = "PREFIX", value_parser = limits::parse_prefix)]
+    pub deny: Vec<IpNet>,
+
+    /// New connections per second allowed from one source; 0 = no limit [default: 0]
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub max_rate_per_source: Option<f64>,
+
+    /// Connections one source may open at once before the rate applies
+    /// [default: the rate, at least 1]
+    #[arg(long, value_name = "N", value_parser = parse_burst)]
+    pub rate_burst: Option<u32>,
+
+    /// Line sent to a refused client before closing (\n etc. interpreted) [default: ""]
+    #[arg(long, value_name = "TEXT", value_parser = parse_refusal_message)]
+    pub refusal_message: Option<String>,
+
     /// Validate the configuration, print `configuration OK` and exit 0 (exit 2 on an error)
     #[arg(long)]
     pub check_config: bool,
@@ -78,6 +136,14 @@ pub struct Config {
     pub idle_timeout: Option<Duration>,
     /// Grace period for sessions on a graceful shutdown.
     pub shutdown_timeout: Duration,
+    /// Hard limit on a session's length; `None` = none.
+    pub max_session_time: Option<Duration>,
+    /// Admission limits, one value the loop reads (and a reload may replace).
+    pub limits: Limits,
+    /// `max_rate_per_source` as given (0 = off); becomes `limits.rate` with the burst.
+    rate_per_second: f64,
+    /// `rate_burst` as given, if it was.
+    rate_burst: Option<u32>,
 }
 
 impl Default for Config {
@@ -88,6 +154,10 @@ impl Default for Config {
             backlog: DEFAULT_BACKLOG,
             idle_timeout: Some(Duration::from_secs_f64(DEFAULT_IDLE_TIMEOUT_SECS)),
             shutdown_timeout: Duration::from_secs_f64(DEFAULT_SHUTDOWN_TIMEOUT_SECS),
+            max_session_time: None,
+            limits: Limits::default(),
+            rate_per_second: 0.0,
+            rate_burst: None,
         }
     }
 }
@@ -130,6 +200,7 @@ impl Config {
             key: Some("listen".into()),
             reason,
         })?;
+        config.limits.rate = rate(config.rate_per_second, config.rate_burst);
         Ok(config)
     }
 
@@ -167,6 +238,22 @@ impl Config {
             "backlog" => self.backlog = check_backlog(expect_int(value)?)?,
             "idle_timeout" => self.idle_timeout = never_if_zero(seconds_from_toml(value)?),
             "shutdown_timeout" => self.shutdown_timeout = seconds_from_toml(value)?,
+            "max_session_time" => self.max_session_time = never_if_zero(seconds_from_toml(value)?),
+            "max_children" => self.limits.max_children = check_max_children(expect_int(value)?)?,
+            "max_per_source" => self.limits.max_per_source = check_count(expect_int(value)?)?,
+            "source_prefix_v4" => {
+                self.limits.source_prefix_v4 = check_prefix_len(expect_int(value)?, 32)?
+            }
+            "source_prefix_v6" => {
+                self.limits.source_prefix_v6 = check_prefix_len(expect_int(value)?, 128)?
+            }
+            "allow" => self.limits.allow = prefixes_from_toml(value)?,
+            "deny" => self.limits.deny = prefixes_from_toml(value)?,
+            "max_rate_per_source" => self.rate_per_second = check_rate(number(value)?)?,
+            "rate_burst" => self.rate_burst = Some(check_burst(expect_int(value)?)?),
+            "refusal_message" => {
+                self.limits.refusal_message = check_refusal_message(expect_str(value)?)?.into()
+            }
             _ => {
                 return Err(format!(
                     "unknown key (expected one of: {})",
@@ -193,6 +280,37 @@ impl Config {
         }
         if let Some(grace) = cli.shutdown_timeout {
             self.shutdown_timeout = grace;
+        }
+        if let Some(limit) = cli.max_session_time {
+            self.max_session_time = never_if_zero(limit);
+        }
+        let limits = &mut self.limits;
+        if let Some(n) = cli.max_children {
+            limits.max_children = n;
+        }
+        if let Some(n) = cli.max_per_source {
+            limits.max_per_source = n;
+        }
+        if let Some(len) = cli.source_prefix_v4 {
+            limits.source_prefix_v4 = len;
+        }
+        if let Some(len) = cli.source_prefix_v6 {
+            limits.source_prefix_v6 = len;
+        }
+        if !cli.allow.is_empty() {
+            limits.allow = cli.allow.clone();
+        }
+        if !cli.deny.is_empty() {
+            limits.deny = cli.deny.clone();
+        }
+        if let Some(message) = &cli.refusal_message {
+            limits.refusal_message = message.as_bytes().to_vec();
+        }
+        if let Some(per_second) = cli.max_rate_per_source {
+            self.rate_per_second = per_second;
+        }
+        if let Some(burst) = cli.rate_burst {
+            self.rate_burst = Some(burst);
         }
     }
 }
@@ -266,17 +384,132 @@ fn check_listen_unique(addrs: &[SocketAddr]) -> Result<(), String> {
 }
 
 fn seconds_from_toml(value: &toml::Value) -> Result<Duration, String> {
-    let secs = match value {
-        toml::Value::Integer(i) => *i as f64,
-        toml::Value::Float(x) => *x,
-        other => {
-            return Err(format!(
-                "expected a number of seconds, found {}",
-                describe_value(other)
-            ))
-        }
-    };
-    check_seconds(secs)
+    check_seconds(number(value)?)
+}
+
+/// An integer or a float, as f64.
+fn number(value: &toml::Value) -> Result<f64, String> {
+    match value {
+        toml::Value::Integer(i) => Ok(*i as f64),
+        toml::Value::Float(x) => Ok(*x),
+        other => Err(format!(
+            "expected a number, found {}",
+            describe_value(other)
+        )),
+    }
+}
+
+fn prefixes_from_toml(value: &toml::Value) -> Result<Vec<IpNet>, String> {
+    let items = value.as_array().ok_or_else(|| {
+        format!(
+            "expected an array of prefixes such as [\"10.0.0.0/8\"], found {}",
+            describe_value(value)
+        )
+    })?;
+    items
+        .iter()
+        .map(|item| limits::parse_prefix(expect_str(item)?))
+        .collect()
+}
+
+/// The token bucket, or none when the rate is 0. Without an explicit burst a source may open
+/// one second's worth of connections at once (at least one).
+fn rate(per_second: f64, burst: Option<u32>) -> Option<Rate> {
+    (per_second > 0.0).then(|| Rate {
+        per_second,
+        burst: burst.map_or(per_second.ceil().max(1.0), f64::from),
+    })
+}
+
+fn parse_int(s: &str) -> Result<i64, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not an integer"))
+}
+
+fn parse_max_children(s: &str) -> Result<usize, String> {
+    check_max_children(parse_int(s)?)
+}
+
+fn check_max_children(n: i64) -> Result<usize, String> {
+    if (1..=1_000_000).contains(&n) {
+        Ok(n as usize)
+    } else {
+        Err(format!("must be from 1 to 1000000, not {n}"))
+    }
+}
+
+fn parse_count(s: &str) -> Result<usize, String> {
+    check_count(parse_int(s)?)
+}
+
+fn check_count(n: i64) -> Result<usize, String> {
+    if (0..=1_000_000).contains(&n) {
+        Ok(n as usize)
+    } else {
+        Err(format!("must be from 0 (no limit) to 1000000, not {n}"))
+    }
+}
+
+fn parse_prefix_v4(s: &str) -> Result<u8, String> {
+    check_prefix_len(parse_int(s)?, 32)
+}
+
+fn parse_prefix_v6(s: &str) -> Result<u8, String> {
+    check_prefix_len(parse_int(s)?, 128)
+}
+
+fn check_prefix_len(n: i64, max: i64) -> Result<u8, String> {
+    if (0..=max).contains(&n) {
+        Ok(n as u8)
+    } else {
+        Err(format!("must be a prefix length from 0 to {max}, not {n}"))
+    }
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let rate: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number"))?;
+    check_rate(rate)
+}
+
+fn check_rate(rate: f64) -> Result<f64, String> {
+    if rate.is_finite() && (0.0..=1_000_000.0).contains(&rate) {
+        Ok(rate)
+    } else {
+        Err(format!(
+            "must be connections per second from 0 (no limit) to 1000000, not {rate}"
+        ))
+    }
+}
+
+fn parse_burst(s: &str) -> Result<u32, String> {
+    check_burst(parse_int(s)?)
+}
+
+fn check_burst(n: i64) -> Result<u32, String> {
+    if (1..=1_000_000).contains(&n) {
+        Ok(n as u32)
+    } else {
+        Err(format!("must be from 1 to 1000000, not {n}"))
+    }
+}
+
+fn parse_refusal_message(s: &str) -> Result<String, String> {
+    check_refusal_message(&unescape(s)?).map(str::to_string)
+}
+
+fn check_refusal_message(s: &str) -> Result<&str, String> {
+    if s.len() <= MAX_REFUSAL_MESSAGE {
+        Ok(s)
+    } else {
+        Err(format!(
+            "must be at most {MAX_REFUSAL_MESSAGE} bytes, not {}",
+            s.len()
+        ))
+    }
 }
 
 /// `IP:PORT`, with IPv6 in brackets. Host names are not resolved: what is bound is what is written.
@@ -360,9 +593,35 @@ mod tests {
             backlog = 7
             idle_timeout = 0
             shutdown_timeout = 1.5
+            max_session_time = 60
+            max_children = 3
+            max_per_source = 0
+            source_prefix_v4 = 24
+            source_prefix_v6 = 48
+            allow = ["127.0.0.0/8", "::1"]
+            deny = ["127.0.0.2"]
+            max_rate_per_source = 2.5
+            rate_burst = 4
+            refusal_message = "busy\n"
             "#,
         )
         .unwrap();
+        assert_eq!(c.max_session_time, Some(Duration::from_secs(60)));
+        assert_eq!(c.limits.max_children, 3);
+        assert_eq!(c.limits.max_per_source, 0);
+        assert_eq!(c.limits.source_prefix_v6, 48);
+        assert_eq!(c.limits.allow.len(), 2);
+        assert_eq!(c.limits.deny[0].to_string(), "127.0.0.2/32");
+        assert_eq!(c.limits.refusal_message, b"busy\n");
+        assert_eq!(
+            rate(c.rate_per_second, c.rate_burst),
+            Some(Rate {
+                per_second: 2.5,
+                burst: 4.0
+            })
+        );
+        assert_eq!(rate(2.5, None).unwrap().burst, 3.0);
+        assert_eq!(rate(0.0, Some(5)), None);
         assert_eq!(c.listen.len(), 2);
         assert!(c.banner.is_empty());
         assert_eq!(c.backlog, 7);

@@ -7,7 +7,10 @@
 //! - [`config`]: defaults, the TOML file and the flags, merged and validated once.
 //! - [`logging`]: one whole line per event, tagged with the writing process's pid.
 //! - [`listen`]: binding the listening sockets (SO_REUSEADDR, backlog, IPv6-only).
-//! - [`server`]: the parent's `mio::Poll` loop: signals first, then accept → fork; shutdown.
+//! - [`server`]: the parent's `mio::Poll` loop: signals first, then accept → admit → fork;
+//!   shutdown.
+//! - [`limits`]: admission before fork: access rules, per-source and rate limits, refusal
+//!   counts; `max_children` pauses accepting instead.
 //! - [`spawn`]: `fork` and the child's hygiene (descriptors, signals, `_exit`): the fork-safety
 //!   rules live here.
 //! - [`session`]: the child's blocking echo, and the exit code that says how it ended.
@@ -18,6 +21,7 @@
 
 pub mod children;
 pub mod config;
+pub mod limits;
 pub mod listen;
 pub mod logging;
 pub mod server;

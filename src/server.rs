@@ -2,7 +2,9 @@
 //!
 //! Each turn of the loop: wait; handle signals first (reap, shutdown, status), because a SIGTERM
 //! must close the listeners before more is accepted; then accept a bounded batch from each
-//! listener that has connections queued, forking one child per connection. The parent never
+//! listener that has connections queued, and for each connection either refuse it (see
+//! `limits`: no fork, no blocking call) or fork its child. At `max_children` the listeners are
+//! taken out of the poll set, so clients wait in the kernel's backlog until a child is reaped. The parent never
 //! reads or writes a client's bytes and waits nowhere but in `poll` (and in writing a log
 //! line to stderr, which a stalled reader of that stderr can hold up).
 //!
@@ -13,7 +15,8 @@
 //! it is no longer serving and no child is left, so no child outlives the parent's exit; if
 //! `poll` itself fails, the children are killed and reaped before the error is returned.
 
-use std::io::{self, ErrorKind};
+use std::io::{self, ErrorKind, Write};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
@@ -24,6 +27,7 @@ use signal_hook_mio::v1_0::Signals;
 
 use crate::children::{seconds, Children};
 use crate::config::Config;
+use crate::limits::{self, Admission, Limits, Refusal};
 use crate::listen::Listener;
 use crate::session::Settings;
 use crate::signals::{self, Request};
@@ -67,6 +71,12 @@ pub struct Server {
     children: Children,
     /// What each new child needs for its session.
     settings: Settings,
+    /// The limits in force: one value, so a reload can replace it whole.
+    limits: Limits,
+    /// Token buckets and refusal counts.
+    admission: Admission,
+    /// True while `max_children` children run and the listeners are out of the poll set.
+    at_capacity: bool,
     shutdown_timeout: Duration,
     phase: Phase,
     /// Accepting is paused until then, after running out of descriptors or memory.
@@ -108,7 +118,11 @@ impl Server {
             settings: Settings {
                 banner: config.banner.clone(),
                 idle_timeout: config.idle_timeout,
+                max_session_time: config.max_session_time,
             },
+            limits: config.limits.clone(),
+            admission: Admission::default(),
+            at_capacity: false,
             shutdown_timeout: config.shutdown_timeout,
             phase: Phase::Serving,
             paused_until: None,
@@ -156,7 +170,7 @@ impl Server {
     }
 
     fn accepting(&self) -> bool {
-        self.phase == Phase::Serving && self.paused_until.is_none()
+        self.phase == Phase::Serving && self.paused_until.is_none() && !self.at_capacity
     }
 
     /// The poll timeout: the nearest deadline, zero if a listener still has work, else none.
@@ -177,6 +191,7 @@ impl Server {
         // Reap first, so status lines and shutdown decisions see the current table.
         if requests.contains(&Request::Reap) {
             self.children.reap();
+            self.check_capacity();
         }
         // One shutdown step per batch: a SIGTERM and a SIGINT that arrive together are one
         // request, not a request and its escalation. SIGQUIT outranks both.
@@ -285,10 +300,47 @@ impl Server {
         self.phase = Phase::Killing;
     }
 
+    /// Enters or leaves the at-capacity state as the number of children crosses `max_children`,
+    /// logging each change once. At capacity the listeners leave the poll set: new clients
+    /// wait in the backlog instead of waking the loop for nothing.
+    fn check_capacity(&mut self) {
+        let full = self.children.len() >= self.limits.max_children;
+        if full == self.at_capacity || self.phase != Phase::Serving {
+            return;
+        }
+        self.at_capacity = full;
+        for (i, listener) in self.listeners.iter_mut().enumerate() {
+            let registry = self.poll.registry();
+            let result = if full {
+                registry.deregister(&mut listener.socket)
+            } else {
+                registry.register(&mut listener.socket, Token(i), Interest::READABLE)
+            };
+            if let Err(e) = result {
+                warn!("cannot change polling of {}: {e}", listener.local);
+            }
+        }
+        if full {
+            info!(
+                "max_children reached ({} active): new clients wait in the backlog",
+                self.children.len()
+            );
+        } else {
+            info!(
+                "below max_children again ({} active): accepting",
+                self.children.len()
+            );
+            // Edge-triggered: connections that queued meanwhile raise no new event.
+            self.ready.iter_mut().for_each(|r| *r = true);
+        }
+    }
+
     /// Closes every listener: new clients are refused by the kernel from now on.
     fn stop_listening(&mut self) {
         for listener in &mut self.listeners {
-            let _ = self.poll.registry().deregister(&mut listener.socket);
+            if !self.at_capacity {
+                let _ = self.poll.registry().deregister(&mut listener.socket);
+            }
         }
         self.listeners.clear();
         self.ready.clear();
@@ -307,6 +359,9 @@ impl Server {
     /// Leaves `ready[i]` set if the queue may not be empty yet.
     fn accept_batch(&mut self, i: usize) {
         for _ in 0..ACCEPT_BATCH {
+            if self.at_capacity {
+                return;
+            }
             match self.listeners[i].socket.accept() {
                 Ok((stream, peer)) => {
                     self.accept_recovered();
@@ -357,16 +412,26 @@ impl Server {
         }
     }
 
-    /// Forks the child for one accepted connection. Kept short on purpose: all per-session setup
-    /// (socket options, banner) happens in the child.
-    fn start_session(&mut self, stream: mio::net::TcpStream, peer: std::net::SocketAddr) {
+    /// Admits or refuses one accepted connection, and forks its child if admitted. Kept short on
+    /// purpose: all per-session setup (socket options, banner) happens in the child.
+    fn start_session(&mut self, stream: mio::net::TcpStream, peer: SocketAddr) {
+        let source = limits::source_of(peer.ip(), &self.limits);
+        let live = self.children.from_source(&source);
+        let admitted = self
+            .admission
+            .admit(peer.ip(), source, live, &self.limits, Instant::now());
+        if let Err(refusal) = admitted {
+            self.refuse(stream, peer, &refusal);
+            return;
+        }
         match spawn::spawn_session(stream, peer, &self.settings) {
             Ok(pid) => {
-                self.children.add(pid, peer);
+                self.children.add(pid, peer, source);
                 info!(
                     "accepted {peer} -> child {pid} ({} active)",
                     self.children.len()
                 );
+                self.check_capacity();
             }
             Err(e) => {
                 self.fork_failures += 1;
@@ -378,6 +443,16 @@ impl Server {
         }
     }
 
+    /// Closes a refused connection, after one non-blocking attempt at the refusal message: the
+    /// socket's send buffer is empty, so a short message goes out whole or not at all, and the
+    /// loop never waits for a client it is turning away.
+    fn refuse(&self, mut stream: mio::net::TcpStream, peer: SocketAddr, refusal: &Refusal) {
+        info!("refused {peer}: {refusal}");
+        if !self.limits.refusal_message.is_empty() {
+            let _ = stream.write(&self.limits.refusal_message);
+        }
+    }
+
     fn log_status(&self) {
         let totals = &self.children.totals;
         let mut endings: Vec<String> = totals
@@ -386,13 +461,25 @@ impl Server {
             .map(|(code, n)| format!("code {code}: {n}"))
             .collect();
         endings.extend(totals.killed.iter().map(|(sig, n)| format!("{sig}: {n}")));
+        let busiest: Vec<String> = self
+            .children
+            .busiest_sources(3)
+            .iter()
+            .map(|(source, n)| format!("{source}: {n}"))
+            .collect();
+        let refused = &self.admission.refused;
         info!(
-            "status: {} active, {} accepted, {} ended [{}], {} fork failures, uptime {}",
+            "status: {} active (max {}), {} accepted, {} ended [{}], {} refused [{}], \
+             {} fork failures, busiest sources [{}], uptime {}",
             self.children.len(),
+            self.limits.max_children,
             totals.forked + self.fork_failures,
             totals.ended(),
             endings.join(", "),
+            refused.total(),
+            refused,
             self.fork_failures,
+            busiest.join(", "),
             seconds(self.started.elapsed())
         );
     }

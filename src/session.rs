@@ -12,11 +12,12 @@
 //! | 5  | connection reset by the peer |
 //! | 6  | broken pipe: the peer went away while we were writing |
 //! | 7  | any other I/O error, e.g. the connection timed out (logged by the child) |
+//! | 8  | `max_session_time` reached |
 //! | 70 | internal error: the session panicked (caught; never a core dump) |
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 
@@ -26,6 +27,7 @@ pub const EXIT_WRITE_TIMEOUT: i32 = 4;
 pub const EXIT_PEER_RESET: i32 = 5;
 pub const EXIT_BROKEN_PIPE: i32 = 6;
 pub const EXIT_IO_ERROR: i32 = 7;
+pub const EXIT_SESSION_TIME: i32 = 8;
 /// EX_SOFTWARE from sysexits.h.
 pub const EXIT_PANIC: i32 = 70;
 
@@ -38,6 +40,7 @@ const BUFFER_SIZE: usize = 64 * 1024;
 pub struct Settings {
     pub banner: Vec<u8>,
     pub idle_timeout: Option<Duration>,
+    pub max_session_time: Option<Duration>,
 }
 
 /// How a session ended.
@@ -48,6 +51,7 @@ pub enum Outcome {
     WriteTimeout,
     PeerReset,
     BrokenPipe,
+    SessionTimeLimit,
     IoError(io::Error),
 }
 
@@ -59,6 +63,7 @@ impl Outcome {
             Outcome::WriteTimeout => EXIT_WRITE_TIMEOUT,
             Outcome::PeerReset => EXIT_PEER_RESET,
             Outcome::BrokenPipe => EXIT_BROKEN_PIPE,
+            Outcome::SessionTimeLimit => EXIT_SESSION_TIME,
             Outcome::IoError(_) => EXIT_IO_ERROR,
         }
     }
@@ -92,16 +97,19 @@ pub fn run(stream: TcpStream, peer: SocketAddr, settings: &Settings) -> Outcome 
 
 fn serve(mut stream: &TcpStream, settings: &Settings) -> Result<(), Outcome> {
     prepare(stream, settings).map_err(Outcome::IoError)?;
-    write_all(stream, &settings.banner)?;
+    let mut clock = SessionClock::new(settings);
+    clock.before_io(stream)?;
+    write_all(stream, &settings.banner).map_err(|o| clock.explain(o))?;
     let mut buffer = vec![0u8; BUFFER_SIZE];
     loop {
+        clock.before_io(stream)?;
         let n = match stream.read(&mut buffer) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Outcome::from_error(e, false)),
+            Err(e) => return Err(clock.explain(Outcome::from_error(e, false))),
         };
-        write_all(stream, &buffer[..n])?;
+        write_all(stream, &buffer[..n]).map_err(|o| clock.explain(o))?;
     }
     // The client half-closed and everything it sent is echoed: pass the EOF on.
     match stream.shutdown(Shutdown::Write) {
@@ -110,6 +118,52 @@ fn serve(mut stream: &TcpStream, settings: &Settings) -> Result<(), Outcome> {
         // buffer is lost, so this is not a clean end.
         Err(e) if e.kind() == ErrorKind::NotConnected => Err(Outcome::PeerReset),
         Err(e) => Err(Outcome::from_error(e, true)),
+    }
+}
+
+/// Enforces `max_session_time` with the socket timeouts the idle limit already uses: while the
+/// session's end is further away than `idle_timeout`, nothing changes (no extra system call);
+/// once it is nearer, each read and write may block only until the end.
+struct SessionClock {
+    idle: Option<Duration>,
+    deadline: Option<Instant>,
+}
+
+impl SessionClock {
+    fn new(settings: &Settings) -> Self {
+        SessionClock {
+            idle: settings.idle_timeout,
+            deadline: settings.max_session_time.map(|d| Instant::now() + d),
+        }
+    }
+
+    /// Called before each blocking call: fails once the session's time is up, else shortens
+    /// the socket timeouts to the time left if that is less than the idle limit.
+    fn before_io(&mut self, stream: &TcpStream) -> Result<(), Outcome> {
+        let Some(deadline) = self.deadline else {
+            return Ok(());
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Outcome::SessionTimeLimit);
+        }
+        if self.idle.is_none_or(|idle| left < idle) {
+            self.idle = Some(left);
+            stream
+                .set_read_timeout(Some(left))
+                .and_then(|()| stream.set_write_timeout(Some(left)))
+                .map_err(Outcome::IoError)?;
+        }
+        Ok(())
+    }
+
+    /// A timeout that fired at or after the session's end is the session limit, not idleness.
+    fn explain(&self, outcome: Outcome) -> Outcome {
+        let timed_out = matches!(outcome, Outcome::IdleTimeout | Outcome::WriteTimeout);
+        match self.deadline {
+            Some(deadline) if timed_out && Instant::now() >= deadline => Outcome::SessionTimeLimit,
+            _ => outcome,
+        }
     }
 }
 
