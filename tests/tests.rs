@@ -5,5 +5,6 @@ mod util;
 
 mod config;
 mod echo;
+mod limits;
 mod resources;
 mod supervision;

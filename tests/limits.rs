@@ -1,0 +1,524 @@
+//! Limits and protection as a client sees them: `max_children` makes new clients wait in the
+//! backlog (nothing lost), `max_per_source`, access rules and the per-source rate refuse without
+//! forking (with the refusal message, if any), idle/write/session timeouts end a session with
+//! their exit codes, refusals leave no child behind and are counted in the SIGUSR1 status, and
+//! the same limits work from a config file.
+//!
+//! Clients pick their loopback source address (127.0.0.2, ...) by binding before connecting.
+
+use crate::util::*;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use socket2::{Domain, Socket, Type};
+
+/// How long a client waits to be sure nothing arrives (a correctness check, not readiness).
+const QUIET: Duration = Duration::from_millis(300);
+
+/// Connects to `addr` from the loopback address `source` (e.g. "127.0.0.2"), optionally with a
+/// small receive buffer set before the connect, with read/write timeouts of `WAIT`.
+fn connect_from_with(addr: SocketAddr, source: &str, recv_buffer: Option<usize>) -> TcpStream {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    let local: SocketAddr = format!("{source}:0").parse().expect("source address");
+    socket
+        .bind(&local.into())
+        .unwrap_or_else(|e| panic!("bind {local}: {e}"));
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size).expect("SO_RCVBUF");
+    }
+    socket
+        .connect_timeout(&addr.into(), WAIT)
+        .unwrap_or_else(|e| panic!("connect {addr} from {source}: {e}"));
+    let s: TcpStream = socket.into();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.set_write_timeout(Some(WAIT)).unwrap();
+    s
+}
+
+fn connect_from(addr: SocketAddr, source: &str) -> TcpStream {
+    connect_from_with(addr, source, None)
+}
+
+/// Connects from `source` and reads the default banner.
+fn connect_greeted_from(addr: SocketAddr, source: &str) -> TcpStream {
+    let mut s = connect_from(addr, source);
+    expect_banner(&mut s);
+    s
+}
+
+/// Reads until the whole default banner arrived (`Ok`: served, the stream stays open) or the
+/// server closed the connection first (`Err` with whatever came before the EOF: refused).
+fn banner_or_eof(s: &mut TcpStream) -> Result<(), Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = [0; 64];
+    while got.len() < BANNER.len() {
+        let want = BANNER.len() - got.len();
+        match s.read(&mut buf[..want]) {
+            Ok(0) => return Err(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("reading banner or EOF (got {got:?} so far): {e}"),
+        }
+    }
+    assert_eq!(got, BANNER, "banner");
+    Ok(())
+}
+
+/// Asserts the server refused this connection: it sends exactly `message`, then EOF, no banner.
+fn assert_refused(s: &mut TcpStream, message: &[u8], what: &str) {
+    match banner_or_eof(s) {
+        Ok(()) => panic!("{what}: was served (got the banner), expected a refusal"),
+        Err(got) => assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(message),
+            "{what}: bytes before EOF"
+        ),
+    }
+}
+
+/// Asserts nothing arrives on `s` for `QUIET`, then restores the read timeout to `WAIT`.
+fn assert_quiet(s: &mut TcpStream, what: &str) {
+    s.set_read_timeout(Some(QUIET)).unwrap();
+    let mut buf = [0; 64];
+    match s.read(&mut buf) {
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        Ok(0) => panic!("{what}: connection closed, expected it to wait unserved"),
+        Ok(n) => panic!("{what}: got {:?}, expected nothing yet", &buf[..n]),
+        Err(e) => panic!("{what}: expected a read timeout, got {e}"),
+    }
+    s.set_read_timeout(Some(WAIT)).unwrap();
+}
+
+/// Half-closes a served session and checks the server echoes nothing more and ends it.
+fn close_session(s: &mut TcpStream) {
+    assert_eq!(send_and_drain(s, b""), b"", "bytes after half-close");
+}
+
+/// Waits for the parent's line that child `pid`-for-`s` exited with `code`.
+fn wait_exit_code(server: &Server, s: &TcpStream, code: i32) -> String {
+    let peer = s.local_addr().unwrap();
+    let pid = server.child_pid_for(peer);
+    server.wait_for_line(&format!("child {pid} ({peer}) exited with code {code} "))
+}
+
+/// Asserts the server has no child left (live or zombie), waiting up to `WAIT` for reaping.
+fn assert_no_children(server: &Server, what: &str) {
+    let empty = wait_until(WAIT, || server.children().is_empty());
+    assert!(
+        empty,
+        "{what}: children left: {:?}\n--- server log ---\n{}",
+        server.children(),
+        server.log_text()
+    );
+}
+
+/// Asserts the log has exactly `n` lines containing `needle`, waiting up to `WAIT` for them
+/// (a line the server wrote before the client saw its effect may still be on its way to us).
+fn assert_lines(server: &Server, needle: &str, n: usize, what: &str) {
+    server.wait_for_log(
+        &format!("{n} lines with {needle:?} ({what})"),
+        WAIT,
+        |lines| lines.iter().filter(|l| l.contains(needle)).count() >= n,
+    );
+    assert_eq!(
+        server.count_lines(needle),
+        n,
+        "{what}: lines with {needle:?}\n--- server log ---\n{}",
+        server.log_text()
+    );
+}
+
+/// Asserts the parent forked exactly `n` children (its `accepted <peer> -> child <pid>` lines).
+fn assert_forked(server: &Server, n: usize, what: &str) {
+    assert_lines(server, " -> child ", n, what);
+}
+
+/// At `max_children = 3` a 4th client's connect succeeds but it is not served while three
+/// sessions run; once one ends it gets its banner and everything it sent meanwhile, echoed.
+#[test]
+fn max_children_makes_clients_wait_then_serves_them_whole() {
+    let server = Server::builder().args(["--max-children", "3"]).start();
+    let mut open: Vec<TcpStream> = (0..3).map(|_| server.connect_greeted()).collect();
+    server.wait_for_line("max_children reached (3 active)");
+
+    let mut waiting = server.connect();
+    waiting.write_all(b"early\n").unwrap();
+    assert_quiet(&mut waiting, "4th client at max_children");
+    assert_eq!(server.children().len(), 3, "children at the limit");
+    assert_forked(&server, 3, "forks at the limit");
+    assert_lines(
+        &server,
+        "max_children reached",
+        1,
+        "logged once at the limit",
+    );
+
+    let mut first = open.remove(0);
+    close_session(&mut first);
+    expect_banner(&mut waiting);
+    let mut early = [0; 6];
+    waiting
+        .read_exact(&mut early)
+        .expect("echo of data sent while waiting");
+    assert_eq!(&early, b"early\n", "data sent before being served");
+    assert_eq!(echo_roundtrip(&mut waiting, b"later\n"), b"later\n");
+    server.wait_for_line("below max_children again (2 active)");
+    assert_forked(&server, 4, "the waiting client got a child");
+    assert_lines(&server, "below max_children again", 1, "logged once");
+    // Serving the 4th filled the 3 slots again: one more `reached`, no more.
+    assert_lines(
+        &server,
+        "max_children reached",
+        2,
+        "logged once per time at the limit",
+    );
+
+    close_session(&mut waiting);
+    for s in &mut open {
+        close_session(s);
+    }
+    assert_no_children(&server, "after every session closed");
+}
+
+/// `max_per_source = 2`: the 3rd client from 127.0.0.1 reads exactly the refusal message, then
+/// EOF, and gets no child; a client from 127.0.0.2 is still served.
+#[test]
+fn max_per_source_refuses_with_message_without_forking() {
+    let server = Server::builder()
+        .args(["--max-per-source", "2", "--refusal-message", "busy\\n"])
+        .start();
+    let mut a = connect_greeted_from(server.addr(), "127.0.0.1");
+    let mut b = connect_greeted_from(server.addr(), "127.0.0.1");
+
+    let mut third = connect_from(server.addr(), "127.0.0.1");
+    assert_refused(&mut third, b"busy\n", "3rd client from 127.0.0.1");
+    let peer = third.local_addr().unwrap();
+    server.wait_for_line(&format!(
+        "refused {peer}: 2 sessions from 127.0.0.1/32 already (max_per_source)"
+    ));
+
+    let mut other = connect_greeted_from(server.addr(), "127.0.0.2");
+    assert_eq!(echo_roundtrip(&mut other, b"hello\n"), b"hello\n");
+    server.child_pid_for(other.local_addr().unwrap());
+    assert_forked(&server, 3, "forks (the refused client must not get one)");
+    assert_eq!(server.children().len(), 3, "children");
+
+    for s in [&mut a, &mut b, &mut other] {
+        close_session(s);
+    }
+    assert_no_children(&server, "after the served sessions closed");
+}
+
+/// `--deny 127.0.0.2/32` refuses 127.0.0.2 (EOF, no banner, no child) and serves 127.0.0.1;
+/// `--allow 127.0.0.1` alone refuses 127.0.0.3 and serves 127.0.0.1.
+#[test]
+fn deny_and_allow_rules_refuse_without_forking() {
+    let server = Server::builder().args(["--deny", "127.0.0.2/32"]).start();
+    let mut denied = connect_from(server.addr(), "127.0.0.2");
+    assert_refused(&mut denied, b"", "client from denied 127.0.0.2");
+    let peer = denied.local_addr().unwrap();
+    server.wait_for_line(&format!("refused {peer}: denied by rule 127.0.0.2/32"));
+    let mut ok = connect_greeted_from(server.addr(), "127.0.0.1");
+    assert_eq!(echo_roundtrip(&mut ok, b"deny\n"), b"deny\n");
+    assert_forked(&server, 1, "forks with one denied and one served client");
+    close_session(&mut ok);
+    assert_no_children(&server, "deny server after the session closed");
+
+    let server = Server::builder().args(["--allow", "127.0.0.1"]).start();
+    let mut outsider = connect_from(server.addr(), "127.0.0.3");
+    assert_refused(&mut outsider, b"", "client from 127.0.0.3 outside --allow");
+    let peer = outsider.local_addr().unwrap();
+    server.wait_for_line(&format!("refused {peer}: not in any allow rule"));
+    let mut ok = connect_greeted_from(server.addr(), "127.0.0.1");
+    assert_eq!(echo_roundtrip(&mut ok, b"allow\n"), b"allow\n");
+    assert_forked(&server, 1, "forks with one refused and one served client");
+    close_session(&mut ok);
+    assert_no_children(&server, "allow server after the session closed");
+}
+
+/// `--max-rate-per-source 5 --rate-burst 5`: of 20 quick connections about 5 are served and
+/// the rest refused without a child; a new connection is served again soon after (refill).
+#[test]
+fn rate_limit_serves_burst_refuses_rest_then_refills() {
+    let server = Server::builder()
+        .args(["--max-rate-per-source", "5", "--rate-burst", "5"])
+        .start();
+    let start = Instant::now();
+    let mut served = 0;
+    let mut refused = 0;
+    let mut last_refusal = None;
+    for i in 0..20 {
+        let mut s = connect_from(server.addr(), "127.0.0.1");
+        match banner_or_eof(&mut s) {
+            Ok(()) => {
+                served += 1;
+                close_session(&mut s);
+            }
+            Err(got) => {
+                assert_eq!(got, b"", "connection {i}: bytes before EOF of a refusal");
+                refused += 1;
+                last_refusal = Some(Instant::now());
+            }
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let most = 5 + (elapsed * 5.0).ceil() as usize + 1;
+    assert!(
+        (5..=most).contains(&served),
+        "served {served} of 20 in {elapsed:.2}s (expected 5..={most})"
+    );
+    assert!(refused >= 1, "no connection refused of 20 in {elapsed:.2}s");
+    assert_eq!(served + refused, 20);
+    assert_lines(&server, "(max_rate_per_source)", refused, "rate refusals");
+    assert_forked(&server, served, "forks = served connections");
+
+    // Refilling at 5/s, a token is back within 0.2 s of the last refusal.
+    let last_refusal = last_refusal.unwrap();
+    let mut probes = 0;
+    let mut again = None;
+    while again.is_none() && probes < 200 && start.elapsed() < WAIT {
+        probes += 1;
+        let mut s = connect_from(server.addr(), "127.0.0.1");
+        match banner_or_eof(&mut s) {
+            Ok(()) => {
+                again = Some(Instant::now());
+                assert_eq!(echo_roundtrip(&mut s, b"again\n"), b"again\n");
+                close_session(&mut s);
+            }
+            Err(got) => {
+                assert_eq!(got, b"", "probe {probes}: bytes before EOF of a refusal");
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    let again = again.unwrap_or_else(|| {
+        panic!(
+            "not served again after {probes} probes\n--- server log ---\n{}",
+            server.log_text()
+        )
+    });
+    let gap = again.saturating_duration_since(last_refusal);
+    assert!(
+        gap <= Duration::from_secs(3),
+        "served again {gap:?} after the last refusal"
+    );
+    assert_no_children(&server, "after every served connection closed");
+}
+
+/// `--idle-timeout 1`: a client that sends 8 MiB and never reads blocks the child's echo; the
+/// child ends with code 4 (write timeout) and is reaped.
+#[test]
+fn client_not_reading_ends_with_write_timeout() {
+    let server = Server::builder().args(["--idle-timeout", "1"]).start();
+    // A small receive buffer keeps the kernel from absorbing the whole echo (tcp_rmem may
+    // allow tens of MiB), so the child's writes really block.
+    let s = connect_from_with(server.addr(), "127.0.0.1", Some(16 * 1024));
+    let peer = s.local_addr().unwrap();
+    let pid = server.child_pid_for(peer);
+    let mut writer = s.try_clone().unwrap();
+    let sender = thread::spawn(move || {
+        let mut noise = Noise::new(4);
+        let mut chunk = vec![0; 64 * 1024];
+        for _ in 0..128 {
+            noise.fill(&mut chunk);
+            // Once the child gives up, writes fail (reset): that is expected.
+            if writer.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    server.wait_for_line(&format!("child {pid} ({peer}) exited with code 4 "));
+    assert_no_children(&server, "after the write timeout");
+    sender.join().expect("writer thread");
+    drop(s);
+}
+
+/// `--idle-timeout 0.5`: a client that sends nothing gets EOF; the child exits with code 3 and
+/// is reaped.
+#[test]
+fn idle_client_is_closed_with_code_3() {
+    let server = Server::builder().args(["--idle-timeout", "0.5"]).start();
+    let start = Instant::now();
+    let mut s = server.connect_greeted();
+    assert_eq!(read_to_eof(&mut s), b"", "bytes before the idle close");
+    let idle = start.elapsed();
+    assert!(
+        idle >= Duration::from_millis(450),
+        "closed after {idle:?}, before the 0.5 s idle timeout"
+    );
+    wait_exit_code(&server, &s, 3);
+    assert_no_children(&server, "after the idle timeout");
+}
+
+/// `--max-session-time 1` ends a session that keeps echoing every 100 ms: the client sees the
+/// connection end after about a second, and the child exits with code 8.
+#[test]
+fn max_session_time_ends_busy_session_with_code_8() {
+    let server = Server::builder().args(["--max-session-time", "1"]).start();
+    let start = Instant::now();
+    let mut s = server.connect_greeted();
+    let mut rounds = 0;
+    let end = loop {
+        assert!(
+            start.elapsed() < WAIT,
+            "session still running after {WAIT:?} ({rounds} echoes)"
+        );
+        let msg = format!("tick {rounds}\n");
+        if let Err(e) = s.write_all(msg.as_bytes()) {
+            break e;
+        }
+        let mut back = vec![0; msg.len()];
+        match s.read_exact(&mut back) {
+            Ok(()) => assert_eq!(back, msg.as_bytes(), "echo {rounds}"),
+            Err(e) => break e,
+        }
+        rounds += 1;
+        thread::sleep(Duration::from_millis(100));
+    };
+    let lasted = start.elapsed();
+    assert!(
+        matches!(
+            end.kind(),
+            ErrorKind::UnexpectedEof
+                | ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::BrokenPipe
+        ),
+        "session ended with {end} ({:?}), expected EOF or reset",
+        end.kind()
+    );
+    assert!(
+        lasted >= Duration::from_millis(950),
+        "session ended after {lasted:?}, before max_session_time 1 s"
+    );
+    assert!(rounds >= 3, "only {rounds} echoes before the end");
+    wait_exit_code(&server, &s, 8);
+    assert_no_children(&server, "after max_session_time");
+}
+
+/// Refusals of every kind (denied, not allowed, per source, rate) leave no child or zombie,
+/// and the SIGUSR1 status counts each exactly once and names the busiest source.
+#[test]
+fn refusals_leave_no_child_and_are_counted_in_status() {
+    let server = Server::builder()
+        .args([
+            "--allow",
+            "127.0.0.0/30",
+            "--deny",
+            "127.0.0.2",
+            "--max-per-source",
+            "1",
+            "--max-rate-per-source",
+            "0.1",
+            "--rate-burst",
+            "1",
+        ])
+        .start();
+    let mut kept = connect_greeted_from(server.addr(), "127.0.0.1");
+    let kept_pid = server.child_pid_for(kept.local_addr().unwrap());
+
+    let mut per_source = connect_from(server.addr(), "127.0.0.1");
+    assert_refused(&mut per_source, b"", "2nd client from 127.0.0.1");
+    let mut denied = connect_from(server.addr(), "127.0.0.2");
+    assert_refused(&mut denied, b"", "client from denied 127.0.0.2");
+    let mut outsider = connect_from(server.addr(), "127.0.0.5");
+    assert_refused(&mut outsider, b"", "client from 127.0.0.5 outside --allow");
+
+    // 127.0.0.3's one token goes to its first session; the next one within 10 s is refused.
+    let mut short = connect_greeted_from(server.addr(), "127.0.0.3");
+    close_session(&mut short);
+    wait_exit_code(&server, &short, 0);
+    let mut too_fast = connect_from(server.addr(), "127.0.0.3");
+    assert_refused(&mut too_fast, b"", "2nd client from 127.0.0.3 within 10 s");
+
+    let kids = server.children();
+    assert!(
+        kids.len() == 1 && kids[0].pid == kept_pid,
+        "children with one session open after 4 refusals: {kids:?} (expected only {kept_pid})"
+    );
+    assert_forked(&server, 2, "forks for 2 served and 4 refused clients");
+    assert_lines(&server, "] refused ", 4, "refusals");
+
+    server.signal(Signal::SIGUSR1);
+    let status = server.wait_for_line("status:");
+    assert!(
+        status.contains("4 refused [denied: 1, not allowed: 1, per source: 1, rate: 1]"),
+        "refusal counts in {status}"
+    );
+    assert!(
+        status.contains("busiest sources [127.0.0.1/32: 1]"),
+        "busiest sources in {status}"
+    );
+    assert!(
+        status.contains("status: 1 active"),
+        "active sessions in {status}"
+    );
+
+    close_session(&mut kept);
+    wait_exit_code(&server, &kept, 0);
+    assert_no_children(&server, "after the last served session closed");
+}
+
+/// The same limits from a TOML file work (`max_per_source = 1`, `deny`, `refusal_message`),
+/// and a bad value exits 2 naming the file and the key.
+#[test]
+fn limits_from_config_file_and_bad_values_rejected() {
+    let server = Server::builder()
+        .config("max_per_source = 1\ndeny = [\"127.0.0.2\"]\nrefusal_message = \"full\\n\"\n")
+        .start();
+    let mut one = connect_greeted_from(server.addr(), "127.0.0.1");
+    let mut two = connect_from(server.addr(), "127.0.0.1");
+    assert_refused(&mut two, b"full\n", "2nd client from 127.0.0.1");
+    let peer = two.local_addr().unwrap();
+    server.wait_for_line(&format!(
+        "refused {peer}: 1 sessions from 127.0.0.1/32 already (max_per_source)"
+    ));
+    let mut denied = connect_from(server.addr(), "127.0.0.2");
+    assert_refused(&mut denied, b"full\n", "client from denied 127.0.0.2");
+    let peer = denied.local_addr().unwrap();
+    server.wait_for_line(&format!("refused {peer}: denied by rule 127.0.0.2/32"));
+    assert_forked(&server, 1, "forks");
+    close_session(&mut one);
+    assert_no_children(&server, "after the session closed");
+
+    let dir = TempDir::new();
+    let path = dir.path().join("forkecho.toml");
+    let path_text = path.display().to_string();
+    for (text, key, detail) in [
+        ("max_children = 0\n", "max_children", "0"),
+        ("allow = [\"not-a-prefix\"]\n", "allow", "not-a-prefix"),
+        ("deny = \"127.0.0.2\"\n", "deny", "array"),
+        ("max_per_source = -1\n", "max_per_source", "-1"),
+        ("rate_burst = 0\n", "rate_burst", "0"),
+    ] {
+        std::fs::write(&path, text).unwrap();
+        let out = run(&["-c", &path_text, "--check-config"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text:?}: exit status; {err}");
+        assert!(
+            err.contains(&path_text) && err.contains(&format!("key `{key}`")),
+            "{text:?}: stderr should name {path_text} and key `{key}`: {err}"
+        );
+        assert!(
+            err.contains(detail),
+            "{text:?}: stderr should say {detail:?}: {err}"
+        );
+    }
+    for args in [
+        ["--max-children", "0"],
+        ["--allow", "not-a-prefix"],
+        ["--deny", "300.0.0.1"],
+    ] {
+        let out = run(&[args[0], args[1], "--check-config"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: exit status; {err}");
+        assert!(
+            err.contains(args[0]),
+            "{args:?}: stderr should name the flag: {err}"
+        );
+    }
+}
