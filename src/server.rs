@@ -304,7 +304,10 @@ impl Server {
     /// logging each change once. At capacity the listeners leave the poll set: new clients
     /// wait in the backlog instead of waking the loop for nothing.
     fn check_capacity(&mut self) {
-        let full = self.children.len() >= self.limits.max_children;
+        let full = self.children.len() >= self.limits.max_children && {
+            self.reap_before_limiting();
+            self.children.len() >= self.limits.max_children
+        };
         if full == self.at_capacity || self.phase != Phase::Serving {
             return;
         }
@@ -333,6 +336,14 @@ impl Server {
             // Edge-triggered: connections that queued meanwhile raise no new event.
             self.ready.iter_mut().for_each(|r| *r = true);
         }
+    }
+
+    /// Collects children that have exited but whose SIGCHLD the loop has not handled yet (it
+    /// handles signals between accept batches). Called only when a limit is about to bite, so
+    /// that the limit counts live sessions: under a burst of short sessions, finished ones
+    /// would otherwise be counted and clients refused for sessions that no longer exist.
+    fn reap_before_limiting(&mut self) {
+        self.children.reap();
     }
 
     /// Closes every listener: new clients are refused by the kernel from now on.
@@ -416,7 +427,11 @@ impl Server {
     /// purpose: all per-session setup (socket options, banner) happens in the child.
     fn start_session(&mut self, stream: mio::net::TcpStream, peer: SocketAddr) {
         let source = limits::source_of(peer.ip(), &self.limits);
-        let live = self.children.from_source(&source);
+        let mut live = self.children.from_source(&source);
+        if self.limits.max_per_source != 0 && live >= self.limits.max_per_source {
+            self.reap_before_limiting();
+            live = self.children.from_source(&source);
+        }
         let admitted = self
             .admission
             .admit(peer.ip(), source, live, &self.limits, Instant::now());

@@ -522,3 +522,39 @@ fn limits_from_config_file_and_bad_values_rejected() {
         );
     }
 }
+
+/// `max_per_source` counts live sessions, not finished ones: four clients doing short sessions
+/// back to back from one address are never refused by a limit of twelve, even when the loop has
+/// not yet handled the SIGCHLD of the sessions that ended. (Twelve, not four: a child whose EOF
+/// a client has read may still be on its way to `_exit` when that client connects again.)
+#[test]
+fn per_source_limit_does_not_count_finished_sessions() {
+    const CLIENTS: usize = 4;
+    const SESSIONS: usize = 150;
+    let server = Server::builder()
+        .args(["--max-per-source", &(3 * CLIENTS).to_string()])
+        .env("RUST_LOG", "info")
+        .start();
+    let addr = server.addr();
+    let workers: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            std::thread::spawn(move || {
+                for i in 0..SESSIONS {
+                    let mut s = connect(addr);
+                    let data = format!("client {c} session {i}\n");
+                    let mut want = BANNER.to_vec();
+                    want.extend(data.as_bytes());
+                    assert_eq!(
+                        send_and_drain(&mut s, data.as_bytes()),
+                        want,
+                        "client {c} session {i} was not served"
+                    );
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("client thread");
+    }
+    assert_eq!(server.count_lines("refused"), 0, "{}", server.log_text());
+}
