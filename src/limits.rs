@@ -214,12 +214,13 @@ impl Admission {
     /// Takes one token from `source`'s bucket, refilled for the time since it was last used.
     ///
     /// The table must not grow without bound under a flood of distinct sources: a bucket that
-    /// has refilled completely is the same as no bucket, so those are swept out (at most once a
-    /// second, O(n)). Should the table still hold `MAX_BUCKETS` (a flood of more distinct
-    /// sources per `burst / per_second` seconds than that), a new source is let through
-    /// untracked: `max_children` still bounds what it can cost.
+    /// has refilled completely is the same as no bucket, so those are swept out, at most once
+    /// a second whatever happens (the sweep is O(n) and runs in the loop). Should the table
+    /// hold `MAX_BUCKETS` between sweeps (more distinct sources per `burst / per_second`
+    /// seconds than that), a new source is let through untracked, at O(1): `max_children` and
+    /// `max_per_source` still bound what it can cost.
     fn take_token(&mut self, source: IpNet, rate: Rate, now: Instant) -> bool {
-        if self.buckets.len() >= MAX_BUCKETS || now >= self.last_sweep + SWEEP_INTERVAL {
+        if now >= self.last_sweep + SWEEP_INTERVAL {
             self.sweep(rate, now);
         }
         let full = Bucket {
@@ -271,12 +272,15 @@ fn check_per_source(source: IpNet, live: usize, limits: &Limits) -> Result<(), R
     Ok(())
 }
 
-/// Prefix membership across families: an IPv6 rule such as ::ffff:0:0/96 also matches IPv4.
+/// Prefix membership. Families match strictly, except that an IPv6 rule within the IPv4-mapped
+/// range (::ffff:0:0/96 and narrower) also matches the IPv4 addresses it maps.
 fn net_contains(net: &IpNet, ip: IpAddr) -> bool {
     match (net, ip) {
         (IpNet::V4(n), IpAddr::V4(a)) => n.contains(&a),
         (IpNet::V6(n), IpAddr::V6(a)) => n.contains(&a),
-        (IpNet::V6(n), IpAddr::V4(a)) => n.contains(&a.to_ipv6_mapped()),
+        // Only a rule inside ::ffff:0:0/96 speaks of IPv4: `::/0` means "all IPv6", and must
+        // not deny every IPv4 client too.
+        (IpNet::V6(n), IpAddr::V4(a)) => n.prefix_len() >= 96 && n.contains(&a.to_ipv6_mapped()),
         // Callers pass canonical addresses: an IPv6 peer here is not a mapped IPv4 one.
         (IpNet::V4(_), IpAddr::V6(_)) => false,
     }
@@ -290,9 +294,17 @@ pub fn parse_prefix(s: &str) -> Result<IpNet, String> {
     } else {
         s.parse::<IpAddr>().ok().map(IpNet::from)
     };
-    parsed.map(|n| n.trunc()).ok_or_else(|| {
+    let net = parsed.ok_or_else(|| {
         format!("`{s}` is not an address prefix such as 10.0.0.0/8, 127.0.0.2 or ::1/128")
-    })
+    })?;
+    // A typo such as 192.168.1.10/2 would otherwise silently widen a rule to 192.0.0.0/2.
+    if net.trunc() != net {
+        return Err(format!(
+            "`{s}` has bits set after the prefix; did you mean {}?",
+            net.trunc()
+        ));
+    }
+    Ok(net)
 }
 
 #[cfg(test)]
@@ -339,6 +351,15 @@ mod tests {
         assert!(!admit(&mut adm, &limits, "10.0.0.1", 0, now));
         assert_eq!(adm.refused.denied, 1);
         assert_eq!(adm.refused.not_allowed, 1);
+    }
+
+    #[test]
+    fn ipv6_rules_do_not_cover_ipv4_unless_mapped() {
+        let all_v6 = parse_prefix("::/0").unwrap();
+        assert!(!net_contains(&all_v6, ip("127.0.0.1")));
+        assert!(net_contains(&all_v6, ip("2001:db8::1")));
+        let mapped = parse_prefix("::ffff:127.0.0.0/104").unwrap();
+        assert!(net_contains(&mapped, ip("127.0.0.9")));
     }
 
     #[test]
@@ -416,9 +437,11 @@ mod tests {
     #[test]
     fn prefixes_parse() {
         assert_eq!(
-            parse_prefix("10.1.2.3/8").unwrap().to_string(),
+            parse_prefix("10.0.0.0/8").unwrap().to_string(),
             "10.0.0.0/8"
         );
+        let typo = parse_prefix("10.1.2.3/8").unwrap_err();
+        assert!(typo.contains("did you mean 10.0.0.0/8"), "{typo}");
         assert_eq!(parse_prefix("::1").unwrap().to_string(), "::1/128");
         assert!(parse_prefix("10.0.0.0/33").is_err());
         assert!(parse_prefix("example.com").is_err());

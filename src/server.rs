@@ -4,9 +4,9 @@
 //! must close the listeners before more is accepted; then accept a bounded batch from each
 //! listener that has connections queued, and for each connection either refuse it (see
 //! `limits`: no fork, no blocking call) or fork its child. At `max_children` the listeners are
-//! taken out of the poll set, so clients wait in the kernel's backlog until a child is reaped. The parent never
-//! reads or writes a client's bytes and waits nowhere but in `poll` (and in writing a log
-//! line to stderr, which a stalled reader of that stderr can hold up).
+//! taken out of the poll set, so clients wait in the kernel's backlog until a child is reaped.
+//! The parent never reads or writes a client's bytes (but a refusal message) and waits nowhere
+//! but in `poll` (and in writing a log line to stderr, which a stalled reader can hold up).
 //!
 //! Shutdown is a small state machine driven by signals and the poll timeout:
 //! `Serving` → (SIGTERM/SIGINT) `Draining` until `shutdown_timeout` → SIGTERM to the children,
@@ -15,7 +15,7 @@
 //! it is no longer serving and no child is left, so no child outlives the parent's exit; if
 //! `poll` itself fails, the children are killed and reaped before the error is returned.
 
-use std::io::{self, ErrorKind, Write};
+use std::io::{self, ErrorKind, Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -77,6 +77,9 @@ pub struct Server {
     admission: Admission,
     /// True while `max_children` children run and the listeners are out of the poll set.
     at_capacity: bool,
+    /// `registered[i]`: listener `i` is in the poll set. Tracked per listener so that one
+    /// whose re-registration failed is retried instead of staying deaf for good.
+    registered: Vec<bool>,
     shutdown_timeout: Duration,
     phase: Phase,
     /// Accepting is paused until then, after running out of descriptors or memory.
@@ -113,6 +116,7 @@ impl Server {
             signals,
             // Connections may already be queued before the first edge is seen.
             ready: vec![true; listeners.len()],
+            registered: vec![true; listeners.len()],
             listeners,
             children: Children::default(),
             settings: Settings {
@@ -217,6 +221,9 @@ impl Server {
         let now = Instant::now();
         if self.paused_until.is_some_and(|t| t <= now) {
             self.paused_until = None;
+            if self.phase == Phase::Serving && !self.at_capacity {
+                self.set_polling(true);
+            }
         }
         match self.phase {
             Phase::Draining { until } if until <= now && !self.children.is_empty() => {
@@ -312,17 +319,7 @@ impl Server {
             return;
         }
         self.at_capacity = full;
-        for (i, listener) in self.listeners.iter_mut().enumerate() {
-            let registry = self.poll.registry();
-            let result = if full {
-                registry.deregister(&mut listener.socket)
-            } else {
-                registry.register(&mut listener.socket, Token(i), Interest::READABLE)
-            };
-            if let Err(e) = result {
-                warn!("cannot change polling of {}: {e}", listener.local);
-            }
-        }
+        self.set_polling(!full);
         if full {
             info!(
                 "max_children reached ({} active): new clients wait in the backlog",
@@ -338,6 +335,29 @@ impl Server {
         }
     }
 
+    /// Puts every listener into the poll set (`on`) or takes it out. A listener that cannot be
+    /// registered again (epoll out of memory) is retried after `ACCEPT_BACKOFF`.
+    fn set_polling(&mut self, on: bool) {
+        for (i, listener) in self.listeners.iter_mut().enumerate() {
+            if self.registered[i] == on {
+                continue;
+            }
+            let registry = self.poll.registry();
+            let result = if on {
+                registry.register(&mut listener.socket, Token(i), Interest::READABLE)
+            } else {
+                registry.deregister(&mut listener.socket)
+            };
+            match result {
+                Ok(()) => self.registered[i] = on,
+                Err(e) => {
+                    warn!("cannot change polling of {}: {e}; retrying", listener.local);
+                    self.paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+                }
+            }
+        }
+    }
+
     /// Collects children that have exited but whose SIGCHLD the loop has not handled yet (it
     /// handles signals between accept batches). Called only when a limit is about to bite, so
     /// that the limit counts live sessions: under a burst of short sessions, finished ones
@@ -348,13 +368,10 @@ impl Server {
 
     /// Closes every listener: new clients are refused by the kernel from now on.
     fn stop_listening(&mut self) {
-        for listener in &mut self.listeners {
-            if !self.at_capacity {
-                let _ = self.poll.registry().deregister(&mut listener.socket);
-            }
-        }
+        self.set_polling(false);
         self.listeners.clear();
         self.ready.clear();
+        self.registered.clear();
     }
 
     /// Accepts a batch from every listener that may have connections queued.
@@ -466,6 +483,12 @@ impl Server {
         if !self.limits.refusal_message.is_empty() {
             let _ = stream.write(&self.limits.refusal_message);
         }
+        // Why: closing a socket with unread input sends RST, which would also destroy the
+        // message; clients usually send at once. Take what has arrived (one non-blocking read)
+        // so the close is a FIN after the message. A client that sent more still gets a reset.
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let mut unread = [0u8; 4096];
+        let _ = stream.read(&mut unread);
     }
 
     fn log_status(&self) {

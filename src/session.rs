@@ -98,8 +98,7 @@ pub fn run(stream: TcpStream, peer: SocketAddr, settings: &Settings) -> Outcome 
 fn serve(mut stream: &TcpStream, settings: &Settings) -> Result<(), Outcome> {
     prepare(stream, settings).map_err(Outcome::IoError)?;
     let mut clock = SessionClock::new(settings);
-    clock.before_io(stream)?;
-    write_all(stream, &settings.banner).map_err(|o| clock.explain(o))?;
+    write_all(stream, &settings.banner, &mut clock)?;
     let mut buffer = vec![0u8; BUFFER_SIZE];
     loop {
         clock.before_io(stream)?;
@@ -109,7 +108,7 @@ fn serve(mut stream: &TcpStream, settings: &Settings) -> Result<(), Outcome> {
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(clock.explain(Outcome::from_error(e, false))),
         };
-        write_all(stream, &buffer[..n]).map_err(|o| clock.explain(o))?;
+        write_all(stream, &buffer[..n], &mut clock)?;
     }
     // The client half-closed and everything it sent is echoed: pass the EOF on.
     match stream.shutdown(Shutdown::Write) {
@@ -180,9 +179,22 @@ fn prepare(stream: &TcpStream, settings: &Settings) -> io::Result<()> {
     Ok(())
 }
 
-/// `write_all` that classifies the error; it already retries partial writes and EINTR.
-fn write_all(mut stream: &TcpStream, bytes: &[u8]) -> Result<(), Outcome> {
-    stream
-        .write_all(bytes)
-        .map_err(|e| Outcome::from_error(e, true))
+/// Writes all of `bytes`, retrying partial writes and EINTR, and consulting the session clock
+/// before every `write`: a client that reads a little now and then must not stretch one
+/// echo past `max_session_time` (each partial write would restart the socket timeout).
+fn write_all(
+    mut stream: &TcpStream,
+    mut bytes: &[u8],
+    clock: &mut SessionClock,
+) -> Result<(), Outcome> {
+    while !bytes.is_empty() {
+        clock.before_io(stream)?;
+        match stream.write(bytes) {
+            Ok(0) => return Err(Outcome::IoError(ErrorKind::WriteZero.into())),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(clock.explain(Outcome::from_error(e, true))),
+        }
+    }
+    Ok(())
 }

@@ -280,7 +280,8 @@ fn rate_limit_serves_burst_refuses_rest_then_refills() {
     let last_refusal = last_refusal.unwrap();
     let mut probes = 0;
     let mut again = None;
-    while again.is_none() && probes < 200 && start.elapsed() < WAIT {
+    let probing_since = Instant::now();
+    while again.is_none() && probes < 200 && probing_since.elapsed() < WAIT {
         probes += 1;
         let mut s = connect_from(server.addr(), "127.0.0.1");
         match banner_or_eof(&mut s) {
@@ -313,7 +314,9 @@ fn rate_limit_serves_burst_refuses_rest_then_refills() {
 /// child ends with code 4 (write timeout) and is reaped.
 #[test]
 fn client_not_reading_ends_with_write_timeout() {
-    let server = Server::builder().args(["--idle-timeout", "1"]).start();
+    // 3 s, not less: the writer starts only after the child's pid is known, and a loaded
+    // machine must not turn the write timeout (4) into an idle timeout (3) before that.
+    let server = Server::builder().args(["--idle-timeout", "3"]).start();
     // A small receive buffer keeps the kernel from absorbing the whole echo (tcp_rmem may
     // allow tens of MiB), so the child's writes really block.
     let s = connect_from_with(server.addr(), "127.0.0.1", Some(16 * 1024));
@@ -335,6 +338,64 @@ fn client_not_reading_ends_with_write_timeout() {
     assert_no_children(&server, "after the write timeout");
     sender.join().expect("writer thread");
     drop(s);
+}
+
+/// `--max-session-time` also bounds a write the client blocks by not reading: with a long idle
+/// timeout, the child still ends at the session limit (code 8), not after the write timeout.
+#[test]
+fn max_session_time_bounds_a_blocked_write() {
+    let server = Server::builder()
+        .args(["--idle-timeout", "60", "--max-session-time", "1"])
+        .start();
+    let s = connect_from_with(server.addr(), "127.0.0.1", Some(16 * 1024));
+    let peer = s.local_addr().unwrap();
+    let mut writer = s.try_clone().unwrap();
+    let sender = thread::spawn(move || {
+        let chunk = vec![7u8; 64 * 1024];
+        for _ in 0..128 {
+            // Once the child gives up, writes fail (reset): that is expected.
+            if writer.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    server.wait_for_line(&format!("({peer}) exited with code 8 "));
+    assert_no_children(&server, "after the session limit");
+    sender.join().expect("writer thread");
+}
+
+/// A refused client that had already sent data still reads the whole refusal message and a
+/// clean EOF (not a reset that would destroy the message).
+#[test]
+fn refused_client_that_sent_data_reads_message_then_eof() {
+    let server = Server::builder()
+        .args(["--deny", "127.0.0.2", "--refusal-message", "go away\n"])
+        .start();
+    let mut s = connect_from(server.addr(), "127.0.0.2");
+    s.write_all(b"hello before the verdict\n").unwrap();
+    server.wait_for_line("refused 127.0.0.2:");
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).expect("EOF, not a reset");
+    assert_eq!(got, b"go away\n");
+}
+
+/// IPv6 clients count per /64: two addresses of one /64 share the `max_per_source` budget.
+#[test]
+fn ipv6_sources_are_counted_per_64() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipping ipv6_sources_are_counted_per_64: no IPv6 loopback here");
+        return;
+    }
+    let server = Server::builder()
+        .args(["-l", "[::1]:0", "--max-per-source", "1"])
+        .start();
+    let mut first = connect(server.addr());
+    expect_banner(&mut first);
+    // A second connection from ::1 is the same /64 (the only IPv6 loopback address).
+    let mut second = connect(server.addr());
+    assert_eq!(read_to_eof(&mut second), b"", "second session from one /64");
+    let refusal = server.wait_for_line("refused [::1]:");
+    assert!(refusal.contains("from ::/64"), "{refusal}");
 }
 
 /// `--idle-timeout 0.5`: a client that sends nothing gets EOF; the child exits with code 3 and
