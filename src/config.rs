@@ -18,17 +18,19 @@ pub const DEFAULT_BANNER: &str = "connect successful!\n";
 pub const DEFAULT_BACKLOG: u32 = 1024;
 pub const DEFAULT_IDLE_TIMEOUT_SECS: f64 = 300.0;
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: f64 = 10.0;
+pub const DEFAULT_KILL_TIMEOUT_SECS: f64 = 2.0;
 
 /// Longest timeout accepted anywhere (one year): keeps `Duration` arithmetic far from overflow.
 const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
 
 /// The keys a config file may hold, in the order the documentation lists them.
-pub const KEYS: [&str; 15] = [
+pub const KEYS: [&str; 16] = [
     "listen",
     "banner",
     "backlog",
     "idle_timeout",
     "shutdown_timeout",
+    "kill_timeout",
     "max_session_time",
     "max_children",
     "max_per_source",
@@ -72,10 +74,14 @@ pub struct Cli {
     #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
     pub idle_timeout: Option<Duration>,
 
-    /// On SIGTERM/SIGINT, seconds sessions get to finish before their children are terminated
+    /// On SIGTERM (smart shutdown), seconds sessions get to finish before a fast shutdown
     /// [default: 10]
     #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
     pub shutdown_timeout: Option<Duration>,
+
+    /// On shutdown, seconds between the SIGTERM and the SIGKILL sent to sessions [default: 2]
+    #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+    pub kill_timeout: Option<Duration>,
 
     /// End a session after this many seconds whatever it is doing; 0 = no limit [default: 0]
     #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
@@ -134,8 +140,10 @@ pub struct Config {
     pub backlog: u32,
     /// Idle (and blocked-write) limit of a session; `None` = never.
     pub idle_timeout: Option<Duration>,
-    /// Grace period for sessions on a graceful shutdown.
+    /// Grace period for sessions on a smart shutdown.
     pub shutdown_timeout: Duration,
+    /// Time sessions get between SIGTERM and SIGKILL on a fast shutdown.
+    pub kill_timeout: Duration,
     /// Hard limit on a session's length; `None` = none.
     pub max_session_time: Option<Duration>,
     /// Admission limits, one value the loop reads (and a reload may replace).
@@ -154,6 +162,7 @@ impl Default for Config {
             backlog: DEFAULT_BACKLOG,
             idle_timeout: Some(Duration::from_secs_f64(DEFAULT_IDLE_TIMEOUT_SECS)),
             shutdown_timeout: Duration::from_secs_f64(DEFAULT_SHUTDOWN_TIMEOUT_SECS),
+            kill_timeout: Duration::from_secs_f64(DEFAULT_KILL_TIMEOUT_SECS),
             max_session_time: None,
             limits: Limits::default(),
             rate_per_second: 0.0,
@@ -238,6 +247,7 @@ impl Config {
             "backlog" => self.backlog = check_backlog(expect_int(value)?)?,
             "idle_timeout" => self.idle_timeout = never_if_zero(seconds_from_toml(value)?),
             "shutdown_timeout" => self.shutdown_timeout = seconds_from_toml(value)?,
+            "kill_timeout" => self.kill_timeout = seconds_from_toml(value)?,
             "max_session_time" => self.max_session_time = never_if_zero(seconds_from_toml(value)?),
             "max_children" => self.limits.max_children = check_max_children(expect_int(value)?)?,
             "max_per_source" => self.limits.max_per_source = check_count(expect_int(value)?)?,
@@ -280,6 +290,9 @@ impl Config {
         }
         if let Some(grace) = cli.shutdown_timeout {
             self.shutdown_timeout = grace;
+        }
+        if let Some(grace) = cli.kill_timeout {
+            self.kill_timeout = grace;
         }
         if let Some(limit) = cli.max_session_time {
             self.max_session_time = never_if_zero(limit);

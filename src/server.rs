@@ -8,10 +8,12 @@
 //! The parent never reads or writes a client's bytes (but a refusal message) and waits nowhere
 //! but in `poll` (and in writing a log line to stderr, which a stalled reader can hold up).
 //!
-//! Shutdown is a small state machine driven by signals and the poll timeout:
-//! `Serving` → (SIGTERM/SIGINT) `Draining` until `shutdown_timeout` → SIGTERM to the children,
-//! `Terminating` for `KILL_TIMEOUT` → SIGKILL, `Killing` until all are reaped. A repeated
-//! SIGTERM/SIGINT skips to the next step; SIGQUIT goes straight to `Killing`. The loop ends when
+//! Shutdown is a small state machine driven by signals and the poll timeout, with PostgreSQL's
+//! three modes as entry points: `Serving` → (SIGTERM, smart) `Draining` until
+//! `shutdown_timeout` → (SIGINT, fast, enters here) SIGTERM to the children, `Terminating` for
+//! `kill_timeout` → (SIGQUIT, immediate, enters here) SIGKILL, `Killing` until all are reaped.
+//! A repeated SIGTERM/SIGINT moves one step on; signals that arrive together count as the
+//! hardest of them, once. The loop ends when
 //! it is no longer serving and no child is left, so no child outlives the parent's exit; if
 //! `poll` itself fails, the children are killed and reaped before the error is returned.
 
@@ -30,7 +32,7 @@ use crate::config::Config;
 use crate::limits::{self, Admission, Limits, Refusal};
 use crate::listen::Listener;
 use crate::session::Settings;
-use crate::signals::{self, Request};
+use crate::signals::{self, Mode, Request};
 use crate::spawn;
 
 /// The signal pipe's token; listener `i` is `Token(i)`.
@@ -40,8 +42,6 @@ const SIGNALS: Token = Token(usize::MAX);
 const ACCEPT_BATCH: usize = 64;
 /// How long accepting pauses when the parent runs out of descriptors or memory.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-/// Time between the SIGTERM and the SIGKILL sent to children on shutdown.
-const KILL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where the daemon is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +81,8 @@ pub struct Server {
     /// whose re-registration failed is retried instead of staying deaf for good.
     registered: Vec<bool>,
     shutdown_timeout: Duration,
+    /// Time between the SIGTERM and the SIGKILL sent to children on shutdown.
+    kill_timeout: Duration,
     phase: Phase,
     /// Accepting is paused until then, after running out of descriptors or memory.
     paused_until: Option<Instant>,
@@ -128,6 +130,7 @@ impl Server {
             admission: Admission::default(),
             at_capacity: false,
             shutdown_timeout: config.shutdown_timeout,
+            kill_timeout: config.kill_timeout,
             phase: Phase::Serving,
             paused_until: None,
             accept_failures: 0,
@@ -198,17 +201,20 @@ impl Server {
             self.check_capacity();
         }
         // One shutdown step per batch: a SIGTERM and a SIGINT that arrive together are one
-        // request, not a request and its escalation. SIGQUIT outranks both.
-        if requests.contains(&Request::ShutdownNow) {
-            self.shutdown_now();
-        } else if let Some(Request::Shutdown(signal)) =
-            requests.iter().find(|r| matches!(r, Request::Shutdown(_)))
-        {
-            self.shutdown_requested(*signal);
+        // request (the harder: fast), not a request and its escalation.
+        let hardest = requests
+            .iter()
+            .filter_map(|r| match r {
+                Request::Shutdown(mode, signal) => Some((*mode, *signal)),
+                _ => None,
+            })
+            .max_by_key(|(mode, _)| *mode);
+        if let Some((mode, signal)) = hardest {
+            self.shutdown(mode, signal);
         }
         for request in requests {
             match request {
-                Request::Reap | Request::Shutdown(_) | Request::ShutdownNow => {}
+                Request::Reap | Request::Shutdown(..) => {}
                 Request::Reload => {
                     info!("SIGHUP: configuration reload is not supported yet; nothing changed")
                 }
@@ -237,7 +243,7 @@ impl Server {
                 info!(
                     "{} children still running {} after SIGTERM; sending them SIGKILL",
                     self.children.len(),
-                    seconds(KILL_TIMEOUT)
+                    seconds(self.kill_timeout)
                 );
                 self.kill_children();
             }
@@ -245,60 +251,45 @@ impl Server {
         }
     }
 
-    /// SIGTERM/SIGINT: the first starts a graceful shutdown; each repeat skips to the next step.
-    fn shutdown_requested(&mut self, signal: Signal) {
-        match self.phase {
-            Phase::Serving => {
+    /// A shutdown request: the first one enters the state machine at its mode's step; while
+    /// shutting down, any request moves at least one step on (a repeated SIGTERM means "now").
+    fn shutdown(&mut self, mode: Mode, signal: Signal) {
+        let sig = signal.as_str();
+        let n = self.children.len();
+        match (self.phase, mode) {
+            (Phase::Killing, _) => {}
+            (_, Mode::Immediate) | (Phase::Terminating { .. }, _) => {
+                self.stop_listening();
+                info!("shutting down on {sig} (immediate): sending SIGKILL to {n} sessions");
+                self.kill_children();
+            }
+            (Phase::Serving, Mode::Smart) => {
                 self.stop_listening();
                 info!(
-                    "shutting down on {}: stopped listening; waiting up to {} for {} sessions \
-                     (send {} again to end them now)",
-                    signal.as_str(),
-                    seconds(self.shutdown_timeout),
-                    self.children.len(),
-                    signal.as_str()
+                    "shutting down on {sig} (smart): stopped listening; waiting up to {} for \
+                     {n} sessions (SIGTERM again or SIGINT: fast; SIGQUIT: immediate)",
+                    seconds(self.shutdown_timeout)
                 );
                 self.phase = Phase::Draining {
                     until: Instant::now() + self.shutdown_timeout,
                 };
             }
-            Phase::Draining { .. } => {
+            (Phase::Serving, Mode::Fast) | (Phase::Draining { .. }, _) => {
+                self.stop_listening();
                 info!(
-                    "{} again: sending SIGTERM to {} sessions",
-                    signal.as_str(),
-                    self.children.len()
+                    "shutting down on {sig} (fast): sending SIGTERM to {n} sessions, SIGKILL \
+                     to those left after {}",
+                    seconds(self.kill_timeout)
                 );
                 self.terminate_children();
             }
-            Phase::Terminating { .. } => {
-                info!(
-                    "{} again: sending SIGKILL to {} sessions",
-                    signal.as_str(),
-                    self.children.len()
-                );
-                self.kill_children();
-            }
-            Phase::Killing => {}
         }
-    }
-
-    /// SIGQUIT: no grace; kill every child, reap them, exit.
-    fn shutdown_now(&mut self) {
-        if self.phase == Phase::Killing {
-            return;
-        }
-        self.stop_listening();
-        info!(
-            "immediate shutdown on SIGQUIT: sending SIGKILL to {} sessions",
-            self.children.len()
-        );
-        self.kill_children();
     }
 
     fn terminate_children(&mut self) {
         self.children.signal_all(Signal::SIGTERM);
         self.phase = Phase::Terminating {
-            until: Instant::now() + KILL_TIMEOUT,
+            until: Instant::now() + self.kill_timeout,
         };
     }
 

@@ -28,14 +28,34 @@ pub const HOOKED: [i32; 6] = [SIGCHLD, SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1
 pub enum Request {
     /// SIGCHLD: one or more children changed state.
     Reap,
-    /// SIGTERM / SIGINT: stop accepting and let sessions finish (a second one escalates).
-    Shutdown(Signal),
-    /// SIGQUIT: kill every child now, reap, exit.
-    ShutdownNow,
+    /// SIGTERM (smart), SIGINT (fast), SIGQUIT (immediate): see [`Mode`].
+    Shutdown(Mode, Signal),
     /// SIGHUP: reserved for re-reading the configuration; for now only logged.
     Reload,
     /// SIGUSR1: log one status line.
     Status,
+}
+
+/// How hard a shutdown is, as in PostgreSQL. Ordered: a later request can only make the
+/// shutdown harder, never softer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Mode {
+    /// SIGTERM: stop accepting, let sessions finish for up to `shutdown_timeout`, then fast.
+    Smart,
+    /// SIGINT: stop accepting, SIGTERM the children, SIGKILL those left after `kill_timeout`.
+    Fast,
+    /// SIGQUIT: SIGKILL the children, reap them, exit.
+    Immediate,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Smart => "smart",
+            Mode::Fast => "fast",
+            Mode::Immediate => "immediate",
+        }
+    }
 }
 
 /// Installs the handlers and returns the pipe's read end, ready to register with `mio`.
@@ -62,8 +82,9 @@ fn request_for(signal: i32) -> Option<Request> {
     let sig = Signal::try_from(signal).ok()?;
     Some(match sig {
         Signal::SIGCHLD => Request::Reap,
-        Signal::SIGTERM | Signal::SIGINT => Request::Shutdown(sig),
-        Signal::SIGQUIT => Request::ShutdownNow,
+        Signal::SIGTERM => Request::Shutdown(Mode::Smart, sig),
+        Signal::SIGINT => Request::Shutdown(Mode::Fast, sig),
+        Signal::SIGQUIT => Request::Shutdown(Mode::Immediate, sig),
         Signal::SIGHUP => Request::Reload,
         Signal::SIGUSR1 => Request::Status,
         _ => return None,
@@ -114,7 +135,11 @@ mod tests {
         for signal in HOOKED {
             assert!(request_for(signal).is_some(), "signal {signal}");
         }
-        assert_eq!(request_for(SIGINT), Some(Request::Shutdown(Signal::SIGINT)));
+        assert_eq!(
+            request_for(SIGINT),
+            Some(Request::Shutdown(Mode::Fast, Signal::SIGINT))
+        );
+        assert!(Mode::Smart < Mode::Fast && Mode::Fast < Mode::Immediate);
         assert_eq!(request_for(libc::SIGUSR2), None);
     }
 }

@@ -114,7 +114,7 @@ fn log_panics_as_one_line(peer: SocketAddr) {
 ///
 /// Why: Ctrl-C, Ctrl-\ and `kill -TERM -<pgid>` reach the whole process group, and `pkill -USR1
 /// forkecho` every process named forkecho. Sessions in the parent's group would die at once on
-/// a SIGINT meant to start a graceful shutdown, and of a SIGUSR1 meant to ask for status.
+/// a SIGINT meant to start an orderly shutdown, and of a SIGUSR1 meant to ask for status.
 /// PostgreSQL's postmaster does the same for its backends.
 fn leave_parents_process_group() {
     // Cannot fail here: a freshly forked child is never a process group leader.

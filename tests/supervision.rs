@@ -549,49 +549,75 @@ fn child_runs_in_its_own_session_under_its_own_name() {
     assert_eq!(parent_comm.trim(), "forkecho");
 }
 
-/// Ctrl-C at a terminal (SIGINT to the whole foreground process group) starts a graceful
-/// shutdown: the session in flight keeps echoing and ends cleanly, and the server exits 0.
+/// Signals to the parent's process group reach only the parent: `kill -USR1 -<pgid>` asks for
+/// status and the session lives on (its child is in its own group); Ctrl-C (SIGINT to the
+/// group) is a fast shutdown, so the parent sends the session SIGTERM and exits 0.
 #[test]
-fn sigint_to_process_group_drains_gracefully() {
+fn process_group_signals_reach_only_the_parent() {
     use std::os::unix::process::CommandExt;
     let mut server = Server::builder()
-        .args(["--shutdown-timeout", "120"])
+        .args(["--kill-timeout", "60"])
         .tweak(|cmd| {
             cmd.process_group(0);
         })
         .start();
     let mut s = server.connect_greeted();
-    let child = server.child_pid_for(s.local_addr().unwrap());
+    let peer = s.local_addr().unwrap();
+    let child = server.child_pid_for(peer);
+    nix::sys::signal::killpg(server.pid(), Signal::SIGUSR1).unwrap();
+    server.wait_for_line("status: 1 active");
+    assert_eq!(echo_roundtrip(&mut s, b"after USR1\n"), b"after USR1\n");
+
     nix::sys::signal::killpg(server.pid(), Signal::SIGINT).unwrap();
-    server.wait_for_line("shutting down on SIGINT");
-    assert_eq!(echo_roundtrip(&mut s, b"after ctrl-c\n"), b"after ctrl-c\n");
-    s.shutdown(Shutdown::Write).unwrap();
-    assert_eq!(read_to_eof(&mut s), b"");
+    server.wait_for_line("shutting down on SIGINT (fast)");
+    server.wait_for_line(&killed_line(child, peer, "SIGTERM"));
     assert!(server.wait_exit(WAIT).success());
-    assert!(server.log_text().contains(&format!("child {child} (")));
-    assert_eq!(server.count_lines("killed by signal"), 0);
+    assert_closed_by_server(&mut s, "session after a fast shutdown");
 }
 
-/// SIGTERM and SIGINT that arrive together are one shutdown request: sessions keep their
-/// grace period instead of being terminated as if the request had been repeated.
+/// SIGTERM and SIGINT that arrive together are one request, the harder one (fast): the
+/// children get SIGTERM, not the SIGKILL a repeated request would bring.
 #[test]
-fn sigterm_and_sigint_together_keep_the_grace_period() {
+fn signals_arriving_together_count_once() {
     let mut server = Server::builder()
-        .args(["--shutdown-timeout", "120"])
+        .args(["--shutdown-timeout", "120", "--kill-timeout", "120"])
         .start();
-    let mut s = server.connect_greeted();
+    let s = server.connect_greeted();
+    let peer = s.local_addr().unwrap();
+    let child = server.child_pid_for(peer);
     // Both signals pend while the server is stopped, so it sees them in one batch.
     server.signal(Signal::SIGSTOP);
     server.signal(Signal::SIGTERM);
     server.signal(Signal::SIGINT);
     server.signal(Signal::SIGCONT);
-    server.wait_for_line("shutting down on SIG");
-    assert_eq!(echo_roundtrip(&mut s, b"still mine\n"), b"still mine\n");
-    assert_eq!(server.count_lines("again:"), 0, "{}", server.log_text());
-    s.shutdown(Shutdown::Write).unwrap();
-    assert_eq!(read_to_eof(&mut s), b"");
+    server.wait_for_line(&killed_line(child, peer, "SIGTERM"));
     assert!(server.wait_exit(WAIT).success());
-    assert_eq!(server.count_lines("killed by signal"), 0);
+    assert_eq!(server.count_lines("(fast)"), 1, "{}", server.log_text());
+    assert_eq!(
+        server.count_lines("(immediate)"),
+        0,
+        "{}",
+        server.log_text()
+    );
+    assert_eq!(server.count_lines("(smart)"), 0, "{}", server.log_text());
+}
+
+/// Fast shutdown (SIGINT): a child that does not die of SIGTERM (here: stopped, so SIGTERM
+/// stays pending) is SIGKILLed after `kill_timeout`; the server reaps it and exits 0.
+#[test]
+fn fast_shutdown_kills_what_sigterm_left_after_kill_timeout() {
+    let mut server = Server::builder().args(["--kill-timeout", "0.5"]).start();
+    let s = server.connect_greeted();
+    let peer = s.local_addr().unwrap();
+    let child = server.child_pid_for(peer);
+    let _guard = KillOnDrop(child);
+    kill(child, Signal::SIGSTOP).unwrap();
+    assert!(wait_until(WAIT, || process_state(child) == Some('T')));
+    server.signal(Signal::SIGINT);
+    server.wait_for_line("shutting down on SIGINT (fast)");
+    server.wait_for_line(&killed_line(child, peer, "SIGKILL"));
+    assert!(server.wait_exit(WAIT).success());
+    assert!(!process_exists(child), "child left behind");
 }
 
 /// A launcher that leaves SIGCHLD and SIGTERM blocked (the mask survives exec) does not stop
