@@ -24,7 +24,7 @@ pub const DEFAULT_KILL_TIMEOUT_SECS: f64 = 2.0;
 const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
 
 /// The keys a config file may hold, in the order the documentation lists them.
-pub const KEYS: [&str; 16] = [
+pub const KEYS: [&str; 17] = [
     "listen",
     "banner",
     "backlog",
@@ -41,6 +41,7 @@ pub const KEYS: [&str; 16] = [
     "max_rate_per_source",
     "rate_burst",
     "refusal_message",
+    "reuse_port",
 ];
 
 /// Longest refusal message: it is written once to a non-blocking socket, so it must fit
@@ -124,6 +125,10 @@ pub struct Cli {
     #[arg(long, value_name = "TEXT", value_parser = parse_refusal_message)]
     pub refusal_message: Option<String>,
 
+    /// Set SO_REUSEPORT, so several forkecho instances can listen on one port
+    #[arg(long)]
+    pub reuse_port: bool,
+
     /// Validate the configuration, print `configuration OK` and exit 0 (exit 2 on an error)
     #[arg(long)]
     pub check_config: bool,
@@ -138,6 +143,8 @@ pub struct Config {
     pub banner: Vec<u8>,
     /// `listen(2)` backlog.
     pub backlog: u32,
+    /// SO_REUSEPORT on the listeners: instances sharing a port, the kernel spreading clients.
+    pub reuse_port: bool,
     /// Idle (and blocked-write) limit of a session; `None` = never.
     pub idle_timeout: Option<Duration>,
     /// Grace period for sessions on a smart shutdown.
@@ -160,6 +167,7 @@ impl Default for Config {
             listen: vec![DEFAULT_LISTEN.parse().expect("default address parses")],
             banner: DEFAULT_BANNER.as_bytes().to_vec(),
             backlog: DEFAULT_BACKLOG,
+            reuse_port: false,
             idle_timeout: Some(Duration::from_secs_f64(DEFAULT_IDLE_TIMEOUT_SECS)),
             shutdown_timeout: Duration::from_secs_f64(DEFAULT_SHUTDOWN_TIMEOUT_SECS),
             kill_timeout: Duration::from_secs_f64(DEFAULT_KILL_TIMEOUT_SECS),
@@ -245,6 +253,7 @@ impl Config {
             "listen" => self.listen = listen_from_toml(value)?,
             "banner" => self.banner = expect_str(value)?.as_bytes().to_vec(),
             "backlog" => self.backlog = check_backlog(expect_int(value)?)?,
+            "reuse_port" => self.reuse_port = expect_bool(value)?,
             "idle_timeout" => self.idle_timeout = never_if_zero(seconds_from_toml(value)?),
             "shutdown_timeout" => self.shutdown_timeout = seconds_from_toml(value)?,
             "kill_timeout" => self.kill_timeout = seconds_from_toml(value)?,
@@ -284,6 +293,9 @@ impl Config {
         }
         if let Some(backlog) = cli.backlog {
             self.backlog = backlog;
+        }
+        if cli.reuse_port {
+            self.reuse_port = true;
         }
         if let Some(idle) = cli.idle_timeout {
             self.idle_timeout = never_if_zero(idle);
@@ -351,6 +363,12 @@ fn expect_str(value: &toml::Value) -> Result<&str, String> {
     value
         .as_str()
         .ok_or_else(|| format!("expected a string, found {}", describe_value(value)))
+}
+
+fn expect_bool(value: &toml::Value) -> Result<bool, String> {
+    value
+        .as_bool()
+        .ok_or_else(|| format!("expected true or false, found {}", describe_value(value)))
 }
 
 fn expect_int(value: &toml::Value) -> Result<i64, String> {
@@ -616,11 +634,13 @@ mod tests {
             max_rate_per_source = 2.5
             rate_burst = 4
             refusal_message = "busy\n"
+            reuse_port = true
             "#,
         )
         .unwrap();
         assert_eq!(c.max_session_time, Some(Duration::from_secs(60)));
         assert_eq!(c.limits.max_children, 3);
+        assert!(c.reuse_port);
         assert_eq!(c.limits.max_per_source, 0);
         assert_eq!(c.limits.source_prefix_v6, 48);
         assert_eq!(c.limits.allow.len(), 2);

@@ -34,18 +34,27 @@ impl std::error::Error for ListenError {}
 
 /// Binds every address, or none: the first failure is returned and the sockets already bound are
 /// closed when dropped.
-pub fn bind_all(addrs: &[SocketAddr], backlog: u32) -> Result<Vec<Listener>, ListenError> {
+pub fn bind_all(
+    addrs: &[SocketAddr],
+    backlog: u32,
+    reuse_port: bool,
+) -> Result<Vec<Listener>, ListenError> {
     addrs
         .iter()
-        .map(|&addr| bind(addr, backlog).map_err(|error| ListenError { addr, error }))
+        .map(|&addr| bind(addr, backlog, reuse_port).map_err(|error| ListenError { addr, error }))
         .collect()
 }
 
-fn bind(addr: SocketAddr, backlog: u32) -> io::Result<Listener> {
+fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<Listener> {
     // socket2 creates the socket with SOCK_CLOEXEC; children never exec, and they close it anyway.
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // Why: a restarted server must bind while sessions of the old one still hold the port.
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        // Several instances bind the same port and the kernel spreads new connections over
+        // them by a hash of the peer: scale-out on one host without a proxy in front.
+        socket.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         // Why: `[::]:P` and `0.0.0.0:P` are then two separate listeners, as written in the config,
         // instead of the IPv6 one silently taking IPv4 too and the IPv4 one failing to bind.

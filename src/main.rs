@@ -26,7 +26,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     logging::init();
-    let listeners = match listen::bind_all(&config.listen, config.backlog) {
+    let listeners = match listen::bind_all(&config.listen, config.backlog, config.reuse_port) {
         Ok(listeners) => listeners,
         Err(e) => {
             // Straight to stderr, like config errors: RUST_LOG=off must not hide why we stopped.

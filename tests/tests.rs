@@ -6,5 +6,6 @@ mod util;
 mod config;
 mod echo;
 mod limits;
+mod operations;
 mod resources;
 mod supervision;
