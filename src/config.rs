@@ -24,7 +24,7 @@ pub const DEFAULT_KILL_TIMEOUT_SECS: f64 = 2.0;
 const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
 
 /// The keys a config file may hold, in the order the documentation lists them.
-pub const KEYS: [&str; 17] = [
+pub const KEYS: [&str; 18] = [
     "listen",
     "banner",
     "backlog",
@@ -42,6 +42,7 @@ pub const KEYS: [&str; 17] = [
     "rate_burst",
     "refusal_message",
     "reuse_port",
+    "pid_file",
 ];
 
 /// Longest refusal message: it is written once to a non-blocking socket, so it must fit
@@ -129,6 +130,10 @@ pub struct Cli {
     #[arg(long)]
     pub reuse_port: bool,
 
+    /// Write the parent's pid here once listening, locked against a second instance
+    #[arg(long, value_name = "PATH")]
+    pub pid_file: Option<PathBuf>,
+
     /// Validate the configuration, print `configuration OK` and exit 0 (exit 2 on an error)
     #[arg(long)]
     pub check_config: bool,
@@ -145,6 +150,8 @@ pub struct Config {
     pub backlog: u32,
     /// SO_REUSEPORT on the listeners: instances sharing a port, the kernel spreading clients.
     pub reuse_port: bool,
+    /// Where to write (and lock) the parent's pid; none = no pid file.
+    pub pid_file: Option<PathBuf>,
     /// Idle (and blocked-write) limit of a session; `None` = never.
     pub idle_timeout: Option<Duration>,
     /// Grace period for sessions on a smart shutdown.
@@ -168,6 +175,7 @@ impl Default for Config {
             banner: DEFAULT_BANNER.as_bytes().to_vec(),
             backlog: DEFAULT_BACKLOG,
             reuse_port: false,
+            pid_file: None,
             idle_timeout: Some(Duration::from_secs_f64(DEFAULT_IDLE_TIMEOUT_SECS)),
             shutdown_timeout: Duration::from_secs_f64(DEFAULT_SHUTDOWN_TIMEOUT_SECS),
             kill_timeout: Duration::from_secs_f64(DEFAULT_KILL_TIMEOUT_SECS),
@@ -254,6 +262,7 @@ impl Config {
             "banner" => self.banner = expect_str(value)?.as_bytes().to_vec(),
             "backlog" => self.backlog = check_backlog(expect_int(value)?)?,
             "reuse_port" => self.reuse_port = expect_bool(value)?,
+            "pid_file" => self.pid_file = Some(PathBuf::from(expect_str(value)?)),
             "idle_timeout" => self.idle_timeout = never_if_zero(seconds_from_toml(value)?),
             "shutdown_timeout" => self.shutdown_timeout = seconds_from_toml(value)?,
             "kill_timeout" => self.kill_timeout = seconds_from_toml(value)?,
@@ -296,6 +305,9 @@ impl Config {
         }
         if cli.reuse_port {
             self.reuse_port = true;
+        }
+        if let Some(path) = &cli.pid_file {
+            self.pid_file = Some(path.clone());
         }
         if let Some(idle) = cli.idle_timeout {
             self.idle_timeout = never_if_zero(idle);

@@ -15,6 +15,7 @@
 //!   rules live here.
 //! - [`session`]: the child's blocking echo, and the exit code that says how it ended.
 //! - [`children`]: the table of live children, the reaper, and the totals.
+//! - [`pidfile`]: the locked pid file that keeps a second instance from starting.
 //! - [`signals`]: signal-hook's self-pipe, what each signal means, and resetting them in a child.
 //!
 //! `main.rs` only parses the command line, binds, and hands over to [`server::run`].
@@ -24,6 +25,7 @@ pub mod config;
 pub mod limits;
 pub mod listen;
 pub mod logging;
+pub mod pidfile;
 pub mod server;
 pub mod session;
 pub mod signals;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use forkecho::config::{Cli, Config};
+use forkecho::pidfile::PidFile;
 use forkecho::{listen, logging, server};
 
 const EXIT_FAILURE: u8 = 1;
@@ -30,6 +31,15 @@ fn main() -> ExitCode {
         Ok(listeners) => listeners,
         Err(e) => {
             // Straight to stderr, like config errors: RUST_LOG=off must not hide why we stopped.
+            eprintln!("forkecho: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    // After binding, so a pid file names a daemon that is listening; held (locked) until
+    // main returns, then removed.
+    let _pid_file = match config.pid_file.as_deref().map(PidFile::create).transpose() {
+        Ok(pid_file) => pid_file,
+        Err(e) => {
             eprintln!("forkecho: {e}");
             return ExitCode::from(EXIT_FAILURE);
         }
