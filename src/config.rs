@@ -24,7 +24,7 @@ pub const DEFAULT_KILL_TIMEOUT_SECS: f64 = 2.0;
 const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
 
 /// The keys a config file may hold, in the order the documentation lists them.
-pub const KEYS: [&str; 18] = [
+pub const KEYS: [&str; 19] = [
     "listen",
     "banner",
     "backlog",
@@ -43,6 +43,7 @@ pub const KEYS: [&str; 18] = [
     "refusal_message",
     "reuse_port",
     "pid_file",
+    "log_level",
 ];
 
 /// Longest refusal message: it is written once to a non-blocking socket, so it must fit
@@ -134,6 +135,10 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub pid_file: Option<PathBuf>,
 
+    /// error, warn, info, debug, trace or off; RUST_LOG, when set, wins [default: info]
+    #[arg(long, value_name = "LEVEL", value_parser = parse_log_level)]
+    pub log_level: Option<log::LevelFilter>,
+
     /// Validate the configuration, print `configuration OK` and exit 0 (exit 2 on an error)
     #[arg(long)]
     pub check_config: bool,
@@ -152,6 +157,8 @@ pub struct Config {
     pub reuse_port: bool,
     /// Where to write (and lock) the parent's pid; none = no pid file.
     pub pid_file: Option<PathBuf>,
+    /// How much to log (unless `RUST_LOG` is set).
+    pub log_level: log::LevelFilter,
     /// Idle (and blocked-write) limit of a session; `None` = never.
     pub idle_timeout: Option<Duration>,
     /// Grace period for sessions on a smart shutdown.
@@ -176,6 +183,7 @@ impl Default for Config {
             backlog: DEFAULT_BACKLOG,
             reuse_port: false,
             pid_file: None,
+            log_level: log::LevelFilter::Info,
             idle_timeout: Some(Duration::from_secs_f64(DEFAULT_IDLE_TIMEOUT_SECS)),
             shutdown_timeout: Duration::from_secs_f64(DEFAULT_SHUTDOWN_TIMEOUT_SECS),
             kill_timeout: Duration::from_secs_f64(DEFAULT_KILL_TIMEOUT_SECS),
@@ -263,6 +271,7 @@ impl Config {
             "backlog" => self.backlog = check_backlog(expect_int(value)?)?,
             "reuse_port" => self.reuse_port = expect_bool(value)?,
             "pid_file" => self.pid_file = Some(PathBuf::from(expect_str(value)?)),
+            "log_level" => self.log_level = parse_log_level(expect_str(value)?)?,
             "idle_timeout" => self.idle_timeout = never_if_zero(seconds_from_toml(value)?),
             "shutdown_timeout" => self.shutdown_timeout = seconds_from_toml(value)?,
             "kill_timeout" => self.kill_timeout = seconds_from_toml(value)?,
@@ -308,6 +317,9 @@ impl Config {
         }
         if let Some(path) = &cli.pid_file {
             self.pid_file = Some(path.clone());
+        }
+        if let Some(level) = cli.log_level {
+            self.log_level = level;
         }
         if let Some(idle) = cli.idle_timeout {
             self.idle_timeout = never_if_zero(idle);
@@ -462,6 +474,12 @@ fn rate(per_second: f64, burst: Option<u32>) -> Option<Rate> {
         per_second,
         burst: burst.map_or(per_second.ceil().max(1.0), f64::from),
     })
+}
+
+fn parse_log_level(s: &str) -> Result<log::LevelFilter, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a log level (error, warn, info, debug, trace or off)"))
 }
 
 fn parse_int(s: &str) -> Result<i64, String> {

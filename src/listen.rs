@@ -9,6 +9,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 /// A bound, listening, non-blocking socket and the address it actually got (real port for 0).
 pub struct Listener {
     pub socket: TcpListener,
+    /// The address as configured (port 0 stays 0): what a reload compares against.
+    pub configured: SocketAddr,
+    /// The address actually bound.
     pub local: SocketAddr,
 }
 
@@ -67,6 +70,7 @@ fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<Listener
     let local = std_listener.local_addr()?;
     Ok(Listener {
         socket: TcpListener::from_std(std_listener),
+        configured: addr,
         local,
     })
 }

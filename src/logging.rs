@@ -9,8 +9,20 @@
 use std::io::Write;
 
 /// Installs the logger. Call once, in the parent, before anything forks; children inherit it.
-pub fn init() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+///
+/// `RUST_LOG`, when set, decides (with per-module directives) and the `log_level` key is
+/// ignored. Otherwise forkecho's own lines are filtered only by `level`, which a reload can
+/// change ([`set_level`]); other crates log warnings and errors only.
+pub fn init(level: log::LevelFilter) {
+    let mut builder = env_logger::Builder::new();
+    if env_overrides() {
+        builder.parse_env(env_logger::Env::default());
+    } else {
+        builder
+            .filter_level(log::LevelFilter::Warn)
+            .filter_module("forkecho", log::LevelFilter::Trace);
+    }
+    builder
         .format(|buf, record| {
             writeln!(
                 buf,
@@ -23,4 +35,17 @@ pub fn init() {
             )
         })
         .init();
+    set_level(level);
+}
+
+/// Applies the configured level (at start and on reload), unless `RUST_LOG` decides.
+pub fn set_level(level: log::LevelFilter) {
+    if !env_overrides() {
+        log::set_max_level(level);
+    }
+}
+
+/// True when `RUST_LOG` is set: the operator's environment wins over the config file.
+pub fn env_overrides() -> bool {
+    std::env::var_os("RUST_LOG").is_some_and(|v| !v.is_empty())
 }

@@ -26,7 +26,7 @@ fn main() -> ExitCode {
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }
-    logging::init();
+    logging::init(config.log_level);
     let listeners = match listen::bind_all(&config.listen, config.backlog, config.reuse_port) {
         Ok(listeners) => listeners,
         Err(e) => {
@@ -44,7 +44,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    match server::run(&config, listeners) {
+    // SIGHUP re-runs exactly this load: the same file, the same command-line overrides.
+    let reload: server::Reloader = Box::new(move || Config::load(&cli));
+    match server::run(&config, listeners, reload) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("server failed: {e}");

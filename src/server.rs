@@ -21,14 +21,14 @@ use std::io::{self, ErrorKind, Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use mio::{Events, Interest, Poll, Token};
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
 use signal_hook_mio::v1_0::Signals;
 
 use crate::children::{seconds, Children};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::limits::{self, Admission, Limits, Refusal};
 use crate::listen::Listener;
 use crate::session::Settings;
@@ -59,8 +59,14 @@ enum Phase {
     Killing,
 }
 
+/// Produces the configuration anew (same file, same flags) for a SIGHUP reload.
+pub type Reloader = Box<dyn Fn() -> Result<Config, ConfigError>>;
+
 pub struct Server {
     poll: Poll,
+    /// The configuration in force: what a reload compares against.
+    config: Config,
+    reload: Reloader,
     /// Read end of the self-pipe the signal handlers write to.
     signals: Signals,
     /// Listener `i` is registered as `Token(i)`; emptied on shutdown.
@@ -93,8 +99,11 @@ pub struct Server {
 }
 
 /// Serves on `listeners` until a shutdown completes.
-pub fn run(config: &Config, listeners: Vec<Listener>) -> io::Result<()> {
-    let mut server = Server::new(config, listeners)?;
+///
+/// `reload` re-reads the configuration (file and command line) on SIGHUP; an error is
+/// refused and the running configuration stays.
+pub fn run(config: &Config, listeners: Vec<Listener>, reload: Reloader) -> io::Result<()> {
+    let mut server = Server::new(config, listeners, reload)?;
     // Announced only now that the signal handlers are installed: whoever waits for this line
     // (a test, a supervisor) may send SIGTERM at once and must not kill us with the default action.
     for listener in &server.listeners {
@@ -104,7 +113,7 @@ pub fn run(config: &Config, listeners: Vec<Listener>) -> io::Result<()> {
 }
 
 impl Server {
-    fn new(config: &Config, mut listeners: Vec<Listener>) -> io::Result<Server> {
+    fn new(config: &Config, mut listeners: Vec<Listener>, reload: Reloader) -> io::Result<Server> {
         let poll = Poll::new()?;
         let mut signals = signals::hook()?;
         poll.registry()
@@ -121,11 +130,9 @@ impl Server {
             registered: vec![true; listeners.len()],
             listeners,
             children: Children::default(),
-            settings: Settings {
-                banner: config.banner.clone(),
-                idle_timeout: config.idle_timeout,
-                max_session_time: config.max_session_time,
-            },
+            settings: Settings::from(config),
+            config: config.clone(),
+            reload,
             limits: config.limits.clone(),
             admission: Admission::default(),
             at_capacity: false,
@@ -215,9 +222,7 @@ impl Server {
         for request in requests {
             match request {
                 Request::Reap | Request::Shutdown(..) => {}
-                Request::Reload => {
-                    info!("SIGHUP: configuration reload is not supported yet; nothing changed")
-                }
+                Request::Reload => self.reload(),
                 Request::Status => self.log_status(),
             }
         }
@@ -482,6 +487,110 @@ impl Server {
         let _ = stream.read(&mut unread);
     }
 
+    /// SIGHUP: re-read the configuration and apply it to everything that starts from now on
+    /// (sessions already running keep what they were forked with). All or nothing: a config
+    /// that does not parse or validate, or a new address that cannot be bound, is refused and
+    /// the running configuration stays, listeners included.
+    fn reload(&mut self) {
+        let new = match (self.reload)() {
+            Ok(new) => new,
+            Err(e) => {
+                error!("reload refused: {e}; the running configuration stays");
+                return;
+            }
+        };
+        let serving = self.phase == Phase::Serving;
+        // Bind what is new before anything changes: a failure here leaves all as it was.
+        let fresh = if serving {
+            let added: Vec<SocketAddr> = new
+                .listen
+                .iter()
+                .filter(|a| !self.listeners.iter().any(|l| l.configured == **a))
+                .copied()
+                .collect();
+            match crate::listen::bind_all(&added, new.backlog, new.reuse_port) {
+                Ok(fresh) => fresh,
+                Err(e) => {
+                    error!("reload refused: {e}; the running configuration stays");
+                    return;
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        let mut changes = describe_changes(&self.config, &new);
+        if new.pid_file != self.config.pid_file {
+            warn!("pid_file changes take effect at the next start");
+        }
+        self.settings = Settings::from(&new);
+        self.limits = new.limits.clone();
+        self.shutdown_timeout = new.shutdown_timeout;
+        self.kill_timeout = new.kill_timeout;
+        crate::logging::set_level(new.log_level);
+        if serving {
+            changes.extend(self.install_listeners(&new.listen, fresh));
+        }
+        // The pid file in force is the one we hold; keep describing that one.
+        let pid_file = self.config.pid_file.take();
+        self.config = new;
+        self.config.pid_file = pid_file;
+        if changes.is_empty() {
+            info!("reloaded configuration: nothing changed");
+        } else {
+            info!("reloaded configuration: {}", changes.join(", "));
+        }
+        self.check_capacity();
+    }
+
+    /// Replaces the listeners by those configured in `listen`: keeps the ones still wanted,
+    /// adds `fresh` (already bound), and closes the rest, after serving every connection
+    /// already queued on them (those clients completed their handshake: closing the listener
+    /// would reset them). Returns what changed, for the reload's log line.
+    fn install_listeners(&mut self, listen: &[SocketAddr], fresh: Vec<Listener>) -> Vec<String> {
+        // Tokens are indexes into `listeners`: take every listener out of the poll set and
+        // put the survivors and the new ones back under their new tokens.
+        self.set_polling(false);
+        let (kept, dropped): (Vec<Listener>, Vec<Listener>) = std::mem::take(&mut self.listeners)
+            .into_iter()
+            .partition(|l| listen.contains(&l.configured));
+        let mut changes: Vec<String> = fresh
+            .iter()
+            .map(|l| format!("listen +{}", l.local))
+            .collect();
+        for listener in &fresh {
+            info!("listening on {}", listener.local);
+        }
+        self.listeners = kept.into_iter().chain(fresh).collect();
+        self.registered = vec![false; self.listeners.len()];
+        // Queued connections raise no new edge: look at every listener on the next turn.
+        self.ready = vec![true; self.listeners.len()];
+        for listener in dropped {
+            self.serve_queue_of(&listener);
+            info!("stopped listening on {}", listener.local);
+            changes.push(format!("listen -{}", listener.local));
+        }
+        if !self.at_capacity {
+            self.set_polling(true);
+        }
+        changes
+    }
+
+    /// Accepts (and admits or refuses, as always) every connection queued on a listener that
+    /// is about to close.
+    fn serve_queue_of(&mut self, listener: &Listener) {
+        loop {
+            match listener.socket.accept() {
+                Ok((stream, peer)) => self.start_session(stream, peer),
+                Err(e) if e.kind() == ErrorKind::Interrupted || is_connection_error(&e) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    warn!("accept on {} while closing it: {e}", listener.local);
+                    return;
+                }
+            }
+        }
+    }
+
     fn log_status(&self) {
         let totals = &self.children.totals;
         let mut endings: Vec<String> = totals
@@ -512,6 +621,84 @@ impl Server {
             seconds(self.started.elapsed())
         );
     }
+}
+
+/// What a reload changes, as `key old -> new` items for one log line (listen addresses are
+/// reported by `swap_listeners`).
+fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
+    let mut changes = Vec::new();
+    let mut compare = |key: &str, a: String, b: String| {
+        if a != b {
+            changes.push(format!("{key} {a} -> {b}"));
+        }
+    };
+    let secs = |d: Option<Duration>| d.map_or("never".to_string(), seconds);
+    let (o, n) = (&old.limits, &new.limits);
+    compare(
+        "banner",
+        format!("{:?}", String::from_utf8_lossy(&old.banner)),
+        format!("{:?}", String::from_utf8_lossy(&new.banner)),
+    );
+    compare("backlog", old.backlog.to_string(), new.backlog.to_string());
+    compare(
+        "idle_timeout",
+        secs(old.idle_timeout),
+        secs(new.idle_timeout),
+    );
+    compare(
+        "max_session_time",
+        secs(old.max_session_time),
+        secs(new.max_session_time),
+    );
+    compare(
+        "shutdown_timeout",
+        seconds(old.shutdown_timeout),
+        seconds(new.shutdown_timeout),
+    );
+    compare(
+        "kill_timeout",
+        seconds(old.kill_timeout),
+        seconds(new.kill_timeout),
+    );
+    compare(
+        "log_level",
+        old.log_level.to_string(),
+        new.log_level.to_string(),
+    );
+    compare(
+        "max_children",
+        o.max_children.to_string(),
+        n.max_children.to_string(),
+    );
+    compare(
+        "max_per_source",
+        o.max_per_source.to_string(),
+        n.max_per_source.to_string(),
+    );
+    compare(
+        "source_prefix_v4",
+        o.source_prefix_v4.to_string(),
+        n.source_prefix_v4.to_string(),
+    );
+    compare(
+        "source_prefix_v6",
+        o.source_prefix_v6.to_string(),
+        n.source_prefix_v6.to_string(),
+    );
+    compare("allow", format!("{:?}", o.allow), format!("{:?}", n.allow));
+    compare("deny", format!("{:?}", o.deny), format!("{:?}", n.deny));
+    compare("rate", format!("{:?}", o.rate), format!("{:?}", n.rate));
+    compare(
+        "refusal_message",
+        format!("{:?}", String::from_utf8_lossy(&o.refusal_message)),
+        format!("{:?}", String::from_utf8_lossy(&n.refusal_message)),
+    );
+    compare(
+        "reuse_port",
+        old.reuse_port.to_string(),
+        new.reuse_port.to_string(),
+    );
+    changes
 }
 
 /// Errors `accept` reports for one connection that went bad before it was taken (Linux passes

@@ -43,6 +43,16 @@ pub struct Settings {
     pub max_session_time: Option<Duration>,
 }
 
+impl From<&crate::config::Config> for Settings {
+    fn from(config: &crate::config::Config) -> Self {
+        Settings {
+            banner: config.banner.clone(),
+            idle_timeout: config.idle_timeout,
+            max_session_time: config.max_session_time,
+        }
+    }
+}
+
 /// How a session ended.
 #[derive(Debug)]
 pub enum Outcome {

@@ -180,6 +180,16 @@ impl Server {
         self.pid
     }
 
+    /// Replaces the text of the config file the server was started with (see `config`), for
+    /// a reload test.
+    pub fn rewrite_config(&self, text: &str) {
+        let dir = self
+            ._dir
+            .as_ref()
+            .expect("server started without .config(...)");
+        std::fs::write(dir.path().join("forkecho.toml"), text).unwrap();
+    }
+
     /// Connects to the first listener, with read/write timeouts so a broken server fails the
     /// test instead of hanging it.
     pub fn connect(&self) -> TcpStream {
