@@ -24,7 +24,7 @@ pub const DEFAULT_KILL_TIMEOUT_SECS: f64 = 2.0;
 const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
 
 /// The keys a config file may hold, in the order the documentation lists them.
-pub const KEYS: [&str; 19] = [
+pub const KEYS: [&str; 21] = [
     "listen",
     "banner",
     "backlog",
@@ -44,6 +44,8 @@ pub const KEYS: [&str; 19] = [
     "reuse_port",
     "pid_file",
     "log_level",
+    "log_file",
+    "daemonize",
 ];
 
 /// Longest refusal message: it is written once to a non-blocking socket, so it must fit
@@ -135,6 +137,14 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub pid_file: Option<PathBuf>,
 
+    /// Append the log (everyone's stderr) to this file instead of stderr
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+
+    /// Detach and run in the background; return once listening (exit 0) or with the error
+    #[arg(long)]
+    pub daemonize: bool,
+
     /// error, warn, info, debug, trace or off; RUST_LOG, when set, wins [default: info]
     #[arg(long, value_name = "LEVEL", value_parser = parse_log_level)]
     pub log_level: Option<log::LevelFilter>,
@@ -159,6 +169,10 @@ pub struct Config {
     pub pid_file: Option<PathBuf>,
     /// How much to log (unless `RUST_LOG` is set).
     pub log_level: log::LevelFilter,
+    /// Where the log goes instead of stderr; none = stderr.
+    pub log_file: Option<PathBuf>,
+    /// Detach into the background at start.
+    pub daemonize: bool,
     /// Idle (and blocked-write) limit of a session; `None` = never.
     pub idle_timeout: Option<Duration>,
     /// Grace period for sessions on a smart shutdown.
@@ -184,6 +198,8 @@ impl Default for Config {
             reuse_port: false,
             pid_file: None,
             log_level: log::LevelFilter::Info,
+            log_file: None,
+            daemonize: false,
             idle_timeout: Some(Duration::from_secs_f64(DEFAULT_IDLE_TIMEOUT_SECS)),
             shutdown_timeout: Duration::from_secs_f64(DEFAULT_SHUTDOWN_TIMEOUT_SECS),
             kill_timeout: Duration::from_secs_f64(DEFAULT_KILL_TIMEOUT_SECS),
@@ -244,7 +260,19 @@ impl Config {
             key: None,
             reason: format!("cannot read: {}", crate::os_error_text(&e)),
         })?;
-        self.apply_toml(&origin, &text)
+        self.apply_toml(&origin, &text)?;
+        // Relative paths in a file mean relative to that file, whatever the working directory
+        // is (a daemon's is /), so a reload finds the same files as the start did.
+        let dir = path.parent().unwrap_or(Path::new("."));
+        for file in [&mut self.pid_file, &mut self.log_file]
+            .into_iter()
+            .flatten()
+        {
+            if file.is_relative() {
+                *file = dir.join(&*file);
+            }
+        }
+        Ok(())
     }
 
     /// Applies the keys of one TOML document; `origin` names it in errors.
@@ -272,6 +300,8 @@ impl Config {
             "reuse_port" => self.reuse_port = expect_bool(value)?,
             "pid_file" => self.pid_file = Some(PathBuf::from(expect_str(value)?)),
             "log_level" => self.log_level = parse_log_level(expect_str(value)?)?,
+            "log_file" => self.log_file = Some(PathBuf::from(expect_str(value)?)),
+            "daemonize" => self.daemonize = expect_bool(value)?,
             "idle_timeout" => self.idle_timeout = never_if_zero(seconds_from_toml(value)?),
             "shutdown_timeout" => self.shutdown_timeout = seconds_from_toml(value)?,
             "kill_timeout" => self.kill_timeout = seconds_from_toml(value)?,
@@ -320,6 +350,12 @@ impl Config {
         }
         if let Some(level) = cli.log_level {
             self.log_level = level;
+        }
+        if let Some(path) = &cli.log_file {
+            self.log_file = Some(path.clone());
+        }
+        if cli.daemonize {
+            self.daemonize = true;
         }
         if let Some(idle) = cli.idle_timeout {
             self.idle_timeout = never_if_zero(idle);

@@ -16,12 +16,15 @@
 //! - [`session`]: the child's blocking echo, and the exit code that says how it ended.
 //! - [`children`]: the table of live children, the reaper, and the totals.
 //! - [`pidfile`]: the locked pid file that keeps a second instance from starting.
+//! - [`daemon`]: `--daemonize` (detach, then report readiness to the starting command) and
+//!   `log_file`.
 //! - [`signals`]: signal-hook's self-pipe, what each signal means, and resetting them in a child.
 //!
 //! `main.rs` only parses the command line, binds, and hands over to [`server::run`].
 
 pub mod children;
 pub mod config;
+pub mod daemon;
 pub mod limits;
 pub mod listen;
 pub mod logging;

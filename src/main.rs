@@ -1,4 +1,5 @@
-//! The `forkecho` binary: parse the command line, load the config, bind, serve.
+//! The `forkecho` binary: parse the command line, load the config, detach if asked, bind,
+//! serve.
 //!
 //! Exit codes: 0 after a clean shutdown, 1 when the server cannot start or fails, 2 for a
 //! configuration or usage error.
@@ -7,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use forkecho::config::{Cli, Config};
+use forkecho::daemon::{self, Readiness};
 use forkecho::pidfile::PidFile;
 use forkecho::{listen, logging, server};
 
@@ -14,7 +16,17 @@ const EXIT_FAILURE: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // Paths given on the command line are relative to where forkecho was started; a daemon
+    // works from /, and a reload must find the same config file.
+    for path in [&mut cli.config, &mut cli.pid_file, &mut cli.log_file]
+        .into_iter()
+        .flatten()
+    {
+        if let Ok(absolute) = std::path::absolute(&*path) {
+            *path = absolute;
+        }
+    }
     let config = match Config::load(&cli) {
         Ok(config) => config,
         Err(e) => {
@@ -26,31 +38,62 @@ fn main() -> ExitCode {
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }
+    let mut readiness = match detach_and_redirect(&config) {
+        Ok(readiness) => readiness,
+        Err(message) => {
+            eprintln!("forkecho: {message}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
     logging::init(config.log_level);
     let listeners = match listen::bind_all(&config.listen, config.backlog, config.reuse_port) {
         Ok(listeners) => listeners,
-        Err(e) => {
-            // Straight to stderr, like config errors: RUST_LOG=off must not hide why we stopped.
-            eprintln!("forkecho: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
+        Err(e) => return startup_failed(&mut readiness, &e.to_string()),
     };
     // After binding, so a pid file names a daemon that is listening; held (locked) until
     // main returns, then removed.
     let _pid_file = match config.pid_file.as_deref().map(PidFile::create).transpose() {
         Ok(pid_file) => pid_file,
-        Err(e) => {
-            eprintln!("forkecho: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
+        Err(e) => return startup_failed(&mut readiness, &e.to_string()),
     };
     // SIGHUP re-runs exactly this load: the same file, the same command-line overrides.
     let reload: server::Reloader = Box::new(move || Config::load(&cli));
-    match server::run(&config, listeners, reload) {
+    let ready = Box::new(move || readiness.ready());
+    match server::run(&config, listeners, reload, ready) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("server failed: {e}");
             ExitCode::from(EXIT_FAILURE)
         }
     }
+}
+
+/// Opens `log_file` (here, so a bad path is reported on the terminal), then detaches if
+/// `daemonize` is set, or else sends stderr to the log file.
+fn detach_and_redirect(config: &Config) -> Result<Readiness, String> {
+    let log = match &config.log_file {
+        Some(path) => Some(daemon::open_log(path).map_err(|e| {
+            format!(
+                "cannot open log file {}: {}",
+                path.display(),
+                forkecho::os_error_text(&e)
+            )
+        })?),
+        None => None,
+    };
+    if config.daemonize {
+        return daemon::daemonize(log).map_err(|e| format!("cannot daemonize: {e}"));
+    }
+    if let Some(log) = &log {
+        daemon::redirect_stderr(log).map_err(|e| format!("cannot log to the log file: {e}"))?;
+    }
+    Ok(Readiness::none())
+}
+
+/// A startup error: on stderr whatever the log level (RUST_LOG=off must not hide why we
+/// stopped), and to the command waiting for a daemon's report.
+fn startup_failed(readiness: &mut Readiness, message: &str) -> ExitCode {
+    eprintln!("forkecho: {message}");
+    readiness.failed(message);
+    ExitCode::from(EXIT_FAILURE)
 }

@@ -102,13 +102,21 @@ pub struct Server {
 ///
 /// `reload` re-reads the configuration (file and command line) on SIGHUP; an error is
 /// refused and the running configuration stays.
-pub fn run(config: &Config, listeners: Vec<Listener>, reload: Reloader) -> io::Result<()> {
+/// `ready` runs once the daemon can be signalled and serves (e.g. `--daemonize` reporting
+/// back to the command that started it).
+pub fn run(
+    config: &Config,
+    listeners: Vec<Listener>,
+    reload: Reloader,
+    ready: Box<dyn FnOnce()>,
+) -> io::Result<()> {
     let mut server = Server::new(config, listeners, reload)?;
     // Announced only now that the signal handlers are installed: whoever waits for this line
     // (a test, a supervisor) may send SIGTERM at once and must not kill us with the default action.
     for listener in &server.listeners {
         info!("listening on {}", listener.local);
     }
+    ready();
     server.serve()
 }
 

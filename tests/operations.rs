@@ -228,3 +228,77 @@ fn read_exactly(s: &mut std::net::TcpStream, n: usize) -> Vec<u8> {
     s.read_exact(&mut buf).expect("read");
     buf
 }
+
+/// `--daemonize` returns (exit 0) only once the daemon listens, so a client can connect the
+/// moment the command is done; the daemon is detached (parent gone, cwd /, own session), logs
+/// to `--log-file`, and removes its pid file when it stops.
+#[test]
+fn daemonize_returns_once_listening() {
+    let dir = TempDir::new();
+    let pid_path = dir.path().join("d.pid");
+    let log_path = dir.path().join("d.log");
+    let out = run(&[
+        "--daemonize",
+        "-l",
+        "127.0.0.1:0",
+        "--pid-file",
+        pid_path.to_str().unwrap(),
+        "--log-file",
+        log_path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let pid: i32 = std::fs::read_to_string(&pid_path)
+        .expect("pid file written before the command returned")
+        .trim()
+        .parse()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(pid);
+    let _daemon = KillOnDrop(pid);
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let addr: std::net::SocketAddr = log
+        .split("listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("`listening on` in the log file before the command returned")
+        .parse()
+        .unwrap();
+    // No waiting: the command's exit is the readiness signal.
+    let mut s = connect(addr);
+    expect_banner(&mut s);
+    assert_eq!(echo_roundtrip(&mut s, b"detached\n"), b"detached\n");
+    drop(s);
+
+    assert_ne!(stat_field(pid, 4), Some(std::process::id().to_string()));
+    assert_ne!(
+        stat_field(pid, 6),
+        Some(pid.to_string()),
+        "not a session leader"
+    );
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap(),
+        std::path::Path::new("/")
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(
+        wait_until(WAIT, || !pid_path.exists()),
+        "pid file still there after SIGTERM"
+    );
+    assert!(std::fs::read_to_string(&log_path)
+        .unwrap()
+        .contains("shutdown complete"));
+}
+
+/// `--daemonize` with a startup error (port in use) exits 1 with the daemon's message, so a
+/// script's `forkecho --daemonize && ...` stops there.
+#[test]
+fn daemonize_reports_startup_errors() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = run(&["--daemonize", "-l", &addr]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot listen on {addr}: address already in use")),
+        "{err}"
+    );
+}

@@ -496,15 +496,6 @@ fn second_sigterm_escalates_shutdown() {
     assert_closed_by_server(&mut s, "idle session after the second SIGTERM");
 }
 
-/// SIGKILLs one process by pid when dropped (for a child the server no longer supervises).
-struct KillOnDrop(Pid);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = kill(self.0, Signal::SIGKILL);
-    }
-}
-
 /// A parent killed outright leaves its sessions echoing (each child stands alone), and a new
 /// forkecho binds the same port at once (SO_REUSEADDR) while the old session still holds it.
 #[test]

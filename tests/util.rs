@@ -332,6 +332,16 @@ impl Drop for Server {
     }
 }
 
+/// SIGKILLs one process by pid when dropped: for a process no `Server` guards (an orphaned
+/// child, a daemon that detached).
+pub struct KillOnDrop(pub Pid);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = kill(self.0, Signal::SIGKILL);
+    }
+}
+
 /// One process as seen in /proc/<pid>/stat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProcInfo {
