@@ -24,7 +24,7 @@ pub const DEFAULT_KILL_TIMEOUT_SECS: f64 = 2.0;
 const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
 
 /// The keys a config file may hold, in the order the documentation lists them.
-pub const KEYS: [&str; 21] = [
+pub const KEYS: [&str; 23] = [
     "listen",
     "banner",
     "backlog",
@@ -46,6 +46,8 @@ pub const KEYS: [&str; 21] = [
     "log_level",
     "log_file",
     "daemonize",
+    "user",
+    "group",
 ];
 
 /// Longest refusal message: it is written once to a non-blocking socket, so it must fit
@@ -145,6 +147,14 @@ pub struct Cli {
     #[arg(long)]
     pub daemonize: bool,
 
+    /// After binding, drop privileges to this user (name or uid); needs root
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// With --user: the group (name or gid) [default: the user's primary group]
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+
     /// error, warn, info, debug, trace or off; RUST_LOG, when set, wins [default: info]
     #[arg(long, value_name = "LEVEL", value_parser = parse_log_level)]
     pub log_level: Option<log::LevelFilter>,
@@ -173,6 +183,11 @@ pub struct Config {
     pub log_file: Option<PathBuf>,
     /// Detach into the background at start.
     pub daemonize: bool,
+    /// Who to become after binding; none = stay who we are.
+    pub run_as: Option<crate::privileges::Identity>,
+    /// `user` and `group` as given, resolved into `run_as` once all layers are applied.
+    user: Option<String>,
+    group: Option<String>,
     /// Idle (and blocked-write) limit of a session; `None` = never.
     pub idle_timeout: Option<Duration>,
     /// Grace period for sessions on a smart shutdown.
@@ -200,6 +215,9 @@ impl Default for Config {
             log_level: log::LevelFilter::Info,
             log_file: None,
             daemonize: false,
+            run_as: None,
+            user: None,
+            group: None,
             idle_timeout: Some(Duration::from_secs_f64(DEFAULT_IDLE_TIMEOUT_SECS)),
             shutdown_timeout: Duration::from_secs_f64(DEFAULT_SHUTDOWN_TIMEOUT_SECS),
             kill_timeout: Duration::from_secs_f64(DEFAULT_KILL_TIMEOUT_SECS),
@@ -250,6 +268,25 @@ impl Config {
             reason,
         })?;
         config.limits.rate = rate(config.rate_per_second, config.rate_burst);
+        config.run_as = match (&config.user, &config.group) {
+            (Some(user), group) => Some(
+                crate::privileges::resolve(user, group.as_deref()).map_err(|reason| {
+                    ConfigError {
+                        origin: "configuration".into(),
+                        key: Some("user".into()),
+                        reason,
+                    }
+                })?,
+            ),
+            (None, Some(_)) => {
+                return Err(ConfigError {
+                    origin: "configuration".into(),
+                    key: Some("group".into()),
+                    reason: "needs `user` too".into(),
+                })
+            }
+            (None, None) => None,
+        };
         Ok(config)
     }
 
@@ -302,6 +339,8 @@ impl Config {
             "log_level" => self.log_level = parse_log_level(expect_str(value)?)?,
             "log_file" => self.log_file = Some(PathBuf::from(expect_str(value)?)),
             "daemonize" => self.daemonize = expect_bool(value)?,
+            "user" => self.user = Some(expect_str(value)?.to_string()),
+            "group" => self.group = Some(expect_str(value)?.to_string()),
             "idle_timeout" => self.idle_timeout = never_if_zero(seconds_from_toml(value)?),
             "shutdown_timeout" => self.shutdown_timeout = seconds_from_toml(value)?,
             "kill_timeout" => self.kill_timeout = seconds_from_toml(value)?,
@@ -356,6 +395,12 @@ impl Config {
         }
         if cli.daemonize {
             self.daemonize = true;
+        }
+        if let Some(user) = &cli.user {
+            self.user = Some(user.clone());
+        }
+        if let Some(group) = &cli.group {
+            self.group = Some(group.clone());
         }
         if let Some(idle) = cli.idle_timeout {
             self.idle_timeout = never_if_zero(idle);

@@ -16,6 +16,7 @@
 //! - [`session`]: the child's blocking echo, and the exit code that says how it ended.
 //! - [`children`]: the table of live children, the reaper, and the totals.
 //! - [`pidfile`]: the locked pid file that keeps a second instance from starting.
+//! - [`privileges`]: dropping root after binding (setgroups, setgid, setuid).
 //! - [`daemon`]: `--daemonize` (detach, then report readiness to the starting command) and
 //!   `log_file`.
 //! - [`signals`]: signal-hook's self-pipe, what each signal means, and resetting them in a child.
@@ -29,6 +30,7 @@ pub mod limits;
 pub mod listen;
 pub mod logging;
 pub mod pidfile;
+pub mod privileges;
 pub mod server;
 pub mod session;
 pub mod signals;

@@ -56,6 +56,14 @@ fn main() -> ExitCode {
         Ok(pid_file) => pid_file,
         Err(e) => return startup_failed(&mut readiness, &e.to_string()),
     };
+    // Last step with root: ports are bound, log and pid files are open. From here on neither
+    // the parent nor any child it forks can do anything as root.
+    if let Some(who) = &config.run_as {
+        if let Err(message) = forkecho::privileges::drop_to(who) {
+            return startup_failed(&mut readiness, &message);
+        }
+        log::info!("running as {} (uid {}, gid {})", who.user, who.uid, who.gid);
+    }
     // SIGHUP re-runs exactly this load: the same file, the same command-line overrides.
     let reload: server::Reloader = Box::new(move || Config::load(&cli));
     let ready = Box::new(move || readiness.ready());

@@ -530,6 +530,9 @@ impl Server {
         if new.pid_file != self.config.pid_file {
             warn!("pid_file changes take effect at the next start");
         }
+        if new.run_as != self.config.run_as {
+            warn!("user and group changes take effect at the next start (root is gone)");
+        }
         self.settings = Settings::from(&new);
         self.limits = new.limits.clone();
         self.shutdown_timeout = new.shutdown_timeout;

@@ -302,3 +302,53 @@ fn daemonize_reports_startup_errors() {
         "{err}"
     );
 }
+
+/// The real, effective, saved and filesystem ids of a process, from /proc/<pid>/status.
+fn ids(pid: nix::unistd::Pid, field: &str) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_else(|| panic!("no {field} in status"))
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect()
+}
+
+/// `--user nobody` (as root): after binding, the parent and every child it forks run as
+/// nobody, with nobody's group and no supplementary root groups, and cannot become root again.
+#[test]
+fn user_drops_privileges_for_parent_and_children() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping user_drops_privileges: only root can switch users");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("user nobody");
+    let (uid, gid) = (nobody.uid.as_raw(), nobody.gid.as_raw());
+    let server = Server::builder().args(["--user", "nobody"]).start();
+    server.wait_for_line(&format!("running as nobody (uid {uid}, gid {gid})"));
+    let s = server.connect_greeted();
+    let child = server.child_pid_for(s.local_addr().unwrap());
+    for pid in [server.pid(), child] {
+        assert_eq!(ids(pid, "Uid:"), vec![uid; 4], "uids of {pid}");
+        assert_eq!(ids(pid, "Gid:"), vec![gid; 4], "gids of {pid}");
+        assert_eq!(ids(pid, "Groups:"), vec![gid], "groups of {pid}");
+    }
+}
+
+/// An unknown user, or a group without a user, is a configuration error naming the key.
+#[test]
+fn bad_user_settings_are_config_errors() {
+    let out = run(&["--user", "no-such-user-here", "--check-config"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("key `user`") && err.contains("no user `no-such-user-here`"),
+        "{err}"
+    );
+    let out = run(&["--group", "nogroup", "--check-config"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("key `group`: needs `user` too"));
+}
