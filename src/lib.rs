@@ -16,6 +16,7 @@
 //! - [`session`]: the child's blocking echo, and the exit code that says how it ended.
 //! - [`children`]: the table of live children, the reaper, and the totals.
 //! - [`pidfile`]: the locked pid file that keeps a second instance from starting.
+//! - [`systemd`]: readiness and status for `Type=notify` (sockets come through [`listen`]).
 //! - [`privileges`]: dropping root after binding (setgroups, setgid, setuid).
 //! - [`daemon`]: `--daemonize` (detach, then report readiness to the starting command) and
 //!   `log_file`.
@@ -35,6 +36,7 @@ pub mod server;
 pub mod session;
 pub mod signals;
 pub mod spawn;
+pub mod systemd;
 
 /// An OS error as an operator reads it: `address already in use`, without Rust's
 /// `(os error 98)` suffix. Errors without an errno are shown as they are.

@@ -13,6 +13,8 @@ pub struct Listener {
     pub configured: SocketAddr,
     /// The address actually bound.
     pub local: SocketAddr,
+    /// Passed in by systemd (socket activation): its address belongs to the .socket unit.
+    pub from_systemd: bool,
 }
 
 /// Why a listener could not be set up; displays as `cannot listen on ADDR: reason`.
@@ -48,6 +50,36 @@ pub fn bind_all(
         .collect()
 }
 
+/// The listening sockets systemd passed us (socket activation: `LISTEN_FDS`, for this pid),
+/// or `None` when started without them. They replace the `listen` addresses: systemd bound
+/// them (privileged ports included, before we ever ran) and keeps them across our restarts.
+pub fn from_systemd() -> io::Result<Option<Vec<Listener>>> {
+    let mut passed = listenfd::ListenFd::from_env();
+    if passed.len() == 0 {
+        return Ok(None);
+    }
+    let mut listeners = Vec::new();
+    for i in 0..passed.len() {
+        let Some(socket) = passed.take_tcp_listener(i)? else {
+            log::warn!("socket {i} passed by systemd is not a TCP listener; ignored");
+            continue;
+        };
+        // The loop needs non-blocking accepts; systemd hands sockets over blocking.
+        socket.set_nonblocking(true)?;
+        let local = socket.local_addr()?;
+        listeners.push(Listener {
+            socket: TcpListener::from_std(socket),
+            configured: local,
+            local,
+            from_systemd: true,
+        });
+    }
+    if listeners.is_empty() {
+        return Err(io::Error::other("systemd passed no TCP listening socket"));
+    }
+    Ok(Some(listeners))
+}
+
 fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<Listener> {
     // socket2 creates the socket with SOCK_CLOEXEC; children never exec, and they close it anyway.
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -72,5 +104,6 @@ fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<Listener
         socket: TcpListener::from_std(std_listener),
         configured: addr,
         local,
+        from_systemd: false,
     })
 }

@@ -46,9 +46,22 @@ fn main() -> ExitCode {
         }
     };
     logging::init(config.log_level);
-    let listeners = match listen::bind_all(&config.listen, config.backlog, config.reuse_port) {
-        Ok(listeners) => listeners,
-        Err(e) => return startup_failed(&mut readiness, &e.to_string()),
+    let listeners = match listen::from_systemd() {
+        Ok(Some(passed)) => {
+            log::info!(
+                "using {} listening socket(s) passed by systemd; `listen` is not used",
+                passed.len()
+            );
+            passed
+        }
+        Ok(None) => match listen::bind_all(&config.listen, config.backlog, config.reuse_port) {
+            Ok(listeners) => listeners,
+            Err(e) => return startup_failed(&mut readiness, &e.to_string()),
+        },
+        Err(e) => {
+            let message = format!("cannot use the sockets passed by systemd: {e}");
+            return startup_failed(&mut readiness, &message);
+        }
     };
     // After binding, so a pid file names a daemon that is listening; held (locked) until
     // main returns, then removed.
@@ -66,7 +79,10 @@ fn main() -> ExitCode {
     }
     // SIGHUP re-runs exactly this load: the same file, the same command-line overrides.
     let reload: server::Reloader = Box::new(move || Config::load(&cli));
-    let ready = Box::new(move || readiness.ready());
+    let ready = Box::new(move || {
+        readiness.ready();
+        forkecho::systemd::ready("serving");
+    });
     match server::run(&config, listeners, reload, ready) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -269,6 +269,9 @@ impl Server {
     fn shutdown(&mut self, mode: Mode, signal: Signal) {
         let sig = signal.as_str();
         let n = self.children.len();
+        if self.phase == Phase::Serving {
+            crate::systemd::stopping(&format!("{} shutdown on {sig}", mode.name()));
+        }
         match (self.phase, mode) {
             (Phase::Killing, _) => {}
             (_, Mode::Immediate) | (Phase::Terminating { .. }, _) => {
@@ -329,11 +332,13 @@ impl Server {
                 "max_children reached ({} active): new clients wait in the backlog",
                 self.children.len()
             );
+            crate::systemd::status("at max_children: new clients wait in the backlog");
         } else {
             info!(
                 "below max_children again ({} active): accepting",
                 self.children.len()
             );
+            crate::systemd::status("serving");
             // Edge-triggered: connections that queued meanwhile raise no new event.
             self.ready.iter_mut().for_each(|r| *r = true);
         }
@@ -507,7 +512,9 @@ impl Server {
                 return;
             }
         };
-        let serving = self.phase == Phase::Serving;
+        // Sockets passed by systemd belong to its .socket unit: `listen` does not apply.
+        let serving =
+            self.phase == Phase::Serving && !self.listeners.iter().any(|l| l.from_systemd);
         // Bind what is new before anything changes: a failure here leaves all as it was.
         let fresh = if serving {
             let added: Vec<SocketAddr> = new
@@ -550,6 +557,7 @@ impl Server {
         } else {
             info!("reloaded configuration: {}", changes.join(", "));
         }
+        crate::systemd::status("serving (configuration reloaded)");
         self.check_capacity();
     }
 

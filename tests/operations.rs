@@ -352,3 +352,105 @@ fn bad_user_settings_are_config_errors() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("key `group`: needs `user` too"));
 }
+
+/// Stops a socket-activated forkecho (systemd-socket-activate execs it in place, so it keeps
+/// the activator's pid) and its children, by pid.
+struct ActivationGuard {
+    process: std::process::Child,
+}
+
+impl Drop for ActivationGuard {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.process.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP);
+        for session in children_of(pid) {
+            let _ = nix::sys::signal::kill(session.pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// Socket activation for real, with systemd's `systemd-socket-activate`: the socket it passes
+/// (LISTEN_FDS) is used instead of `listen`, the client whose connection triggered the start
+/// is served, and so is the next.
+#[test]
+fn socket_activation_with_systemd_socket_activate() {
+    let activate = "systemd-socket-activate";
+    if std::process::Command::new(activate)
+        .arg("--help")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipping socket activation test: {activate} is not installed");
+        return;
+    }
+    let dir = TempDir::new();
+    let log_path = dir.path().join("activated.log");
+    let port = free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let activator = std::process::Command::new(activate)
+        .args(["-l", &addr.to_string(), "-E", "RUST_LOG=debug", BIN])
+        // Had forkecho bound `listen` itself, it would fail: the port is systemd's.
+        .args([
+            "-l",
+            &addr.to_string(),
+            "--log-file",
+            log_path.to_str().unwrap(),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start systemd-socket-activate");
+    let guard = ActivationGuard { process: activator };
+    let pid = nix::unistd::Pid::from_raw(guard.process.id() as i32);
+
+    // The first connection wakes the activator, which starts forkecho on the passed socket.
+    let mut first = None;
+    assert!(wait_until(WAIT, || {
+        first = std::net::TcpStream::connect(addr).ok();
+        first.is_some()
+    }));
+    let mut first = first.unwrap();
+    first.set_read_timeout(Some(WAIT)).unwrap();
+    expect_banner(&mut first);
+    assert_eq!(echo_roundtrip(&mut first, b"activated\n"), b"activated\n");
+    let mut second = connect(addr);
+    expect_banner(&mut second);
+
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("using 1 listening socket(s) passed by systemd")
+            && log.contains(&format!("listening on {addr}")),
+        "{log}"
+    );
+    // The activator became forkecho (exec, same pid: LISTEN_PID), serving two sessions.
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(comm.trim(), "forkecho");
+    assert_eq!(children_of(pid).len(), 2, "{:?}", children_of(pid));
+    drop(guard);
+}
+
+/// `Type=notify`: with NOTIFY_SOCKET set, forkecho sends READY=1 once listening and
+/// STOPPING=1 when a shutdown starts.
+#[test]
+fn sd_notify_ready_and_stopping() {
+    let dir = TempDir::new();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(WAIT)).unwrap();
+    let mut server = Server::builder()
+        .env("NOTIFY_SOCKET", socket_path.to_str().unwrap())
+        .start();
+    let mut buf = [0u8; 4096];
+    let n = socket.recv(&mut buf).expect("a READY datagram");
+    let ready = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    assert!(ready.lines().any(|l| l.starts_with("STATUS=")), "{ready:?}");
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    let n = socket.recv(&mut buf).expect("a STOPPING datagram");
+    let stopping = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
+    assert!(server.wait_exit(WAIT).success());
+}
