@@ -110,6 +110,14 @@ pub fn redirect_stderr(log: &File) -> io::Result<()> {
     Ok(())
 }
 
+/// True when systemd started us with sockets or a notification socket: then we must stay
+/// the process it started.
+pub fn started_by_systemd() -> bool {
+    ["LISTEN_FDS", "NOTIFY_SOCKET"]
+        .iter()
+        .any(|var| std::env::var_os(var).is_some_and(|v| !v.is_empty()))
+}
+
 /// Opens the log file for appending (created 0640 if missing).
 pub fn open_log(path: &std::path::Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;

@@ -54,16 +54,34 @@ pub fn bind_all(
 /// or `None` when started without them. They replace the `listen` addresses: systemd bound
 /// them (privileged ports included, before we ever ran) and keeps them across our restarts.
 pub fn from_systemd() -> io::Result<Option<Vec<Listener>>> {
+    // The protocol names the receiving process in LISTEN_PID; listenfd would also take
+    // LISTEN_FDS without it, so a variable leaked from elsewhere could hand us random fds.
+    let for_us = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|pid| pid.parse::<u32>().ok())
+        == Some(std::process::id());
+    if !for_us {
+        return Ok(None);
+    }
     let mut passed = listenfd::ListenFd::from_env();
     if passed.len() == 0 {
         return Ok(None);
     }
     let mut listeners = Vec::new();
     for i in 0..passed.len() {
-        let Some(socket) = passed.take_tcp_listener(i)? else {
-            log::warn!("socket {i} passed by systemd is not a TCP listener; ignored");
-            continue;
+        let socket = match passed.take_tcp_listener(i) {
+            Ok(Some(socket)) => socket,
+            Ok(None) => continue,
+            Err(e) => {
+                log::warn!("socket {i} passed by systemd is not a TCP socket ({e}); ignored");
+                continue;
+            }
         };
+        // An Accept=yes unit passes connected sockets; accept on one fails forever.
+        if !socket2::SockRef::from(&socket).is_listener()? {
+            log::warn!("socket {i} passed by systemd is not listening (Accept=yes?); ignored");
+            continue;
+        }
         // The loop needs non-blocking accepts; systemd hands sockets over blocking.
         socket.set_nonblocking(true)?;
         let local = socket.local_addr()?;

@@ -38,20 +38,26 @@ fn main() -> ExitCode {
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }
-    let mut readiness = match detach_and_redirect(&config) {
-        Ok(readiness) => readiness,
+    // The pid-file lock comes first; see `PidFile::lock`. Its fd survives daemonizing.
+    let mut pid_file = match config.pid_file.as_deref().map(PidFile::lock).transpose() {
+        Ok(pid_file) => pid_file,
+        Err(e) => {
+            eprintln!("forkecho: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let (mut readiness, log_on_ready) = match detach(&config) {
+        Ok(detached) => detached,
         Err(message) => {
             eprintln!("forkecho: {message}");
             return ExitCode::from(EXIT_FAILURE);
         }
     };
     logging::init(config.log_level);
+    let mut from_systemd = 0;
     let listeners = match listen::from_systemd() {
         Ok(Some(passed)) => {
-            log::info!(
-                "using {} listening socket(s) passed by systemd; `listen` is not used",
-                passed.len()
-            );
+            from_systemd = passed.len();
             passed
         }
         Ok(None) => match listen::bind_all(&config.listen, config.backlog, config.reuse_port) {
@@ -63,12 +69,19 @@ fn main() -> ExitCode {
             return startup_failed(&mut readiness, &message);
         }
     };
-    // After binding, so a pid file names a daemon that is listening; held (locked) until
-    // main returns, then removed.
-    let _pid_file = match config.pid_file.as_deref().map(PidFile::create).transpose() {
-        Ok(pid_file) => pid_file,
-        Err(e) => return startup_failed(&mut readiness, &e.to_string()),
+    // SIGHUP re-runs exactly this load: the same file, the same command-line overrides.
+    let reload: server::Reloader = Box::new(move || Config::load(&cli));
+    // From here on signals are requests handled by the loop, never default actions.
+    let server = match server::Server::new(&config, listeners, reload) {
+        Ok(server) => server,
+        Err(e) => return startup_failed(&mut readiness, &format!("cannot set up the loop: {e}")),
     };
+    // Written only now: a script that signals the pid as soon as it appears must not kill us.
+    if let Some(pid_file) = &mut pid_file {
+        if let Err(e) = pid_file.write_pid() {
+            return startup_failed(&mut readiness, &e.to_string());
+        }
+    }
     // Last step with root: ports are bound, log and pid files are open. From here on neither
     // the parent nor any child it forks can do anything as root.
     if let Some(who) = &config.run_as {
@@ -77,13 +90,26 @@ fn main() -> ExitCode {
         }
         log::info!("running as {} (uid {}, gid {})", who.user, who.uid, who.gid);
     }
-    // SIGHUP re-runs exactly this load: the same file, the same command-line overrides.
-    let reload: server::Reloader = Box::new(move || Config::load(&cli));
+    // Every startup failure is behind us: from here the log goes to `log_file`, if set (a
+    // daemon's already does). Until now errors went to the terminal or the journal.
+    if let Some(log) = &log_on_ready {
+        if let Err(e) = daemon::redirect_stderr(log) {
+            return startup_failed(&mut readiness, &format!("cannot log to the log file: {e}"));
+        }
+    }
+    if from_systemd > 0 {
+        log::info!(
+            "using {from_systemd} listening socket(s) passed by systemd; `listen` is not used"
+        );
+    }
     let ready = Box::new(move || {
         readiness.ready();
         forkecho::systemd::ready("serving");
     });
-    match server::run(&config, listeners, reload, ready) {
+    let result = server.run(ready);
+    // Held (locked) until here, then removed.
+    drop(pid_file);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("server failed: {e}");
@@ -92,9 +118,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// Opens `log_file` (here, so a bad path is reported on the terminal), then detaches if
-/// `daemonize` is set, or else sends stderr to the log file.
-fn detach_and_redirect(config: &Config) -> Result<Readiness, String> {
+/// Opens `log_file` (here, so a bad path is reported on the terminal) and detaches if
+/// `daemonize` is set. Returns the report channel and, when not detached, the log file to
+/// send stderr to once started: until then startup errors still reach the terminal (or journal).
+fn detach(config: &Config) -> Result<(Readiness, Option<std::fs::File>), String> {
     let log = match &config.log_file {
         Some(path) => Some(daemon::open_log(path).map_err(|e| {
             format!(
@@ -105,13 +132,15 @@ fn detach_and_redirect(config: &Config) -> Result<Readiness, String> {
         })?),
         None => None,
     };
-    if config.daemonize {
-        return daemon::daemonize(log).map_err(|e| format!("cannot daemonize: {e}"));
+    if config.daemonize && daemon::started_by_systemd() {
+        // A detached child would have another pid: systemd's sockets (LISTEN_PID) and its
+        // notion of the main process would no longer be ours.
+        eprintln!("forkecho: started by systemd; --daemonize is ignored");
+    } else if config.daemonize {
+        let readiness = daemon::daemonize(log).map_err(|e| format!("cannot daemonize: {e}"))?;
+        return Ok((readiness, None));
     }
-    if let Some(log) = &log {
-        daemon::redirect_stderr(log).map_err(|e| format!("cannot log to the log file: {e}"))?;
-    }
-    Ok(Readiness::none())
+    Ok((Readiness::none(), log))
 }
 
 /// A startup error: on stderr whatever the log level (RUST_LOG=off must not hide why we

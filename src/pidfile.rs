@@ -67,40 +67,76 @@ impl std::fmt::Display for PidFileError {
 impl std::error::Error for PidFileError {}
 
 impl PidFile {
-    /// Locks `path` (creating it if needed) and writes this process's pid into it.
-    pub fn create(path: &Path) -> Result<PidFile, PidFileError> {
+    /// Locks `path` (creating it if needed), before anything is bound: a second instance must
+    /// be told about the pid file, not about a port conflict, and with `reuse_port` it must
+    /// never join the live instance's listeners. The pid is written later ([`write_pid`]).
+    ///
+    /// [`write_pid`]: PidFile::write_pid
+    pub fn lock(path: &Path) -> Result<PidFile, PidFileError> {
+        // A live instance may unlink the file between our open and our flock; then our lock
+        // would guard a deleted file. Check it is still the file at `path`, else try again.
+        for _ in 0..3 {
+            let lock = Self::open_and_lock(path)?;
+            if still_at_path(&lock, path) {
+                return Ok(PidFile {
+                    path: path.to_path_buf(),
+                    _lock: lock,
+                });
+            }
+        }
+        Err(PidFileError::Io {
+            path: path.to_path_buf(),
+            error: io::Error::other("it keeps being replaced while we lock it"),
+        })
+    }
+
+    fn open_and_lock(path: &Path) -> Result<Flock<File>, PidFileError> {
         let io_error = |error| PidFileError::Io {
             path: path.to_path_buf(),
             error,
         };
         // No O_TRUNC: the file may belong to a live instance until the lock says otherwise.
+        // O_NOFOLLOW: as root, a symlink planted there must not make us truncate its target.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(io_error)?;
-        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => lock,
-            Err((mut file, Errno::EWOULDBLOCK)) => {
-                return Err(PidFileError::Locked {
-                    path: path.to_path_buf(),
-                    pid: read_pid(&mut file),
-                })
-            }
-            Err((_, errno)) => return Err(io_error(errno.into())),
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(lock),
+            Err((mut file, Errno::EWOULDBLOCK)) => Err(PidFileError::Locked {
+                path: path.to_path_buf(),
+                pid: read_pid(&mut file),
+            }),
+            Err((_, errno)) => Err(io_error(errno.into())),
+        }
+    }
+
+    /// Writes this process's pid (call once listening, with signal handlers installed, so a
+    /// script that signals the pid as soon as it appears does not kill us).
+    pub fn write_pid(&mut self) -> Result<(), PidFileError> {
+        let io_error = |error| PidFileError::Io {
+            path: self.path.clone(),
+            error,
         };
         // The lock is ours: whatever is inside is stale.
-        lock.set_len(0).map_err(io_error)?;
-        lock.rewind().map_err(io_error)?;
-        writeln!(lock, "{}", std::process::id()).map_err(io_error)?;
-        lock.sync_data().map_err(io_error)?;
-        Ok(PidFile {
-            path: path.to_path_buf(),
-            _lock: lock,
-        })
+        self._lock.set_len(0).map_err(io_error)?;
+        self._lock.rewind().map_err(io_error)?;
+        writeln!(self._lock, "{}", std::process::id()).map_err(io_error)?;
+        self._lock.sync_data().map_err(io_error)
+    }
+}
+
+/// True if `file` is the file `path` names now (same device and inode).
+fn still_at_path(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(held), Ok(named)) => held.dev() == named.dev() && held.ino() == named.ino(),
+        _ => false,
     }
 }
 

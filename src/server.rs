@@ -98,30 +98,15 @@ pub struct Server {
     started: Instant,
 }
 
-/// Serves on `listeners` until a shutdown completes.
-///
-/// `reload` re-reads the configuration (file and command line) on SIGHUP; an error is
-/// refused and the running configuration stays.
-/// `ready` runs once the daemon can be signalled and serves (e.g. `--daemonize` reporting
-/// back to the command that started it).
-pub fn run(
-    config: &Config,
-    listeners: Vec<Listener>,
-    reload: Reloader,
-    ready: Box<dyn FnOnce()>,
-) -> io::Result<()> {
-    let mut server = Server::new(config, listeners, reload)?;
-    // Announced only now that the signal handlers are installed: whoever waits for this line
-    // (a test, a supervisor) may send SIGTERM at once and must not kill us with the default action.
-    for listener in &server.listeners {
-        info!("listening on {}", listener.local);
-    }
-    ready();
-    server.serve()
-}
-
 impl Server {
-    fn new(config: &Config, mut listeners: Vec<Listener>, reload: Reloader) -> io::Result<Server> {
+    /// Sets up the loop: the poll instance, the signal handlers (from here on a signal is a
+    /// request, never a default action), and the listeners. Nothing is accepted before
+    /// [`Server::run`]. `reload` re-reads the configuration (file and command line) on SIGHUP.
+    pub fn new(
+        config: &Config,
+        mut listeners: Vec<Listener>,
+        reload: Reloader,
+    ) -> io::Result<Server> {
         let poll = Poll::new()?;
         let mut signals = signals::hook()?;
         poll.registry()
@@ -152,6 +137,18 @@ impl Server {
             fork_failures: 0,
             started: Instant::now(),
         })
+    }
+
+    /// Serves until a shutdown completes. `ready` runs once the daemon can be signalled and
+    /// serves (the pid file is written by then; `--daemonize` reports back; sd_notify READY).
+    pub fn run(mut self, ready: Box<dyn FnOnce()>) -> io::Result<()> {
+        // Announced only now that the signal handlers are installed: whoever waits for this
+        // line (a test, a supervisor) may send SIGTERM at once and must not kill us.
+        for listener in &self.listeners {
+            info!("listening on {}", listener.local);
+        }
+        ready();
+        self.serve()
     }
 
     fn serve(&mut self) -> io::Result<()> {
@@ -594,10 +591,22 @@ impl Server {
         changes
     }
 
-    /// Accepts (and admits or refuses, as always) every connection queued on a listener that
-    /// is about to close.
+    /// Accepts (and admits or refuses, as always) the connections queued on a listener that
+    /// is about to close. Bounded twice: by `max_children`, which stays a hard limit (clients
+    /// still queued at the limit are reset when the listener closes), and by the backlog, so
+    /// a flood on the old address cannot keep the loop from its signals.
     fn serve_queue_of(&mut self, listener: &Listener) {
-        loop {
+        for _ in 0..self.config.backlog {
+            if self.children.len() >= self.limits.max_children {
+                self.reap_before_limiting();
+                if self.children.len() >= self.limits.max_children {
+                    warn!(
+                        "closing {} at max_children: clients still queued there are reset",
+                        listener.local
+                    );
+                    return;
+                }
+            }
             match listener.socket.accept() {
                 Ok((stream, peer)) => self.start_session(stream, peer),
                 Err(e) if e.kind() == ErrorKind::Interrupted || is_connection_error(&e) => {}
@@ -643,7 +652,7 @@ impl Server {
 }
 
 /// What a reload changes, as `key old -> new` items for one log line (listen addresses are
-/// reported by `swap_listeners`).
+/// reported by `install_listeners`).
 fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
     let mut changes = Vec::new();
     let mut compare = |key: &str, a: String, b: String| {
@@ -658,7 +667,12 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
         format!("{:?}", String::from_utf8_lossy(&old.banner)),
         format!("{:?}", String::from_utf8_lossy(&new.banner)),
     );
-    compare("backlog", old.backlog.to_string(), new.backlog.to_string());
+    // Both are socket options set at bind: kept listeners keep theirs, new addresses get these.
+    compare(
+        "backlog (new addresses only)",
+        old.backlog.to_string(),
+        new.backlog.to_string(),
+    );
     compare(
         "idle_timeout",
         secs(old.idle_timeout),
@@ -713,7 +727,7 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
         format!("{:?}", String::from_utf8_lossy(&n.refusal_message)),
     );
     compare(
-        "reuse_port",
+        "reuse_port (new addresses only)",
         old.reuse_port.to_string(),
         new.reuse_port.to_string(),
     );

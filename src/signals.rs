@@ -30,7 +30,7 @@ pub enum Request {
     Reap,
     /// SIGTERM (smart), SIGINT (fast), SIGQUIT (immediate): see [`Mode`].
     Shutdown(Mode, Signal),
-    /// SIGHUP: reserved for re-reading the configuration; for now only logged.
+    /// SIGHUP: re-read the configuration.
     Reload,
     /// SIGUSR1: log one status line.
     Status,

@@ -92,7 +92,8 @@ fn second_instance_with_the_same_pid_file_refuses_to_start() {
     let first = Server::builder().args(["--pid-file", &pid_arg]).start();
     let before = std::fs::read_to_string(&path).unwrap();
 
-    let out = run(&["-l", "127.0.0.1:0", "--pid-file", &pid_arg]);
+    // The same port too: the pid file is checked before binding, so the message is about it.
+    let out = run(&["-l", &first.addr().to_string(), "--pid-file", &pid_arg]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -453,4 +454,77 @@ fn sd_notify_ready_and_stopping() {
     let stopping = String::from_utf8_lossy(&buf[..n]).to_string();
     assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
     assert!(server.wait_exit(WAIT).success());
+}
+
+/// The pid appears in the pid file only once signals are handled: a script that sends SIGHUP
+/// the moment the file has a pid reloads the server instead of killing it.
+#[test]
+fn pid_file_appears_only_once_signals_are_safe() {
+    let dir = TempDir::new();
+    let path = dir.path().join("early.pid");
+    let log = dir.path().join("early.log");
+    let mut child = std::process::Command::new(BIN)
+        .args(["-l", "127.0.0.1:0", "--pid-file", path.to_str().unwrap()])
+        .args(["--log-file", log.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _guard = KillOnDrop(pid);
+    assert!(wait_until(WAIT, || std::fs::read_to_string(&path)
+        .is_ok_and(|t| t.ends_with('\n'))));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    assert!(
+        wait_until(WAIT, || std::fs::read_to_string(&log)
+            .is_ok_and(|t| t.contains("reloaded configuration"))),
+        "no reload logged: {:?}",
+        std::fs::read_to_string(&log)
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP killed the server"
+    );
+}
+
+/// With `--log-file` (and no `--daemonize`) a startup error still reaches stderr.
+#[test]
+fn startup_error_reaches_stderr_with_a_log_file() {
+    let dir = TempDir::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let log = dir.path().join("x.log");
+    let out = run(&["-l", &addr, "--log-file", log.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("address already in use"));
+}
+
+/// A reload that removes an address serves the clients queued there only up to
+/// `max_children`: the limit stays hard, the rest are reset with a warning.
+#[test]
+fn reload_drain_respects_max_children() {
+    let new_port = free_port();
+    let server = Server::builder()
+        .config("listen = [\"127.0.0.1:0\"]\nmax_children = 1\n")
+        .start();
+    let old_addr = server.addr();
+    let _session = server.connect_greeted();
+    server.wait_for_line("max_children reached");
+    let _queued: Vec<_> = (0..3).map(|_| connect(old_addr)).collect();
+    server.rewrite_config(&format!(
+        "listen = [\"127.0.0.1:{new_port}\"]\nmax_children = 1\n"
+    ));
+    server.signal(nix::sys::signal::Signal::SIGHUP);
+    server.wait_for_line("reloaded configuration:");
+    assert_eq!(
+        server.count_lines("at max_children: clients still queued"),
+        1
+    );
+    assert_eq!(
+        server.count_lines("-> child "),
+        1,
+        "forked past max_children"
+    );
+    assert_eq!(server.children().len(), 1);
 }
