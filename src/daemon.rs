@@ -55,6 +55,8 @@ pub fn daemonize(stderr: Option<File>) -> io::Result<Readiness> {
     // Safe: single-threaded, before any handler or loop exists (see the module's Hazards).
     match unsafe { fork() }? {
         ForkResult::Parent { child } => {
+            // Why: with our own copy of the write end open, the read below would never see
+            // EOF and a daemon that died without a word would hang the starter forever.
             drop(write);
             let code = wait_for_report(read);
             // The intermediate child exits at once; collect it so it leaves no zombie.
@@ -63,6 +65,7 @@ pub fn daemonize(stderr: Option<File>) -> io::Result<Readiness> {
         }
         ForkResult::Child => {}
     }
+    // The report only flows up; the daemon keeps no descriptor it does not use.
     drop(read);
     // A new session: no controlling terminal, so a hangup of the shell does not reach us.
     setsid()?;

@@ -71,6 +71,18 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// True when `live` children leave no room under `max_children`.
+    pub fn children_full(&self, live: usize) -> bool {
+        live >= self.max_children
+    }
+
+    /// True when a source with `live` sessions may not open another (`max_per_source`).
+    pub fn per_source_full(&self, live: usize) -> bool {
+        self.max_per_source != 0 && live >= self.max_per_source
+    }
+}
+
 /// A token bucket's shape: refills at `per_second`, holds at most `burst`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rate {
@@ -263,7 +275,7 @@ fn check_rules(ip: IpAddr, limits: &Limits) -> Result<(), Refusal> {
 }
 
 fn check_per_source(source: IpNet, live: usize, limits: &Limits) -> Result<(), Refusal> {
-    if limits.max_per_source != 0 && live >= limits.max_per_source {
+    if limits.per_source_full(live) {
         return Err(Refusal::PerSource {
             source,
             limit: limits.max_per_source,

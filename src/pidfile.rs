@@ -21,7 +21,7 @@ use nix::fcntl::{Flock, FlockArg};
 pub struct PidFile {
     path: PathBuf,
     /// Open for the whole life of the daemon: closing it would release the lock.
-    _lock: Flock<File>,
+    lock: Flock<File>,
 }
 
 /// Why the pid file could not be taken.
@@ -80,7 +80,7 @@ impl PidFile {
             if still_at_path(&lock, path) {
                 return Ok(PidFile {
                     path: path.to_path_buf(),
-                    _lock: lock,
+                    lock,
                 });
             }
         }
@@ -124,10 +124,10 @@ impl PidFile {
             error,
         };
         // The lock is ours: whatever is inside is stale.
-        self._lock.set_len(0).map_err(io_error)?;
-        self._lock.rewind().map_err(io_error)?;
-        writeln!(self._lock, "{}", std::process::id()).map_err(io_error)?;
-        self._lock.sync_data().map_err(io_error)
+        self.lock.set_len(0).map_err(io_error)?;
+        self.lock.rewind().map_err(io_error)?;
+        writeln!(self.lock, "{}", std::process::id()).map_err(io_error)?;
+        self.lock.sync_data().map_err(io_error)
     }
 }
 

@@ -315,10 +315,7 @@ impl Server {
     /// logging each change once. At capacity the listeners leave the poll set: new clients
     /// wait in the backlog instead of waking the loop for nothing.
     fn check_capacity(&mut self) {
-        let full = self.children.len() >= self.limits.max_children && {
-            self.reap_before_limiting();
-            self.children.len() >= self.limits.max_children
-        };
+        let full = self.at_max_children();
         if full == self.at_capacity || self.phase != Phase::Serving {
             return;
         }
@@ -370,6 +367,15 @@ impl Server {
     /// would otherwise be counted and clients refused for sessions that no longer exist.
     fn reap_before_limiting(&mut self) {
         self.children.reap();
+    }
+
+    /// True when `max_children` children are live, counting only live ones.
+    fn at_max_children(&mut self) -> bool {
+        if !self.limits.children_full(self.children.len()) {
+            return false;
+        }
+        self.reap_before_limiting();
+        self.limits.children_full(self.children.len())
     }
 
     /// Closes every listener: new clients are refused by the kernel from now on.
@@ -451,7 +457,7 @@ impl Server {
     fn start_session(&mut self, stream: mio::net::TcpStream, peer: SocketAddr) {
         let source = limits::source_of(peer.ip(), &self.limits);
         let mut live = self.children.from_source(&source);
-        if self.limits.max_per_source != 0 && live >= self.limits.max_per_source {
+        if self.limits.per_source_full(live) {
             self.reap_before_limiting();
             live = self.children.from_source(&source);
         }
@@ -597,15 +603,12 @@ impl Server {
     /// a flood on the old address cannot keep the loop from its signals.
     fn serve_queue_of(&mut self, listener: &Listener) {
         for _ in 0..self.config.backlog {
-            if self.children.len() >= self.limits.max_children {
-                self.reap_before_limiting();
-                if self.children.len() >= self.limits.max_children {
-                    warn!(
-                        "closing {} at max_children: clients still queued there are reset",
-                        listener.local
-                    );
-                    return;
-                }
+            if self.at_max_children() {
+                warn!(
+                    "closing {} at max_children: clients still queued there are reset",
+                    listener.local
+                );
+                return;
             }
             match listener.socket.accept() {
                 Ok((stream, peer)) => self.start_session(stream, peer),

@@ -102,7 +102,7 @@ fn second_instance_with_the_same_pid_file_refuses_to_start() {
         "{err}"
     );
     assert_eq!(std::fs::read_to_string(&path).unwrap(), before);
-    assert_serves(&first);
+    assert_serves(&first, b"ok\n");
 }
 
 /// A stale pid file (left by a crash: no lock held) is taken over by the next start.
@@ -132,11 +132,6 @@ fn unwritable_pid_file_is_a_startup_error() {
         err.contains("cannot write pid file") && err.contains("no such file or directory"),
         "{err}"
     );
-}
-
-fn assert_serves(server: &Server) {
-    let mut s = server.connect_greeted();
-    assert_eq!(echo_roundtrip(&mut s, b"ok\n"), b"ok\n");
 }
 
 /// A port nobody listens on right now (bound then released; fine for a test on loopback).
@@ -221,13 +216,6 @@ fn broken_config_on_reload_is_refused_and_the_old_one_keeps_serving() {
     let mut s = connect(server.addr());
     assert_eq!(read_exactly(&mut s, 5), b"kept\n");
     assert_eq!(server.count_lines("reloaded configuration"), 0);
-}
-
-fn read_exactly(s: &mut std::net::TcpStream, n: usize) -> Vec<u8> {
-    use std::io::Read;
-    let mut buf = vec![0; n];
-    s.read_exact(&mut buf).expect("read");
-    buf
 }
 
 /// `--daemonize` returns (exit 0) only once the daemon listens, so a client can connect the

@@ -75,12 +75,6 @@ fn says_active(line: &str, n: usize) -> bool {
         .any(|(i, _)| i == 0 || !line.as_bytes()[i - 1].is_ascii_digit())
 }
 
-/// A session is greeted and echoes `data` (the server is alive and serving).
-fn assert_serves(server: &Server, data: &[u8]) {
-    let mut s = server.connect_greeted();
-    assert_eq!(echo_roundtrip(&mut s, data), data, "echo from a new client");
-}
-
 /// SIGKILL of a child mid-session: the parent logs it with pid and peer and reaps it, the
 /// client sees the connection end, and the next client is served.
 #[test]

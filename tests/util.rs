@@ -423,6 +423,19 @@ pub fn echo_roundtrip(s: &mut TcpStream, data: &[u8]) -> Vec<u8> {
     back
 }
 
+/// Asserts that a new client is greeted and gets `data` echoed.
+pub fn assert_serves(server: &Server, data: &[u8]) {
+    let mut s = server.connect_greeted();
+    assert_eq!(echo_roundtrip(&mut s, data), data, "echo from a new client");
+}
+
+/// Reads exactly `n` bytes.
+pub fn read_exactly(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0; n];
+    s.read_exact(&mut buf).expect("read");
+    buf
+}
+
 /// Sends `data`, half-closes, and returns everything the server sends until EOF.
 pub fn send_and_drain(s: &mut TcpStream, data: &[u8]) -> Vec<u8> {
     s.write_all(data).unwrap();
