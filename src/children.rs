@@ -3,11 +3,12 @@
 //! forked and `end_child` when one is reaped.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use log::{debug, info, warn};
+use log::{debug, log, warn, Level};
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -137,7 +138,7 @@ impl Children {
     fn end_child(&mut self, pid: Pid, ending: Ending) {
         let Some(child) = self.live.remove(&pid) else {
             // Not ours (e.g. a process this one inherited); reaping it is still right.
-            debug!("reaped unknown process {pid}: {}", describe(ending));
+            debug!("reaped unknown process {pid}: {ending}");
             return;
         };
         if let Some(count) = self.per_source.get_mut(&child.source) {
@@ -152,19 +153,19 @@ impl Children {
                 *self.totals.killed.entry(signal.as_str()).or_default() += 1
             }
         }
-        let message = format!(
-            "child {pid} ({}) {} after {}",
-            child.peer,
-            describe(ending),
-            seconds(child.started.elapsed())
-        );
-        match ending {
+        let level = match ending {
             Ending::Exited(EXIT_PANIC)
             | Ending::Killed {
                 core_dumped: true, ..
-            } => warn!("{message}"),
-            _ => info!("{message}"),
-        }
+            } => Level::Warn,
+            _ => Level::Info,
+        };
+        log!(
+            level,
+            "child {pid} ({}) {ending} after {}",
+            child.peer,
+            seconds(child.started.elapsed())
+        );
     }
 
     /// Sends `signal` to every live child (shutdown). A child that has already exited but is not
@@ -178,21 +179,35 @@ impl Children {
     }
 }
 
-fn describe(ending: Ending) -> String {
-    match ending {
-        Ending::Exited(code) => format!("exited with code {code}"),
-        Ending::Killed {
-            signal,
-            core_dumped: false,
-        } => format!("killed by signal {}", signal.as_str()),
-        Ending::Killed {
-            signal,
-            core_dumped: true,
-        } => format!("killed by signal {} (core dumped)", signal.as_str()),
+impl fmt::Display for Ending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ending::Exited(code) => write!(f, "exited with code {code}"),
+            Ending::Killed {
+                signal,
+                core_dumped,
+            } => {
+                write!(f, "killed by signal {}", signal.as_str())?;
+                if *core_dumped {
+                    f.write_str(" (core dumped)")?;
+                }
+                Ok(())
+            }
+        }
     }
 }
 
-/// `1.23s`: enough precision for an operator, one format everywhere.
-pub fn seconds(d: Duration) -> String {
-    format!("{:.2}s", d.as_secs_f64())
+/// `1.23s`: enough precision for an operator, one format everywhere. A `Display` value rather
+/// than a `String`, so that logging a reaped child allocates nothing (see `spawn`: every heap
+/// page the parent writes between forks costs it a copy-on-write fault).
+pub fn seconds(d: Duration) -> Seconds {
+    Seconds(d)
+}
+
+pub struct Seconds(Duration);
+
+impl fmt::Display for Seconds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:.2}s", self.0.as_secs_f64())
+    }
 }

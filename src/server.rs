@@ -17,8 +17,9 @@
 //! it is no longer serving and no child is left, so no child outlives the parent's exit; if
 //! `poll` itself fails, the children are killed and reaped before the error is returned.
 
-use std::io::{self, ErrorKind, Read, Write};
-use std::net::SocketAddr;
+use std::io::{self, ErrorKind};
+use std::mem::MaybeUninit;
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
@@ -26,13 +27,14 @@ use mio::{Events, Interest, Poll, Token};
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
 use signal_hook_mio::v1_0::Signals;
+use socket2::SockRef;
 
 use crate::children::{seconds, Children};
 use crate::config::{Config, ConfigError};
 use crate::limits::{self, Admission, Limits, Refusal};
 use crate::listen::Listener;
 use crate::session::Settings;
-use crate::signals::{self, Mode, Request};
+use crate::signals::{self, Mode};
 use crate::spawn;
 
 /// The signal pipe's token; listener `i` is `Token(i)`.
@@ -107,6 +109,7 @@ impl Server {
         mut listeners: Vec<Listener>,
         reload: Reloader,
     ) -> io::Result<Server> {
+        spawn::install_panic_hook();
         let poll = Poll::new()?;
         let mut signals = signals::hook()?;
         poll.registry()
@@ -208,28 +211,20 @@ impl Server {
     fn handle_signals(&mut self) {
         let requests = signals::pending(&mut self.signals);
         // Reap first, so status lines and shutdown decisions see the current table.
-        if requests.contains(&Request::Reap) {
+        if requests.reap {
             self.children.reap();
             self.check_capacity();
         }
         // One shutdown step per batch: a SIGTERM and a SIGINT that arrive together are one
         // request (the harder: fast), not a request and its escalation.
-        let hardest = requests
-            .iter()
-            .filter_map(|r| match r {
-                Request::Shutdown(mode, signal) => Some((*mode, *signal)),
-                _ => None,
-            })
-            .max_by_key(|(mode, _)| *mode);
-        if let Some((mode, signal)) = hardest {
+        if let Some((mode, signal)) = requests.shutdown {
             self.shutdown(mode, signal);
         }
-        for request in requests {
-            match request {
-                Request::Reap | Request::Shutdown(..) => {}
-                Request::Reload => self.reload(),
-                Request::Status => self.log_status(),
-            }
+        if requests.reload {
+            self.reload();
+        }
+        if requests.status {
+            self.log_status();
         }
     }
 
@@ -402,7 +397,7 @@ impl Server {
             if self.at_capacity {
                 return;
             }
-            match self.listeners[i].socket.accept() {
+            match accept_blocking(&self.listeners[i].socket) {
                 Ok((stream, peer)) => {
                     self.accept_recovered();
                     self.start_session(stream, peer);
@@ -454,7 +449,7 @@ impl Server {
 
     /// Admits or refuses one accepted connection, and forks its child if admitted. Kept short on
     /// purpose: all per-session setup (socket options, banner) happens in the child.
-    fn start_session(&mut self, stream: mio::net::TcpStream, peer: SocketAddr) {
+    fn start_session(&mut self, stream: TcpStream, peer: SocketAddr) {
         let source = limits::source_of(peer.ip(), &self.limits);
         let mut live = self.children.from_source(&source);
         if self.limits.per_source_full(live) {
@@ -490,17 +485,19 @@ impl Server {
     /// Closes a refused connection, after one non-blocking attempt at the refusal message: the
     /// socket's send buffer is empty, so a short message goes out whole or not at all, and the
     /// loop never waits for a client it is turning away.
-    fn refuse(&self, mut stream: mio::net::TcpStream, peer: SocketAddr, refusal: &Refusal) {
+    fn refuse(&self, stream: TcpStream, peer: SocketAddr, refusal: &Refusal) {
         info!("refused {peer}: {refusal}");
+        // The socket is blocking (see `accept_blocking`): each call here says MSG_DONTWAIT.
+        let socket = SockRef::from(&stream);
         if !self.limits.refusal_message.is_empty() {
-            let _ = stream.write(&self.limits.refusal_message);
+            let _ = socket.send_with_flags(&self.limits.refusal_message, libc::MSG_DONTWAIT);
         }
         // Why: closing a socket with unread input sends RST, which would also destroy the
         // message; clients usually send at once. Take what has arrived (one non-blocking read)
         // so the close is a FIN after the message. A client that sent more still gets a reset.
         let _ = stream.shutdown(std::net::Shutdown::Write);
-        let mut unread = [0u8; 4096];
-        let _ = stream.read(&mut unread);
+        let mut unread = [MaybeUninit::uninit(); 4096];
+        let _ = socket.recv_with_flags(&mut unread, libc::MSG_DONTWAIT);
     }
 
     /// SIGHUP: re-read the configuration and apply it to everything that starts from now on
@@ -610,7 +607,7 @@ impl Server {
                 );
                 return;
             }
-            match listener.socket.accept() {
+            match accept_blocking(&listener.socket) {
                 Ok((stream, peer)) => self.start_session(stream, peer),
                 Err(e) if e.kind() == ErrorKind::Interrupted || is_connection_error(&e) => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
@@ -663,7 +660,7 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
             changes.push(format!("{key} {a} -> {b}"));
         }
     };
-    let secs = |d: Option<Duration>| d.map_or("never".to_string(), seconds);
+    let secs = |d: Option<Duration>| d.map_or("never".to_string(), |d| seconds(d).to_string());
     let (o, n) = (&old.limits, &new.limits);
     compare(
         "banner",
@@ -688,13 +685,13 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
     );
     compare(
         "shutdown_timeout",
-        seconds(old.shutdown_timeout),
-        seconds(new.shutdown_timeout),
+        seconds(old.shutdown_timeout).to_string(),
+        seconds(new.shutdown_timeout).to_string(),
     );
     compare(
         "kill_timeout",
-        seconds(old.kill_timeout),
-        seconds(new.kill_timeout),
+        seconds(old.kill_timeout).to_string(),
+        seconds(new.kill_timeout).to_string(),
     );
     compare(
         "log_level",
@@ -739,6 +736,19 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
 
 /// Errors `accept` reports for one connection that went bad before it was taken (Linux passes
 /// pending network errors through accept; see accept(2)), after which accepting may continue.
+/// Accepts one connection from the non-blocking listener as a *blocking*, close-on-exec socket.
+///
+/// Why blocking: the child runs a blocking session, and a socket accepted non-blocking (as
+/// mio's `accept` does) would cost every child two `fcntl` calls to undo it. On Linux an
+/// accepted socket takes its O_NONBLOCK flag from `accept4`'s flags, not from the listener.
+fn accept_blocking(listener: &mio::net::TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
+    let (socket, peer) = SockRef::from(listener).accept()?;
+    let peer = peer
+        .as_socket()
+        .ok_or_else(|| io::Error::new(ErrorKind::InvalidData, "accepted a non-IP connection"))?;
+    Ok((socket.into(), peer))
+}
+
 fn is_connection_error(e: &io::Error) -> bool {
     let Some(errno) = e.raw_os_error().map(Errno::from_raw) else {
         return false;

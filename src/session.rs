@@ -20,6 +20,9 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
+use nix::errno::Errno;
+use nix::fcntl::{splice, OFlag, SpliceFFlags};
+use std::os::fd::OwnedFd;
 
 pub const EXIT_CLIENT_CLOSED: i32 = 0;
 pub const EXIT_IDLE_TIMEOUT: i32 = 3;
@@ -31,8 +34,8 @@ pub const EXIT_SESSION_TIME: i32 = 8;
 /// EX_SOFTWARE from sysexits.h.
 pub const EXIT_PANIC: i32 = 70;
 
-/// Echo buffer size. The seed used 1 KiB; 64 KiB matches the kernel's default socket buffer
-/// scale so a bulk transfer moves in few system calls.
+/// Buffer size of the fallback echo (when splice is refused). The seed used 1 KiB; 64 KiB
+/// matches the kernel's default socket buffer scale so a bulk transfer moves in few system calls.
 const BUFFER_SIZE: usize = 64 * 1024;
 
 /// What a session needs to know; copied into the child by `fork`.
@@ -105,21 +108,11 @@ pub fn run(stream: TcpStream, peer: SocketAddr, settings: &Settings) -> Outcome 
     outcome
 }
 
-fn serve(mut stream: &TcpStream, settings: &Settings) -> Result<(), Outcome> {
+fn serve(stream: &TcpStream, settings: &Settings) -> Result<(), Outcome> {
     prepare(stream, settings).map_err(Outcome::IoError)?;
     let mut clock = SessionClock::new(settings);
     write_all(stream, &settings.banner, &mut clock)?;
-    let mut buffer = vec![0u8; BUFFER_SIZE];
-    loop {
-        clock.before_io(stream)?;
-        let n = match stream.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(clock.explain(Outcome::from_error(e, false))),
-        };
-        write_all(stream, &buffer[..n], &mut clock)?;
-    }
+    echo(stream, &mut clock)?;
     // The client half-closed and everything it sent is echoed: pass the EOF on.
     match stream.shutdown(Shutdown::Write) {
         Ok(()) => Ok(()),
@@ -127,6 +120,109 @@ fn serve(mut stream: &TcpStream, settings: &Settings) -> Result<(), Outcome> {
         // buffer is lost, so this is not a clean end.
         Err(e) if e.kind() == ErrorKind::NotConnected => Err(Outcome::PeerReset),
         Err(e) => Err(Outcome::from_error(e, true)),
+    }
+}
+
+/// Sends everything the client sends back to it, until the client's EOF.
+///
+/// Through a pipe with splice(2) when the kernel allows it: the kernel moves page references
+/// from the socket's receive queue to its send queue, so no byte is copied through this process
+/// and the child touches no buffer (a 64 KiB buffer would be 16 fresh pages in every child).
+/// Where splice is refused, or no pipe can be made, through a buffer with read/write.
+fn echo(stream: &TcpStream, clock: &mut SessionClock) -> Result<(), Outcome> {
+    // The pipe is the child's own, made after the inherited descriptors were closed.
+    let Ok((pipe_out, pipe_in)) = nix::unistd::pipe2(OFlag::O_CLOEXEC) else {
+        return copy_echo(stream, clock);
+    };
+    match splice_echo(stream, &pipe_in, &pipe_out, clock) {
+        Spliced::Ended(result) => result,
+        Spliced::Refused => copy_echo(stream, clock),
+    }
+}
+
+/// How a splice echo stopped.
+enum Spliced {
+    /// The session is over, one way or another.
+    Ended(Result<(), Outcome>),
+    /// The kernel refused to splice from this socket before a byte moved: use the copy.
+    Refused,
+}
+
+/// The most one splice moves; the pipe's capacity (64 KiB by default) caps it in practice.
+const SPLICE_CHUNK: usize = 1 << 20;
+
+/// socket → pipe → socket until EOF. The pipe is always drained before the next read, so the
+/// first splice never waits for pipe space, only for the client, as a read would.
+///
+/// Note: splice into a socket sends without MSG_NOSIGNAL; a vanished client yields EPIPE rather
+/// than a fatal SIGPIPE only because the Rust runtime ignores SIGPIPE and the child keeps that.
+fn splice_echo(
+    stream: &TcpStream,
+    pipe_in: &OwnedFd,
+    pipe_out: &OwnedFd,
+    clock: &mut SessionClock,
+) -> Spliced {
+    let mut moved_any = false;
+    loop {
+        if let Err(outcome) = clock.before_io(stream) {
+            return Spliced::Ended(Err(outcome));
+        }
+        let n = match splice(
+            stream,
+            None,
+            pipe_in,
+            None,
+            SPLICE_CHUNK,
+            SpliceFFlags::empty(),
+        ) {
+            Ok(0) => return Spliced::Ended(Ok(())),
+            Ok(n) => n,
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EINVAL | Errno::ENOSYS) if !moved_any => return Spliced::Refused,
+            Err(e) => {
+                let outcome = Outcome::from_error(e.into(), false);
+                return Spliced::Ended(Err(clock.explain(outcome)));
+            }
+        };
+        moved_any = true;
+        if let Err(outcome) = drain_pipe_to(stream, pipe_out, n, clock) {
+            return Spliced::Ended(Err(outcome));
+        }
+    }
+}
+
+/// Moves the `n` bytes in the pipe to the socket, consulting the session clock before every
+/// splice, as `write_all` does for writes.
+fn drain_pipe_to(
+    stream: &TcpStream,
+    pipe_out: &OwnedFd,
+    mut n: usize,
+    clock: &mut SessionClock,
+) -> Result<(), Outcome> {
+    while n > 0 {
+        clock.before_io(stream)?;
+        match splice(pipe_out, None, stream, None, n, SpliceFFlags::empty()) {
+            Ok(0) => return Err(Outcome::IoError(ErrorKind::WriteZero.into())),
+            Ok(m) => n -= m,
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(clock.explain(Outcome::from_error(e.into(), true))),
+        }
+    }
+    Ok(())
+}
+
+/// The fallback echo: read into a buffer, write it back.
+fn copy_echo(mut stream: &TcpStream, clock: &mut SessionClock) -> Result<(), Outcome> {
+    let mut buffer = vec![0u8; BUFFER_SIZE];
+    loop {
+        clock.before_io(stream)?;
+        let n = match stream.read(&mut buffer) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(clock.explain(Outcome::from_error(e, false))),
+        };
+        write_all(stream, &buffer[..n], clock)?;
     }
 }
 
@@ -178,8 +274,7 @@ impl SessionClock {
 
 /// Per-session socket setup, done in the child so the parent's accept loop stays short.
 fn prepare(stream: &TcpStream, settings: &Settings) -> io::Result<()> {
-    // Accepted by mio, the socket is non-blocking; a child waits in the kernel instead.
-    stream.set_nonblocking(false)?;
+    // (Already blocking: the parent accepts it so; see `server::accept_blocking`.)
     // An echo is interactive: send each reply at once instead of waiting to coalesce (Nagle).
     stream.set_nodelay(true)?;
     // The same limit bounds silence from the client and a client that stopped reading, so no

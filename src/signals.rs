@@ -71,11 +71,43 @@ pub fn hook() -> io::Result<Signals> {
     Ok(signals)
 }
 
+/// Everything asked of the loop by one batch of signals. A plain value, not a list: the loop
+/// runs between every accept and fork, and a heap allocation there would cost the parent a
+/// copy-on-write fault after each fork (see `spawn`). Signals coalesce anyway, so "asked at
+/// least once since the last batch" is all a batch can say.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Requests {
+    pub reap: bool,
+    /// The hardest shutdown asked for, and the signal that asked.
+    pub shutdown: Option<(Mode, Signal)>,
+    pub reload: bool,
+    pub status: bool,
+}
+
+impl Requests {
+    fn add(&mut self, request: Request) {
+        match request {
+            Request::Reap => self.reap = true,
+            Request::Shutdown(mode, signal) => {
+                if self.shutdown.is_none_or(|(hardest, _)| mode > hardest) {
+                    self.shutdown = Some((mode, signal));
+                }
+            }
+            Request::Reload => self.reload = true,
+            Request::Status => self.status = true,
+        }
+    }
+}
+
 /// The requests behind the signals received since the last call. Drains the pipe first, then
 /// reads the flags (signal-hook's order), so a signal arriving while we act is not lost: it
 /// makes the pipe readable again and the loop comes back.
-pub fn pending(signals: &mut Signals) -> Vec<Request> {
-    signals.pending().filter_map(request_for).collect()
+pub fn pending(signals: &mut Signals) -> Requests {
+    let mut requests = Requests::default();
+    for request in signals.pending().filter_map(request_for) {
+        requests.add(request);
+    }
+    requests
 }
 
 fn request_for(signal: i32) -> Option<Request> {
@@ -141,5 +173,22 @@ mod tests {
         );
         assert!(Mode::Smart < Mode::Fast && Mode::Fast < Mode::Immediate);
         assert_eq!(request_for(libc::SIGUSR2), None);
+    }
+
+    #[test]
+    fn a_batch_keeps_the_hardest_shutdown() {
+        let mut requests = Requests::default();
+        for signal in [SIGINT, SIGTERM, SIGCHLD, SIGUSR1] {
+            requests.add(request_for(signal).unwrap());
+        }
+        assert_eq!(
+            requests,
+            Requests {
+                reap: true,
+                shutdown: Some((Mode::Fast, Signal::SIGINT)),
+                reload: false,
+                status: true,
+            }
+        );
     }
 }

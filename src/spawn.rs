@@ -17,29 +17,27 @@
 //!    would keep the port in LISTEN after the parent dies (a restart could not bind, and clients
 //!    would queue where nobody accepts), and one holding the signal pipe could wake the parent.
 //!    It restores the default action of every hooked signal, clears its signal mask, and starts
-//!    its own session (`setsid`), so that Ctrl-C on the terminal or a signal to the parent's
-//!    process group reaches the parent, which decides what the sessions get.
+//!    its own process group, so that Ctrl-C on the terminal or a signal to the parent's process
+//!    group reaches the parent, which decides what the sessions get.
 //! 4. (In `children`:) reaping loops, because SIGCHLD coalesces.
 //! 5. The parent closes its copy of the connection right after `fork`, or the client would never
 //!    see EOF when the child ends, and the parent's fd table would fill up.
 
 use std::io::{self, Write};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::panic::{self, AssertUnwindSafe};
 
-use nix::unistd::{fork, ForkResult, Pid};
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::unistd::{fork, setpgid, ForkResult, Pid};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::session::{self, Settings, EXIT_PANIC};
 use crate::signals;
 
 /// Forks a child that serves `stream` and returns its pid. In the parent the stream is closed
 /// before this returns (rule 5), whether the fork worked or not. The child never returns.
-pub fn spawn_session(
-    stream: mio::net::TcpStream,
-    peer: SocketAddr,
-    settings: &Settings,
-) -> io::Result<Pid> {
+pub fn spawn_session(stream: TcpStream, peer: SocketAddr, settings: &Settings) -> io::Result<Pid> {
     // Rule 2: nothing buffered may be inherited and written twice. (stderr is unbuffered, and
     // the logger writes whole lines, but stdout is line-buffered.)
     let _ = io::stdout().flush();
@@ -66,11 +64,10 @@ pub fn spawn_session(
 }
 
 /// Everything the child does: clean up what it inherited, serve, exit. Never returns.
-fn child_main(stream: mio::net::TcpStream, peer: SocketAddr, settings: &Settings) -> ! {
+fn child_main(stream: TcpStream, peer: SocketAddr, settings: &Settings) -> ! {
     // Rule 2: no panic may unwind out of here into the parent's accept loop, from the cleanup
     // or from the session.
     let code = panic::catch_unwind(AssertUnwindSafe(|| {
-        log_panics_as_one_line(peer);
         let fd = stream.into_raw_fd();
         // Rule 3: stdio and this connection only (why: see the module doc).
         close_inherited_fds(fd);
@@ -82,17 +79,30 @@ fn child_main(stream: mio::net::TcpStream, peer: SocketAddr, settings: &Settings
         }
         leave_parents_process_group();
         // Safe: `fd` is the accepted connection, owned by nobody else in this process.
-        let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+        let stream = unsafe { TcpStream::from_raw_fd(fd) };
         session::run(stream, peer, settings).exit_code()
     }))
     .unwrap_or(EXIT_PANIC);
     exit_child(code)
 }
 
-/// A panic becomes one log line (with this child's pid, like every line) instead of the default
-/// multi-line message on stderr.
-fn log_panics_as_one_line(peer: SocketAddr) {
+/// The pid of the process that installed the panic hook: the parent.
+static PARENT_PID: AtomicU32 = AtomicU32::new(0);
+
+/// Installs, once and in the parent, the panic hook every child inherits: in a child a panic
+/// becomes one log line (with the child's pid, like every line; the parent's line for exit
+/// code 70 names the peer) instead of the default multi-line message. In the parent the default
+/// hook still runs.
+///
+/// Why once, here: a hook set in each child would allocate and take the hook's lock in every
+/// child, and every page a child writes is a page `fork` made it copy.
+pub fn install_panic_hook() {
+    PARENT_PID.store(std::process::id(), Ordering::Relaxed);
+    let default_hook = panic::take_hook();
     panic::set_hook(Box::new(move |info| {
+        if std::process::id() == PARENT_PID.load(Ordering::Relaxed) {
+            return default_hook(info);
+        }
         let message = info
             .payload()
             .downcast_ref::<&str>()
@@ -103,22 +113,32 @@ fn log_panics_as_one_line(peer: SocketAddr) {
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
             .unwrap_or_default();
-        log::error!(
-            "session {peer} panicked{place}: {}",
-            message.replace('\n', " ")
-        );
+        log::error!("session panicked{place}: {}", message.replace('\n', " "));
     }));
 }
 
-/// Own session and process group, and a name of its own in `ps`/`pkill`.
+/// Own process group, and a name of its own in `ps`/`pkill`.
 ///
-/// Why: Ctrl-C, Ctrl-\ and `kill -TERM -<pgid>` reach the whole process group, and `pkill -USR1
-/// forkecho` every process named forkecho. Sessions in the parent's group would die at once on
-/// a SIGINT meant to start an orderly shutdown, and of a SIGUSR1 meant to ask for status.
-/// PostgreSQL's postmaster does the same for its backends.
+/// Why a group: Ctrl-C, Ctrl-\\ and `kill -TERM -<pgid>` reach the whole process group, and
+/// `pkill -USR1 forkecho` every process named forkecho. Sessions in the parent's group would die
+/// at once on a SIGINT meant to start an orderly shutdown, and of a SIGUSR1 meant to ask for
+/// status.
+///
+/// Why not a session of its own (`setsid`, as PostgreSQL's backends): with the kernel's
+/// scheduler autogroups (on by default on desktop kernels), every new session is its own
+/// scheduling group with the weight of a whole login session, so a thousand busy sessions would
+/// outweigh the parent a thousand to one, and the accept loop would starve exactly when it is
+/// busiest; creating the group also made every fork measurably slower. A process group keeps the
+/// children in the parent's scheduling group.
+///
+/// In a terminal, the child is then a background job of it; SIGTTOU is ignored so that, under
+/// `stty tostop`, a child writing its log line to that terminal is not stopped.
 fn leave_parents_process_group() {
-    // Cannot fail here: a freshly forked child is never a process group leader.
-    let _ = nix::unistd::setsid();
+    // Cannot fail here: a freshly forked child is not a group leader and is in our session.
+    let _ = setpgid(Pid::from_raw(0), Pid::from_raw(0));
+    let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    // Safe: installs SIG_IGN, no handler code.
+    let _ = unsafe { sigaction(Signal::SIGTTOU, &ignore) };
     // Safe: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
     unsafe { libc::prctl(libc::PR_SET_NAME, c"forkecho-child".as_ptr()) };
 }

@@ -268,8 +268,8 @@ fn sigusr1_sighup_barrage_server_keeps_running() {
     assert_eq!(server.count_lines("shutting down"), 0);
 }
 
-/// A child holds exactly fds 0, 1, 2 and its socket, blocks no signal and catches none of the
-/// parent's hooked signals; the parent is single-threaded.
+/// A child holds exactly fds 0, 1, 2, its socket and its own splice pipe, blocks no signal and
+/// catches none of the parent's hooked signals; the parent is single-threaded.
 #[test]
 fn child_fds_and_signal_state_are_clean() {
     let server = Server::start();
@@ -289,14 +289,27 @@ fn child_fds_and_signal_state_are_clean() {
         .collect();
     fds.sort();
     let numbers: Vec<i32> = fds.iter().map(|(fd, _)| *fd).collect();
-    assert_eq!(numbers.len(), 4, "child {pid} fds: {fds:?}");
+    assert_eq!(numbers.len(), 6, "child {pid} fds: {fds:?}");
     assert_eq!(numbers[..3], [0, 1, 2], "child {pid} fds: {fds:?}");
-    let sockets: Vec<&(i32, String)> = fds
+    // Of everything it inherited, only its connection ...
+    let (sockets, pipes): (Vec<&String>, Vec<&String>) = fds[3..]
         .iter()
-        .filter(|(_, t)| t.starts_with("socket:["))
-        .collect();
+        .map(|(_, target)| target)
+        .partition(|t| t.starts_with("socket:["));
     assert_eq!(sockets.len(), 1, "child {pid} fds: {fds:?}");
-    assert_eq!(sockets[0].0, numbers[3], "child {pid} fds: {fds:?}");
+    // ... and both ends of the splice pipe it made itself: one pipe nobody else holds.
+    let pipe = pipes[0];
+    assert!(pipe.starts_with("pipe:["), "child {pid} fds: {fds:?}");
+    assert_eq!(pipes[1], pipe, "child {pid} fds: {fds:?}");
+    let parent_fds = std::fs::read_dir(format!("/proc/{}/fd", server.pid())).unwrap();
+    for e in parent_fds.flatten() {
+        let target = std::fs::read_link(e.path()).map(|t| t.display().to_string());
+        assert_ne!(
+            target.ok().as_ref(),
+            Some(pipe),
+            "the parent holds the child's pipe"
+        );
+    }
 
     assert_eq!(proc_status(server.pid(), "Threads"), "1", "parent threads");
 
@@ -514,10 +527,10 @@ fn sessions_survive_parent_crash_and_restart_binds_same_port() {
     assert_eq!(echo_roundtrip(&mut old, b"old\n"), b"old\n");
 }
 
-/// A child leads its own session and process group and is named `forkecho-child`, so signals
+/// A child leads its own process group (in the parent's session) and is named `forkecho-child`, so signals
 /// for the parent's group (Ctrl-C) or its name (`pkill forkecho`) do not hit the sessions.
 #[test]
-fn child_runs_in_its_own_session_under_its_own_name() {
+fn child_runs_in_its_own_process_group_under_its_own_name() {
     let server = Server::start();
     let s = server.connect_greeted();
     let child = server.child_pid_for(s.local_addr().unwrap());
@@ -527,7 +540,12 @@ fn child_runs_in_its_own_session_under_its_own_name() {
         Some(child.to_string()),
         "process group"
     );
-    assert_eq!(stat_field(child, 6), Some(child.to_string()), "session");
+    // The parent's session, not one of its own: a new session would also be a new scheduler
+    // autogroup (see spawn.rs).
+    assert_eq!(stat_field(child, 6), stat_field(server.pid(), 6), "session");
+    // A background job of the terminal must not be stopped by SIGTTOU for logging to it.
+    let sigttou = 1u64 << (libc::SIGTTOU - 1);
+    assert_ne!(signal_mask(child, "SigIgn") & sigttou, 0, "SIGTTOU ignored");
     let comm = std::fs::read_to_string(format!("/proc/{child}/comm")).unwrap();
     assert_eq!(comm.trim(), "forkecho-child");
     let parent_comm = std::fs::read_to_string(format!("/proc/{}/comm", server.pid())).unwrap();
