@@ -151,6 +151,7 @@ impl Server {
             info!("listening on {}", listener.local);
         }
         ready();
+        release_startup_memory();
         self.serve()
     }
 
@@ -258,6 +259,7 @@ impl Server {
 
     /// A shutdown request: the first one enters the state machine at its mode's step; while
     /// shutting down, any request moves at least one step on (a repeated SIGTERM means "now").
+    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
     fn shutdown(&mut self, mode: Mode, signal: Signal) {
         let sig = signal.as_str();
         let n = self.children.len();
@@ -424,6 +426,7 @@ impl Server {
     /// Out of descriptors or memory (or something unforeseen): the queued connection stays in
     /// the kernel's backlog and we try again after a short pause, instead of spinning on the
     /// same error or giving up on the listener. One warning per run of failures.
+    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
     fn pause_accepting(&mut self, i: usize, e: &io::Error) {
         if self.accept_failures == 0 {
             warn!(
@@ -485,6 +488,7 @@ impl Server {
     /// Closes a refused connection, after one non-blocking attempt at the refusal message: the
     /// socket's send buffer is empty, so a short message goes out whole or not at all, and the
     /// loop never waits for a client it is turning away.
+    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
     fn refuse(&self, stream: TcpStream, peer: SocketAddr, refusal: &Refusal) {
         info!("refused {peer}: {refusal}");
         // The socket is blocking (see `accept_blocking`): each call here says MSG_DONTWAIT.
@@ -504,6 +508,7 @@ impl Server {
     /// (sessions already running keep what they were forked with). All or nothing: a config
     /// that does not parse or validate, or a new address that cannot be bound, is refused and
     /// the running configuration stays, listeners included.
+    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
     fn reload(&mut self) {
         let new = match (self.reload)() {
             Ok(new) => new,
@@ -619,6 +624,7 @@ impl Server {
         }
     }
 
+    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
     fn log_status(&self) {
         let totals = &self.children.totals;
         let mut endings: Vec<String> = totals
@@ -736,6 +742,22 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
 
 /// Errors `accept` reports for one connection that went bad before it was taken (Linux passes
 /// pending network errors through accept; see accept(2)), after which accepting may continue.
+// HOT_PATH_NOTE: the rarely taken branches of the loop (refusing, reloading, status, shutdown)
+// are kept out of line. Inlined, their locals (a 4 KiB drain buffer, a whole configuration)
+// would enlarge the frames of the accept path, and every stack page that path writes costs the
+// parent a copy-on-write fault after each fork.
+
+/// Gives the heap pages that startup used and freed (argument and config parsing) back to the
+/// kernel. Why: `fork` copies the page table entry of every resident private page, so each
+/// page left over from startup would be copied again for every connection.
+fn release_startup_memory() {
+    #[cfg(target_env = "gnu")]
+    // Safe: malloc_trim only returns free memory to the kernel; no pointer is invalidated.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Accepts one connection from the non-blocking listener as a *blocking*, close-on-exec socket.
 ///
 /// Why blocking: the child runs a blocking session, and a socket accepted non-blocking (as
