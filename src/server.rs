@@ -740,8 +740,6 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
     changes
 }
 
-/// Errors `accept` reports for one connection that went bad before it was taken (Linux passes
-/// pending network errors through accept; see accept(2)), after which accepting may continue.
 // HOT_PATH_NOTE: the rarely taken branches of the loop (refusing, reloading, status, shutdown)
 // are kept out of line. Inlined, their locals (a 4 KiB drain buffer, a whole configuration)
 // would enlarge the frames of the accept path, and every stack page that path writes costs the
@@ -771,6 +769,8 @@ fn accept_blocking(listener: &mio::net::TcpListener) -> io::Result<(TcpStream, S
     Ok((socket.into(), peer))
 }
 
+/// Errors `accept` reports for one connection that went bad before it was taken (Linux passes
+/// pending network errors through accept; see accept(2)), after which accepting may continue.
 fn is_connection_error(e: &io::Error) -> bool {
     let Some(errno) = e.raw_os_error().map(Errno::from_raw) else {
         return false;
