@@ -5,6 +5,11 @@
 //! the record into a buffer and writes it with a single `write_all`, and with colours compiled
 //! out (no `color` feature) nothing splits it. Writes of up to `PIPE_BUF` (4 KiB) to a pipe are
 //! atomic, so lines from different processes never interleave.
+//!
+//! The lines go straight to file descriptor 2 ([`RawStderr`]), not through `std::io::stderr()`:
+//! std's handle takes a lock that lives in a static, and after each `fork` the parent's first
+//! write to that page is a copy-on-write fault, twice per connection (the accept line and the
+//! reap line). fd 2 follows `--log-file` too, which is dup2'ed onto it.
 
 use std::io::Write;
 
@@ -23,6 +28,7 @@ pub fn init(level: log::LevelFilter) {
             .filter_module("forkecho", log::LevelFilter::Trace);
     }
     builder
+        .target(env_logger::Target::Pipe(Box::new(RawStderr)))
         .format(|buf, record| {
             writeln!(
                 buf,
@@ -48,4 +54,23 @@ pub fn set_level(level: log::LevelFilter) {
 /// True when `RUST_LOG` is set: the operator's environment wins over the config file.
 pub fn env_overrides() -> bool {
     std::env::var_os("RUST_LOG").is_some_and(|v| !v.is_empty())
+}
+
+/// File descriptor 2, written directly: one `write(2)` per line (env_logger calls `write_all`,
+/// which retries partial writes and EINTR).
+struct RawStderr;
+
+impl std::io::Write for RawStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // Safe: writes bytes from a valid slice to fd 2.
+        let n = unsafe { libc::write(2, buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
