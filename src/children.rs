@@ -63,6 +63,15 @@ pub struct Children {
 }
 
 impl Children {
+    /// An empty table with room for `n` live children before it first grows.
+    pub fn with_capacity(n: usize) -> Self {
+        Children {
+            live: HashMap::with_capacity(n),
+            per_source: HashMap::with_capacity(n),
+            totals: Totals::default(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.live.len()
     }

@@ -65,6 +65,8 @@ enum Phase {
 pub type Reloader = Box<dyn Fn() -> Result<Config, ConfigError>>;
 
 pub struct Server {
+    /// Poll results. One event per registered source at most (listeners + the signal pipe).
+    events: Events,
     poll: Poll,
     /// The configuration in force: what a reload compares against.
     config: Config,
@@ -125,7 +127,11 @@ impl Server {
             ready: vec![true; listeners.len()],
             registered: vec![true; listeners.len()],
             listeners,
-            children: Children::default(),
+            // Allocated here, together and small, instead of wherever the first insert or poll
+            // finds room: the loop writes to these between every two forks, and each distinct
+            // heap page it writes costs a copy-on-write fault and stays private in the child.
+            children: Children::with_capacity(16),
+            events: Events::with_capacity(64),
             settings: Settings::from(config),
             config: config.clone(),
             reload,
@@ -156,9 +162,9 @@ impl Server {
     }
 
     fn serve(&mut self) -> io::Result<()> {
-        let mut events = Events::with_capacity(256);
         while !self.finished() {
-            if let Err(e) = self.poll.poll(&mut events, self.next_wakeup()) {
+            let timeout = self.next_wakeup();
+            if let Err(e) = self.poll.poll(&mut self.events, timeout) {
                 if e.kind() == ErrorKind::Interrupted {
                     continue;
                 }
@@ -167,7 +173,7 @@ impl Server {
                 return Err(e);
             }
             let mut signalled = false;
-            for event in events.iter() {
+            for event in self.events.iter() {
                 match event.token() {
                     SIGNALS => signalled = true,
                     Token(i) => {
