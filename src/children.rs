@@ -2,8 +2,8 @@
 //! of every child that ended. Every count changes in exactly two places: `add` when a child is
 //! forked and `end_child` when one is reaped.
 
-use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::hash::RandomState;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use crate::parent_memory::ParentOnly;
 use crate::session::EXIT_PANIC;
 
 /// One live child.
@@ -35,40 +36,86 @@ pub enum Ending {
     Killed { signal: Signal, core_dumped: bool },
 }
 
-/// Totals since start, for the status line.
-#[derive(Debug, Default, Clone)]
+/// Totals since start, for the status line. Fixed arrays rather than maps: counting a reaped
+/// child then writes one word and allocates nothing.
+#[derive(Debug, Clone)]
 pub struct Totals {
     /// Children forked.
     pub forked: u64,
-    /// Children reaped, by exit code.
-    pub exited: BTreeMap<i32, u64>,
-    /// Children reaped, by the signal that killed them.
-    pub killed: BTreeMap<&'static str, u64>,
+    /// Children reaped, by exit code (an exit status is 0..=255).
+    exited: [u64; 256],
+    /// Children reaped, by the number of the signal that killed them.
+    killed: [u64; 65],
 }
 
-impl Totals {
-    pub fn ended(&self) -> u64 {
-        self.exited.values().sum::<u64>() + self.killed.values().sum::<u64>()
+impl Default for Totals {
+    fn default() -> Self {
+        Totals {
+            forked: 0,
+            exited: [0; 256],
+            killed: [0; 65],
+        }
     }
 }
 
-/// Live children by pid, live sessions by source, plus the totals.
-#[derive(Debug, Default)]
+impl Totals {
+    fn record(&mut self, ending: Ending) {
+        match ending {
+            Ending::Exited(code) => self.exited[(code & 0xff) as usize] += 1,
+            Ending::Killed { signal, .. } => self.killed[signal as usize % 65] += 1,
+        }
+    }
+
+    /// Exit codes seen, in order, with their counts.
+    pub fn exited(&self) -> impl Iterator<Item = (i32, u64)> + '_ {
+        (0..).zip(self.exited).filter(|(_, n)| *n > 0)
+    }
+
+    /// Signals that killed children, by signal number, with their counts.
+    pub fn killed(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        (0..)
+            .zip(self.killed)
+            .filter(|(_, n)| *n > 0)
+            .map(|(sig, n)| (Signal::try_from(sig).map_or("?", Signal::as_str), n))
+    }
+
+    pub fn ended(&self) -> u64 {
+        self.exited.iter().sum::<u64>() + self.killed.iter().sum::<u64>()
+    }
+}
+
+/// A table that only the parent uses, kept in memory the children do not inherit.
+type ParentTable<K, V> = hashbrown::HashMap<K, V, RandomState, ParentOnly>;
+
+fn parent_table<K, V>(capacity: usize) -> ParentTable<K, V> {
+    hashbrown::HashMap::with_capacity_and_hasher_in(capacity, RandomState::new(), ParentOnly)
+}
+
+/// Live children by pid, live sessions by source, plus the totals. All of it is written between
+/// every two forks, so all of it lives in [`parent_memory`](crate::parent_memory): the tables
+/// directly, the totals in a box of their own.
+#[derive(Debug)]
 pub struct Children {
-    live: HashMap<Pid, Child>,
+    live: ParentTable<Pid, Child>,
     /// Live sessions per source; a source with none has no entry, so this stays as small as
     /// the set of sources that have sessions now.
-    per_source: HashMap<IpNet, usize>,
-    pub totals: Totals,
+    per_source: ParentTable<IpNet, usize>,
+    pub totals: allocator_api2::boxed::Box<Totals, ParentOnly>,
+}
+
+impl Default for Children {
+    fn default() -> Self {
+        Children::with_capacity(0)
+    }
 }
 
 impl Children {
     /// An empty table with room for `n` live children before it first grows.
     pub fn with_capacity(n: usize) -> Self {
         Children {
-            live: HashMap::with_capacity(n),
-            per_source: HashMap::with_capacity(n),
-            totals: Totals::default(),
+            live: parent_table(n),
+            per_source: parent_table(n),
+            totals: allocator_api2::boxed::Box::new_in(Totals::default(), ParentOnly),
         }
     }
 
@@ -156,12 +203,7 @@ impl Children {
                 self.per_source.remove(&child.source);
             }
         }
-        match ending {
-            Ending::Exited(code) => *self.totals.exited.entry(code).or_default() += 1,
-            Ending::Killed { signal, .. } => {
-                *self.totals.killed.entry(signal.as_str()).or_default() += 1
-            }
-        }
+        self.totals.record(ending);
         let level = match ending {
             Ending::Exited(EXIT_PANIC)
             | Ending::Killed {

@@ -15,6 +15,7 @@
 //!   rules live here.
 //! - [`session`]: the child's blocking echo, and the exit code that says how it ended.
 //! - [`children`]: the table of live children, the reaper, and the totals.
+//! - [`parent_memory`]: where that table lives: memory the children do not inherit.
 //! - [`pidfile`]: the locked pid file that keeps a second instance from starting.
 //! - [`systemd`]: readiness and status for `Type=notify` (sockets come through [`listen`]).
 //! - [`privileges`]: dropping root after binding (setgroups, setgid, setuid).
@@ -30,6 +31,7 @@ pub mod daemon;
 pub mod limits;
 pub mod listen;
 pub mod logging;
+pub mod parent_memory;
 pub mod pidfile;
 pub mod privileges;
 pub mod server;

@@ -33,6 +33,7 @@ use crate::children::{seconds, Children};
 use crate::config::{Config, ConfigError};
 use crate::limits::{self, Admission, Limits, Refusal};
 use crate::listen::Listener;
+use crate::parent_memory;
 use crate::session::Settings;
 use crate::signals::{self, Mode};
 use crate::spawn;
@@ -65,7 +66,10 @@ enum Phase {
 pub type Reloader = Box<dyn Fn() -> Result<Config, ConfigError>>;
 
 pub struct Server {
-    /// Poll results. One event per registered source at most (listeners + the signal pipe).
+    /// Poll results: one event per registered source at most (listeners + the signal pipe).
+    /// Small and allocated at startup next to signal-hook's state, not wherever the first poll
+    /// finds room: the kernel writes it between every two forks, and each distinct heap page the
+    /// parent writes costs it a copy-on-write fault and stays private in the newest child.
     events: Events,
     poll: Poll,
     /// The configuration in force: what a reload compares against.
@@ -112,8 +116,15 @@ impl Server {
         reload: Reloader,
     ) -> io::Result<Server> {
         spawn::install_panic_hook();
+        // Before the children table exists: its memory comes from here.
+        if !parent_memory::reserve() {
+            debug!("no MADV_WIPEONFORK: the children table is on the ordinary heap");
+        }
         let poll = Poll::new()?;
         let mut signals = signals::hook()?;
+        // Right after signal-hook's state, which the handler writes on every SIGCHLD: the two
+        // things the loop writes between every two forks then share heap pages (see `events`).
+        let events = Events::with_capacity(64);
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         for (i, listener) in listeners.iter_mut().enumerate() {
@@ -127,11 +138,8 @@ impl Server {
             ready: vec![true; listeners.len()],
             registered: vec![true; listeners.len()],
             listeners,
-            // Allocated here, together and small, instead of wherever the first insert or poll
-            // finds room: the loop writes to these between every two forks, and each distinct
-            // heap page it writes costs a copy-on-write fault and stays private in the child.
             children: Children::with_capacity(16),
-            events: Events::with_capacity(64),
+            events,
             settings: Settings::from(config),
             config: config.clone(),
             reload,
@@ -634,11 +642,10 @@ impl Server {
     fn log_status(&self) {
         let totals = &self.children.totals;
         let mut endings: Vec<String> = totals
-            .exited
-            .iter()
+            .exited()
             .map(|(code, n)| format!("code {code}: {n}"))
             .collect();
-        endings.extend(totals.killed.iter().map(|(sig, n)| format!("{sig}: {n}")));
+        endings.extend(totals.killed().map(|(sig, n)| format!("{sig}: {n}")));
         let busiest: Vec<String> = self
             .children
             .busiest_sources(3)
