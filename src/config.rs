@@ -269,15 +269,15 @@ impl Config {
         })?;
         config.limits.rate = rate(config.rate_per_second, config.rate_burst);
         config.run_as = match (&config.user, &config.group) {
-            (Some(user), group) => Some(
-                crate::privileges::resolve(user, group.as_deref()).map_err(|reason| {
-                    ConfigError {
+            (Some(user), group) => {
+                Some(crate::privileges::resolve(user, group.as_deref()).map_err(
+                    |(key, reason)| ConfigError {
                         origin: "configuration".into(),
-                        key: Some("user".into()),
+                        key: Some(key.into()),
                         reason,
-                    }
-                })?,
-            ),
+                    },
+                )?)
+            }
             (None, Some(_)) => {
                 return Err(ConfigError {
                     origin: "configuration".into(),

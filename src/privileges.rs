@@ -18,10 +18,11 @@ pub struct Identity {
 }
 
 /// Resolves `user` (name or uid) and `group` (name or gid; default: the user's primary group).
-pub fn resolve(user: &str, group: Option<&str>) -> Result<Identity, String> {
-    let account = lookup_user(user)?;
+/// Errors name the key at fault (`user` or `group`) and the reason.
+pub fn resolve(user: &str, group: Option<&str>) -> Result<Identity, (&'static str, String)> {
+    let account = lookup_user(user).map_err(|reason| ("user", reason))?;
     let gid = match group {
-        Some(group) => lookup_group(group)?,
+        Some(group) => lookup_group(group).map_err(|reason| ("group", reason))?,
         None => account.gid,
     };
     Ok(Identity {

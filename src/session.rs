@@ -8,7 +8,7 @@
 //! |------|---------|
 //! | 0  | the client closed its side; everything it sent was echoed, then our side was shut down |
 //! | 3  | idle timeout: no input for `idle_timeout` |
-//! | 4  | write timeout: the client stopped reading and a write stayed blocked for `idle_timeout` |
+//! | 4  | write timeout: the client stopped reading and no byte could be sent for `idle_timeout` |
 //! | 5  | connection reset by the peer |
 //! | 6  | broken pipe: the peer went away while we were writing |
 //! | 7  | any other I/O error, e.g. the connection timed out (logged by the child) |
@@ -193,6 +193,11 @@ fn splice_echo(
 
 /// Moves the `n` bytes in the pipe to the socket, consulting the session clock before every
 /// splice, as `write_all` does for writes.
+///
+/// The send timeout (`idle_timeout`) applies per call, and inside one splice the kernel may send
+/// a few bytes, wait out the timeout, then wait it out again for the rest before returning a
+/// partial count; the next call then times out with nothing sent. A client that stops reading
+/// is therefore cut off after one to three `idle_timeout`s (a plain write loop: one to two).
 fn drain_pipe_to(
     stream: &TcpStream,
     pipe_out: &OwnedFd,

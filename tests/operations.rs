@@ -327,7 +327,8 @@ fn user_drops_privileges_for_parent_and_children() {
     }
 }
 
-/// An unknown user, or a group without a user, is a configuration error naming the key.
+/// An unknown user or group, or a group without a user, is a configuration error naming the
+/// key at fault.
 #[test]
 fn bad_user_settings_are_config_errors() {
     let out = run(&["--user", "no-such-user-here", "--check-config"]);
@@ -340,6 +341,20 @@ fn bad_user_settings_are_config_errors() {
     let out = run(&["--group", "nogroup", "--check-config"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("key `group`: needs `user` too"));
+    // A known user with an unknown group: the group is at fault, not the user.
+    let out = run(&[
+        "--user",
+        "nobody",
+        "--group",
+        "no-such-group",
+        "--check-config",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("key `group`: no group `no-such-group`"),
+        "{err}"
+    );
 }
 
 /// Stops a socket-activated forkecho (systemd-socket-activate execs it in place, so it keeps

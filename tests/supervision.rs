@@ -7,9 +7,8 @@ use crate::util::*;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -97,148 +96,6 @@ fn sigkilled_child_is_logged_and_reaped() {
     assert_closed_by_server(&mut s, "session of the killed child");
 
     assert_serves(&server, b"after\n");
-}
-
-/// 200 children SIGKILLed at once: all 200 deaths are logged and no child (zombie or not) is
-/// left within 2 s of the kill, and the server keeps serving.
-#[test]
-fn two_hundred_children_killed_at_once_all_reaped() {
-    const N: usize = 200;
-    // All sessions come from 127.0.0.1: lift the per-source limit (default 32) for this test.
-    let server = Server::builder().args(["--max-per-source", "0"]).start();
-    let mut sessions: Vec<TcpStream> = (0..N).map(|_| server.connect_greeted()).collect();
-    let targets: Vec<(Pid, SocketAddr)> = sessions
-        .iter()
-        .map(|s| {
-            let peer = s.local_addr().unwrap();
-            (server.child_pid_for(peer), peer)
-        })
-        .collect();
-    let kids = server.children();
-    assert_eq!(kids.len(), N, "children before the kill: {kids:?}");
-
-    let killed_at = Instant::now();
-    for &(pid, _) in &targets {
-        kill(pid, Signal::SIGKILL).unwrap();
-    }
-    let deadline = killed_at + Duration::from_secs(2);
-
-    let wanted: Vec<String> = targets
-        .iter()
-        .map(|&(pid, peer)| killed_line(pid, peer, "SIGKILL"))
-        .collect();
-    // A cheap count while the log grows (the predicate runs under the log's lock, and the
-    // server must never wait for this reader); the exact lines are checked once afterwards.
-    server.wait_for_log(
-        "200 `killed by signal SIGKILL` lines within 2 s",
-        deadline.saturating_duration_since(Instant::now()),
-        |lines| {
-            lines
-                .iter()
-                .filter(|l| l.contains("killed by signal SIGKILL"))
-                .count()
-                >= N
-        },
-    );
-    let log = server.log_text();
-    for w in &wanted {
-        assert!(log.contains(w.as_str()), "missing {w:?}");
-    }
-    let none_left = wait_until(deadline.saturating_duration_since(Instant::now()), || {
-        server.children().is_empty()
-    });
-    assert!(
-        none_left,
-        "children left 2 s after the kill: {:?}",
-        server.children()
-    );
-    assert_eq!(server.count_lines("killed by signal SIGKILL"), N);
-
-    for (i, s) in sessions.iter_mut().enumerate() {
-        assert_closed_by_server(s, &format!("session {i}"));
-    }
-    assert_serves(&server, b"still here\n");
-}
-
-/// 200 sequential sessions are all served correctly while the parent receives thousands of
-/// spurious SIGCHLD, and afterwards no child is left behind.
-#[test]
-fn sigchld_barrage_loses_no_session_and_no_child() {
-    const SESSIONS: usize = 200;
-    const SIGNALS_PER_SESSION: usize = 25; // 5000 SIGCHLD in all, spread over the sessions
-    let server = Server::start();
-    let addr = server.addr();
-    let server_pid = server.pid();
-    let started = AtomicUsize::new(0);
-    let client_done = AtomicBool::new(false);
-
-    let sent = thread::scope(|scope| {
-        let sender = scope.spawn(|| {
-            let total = SESSIONS * SIGNALS_PER_SESSION;
-            let mut sent = 0;
-            let mut client_gone = false;
-            while sent < total {
-                // Keep pace with the client: a burst for each session it has started; the rest
-                // at once when it has finished (or stalled).
-                let target = if client_gone || client_done.load(Ordering::SeqCst) {
-                    total
-                } else {
-                    ((started.load(Ordering::SeqCst) + 1) * SIGNALS_PER_SESSION).min(total)
-                };
-                while sent < target {
-                    kill(server_pid, Signal::SIGCHLD).expect("SIGCHLD to the server");
-                    sent += 1;
-                }
-                if sent < total {
-                    let before = started.load(Ordering::SeqCst);
-                    client_gone = !wait_until(WAIT, || {
-                        started.load(Ordering::SeqCst) != before
-                            || client_done.load(Ordering::SeqCst)
-                    });
-                }
-            }
-            sent
-        });
-        let client = scope.spawn(|| {
-            struct Done<'a>(&'a AtomicBool);
-            impl Drop for Done<'_> {
-                fn drop(&mut self) {
-                    self.0.store(true, Ordering::SeqCst);
-                }
-            }
-            let _done = Done(&client_done);
-            for i in 0..SESSIONS {
-                started.fetch_add(1, Ordering::SeqCst);
-                let mut s = connect(addr);
-                expect_banner(&mut s);
-                let mut data = format!("session {i}\n").into_bytes();
-                data.extend(Noise::new(7000 + i as u64).bytes(1000 + i));
-                assert_eq!(echo_roundtrip(&mut s, &data), data, "session {i}");
-                s.shutdown(Shutdown::Write).unwrap();
-                assert_eq!(read_to_eof(&mut s), b"", "session {i}: data after the echo");
-            }
-        });
-        client.join().expect("client thread");
-        sender.join().expect("signal thread")
-    });
-    assert_eq!(sent, SESSIONS * SIGNALS_PER_SESSION);
-
-    server.wait_for_log("200 `exited with code 0` lines", WAIT, |lines| {
-        lines
-            .iter()
-            .filter(|l| l.contains("exited with code 0"))
-            .count()
-            >= SESSIONS
-    });
-    assert_serves(&server, b"after the barrage\n");
-    let no_children = wait_until(WAIT, || server.children().is_empty());
-    assert!(
-        no_children,
-        "children left after all sessions ended: {:?}",
-        server.children()
-    );
-    assert_eq!(server.count_lines("killed by signal"), 0);
-    assert_eq!(server.count_lines("accepted "), SESSIONS + 1);
 }
 
 /// A barrage of SIGUSR1 and SIGHUP does not stop the server or disturb an open session, and
@@ -501,30 +358,6 @@ fn second_sigterm_escalates_shutdown() {
         "child {pid} still exists after the server exited"
     );
     assert_closed_by_server(&mut s, "idle session after the second SIGTERM");
-}
-
-/// A parent killed outright leaves its sessions echoing (each child stands alone), and a new
-/// forkecho binds the same port at once (SO_REUSEADDR) while the old session still holds it.
-#[test]
-fn sessions_survive_parent_crash_and_restart_binds_same_port() {
-    let mut first = Server::start();
-    let addr = first.addr();
-    let mut old = first.connect_greeted();
-    let orphan = first.child_pid_for(old.local_addr().unwrap());
-    let _orphan = KillOnDrop(orphan);
-    first.signal(Signal::SIGKILL);
-    let status = first.wait_exit(WAIT);
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&status),
-        Some(9)
-    );
-
-    assert_eq!(echo_roundtrip(&mut old, b"orphan\n"), b"orphan\n");
-    let second = Server::builder().arg("-l").arg(addr.to_string()).start();
-    assert_eq!(second.addr(), addr);
-    let mut new = second.connect_greeted();
-    assert_eq!(echo_roundtrip(&mut new, b"new\n"), b"new\n");
-    assert_eq!(echo_roundtrip(&mut old, b"old\n"), b"old\n");
 }
 
 /// A child leads its own process group (in the parent's session) and is named `forkecho-child`, so signals

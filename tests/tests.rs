@@ -4,8 +4,9 @@
 mod util;
 
 mod config;
+mod config_fuzz;
 mod echo;
+mod faults;
 mod limits;
 mod operations;
-mod resources;
 mod supervision;

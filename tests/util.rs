@@ -534,3 +534,192 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+// ---- Helpers for the fault-injection suite (tests/faults.rs); usable by any module. ----
+
+impl Server {
+    /// Sends SIGUSR1 and returns the `status:` line it produced (the first one logged after
+    /// the signal).
+    pub fn status_line(&self) -> String {
+        let before = self.count_lines("status:");
+        self.signal(Signal::SIGUSR1);
+        let mut found = None;
+        self.wait_for_log("a `status:` line after SIGUSR1", WAIT, |lines| {
+            found = lines
+                .iter()
+                .filter(|l| l.contains("status:"))
+                .nth(before)
+                .cloned();
+            found.is_some()
+        });
+        found.unwrap()
+    }
+}
+
+/// The number in `line` right before ` <word>` (e.g. `status: 0 active` → `active` → 0), as a
+/// whole number, not the tail of a longer one.
+pub fn count_before(line: &str, word: &str) -> Option<u64> {
+    let at = line.find(&format!(" {word}"))?;
+    let digits: String = line[..at]
+        .chars()
+        .rev()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.chars().rev().collect::<String>().parse().ok()
+}
+
+/// Raises this test process's soft RLIMIT_NOFILE to at least `n` (up to the hard limit), for
+/// tests that hold many client sockets at once.
+pub fn raise_own_nofile(n: u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    assert!(
+        hard >= n,
+        "RLIMIT_NOFILE hard limit {hard} is below the {n} descriptors this test needs"
+    );
+    if soft < n {
+        setrlimit(Resource::RLIMIT_NOFILE, n, hard).expect("raise RLIMIT_NOFILE");
+    }
+}
+
+/// Sets the soft RLIMIT_NOFILE of another process (what `prlimit --pid PID --nofile=N:` does;
+/// lowering or restoring the soft limit needs no privilege), returning the previous
+/// (soft, hard) pair.
+pub fn set_soft_nofile_of(pid: Pid, soft: u64) -> (u64, u64) {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // Safe: prlimit writes the old limit into `old` and reads nothing else.
+    let rc = unsafe {
+        libc::prlimit(
+            pid.as_raw(),
+            libc::RLIMIT_NOFILE,
+            std::ptr::null(),
+            &mut old,
+        )
+    };
+    assert_eq!(rc, 0, "prlimit read: {}", std::io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // Safe: prlimit reads `new` and writes nothing.
+    let rc = unsafe {
+        libc::prlimit(
+            pid.as_raw(),
+            libc::RLIMIT_NOFILE,
+            &new,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit set: {}", std::io::Error::last_os_error());
+    (old.rlim_cur, old.rlim_max)
+}
+
+/// The descriptor numbers a process holds, sorted, from /proc/<pid>/fd.
+pub fn fds_of(pid: Pid) -> Vec<u64> {
+    let mut fds: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/fd: {e}"))
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort_unstable();
+    fds
+}
+
+/// User + system CPU time of a process, in clock ticks (fields 14 and 15 of its stat).
+pub fn cpu_ticks_of(pid: Pid) -> u64 {
+    let field = |n| {
+        stat_field(pid, n)
+            .unwrap_or_else(|| panic!("process {pid} is gone"))
+            .parse::<u64>()
+            .unwrap()
+    };
+    field(14) + field(15)
+}
+
+/// Clock ticks per second, the unit of `cpu_ticks_of`.
+pub fn ticks_per_second() -> u64 {
+    // Safe: sysconf only reads a constant.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as u64 }
+}
+
+/// A field of /proc/<pid>/status (e.g. `VmRSS`), without the name, trimmed; None if the
+/// process or the field does not exist.
+pub fn status_field(pid: Pid, field: &str) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let prefix = format!("{field}:");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().to_string())
+}
+
+/// Resident set size of a process in KiB (`VmRSS`).
+pub fn rss_kib(pid: Pid) -> u64 {
+    let value = status_field(pid, "VmRSS").unwrap_or_else(|| panic!("no VmRSS for {pid}"));
+    value
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("VmRSS {value:?}: {e}"))
+}
+
+/// A uid that no process uses now, so RLIMIT_NPROC counts only the server under test (a shared
+/// user such as `nobody` may have other processes, which come and go: another test drops
+/// root to `nobody`). Varies with our pid so that two suites running at once pick different
+/// ones.
+pub fn unused_uid() -> u32 {
+    let start = 40_000 + std::process::id() % 20_000;
+    (start..start + 1000)
+        .find(|&uid| tasks_of_uid(uid) == 0)
+        .expect("a free uid")
+}
+
+/// Tasks (threads count too, as RLIMIT_NPROC counts them) whose real uid is `uid`.
+pub fn tasks_of_uid(uid: u32) -> u64 {
+    let mut n = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        };
+        if field("Uid:") == Some(uid as u64) {
+            n += field("Threads:").unwrap_or(1);
+        }
+    }
+    n
+}
+
+/// Connects to `addr` with a receive buffer of `recv_buffer` bytes, set before the handshake
+/// so the window is small from the start: the kernel cannot absorb a large echo for a client
+/// that does not read.
+pub fn connect_with_recv_buffer(addr: SocketAddr, recv_buffer: usize) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(recv_buffer).expect("SO_RCVBUF");
+    socket.connect_timeout(&addr.into(), WAIT).expect("connect");
+    let s: TcpStream = socket.into();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.set_write_timeout(Some(WAIT)).unwrap();
+    s
+}
+
+impl Noise {
+    /// The next 8 bytes of the stream as a number.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut b = [0; 8];
+        self.fill(&mut b);
+        u64::from_le_bytes(b)
+    }
+
+    /// A number in `0..n` (n > 0); the tiny modulo bias does not matter for tests.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
