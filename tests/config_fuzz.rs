@@ -565,24 +565,28 @@ fn assert_no_panic(stdout: &str, stderr: &str) {
     );
 }
 
+/// Runs forkecho to completion and asserts it did not panic: its exit code, stdout, stderr.
+fn run_without_panic<S: AsRef<str>>(args: &[S]) -> (Option<i32>, String, String) {
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
+    let out = run(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_no_panic(&stdout, &stderr);
+    (out.status.code(), stdout, stderr)
+}
+
 /// Runs `--check-config` on the case and checks the verdict; returns the culprits.
 fn check_config_verdict(case: &Case, dir: &TempDir) -> Vec<String> {
     let mut args = case.args(dir);
     args.push("--check-config".into());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = run(&args);
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert_no_panic(&stdout, &stderr);
+    let (code, stdout, stderr) = run_without_panic(&args);
     let file = dir.path().join("forkecho.toml").display().to_string();
     let culprits = case.culprits(&file);
     if culprits.is_empty() {
-        assert_eq!(out.status.code(), Some(0), "valid case rejected: {stderr}");
+        assert_eq!(code, Some(0), "valid case rejected: {stderr}");
         assert!(stdout.contains("configuration OK"), "{stdout}");
     } else {
-        assert_exit_2_naming(out.status.code(), &stdout, &stderr, &culprits);
+        assert_exit_2_naming(code, &stdout, &stderr, &culprits);
     }
     culprits
 }
@@ -893,13 +897,8 @@ fn fuzz_arbitrary_config_file_never_panics() {
         let path = dir.path().join("forkecho.toml");
         std::fs::write(&path, &bytes).unwrap();
         let path = path.display().to_string();
-        let out = run(&["-c", &path, "--check-config"]);
-        let (stdout, stderr) = (
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-        );
-        assert_no_panic(&stdout, &stderr);
-        match out.status.code() {
+        let (code, stdout, stderr) = run_without_panic(&["-c", &path, "--check-config"]);
+        match code {
             Some(0) => assert!(stdout.contains("configuration OK"), "{stdout}"),
             Some(2) => assert!(
                 stderr.contains(&path) || stderr.contains("key `"),
@@ -920,14 +919,8 @@ fn fuzz_arbitrary_command_line_never_panics() {
         |words| {
             let mut args = vec!["--check-config".to_string()];
             args.extend(words);
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let out = run(&args);
-            let (stdout, stderr) = (
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr),
-            );
-            assert_no_panic(&stdout, &stderr);
-            match out.status.code() {
+            let (code, stdout, stderr) = run_without_panic(&args);
+            match code {
                 Some(0) => assert!(!stdout.is_empty(), "exit 0 and nothing said"),
                 Some(2) => assert!(
                     stderr.starts_with("error: ") || stderr.starts_with("forkecho: "),

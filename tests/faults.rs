@@ -133,31 +133,6 @@ fn children_serving(server: &Server, sessions: &[TcpStream]) -> Vec<(Pid, Socket
 
 // ---- What a client sees ----
 
-/// Asserts the server closed this connection: the next read gives EOF or a reset, no data.
-fn assert_closed_by_server(s: &mut TcpStream, what: &str) {
-    let mut buf = [0; 64];
-    match s.read(&mut buf) {
-        Ok(0) => {}
-        Ok(n) => panic!("{what}: got {n} unexpected bytes {:?}", &buf[..n]),
-        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
-        Err(e) => panic!("{what}: expected EOF or reset, got {e}"),
-    }
-}
-
-/// Asserts no child of the server is left (live or zombie), waiting up to `WAIT` for the
-/// reaper, and returns how long that took.
-fn assert_no_children(server: &Server, what: &str) -> Duration {
-    let start = Instant::now();
-    let empty = wait_until(WAIT, || server.children().is_empty());
-    assert!(
-        empty,
-        "{what}: children left: {:?}\n--- server log ---\n{}",
-        server.children(),
-        server.log_text()
-    );
-    start.elapsed()
-}
-
 /// Asserts the `status:` line (SIGUSR1) reports an empty children table, and returns it.
 fn assert_status_zero_active(server: &Server) -> String {
     let status = server.status_line();

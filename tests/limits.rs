@@ -105,17 +105,6 @@ fn wait_exit_code(server: &Server, s: &TcpStream, code: i32) -> String {
     server.wait_for_line(&format!("child {pid} ({peer}) exited with code {code} "))
 }
 
-/// Asserts the server has no child left (live or zombie), waiting up to `WAIT` for reaping.
-fn assert_no_children(server: &Server, what: &str) {
-    let empty = wait_until(WAIT, || server.children().is_empty());
-    assert!(
-        empty,
-        "{what}: children left: {:?}\n--- server log ---\n{}",
-        server.children(),
-        server.log_text()
-    );
-}
-
 /// Asserts the log has exactly `n` lines containing `needle`, waiting up to `WAIT` for them
 /// (a line the server wrote before the client saw its effect may still be on its way to us).
 fn assert_lines(server: &Server, needle: &str, n: usize, what: &str) {

@@ -5,7 +5,7 @@
 
 use crate::util::*;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::thread;
 use std::time::Duration;
@@ -16,17 +16,6 @@ use nix::unistd::Pid;
 /// The parent's log line for a child that died of `sig`, up to the duration.
 fn killed_line(pid: Pid, peer: SocketAddr, sig: &str) -> String {
     format!("child {pid} ({peer}) killed by signal {sig} ")
-}
-
-/// Asserts the server closed this connection: the next read gives EOF or a reset, no data.
-fn assert_closed_by_server(s: &mut TcpStream, what: &str) {
-    let mut buf = [0; 64];
-    match s.read(&mut buf) {
-        Ok(0) => {}
-        Ok(n) => panic!("{what}: got {n} unexpected bytes {:?}", &buf[..n]),
-        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
-        Err(e) => panic!("{what}: expected EOF or reset, got {e}"),
-    }
 }
 
 /// True if a TCP connect to `addr` is refused (nothing listening).

@@ -4,7 +4,7 @@
 
 #![allow(dead_code)] // each test module uses a different subset
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -722,4 +722,29 @@ impl Noise {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n
     }
+}
+
+/// Asserts the server closed this connection: the next read gives EOF or a reset, no data.
+pub fn assert_closed_by_server(s: &mut TcpStream, what: &str) {
+    let mut buf = [0; 64];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("{what}: got {n} unexpected bytes {:?}", &buf[..n]),
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("{what}: expected EOF or reset, got {e}"),
+    }
+}
+
+/// Asserts no child of the server is left (live or zombie), waiting up to `WAIT` for the
+/// reaper, and returns how long that took.
+pub fn assert_no_children(server: &Server, what: &str) -> Duration {
+    let start = Instant::now();
+    let empty = wait_until(WAIT, || server.children().is_empty());
+    assert!(
+        empty,
+        "{what}: children left: {:?}\n--- server log ---\n{}",
+        server.children(),
+        server.log_text()
+    );
+    start.elapsed()
 }
