@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use log::{debug, log, warn, Level};
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::wait::WaitPidFlag;
 use nix::unistd::Pid;
 
 use crate::parent_memory::ParentOnly;
@@ -33,7 +33,12 @@ struct Child {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ending {
     Exited(i32),
-    Killed { signal: Signal, core_dumped: bool },
+    /// Killed by signal number `signal`: a raw number, because a real-time signal (32–64) has
+    /// no `nix::Signal` and must still be accounted for.
+    Killed {
+        signal: i32,
+        core_dumped: bool,
+    },
 }
 
 /// Totals since start, for the status line. Fixed arrays rather than maps: counting a reaped
@@ -62,7 +67,7 @@ impl Totals {
     fn record(&mut self, ending: Ending) {
         match ending {
             Ending::Exited(code) => self.exited[(code & 0xff) as usize] += 1,
-            Ending::Killed { signal, .. } => self.killed[signal as usize % 65] += 1,
+            Ending::Killed { signal, .. } => self.killed[signal.clamp(0, 64) as usize] += 1,
         }
     }
 
@@ -72,11 +77,11 @@ impl Totals {
     }
 
     /// Signals that killed children, by signal number, with their counts.
-    pub fn killed(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+    pub fn killed(&self) -> impl Iterator<Item = (SignalName, u64)> + '_ {
         (0..)
             .zip(self.killed)
             .filter(|(_, n)| *n > 0)
-            .map(|(sig, n)| (Signal::try_from(sig).map_or("?", Signal::as_str), n))
+            .map(|(sig, n)| (SignalName(sig), n))
     }
 
     pub fn ended(&self) -> u64 {
@@ -169,22 +174,30 @@ impl Children {
     }
 
     /// One `waitpid(-1, flags)`, accounted for. False when there is nothing (more) to collect.
+    ///
+    /// libc's `waitpid`, not nix's: nix cannot represent a child killed by a real-time signal
+    /// and reports EINVAL *after* the kernel has reaped it, which would leave a ghost in the
+    /// table holding its slot forever (and a shutdown waiting for it).
     fn collect_one(&mut self, flags: Option<WaitPidFlag>) -> bool {
-        match waitpid(None, flags) {
-            Ok(WaitStatus::Exited(pid, code)) => self.end_child(pid, Ending::Exited(code)),
-            Ok(WaitStatus::Signaled(pid, signal, core_dumped)) => self.end_child(
-                pid,
-                Ending::Killed {
-                    signal,
-                    core_dumped,
-                },
-            ),
-            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return false,
-            // Stops and continues are not asked for (no WUNTRACED); EINTR: just ask again.
-            Ok(_) | Err(Errno::EINTR) => {}
-            Err(e) => {
-                warn!("waitpid failed: {e}");
-                return false;
+        let mut status = 0;
+        let flags = flags.map_or(0, |f| f.bits());
+        // Safe: `status` is a valid place for the kernel to write the status.
+        let pid = unsafe { libc::waitpid(-1, &mut status, flags) };
+        match pid {
+            0 => return false, // WNOHANG: children exist, none has ended
+            -1 => match Errno::last() {
+                Errno::ECHILD => return false,
+                Errno::EINTR => {}
+                e => {
+                    warn!("waitpid failed: {e}");
+                    return false;
+                }
+            },
+            pid => {
+                if let Some(ending) = Ending::from_status(status) {
+                    self.end_child(Pid::from_raw(pid), ending);
+                }
+                // Else a stop or continue report; not asked for (no WUNTRACED), so ignored.
             }
         }
         true
@@ -230,6 +243,38 @@ impl Children {
     }
 }
 
+impl Ending {
+    /// Decodes a raw `waitpid` status; None for stop/continue reports.
+    fn from_status(status: i32) -> Option<Ending> {
+        if libc::WIFEXITED(status) {
+            Some(Ending::Exited(libc::WEXITSTATUS(status)))
+        } else if libc::WIFSIGNALED(status) {
+            Some(Ending::Killed {
+                signal: libc::WTERMSIG(status),
+                core_dumped: libc::WCOREDUMP(status),
+            })
+        } else {
+            None
+        }
+    }
+}
+
+/// A signal's name for the log: `SIGKILL`, or `SIGRTMIN+2` for a real-time one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignalName(pub i32);
+
+impl fmt::Display for SignalName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match Signal::try_from(self.0) {
+            Ok(signal) => f.write_str(signal.as_str()),
+            Err(_) if (libc::SIGRTMIN()..=libc::SIGRTMAX()).contains(&self.0) => {
+                write!(f, "SIGRTMIN+{}", self.0 - libc::SIGRTMIN())
+            }
+            Err(_) => write!(f, "signal {}", self.0),
+        }
+    }
+}
+
 impl fmt::Display for Ending {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -238,7 +283,7 @@ impl fmt::Display for Ending {
                 signal,
                 core_dumped,
             } => {
-                write!(f, "killed by signal {}", signal.as_str())?;
+                write!(f, "killed by signal {}", SignalName(*signal))?;
                 if *core_dumped {
                     f.write_str(" (core dumped)")?;
                 }
@@ -260,5 +305,31 @@ pub struct Seconds(Duration);
 impl fmt::Display for Seconds {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:.2}s", self.0.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_statuses_decode_and_name_every_signal() {
+        // Exit code 3; killed by SIGKILL; by SIGSEGV with a core; by SIGRTMIN+2; stopped.
+        assert_eq!(Ending::from_status(3 << 8), Some(Ending::Exited(3)));
+        let killed = Ending::from_status(libc::SIGKILL).unwrap();
+        assert_eq!(killed.to_string(), "killed by signal SIGKILL");
+        let core = Ending::from_status(libc::SIGSEGV | 0x80).unwrap();
+        assert_eq!(core.to_string(), "killed by signal SIGSEGV (core dumped)");
+        let rt = Ending::from_status(libc::SIGRTMIN() + 2).unwrap();
+        assert_eq!(rt.to_string(), "killed by signal SIGRTMIN+2");
+        assert_eq!(Ending::from_status((libc::SIGSTOP << 8) | 0x7f), None);
+
+        let mut totals = Totals::default();
+        for ending in [killed, rt, rt, Ending::Exited(0)] {
+            totals.record(ending);
+        }
+        let killed: Vec<String> = totals.killed().map(|(s, n)| format!("{s}: {n}")).collect();
+        assert_eq!(killed, ["SIGKILL: 1", "SIGRTMIN+2: 2"]);
+        assert_eq!(totals.ended(), 4);
     }
 }

@@ -87,6 +87,25 @@ fn sigkilled_child_is_logged_and_reaped() {
     assert_serves(&server, b"after\n");
 }
 
+/// A child killed by a real-time signal (which has no name in nix) is reaped and counted like
+/// any other: its slot is freed, the status line says so, and a shutdown does not wait for it.
+#[test]
+fn child_killed_by_realtime_signal_is_reaped_and_counted() {
+    let mut server = Server::start();
+    let mut s = server.connect_greeted();
+    let peer = s.local_addr().unwrap();
+    let pid = server.child_pid_for(peer);
+    // Safe: sends a signal to the child this test just made.
+    assert_eq!(unsafe { libc::kill(pid.as_raw(), libc::SIGRTMIN() + 2) }, 0);
+    server.wait_for_line(&killed_line(pid, peer, "SIGRTMIN+2"));
+    assert_closed_by_server(&mut s, "session of the killed child");
+    let status = server.status_line();
+    assert!(says_active(&status, 0), "{status}");
+    assert!(status.contains("SIGRTMIN+2: 1"), "{status}");
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait_exit(WAIT).success());
+}
+
 /// A barrage of SIGUSR1 and SIGHUP does not stop the server or disturb an open session, and
 /// SIGUSR1 still produces a `status:` line.
 #[test]
