@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use log::{debug, warn};
 use nix::errno::Errno;
 use nix::fcntl::{splice, OFlag, SpliceFFlags};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 pub const EXIT_CLIENT_CLOSED: i32 = 0;
 pub const EXIT_IDLE_TIMEOUT: i32 = 3;
@@ -136,7 +136,7 @@ fn echo(stream: &TcpStream, clock: &mut SessionClock) -> Result<(), Outcome> {
     };
     match splice_echo(stream, &pipe_in, &pipe_out, clock) {
         Spliced::Ended(result) => result,
-        Spliced::Refused => copy_echo(stream, clock),
+        Spliced::Refused | Spliced::CopyFromHere => copy_echo(stream, clock),
     }
 }
 
@@ -146,6 +146,12 @@ enum Spliced {
     Ended(Result<(), Outcome>),
     /// The kernel refused to splice from this socket before a byte moved: use the copy.
     Refused,
+    /// Splice cannot go on, but the session can, with the copy (the pipe is empty):
+    /// - urgent (out-of-band) data: TCP splice stops at the urgent mark and returns 0 there
+    ///   forever, where `read` steps over the mark;
+    /// - the session's end is near: inside one splice the kernel may wait out the send timeout
+    ///   more than once, which would overshoot `max_session_time`; a write waits once.
+    CopyFromHere,
 }
 
 /// The most one splice moves; the pipe's capacity (64 KiB by default) caps it in practice.
@@ -167,6 +173,9 @@ fn splice_echo(
         if let Err(outcome) = clock.before_io(stream) {
             return Spliced::Ended(Err(outcome));
         }
+        if clock.deadline_near() {
+            return Spliced::CopyFromHere;
+        }
         let n = match splice(
             stream,
             None,
@@ -175,7 +184,8 @@ fn splice_echo(
             SPLICE_CHUNK,
             SpliceFFlags::empty(),
         ) {
-            Ok(0) => return Spliced::Ended(Ok(())),
+            Ok(0) if at_end_of_input(stream) => return Spliced::Ended(Ok(())),
+            Ok(0) => return Spliced::CopyFromHere,
             Ok(n) => n,
             Err(Errno::EINTR) => continue,
             Err(Errno::EINVAL | Errno::ENOSYS) if !moved_any => return Spliced::Refused,
@@ -206,6 +216,9 @@ fn drain_pipe_to(
 ) -> Result<(), Outcome> {
     while n > 0 {
         clock.before_io(stream)?;
+        if clock.deadline_near() {
+            return copy_pipe_to(stream, pipe_out, n, clock);
+        }
         match splice(pipe_out, None, stream, None, n, SpliceFFlags::empty()) {
             Ok(0) => return Err(Outcome::IoError(ErrorKind::WriteZero.into())),
             Ok(m) => n -= m,
@@ -214,6 +227,43 @@ fn drain_pipe_to(
         }
     }
     Ok(())
+}
+
+/// Moves the `n` bytes left in the pipe to the socket with read and `write_all`, which waits
+/// out the (shortened) send timeout once per call rather than splice's up to twice.
+fn copy_pipe_to(
+    stream: &TcpStream,
+    pipe_out: &OwnedFd,
+    mut n: usize,
+    clock: &mut SessionClock,
+) -> Result<(), Outcome> {
+    let mut buffer = vec![0u8; n.min(BUFFER_SIZE)];
+    let mut pipe = std::fs::File::from(pipe_out.try_clone().map_err(Outcome::IoError)?);
+    while n > 0 {
+        let want = n.min(buffer.len());
+        // The bytes are already in the pipe: this read never waits.
+        pipe.read_exact(&mut buffer[..want])
+            .map_err(Outcome::IoError)?;
+        write_all(stream, &buffer[..want], clock)?;
+        n -= want;
+    }
+    Ok(())
+}
+
+/// True if the client really closed its side: a splice that returns 0 may also mean it stopped
+/// at an urgent mark. One non-blocking peek tells them apart (0 only at the end of input).
+fn at_end_of_input(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    // Safe: receives at most one byte into a valid buffer, without waiting or consuming.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            byte.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0
 }
 
 /// The fallback echo: read into a buffer, write it back.
@@ -237,6 +287,8 @@ fn copy_echo(mut stream: &TcpStream, clock: &mut SessionClock) -> Result<(), Out
 struct SessionClock {
     idle: Option<Duration>,
     deadline: Option<Instant>,
+    /// The socket timeouts have been shortened to the time left.
+    shortened: bool,
 }
 
 impl SessionClock {
@@ -244,6 +296,7 @@ impl SessionClock {
         SessionClock {
             idle: settings.idle_timeout,
             deadline: settings.max_session_time.map(|d| Instant::now() + d),
+            shortened: false,
         }
     }
 
@@ -259,12 +312,19 @@ impl SessionClock {
         }
         if self.idle.is_none_or(|idle| left < idle) {
             self.idle = Some(left);
+            self.shortened = true;
             stream
                 .set_read_timeout(Some(left))
                 .and_then(|()| stream.set_write_timeout(Some(left)))
                 .map_err(Outcome::IoError)?;
         }
         Ok(())
+    }
+
+    /// True once the session's end is nearer than the idle limit (the timeouts then count
+    /// down to it).
+    fn deadline_near(&self) -> bool {
+        self.shortened
     }
 
     /// A timeout that fired at or after the session's end is the session limit, not idleness.

@@ -99,6 +99,24 @@ fn half_close_echoes_all_then_eof_and_child_exits_0() {
     assert!(line.contains("exited with code 0"), "{line}");
 }
 
+/// Urgent (out-of-band) data does not end the session: the urgent byte is not part of the
+/// stream (as with `read`), everything around it is echoed, and only the real EOF ends it.
+/// (TCP splice stops at the urgent mark and returns 0 there, which is not an EOF.)
+#[test]
+fn urgent_data_mid_session_is_not_taken_for_eof() {
+    use std::os::fd::AsRawFd;
+    let server = Server::start();
+    let mut s = server.connect_greeted();
+    let client = s.local_addr().unwrap();
+    assert_eq!(echo_roundtrip(&mut s, b"before\n"), b"before\n");
+    // Safe: sends one byte from a valid buffer on our own socket.
+    let sent = unsafe { libc::send(s.as_raw_fd(), b"!".as_ptr().cast(), 1, libc::MSG_OOB) };
+    assert_eq!(sent, 1, "send MSG_OOB");
+    assert_eq!(echo_roundtrip(&mut s, b"after\n"), b"after\n");
+    assert_eq!(send_and_drain(&mut s, b"last\n"), b"last\n");
+    wait_child_exit(&server, client, 0);
+}
+
 /// 100 clients at once each get their own data back, each from its own child process.
 #[test]
 fn hundred_concurrent_clients_each_own_child() {

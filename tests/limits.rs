@@ -300,11 +300,14 @@ fn rate_limit_serves_burst_refuses_rest_then_refills() {
 }
 
 /// `--max-session-time` also bounds a write the client blocks by not reading: with a long idle
-/// timeout, the child still ends at the session limit (code 8), not after the write timeout.
+/// timeout, the child still ends at the session limit (code 8), not after the write timeout,
+/// and not twice the limit either (one splice may wait out the send timeout twice; near the
+/// end the child copies instead).
 #[test]
 fn max_session_time_bounds_a_blocked_write() {
+    const LIMIT_SECS: f64 = 2.0;
     let server = Server::builder()
-        .args(["--idle-timeout", "60", "--max-session-time", "1"])
+        .args(["--idle-timeout", "60", "--max-session-time", "2"])
         .start();
     let s = connect_from_with(server.addr(), "127.0.0.1", Some(16 * 1024));
     let peer = s.local_addr().unwrap();
@@ -318,9 +321,23 @@ fn max_session_time_bounds_a_blocked_write() {
             }
         }
     });
-    server.wait_for_line(&format!("({peer}) exited with code 8 "));
+    let line = server.wait_for_line(&format!("({peer}) exited with code 8 "));
+    let lasted = seconds_after(&line);
+    assert!(
+        lasted < LIMIT_SECS * 1.5,
+        "the session lasted {lasted}s with a {LIMIT_SECS}s limit: {line}"
+    );
     assert_no_children(&server, "after the session limit");
     sender.join().expect("writer thread");
+}
+
+/// The `after 1.23s` at the end of a reap line, in seconds.
+fn seconds_after(line: &str) -> f64 {
+    let tail = line.rsplit("after ").next().unwrap_or_default();
+    tail.trim()
+        .trim_end_matches('s')
+        .parse()
+        .unwrap_or_else(|e| panic!("{line}: {e}"))
 }
 
 /// A refused client that had already sent data still reads the whole refusal message and a
