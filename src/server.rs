@@ -506,9 +506,11 @@ impl Server {
     fn refuse(&self, stream: TcpStream, peer: SocketAddr, refusal: &Refusal) {
         info!("refused {peer}: {refusal}");
         // The socket is blocking (see `accept_blocking`): each call here says MSG_DONTWAIT.
+        // MSG_NOSIGNAL: a client already gone is EPIPE here, never a SIGPIPE.
         let socket = SockRef::from(&stream);
         if !self.limits.refusal_message.is_empty() {
-            let _ = socket.send_with_flags(&self.limits.refusal_message, libc::MSG_DONTWAIT);
+            let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+            let _ = socket.send_with_flags(&self.limits.refusal_message, flags);
         }
         // Why: closing a socket with unread input sends RST, which would also destroy the
         // message; clients usually send at once. Take what has arrived (one non-blocking read)

@@ -17,12 +17,12 @@
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use nix::errno::Errno;
 use nix::fcntl::{splice, OFlag, SpliceFFlags};
-use std::os::fd::{AsRawFd, OwnedFd};
 
 pub const EXIT_CLIENT_CLOSED: i32 = 0;
 pub const EXIT_IDLE_TIMEOUT: i32 = 3;

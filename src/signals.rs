@@ -147,14 +147,50 @@ pub fn restore_mask(mask: &SigSet) -> io::Result<()> {
 /// still had it would answer SIGTERM by writing into the parent's pipe instead of dying. The
 /// mask is inherited from `block_all`: a child that kept SIGTERM blocked would sit out the
 /// shutdown's SIGTERM step and die only to SIGKILL.
+///
+/// Before unblocking, signals that reached the child while it was still in the parent's process
+/// group and name (between `fork` and `leave_parents_process_group`) are discarded: SIGINT,
+/// SIGQUIT, SIGHUP and SIGUSR1 can only have been meant for the parent, which sends its
+/// children nothing but SIGTERM and SIGKILL. SIGPIPE is ignored explicitly (the Rust runtime
+/// already does, but a session must see EPIPE, exit code 6, rather than die of it).
 pub fn reset_in_child() -> io::Result<()> {
+    discard_pending_meant_for_parent()?;
     let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
     for signal in HOOKED {
         let sig = Signal::try_from(signal)?;
         // Safe: installs SIG_DFL, no Rust code runs as a handler.
         unsafe { sigaction(sig, &default) }?;
     }
+    let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    // Safe: installs SIG_IGN, no handler code.
+    unsafe { sigaction(Signal::SIGPIPE, &ignore) }?;
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+    Ok(())
+}
+
+/// Setting a signal to SIG_IGN discards its pending instances, blocked or not. One `sigpending`
+/// call in the usual case, where nothing is pending.
+fn discard_pending_meant_for_parent() -> io::Result<()> {
+    let mut pending = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // Safe: sigpending fills the set it is given.
+    if unsafe { libc::sigpending(pending.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Safe: initialized by the successful call above.
+    let pending = unsafe { pending.assume_init() };
+    let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    for sig in [
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+    ] {
+        // Safe: reads a set filled by sigpending.
+        if unsafe { libc::sigismember(&pending, sig as libc::c_int) } == 1 {
+            // Safe: installs SIG_IGN, no handler code.
+            unsafe { sigaction(sig, &ignore) }?;
+        }
+    }
     Ok(())
 }
 
@@ -173,6 +209,23 @@ mod tests {
         );
         assert!(Mode::Smart < Mode::Fast && Mode::Fast < Mode::Immediate);
         assert_eq!(request_for(libc::SIGUSR2), None);
+    }
+
+    #[test]
+    fn pending_signals_meant_for_the_parent_are_discarded() {
+        // Blocked in this thread only, then raised: pending here, as in a child before it has
+        // left the parent's process group. Were it not discarded, unblocking would deliver it.
+        let mut usr1 = SigSet::empty();
+        usr1.add(Signal::SIGUSR1);
+        usr1.thread_block().unwrap();
+        nix::sys::signal::raise(Signal::SIGUSR1).unwrap();
+        discard_pending_meant_for_parent().unwrap();
+        let mut pending = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        // Safe: sigpending fills the set; read only after it succeeded.
+        assert_eq!(unsafe { libc::sigpending(pending.as_mut_ptr()) }, 0);
+        let pending = unsafe { pending.assume_init() };
+        assert_eq!(unsafe { libc::sigismember(&pending, libc::SIGUSR1) }, 0);
+        usr1.thread_unblock().unwrap();
     }
 
     #[test]

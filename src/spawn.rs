@@ -27,10 +27,10 @@ use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::unistd::{fork, setpgid, ForkResult, Pid};
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::session::{self, Settings, EXIT_PANIC};
 use crate::signals;
@@ -71,13 +71,15 @@ fn child_main(stream: TcpStream, peer: SocketAddr, settings: &Settings) -> ! {
         let fd = stream.into_raw_fd();
         // Rule 3: stdio and this connection only (why: see the module doc).
         close_inherited_fds(fd);
+        // Out of the parent's process group while every signal is still blocked, so that none
+        // aimed at that group (Ctrl-C) can act on this child once it unblocks.
+        leave_parents_process_group();
         // Rule 3: default actions and an empty mask; if that fails the child could ignore the
         // shutdown's SIGTERM, so it refuses to serve rather than serve half-isolated.
         if let Err(e) = signals::reset_in_child() {
             log::error!("session {peer}: cannot reset signal handling: {e}");
             return EXIT_PANIC;
         }
-        leave_parents_process_group();
         // Safe: `fd` is the accepted connection, owned by nobody else in this process.
         let stream = unsafe { TcpStream::from_raw_fd(fd) };
         session::run(stream, peer, settings).exit_code()
@@ -132,7 +134,9 @@ pub fn install_panic_hook() {
 /// children in the parent's scheduling group.
 ///
 /// In a terminal, the child is then a background job of it; SIGTTOU is ignored so that, under
-/// `stty tostop`, a child writing its log line to that terminal is not stopped.
+/// `stty tostop`, a child writing its log line to that terminal is not stopped. (One difference
+/// from a session of its own: if the parent dies while a child is stopped by hand with
+/// SIGSTOP, the child's orphaned group gets SIGHUP and SIGCONT, and that session ends.)
 fn leave_parents_process_group() {
     // Cannot fail here: a freshly forked child is not a group leader and is in our session.
     let _ = setpgid(Pid::from_raw(0), Pid::from_raw(0));
