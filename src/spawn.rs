@@ -121,7 +121,7 @@ pub fn install_panic_hook() {
 
 /// Own process group, and a name of its own in `ps`/`pkill`.
 ///
-/// Why a group: Ctrl-C, Ctrl-\\ and `kill -TERM -<pgid>` reach the whole process group, and
+/// Why a group: Ctrl-C, Ctrl-\ and `kill -TERM -<pgid>` reach the whole process group, and
 /// `pkill -USR1 forkecho` every process named forkecho. Sessions in the parent's group would die
 /// at once on a SIGINT meant to start an orderly shutdown, and of a SIGUSR1 meant to ask for
 /// status.
