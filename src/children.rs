@@ -147,6 +147,8 @@ impl Children {
 
     /// Records a child the parent has just forked.
     pub fn add(&mut self, pid: Pid, peer: SocketAddr, source: IpNet) {
+        // A child sees this table zero-filled (see `parent_memory`): it must never touch it.
+        debug_assert!(crate::spawn::in_parent(), "children table used in a child");
         self.live.insert(
             pid,
             Child {

@@ -91,6 +91,12 @@ fn child_main(stream: TcpStream, peer: SocketAddr, settings: &Settings) -> ! {
 /// The pid of the process that installed the panic hook: the parent.
 static PARENT_PID: AtomicU32 = AtomicU32::new(0);
 
+/// True in the parent (once the server is set up), false in a child. For debug assertions on
+/// state only the parent may touch.
+pub fn in_parent() -> bool {
+    std::process::id() == PARENT_PID.load(Ordering::Relaxed)
+}
+
 /// Installs, once and in the parent, the panic hook every child inherits: in a child a panic
 /// becomes one log line (with the child's pid, like every line; the parent's line for exit
 /// code 70 names the peer) instead of the default multi-line message. In the parent the default
@@ -102,7 +108,7 @@ pub fn install_panic_hook() {
     PARENT_PID.store(std::process::id(), Ordering::Relaxed);
     let default_hook = panic::take_hook();
     panic::set_hook(Box::new(move |info| {
-        if std::process::id() == PARENT_PID.load(Ordering::Relaxed) {
+        if in_parent() {
             return default_hook(info);
         }
         let message = info
