@@ -17,6 +17,7 @@
 //! it is no longer serving and no child is left, so no child outlives the parent's exit; if
 //! `poll` itself fails, the children are killed and reaped before the error is returned.
 
+use std::fmt;
 use std::io::{self, ErrorKind};
 use std::mem::MaybeUninit;
 use std::net::{SocketAddr, TcpStream};
@@ -676,81 +677,59 @@ impl Server {
 /// reported by `install_listeners`).
 fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
     let mut changes = Vec::new();
-    let mut compare = |key: &str, a: String, b: String| {
+    let mut compare = |key: &str, a: &dyn fmt::Display, b: &dyn fmt::Display| {
+        let (a, b) = (a.to_string(), b.to_string());
         if a != b {
             changes.push(format!("{key} {a} -> {b}"));
         }
     };
     let secs = |d: Option<Duration>| d.map_or("never".to_string(), |d| seconds(d).to_string());
+    let quoted = |bytes: &[u8]| format!("{:?}", String::from_utf8_lossy(bytes));
     let (o, n) = (&old.limits, &new.limits);
-    compare(
-        "banner",
-        format!("{:?}", String::from_utf8_lossy(&old.banner)),
-        format!("{:?}", String::from_utf8_lossy(&new.banner)),
-    );
+    compare("banner", &quoted(&old.banner), &quoted(&new.banner));
     // Both are socket options set at bind: kept listeners keep theirs, new addresses get these.
-    compare(
-        "backlog (new addresses only)",
-        old.backlog.to_string(),
-        new.backlog.to_string(),
-    );
+    compare("backlog (new addresses only)", &old.backlog, &new.backlog);
     compare(
         "idle_timeout",
-        secs(old.idle_timeout),
-        secs(new.idle_timeout),
+        &secs(old.idle_timeout),
+        &secs(new.idle_timeout),
     );
     compare(
         "max_session_time",
-        secs(old.max_session_time),
-        secs(new.max_session_time),
+        &secs(old.max_session_time),
+        &secs(new.max_session_time),
     );
     compare(
         "shutdown_timeout",
-        seconds(old.shutdown_timeout).to_string(),
-        seconds(new.shutdown_timeout).to_string(),
+        &seconds(old.shutdown_timeout),
+        &seconds(new.shutdown_timeout),
     );
     compare(
         "kill_timeout",
-        seconds(old.kill_timeout).to_string(),
-        seconds(new.kill_timeout).to_string(),
+        &seconds(old.kill_timeout),
+        &seconds(new.kill_timeout),
     );
+    compare("log_level", &old.log_level, &new.log_level);
+    compare("max_children", &o.max_children, &n.max_children);
+    compare("max_per_source", &o.max_per_source, &n.max_per_source);
+    compare("source_prefix_v4", &o.source_prefix_v4, &n.source_prefix_v4);
+    compare("source_prefix_v6", &o.source_prefix_v6, &n.source_prefix_v6);
     compare(
-        "log_level",
-        old.log_level.to_string(),
-        new.log_level.to_string(),
+        "allow",
+        &format!("{:?}", o.allow),
+        &format!("{:?}", n.allow),
     );
-    compare(
-        "max_children",
-        o.max_children.to_string(),
-        n.max_children.to_string(),
-    );
-    compare(
-        "max_per_source",
-        o.max_per_source.to_string(),
-        n.max_per_source.to_string(),
-    );
-    compare(
-        "source_prefix_v4",
-        o.source_prefix_v4.to_string(),
-        n.source_prefix_v4.to_string(),
-    );
-    compare(
-        "source_prefix_v6",
-        o.source_prefix_v6.to_string(),
-        n.source_prefix_v6.to_string(),
-    );
-    compare("allow", format!("{:?}", o.allow), format!("{:?}", n.allow));
-    compare("deny", format!("{:?}", o.deny), format!("{:?}", n.deny));
-    compare("rate", format!("{:?}", o.rate), format!("{:?}", n.rate));
+    compare("deny", &format!("{:?}", o.deny), &format!("{:?}", n.deny));
+    compare("rate", &format!("{:?}", o.rate), &format!("{:?}", n.rate));
     compare(
         "refusal_message",
-        format!("{:?}", String::from_utf8_lossy(&o.refusal_message)),
-        format!("{:?}", String::from_utf8_lossy(&n.refusal_message)),
+        &quoted(&o.refusal_message),
+        &quoted(&n.refusal_message),
     );
     compare(
         "reuse_port (new addresses only)",
-        old.reuse_port.to_string(),
-        new.reuse_port.to_string(),
+        &old.reuse_port,
+        &new.reuse_port,
     );
     changes
 }

@@ -16,13 +16,15 @@
 //! | 70 | internal error: the session panicked (caught; never a core dump) |
 
 use std::io::{self, ErrorKind, Read, Write};
+use std::mem::MaybeUninit;
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use nix::errno::Errno;
 use nix::fcntl::{splice, OFlag, SpliceFFlags};
+use socket2::SockRef;
 
 pub const EXIT_CLIENT_CLOSED: i32 = 0;
 pub const EXIT_IDLE_TIMEOUT: i32 = 3;
@@ -161,7 +163,7 @@ const SPLICE_CHUNK: usize = 1 << 20;
 /// first splice never waits for pipe space, only for the client, as a read would.
 ///
 /// Note: splice into a socket sends without MSG_NOSIGNAL; a vanished client yields EPIPE rather
-/// than a fatal SIGPIPE only because the Rust runtime ignores SIGPIPE and the child keeps that.
+/// than a fatal SIGPIPE because the child ignores SIGPIPE (`signals::reset_in_child`).
 fn splice_echo(
     stream: &TcpStream,
     pipe_in: &OwnedFd,
@@ -238,14 +240,17 @@ fn copy_pipe_to(
     clock: &mut SessionClock,
 ) -> Result<(), Outcome> {
     let mut buffer = vec![0u8; n.min(BUFFER_SIZE)];
-    let mut pipe = std::fs::File::from(pipe_out.try_clone().map_err(Outcome::IoError)?);
     while n > 0 {
         let want = n.min(buffer.len());
         // The bytes are already in the pipe: this read never waits.
-        pipe.read_exact(&mut buffer[..want])
-            .map_err(Outcome::IoError)?;
-        write_all(stream, &buffer[..want], clock)?;
-        n -= want;
+        let got = match nix::unistd::read(pipe_out, &mut buffer[..want]) {
+            Ok(0) => return Err(Outcome::IoError(ErrorKind::UnexpectedEof.into())),
+            Ok(got) => got,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(Outcome::IoError(e.into())),
+        };
+        write_all(stream, &buffer[..got], clock)?;
+        n -= got;
     }
     Ok(())
 }
@@ -253,17 +258,10 @@ fn copy_pipe_to(
 /// True if the client really closed its side: a splice that returns 0 may also mean it stopped
 /// at an urgent mark. One non-blocking peek tells them apart (0 only at the end of input).
 fn at_end_of_input(stream: &TcpStream) -> bool {
-    let mut byte = [0u8; 1];
-    // Safe: receives at most one byte into a valid buffer, without waiting or consuming.
-    let n = unsafe {
-        libc::recv(
-            stream.as_raw_fd(),
-            byte.as_mut_ptr().cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    n == 0
+    let mut byte = [MaybeUninit::uninit()];
+    let peek =
+        SockRef::from(stream).recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT);
+    matches!(peek, Ok(0))
 }
 
 /// The fallback echo: read into a buffer, write it back.

@@ -5,33 +5,12 @@ use crate::util::*;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::Output;
 
 /// Writes `text` to `forkecho.toml` in `dir` and returns its path as a string.
 fn write_config(dir: &TempDir, text: &str) -> String {
     let path: PathBuf = dir.path().join("forkecho.toml");
     std::fs::write(&path, text).unwrap();
     path.display().to_string()
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Asserts the process exited with `code` and returns its stderr.
-fn expect_exit(out: &Output, code: i32) -> String {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "exit status\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        stdout(out),
-        stderr(out)
-    );
-    stderr(out)
 }
 
 /// `--check-config` on a valid file with every key prints `configuration OK` and exits 0.

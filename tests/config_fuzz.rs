@@ -569,10 +569,9 @@ fn assert_no_panic(stdout: &str, stderr: &str) {
 fn run_without_panic<S: AsRef<str>>(args: &[S]) -> (Option<i32>, String, String) {
     let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
     let out = run(&args);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_no_panic(&stdout, &stderr);
-    (out.status.code(), stdout, stderr)
+    let (out_text, err_text) = (stdout(&out), stderr(&out));
+    assert_no_panic(&out_text, &err_text);
+    (out.status.code(), out_text, err_text)
 }
 
 /// Runs `--check-config` on the case and checks the verdict; returns the culprits.

@@ -331,26 +331,22 @@ fn user_drops_privileges_for_parent_and_children() {
 /// key at fault.
 #[test]
 fn bad_user_settings_are_config_errors() {
-    let out = run(&["--user", "no-such-user-here", "--check-config"]);
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = expect_exit(&run(&["--user", "no-such-user-here", "--check-config"]), 2);
     assert!(
         err.contains("key `user`") && err.contains("no user `no-such-user-here`"),
         "{err}"
     );
-    let out = run(&["--group", "nogroup", "--check-config"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("key `group`: needs `user` too"));
+    let err = expect_exit(&run(&["--group", "nogroup", "--check-config"]), 2);
+    assert!(err.contains("key `group`: needs `user` too"), "{err}");
     // A known user with an unknown group: the group is at fault, not the user.
-    let out = run(&[
+    let args = [
         "--user",
         "nobody",
         "--group",
         "no-such-group",
         "--check-config",
-    ]);
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    ];
+    let err = expect_exit(&run(&args), 2);
     assert!(
         err.contains("key `group`: no group `no-such-group`"),
         "{err}"

@@ -368,8 +368,9 @@ fn second_sigterm_escalates_shutdown() {
     assert_closed_by_server(&mut s, "idle session after the second SIGTERM");
 }
 
-/// A child leads its own process group (in the parent's session) and is named `forkecho-child`, so signals
-/// for the parent's group (Ctrl-C) or its name (`pkill forkecho`) do not hit the sessions.
+/// A child leads its own process group (in the parent's session) and is named
+/// `forkecho-child`, so signals for the parent's group (Ctrl-C) or its name (`pkill forkecho`)
+/// do not hit the sessions.
 #[test]
 fn child_runs_in_its_own_process_group_under_its_own_name() {
     let server = Server::start();

@@ -748,3 +748,23 @@ pub fn assert_no_children(server: &Server, what: &str) -> Duration {
     );
     start.elapsed()
 }
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts the process exited with `code` and returns its stderr.
+pub fn expect_exit(out: &Output, code: i32) -> String {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "exit status\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        stdout(out),
+        stderr(out)
+    );
+    stderr(out)
+}
