@@ -231,6 +231,24 @@ fn start_contenders(only: &[&str]) -> Vec<Contender> {
             }),
         ),
     ];
+    // For A/B profiling: another build of forkecho (say, other link flags) measured beside
+    // this one in the same interleaved run.
+    if let Ok(alt) = std::env::var("FORKECHO_BENCH_ALT") {
+        specs.push((
+            "forkecho (FORKECHO_BENCH_ALT)",
+            BANNER.len(),
+            Box::new(move |port| {
+                let mut c = Command::new(&alt);
+                c.args(["-l", &format!("127.0.0.1:{port}")]).args([
+                    "--max-per-source",
+                    "0",
+                    "--max-children",
+                    "20000",
+                ]);
+                c
+            }),
+        ));
+    }
     let me = std::env::current_exe().expect("bench binary");
     specs.push((
         "bare fork loop (floor)",
