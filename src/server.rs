@@ -66,11 +66,21 @@ enum Phase {
 /// Produces the configuration anew (same file, same flags) for a SIGHUP reload.
 pub type Reloader = Box<dyn Fn() -> Result<Config, ConfigError>>;
 
+/// One flag per listener, kept in memory the children do not inherit.
+type ListenerFlags = allocator_api2::vec::Vec<bool, parent_memory::ParentOnly>;
+
+fn listener_flags(listeners: usize, value: bool) -> ListenerFlags {
+    let mut flags = ListenerFlags::with_capacity_in(listeners, parent_memory::ParentOnly);
+    flags.resize(listeners, value);
+    flags
+}
+
 pub struct Server {
     /// Poll results: one event per registered source at most (listeners + the signal pipe).
-    /// Small and allocated at startup next to signal-hook's state, not wherever the first poll
-    /// finds room: the kernel writes it between every two forks, and each distinct heap page the
-    /// parent writes costs it a copy-on-write fault and stays private in the newest child.
+    /// Allocated once, at startup: the kernel writes it between every two forks, and each
+    /// distinct heap page the parent writes costs it a copy-on-write fault and stays private in
+    /// the newest child, so it must not move or grow. (mio allocates it on the heap; it cannot
+    /// live in parent-only memory like the children table.)
     events: Events,
     poll: Poll,
     /// The configuration in force: what a reload compares against.
@@ -81,8 +91,10 @@ pub struct Server {
     /// Listener `i` is registered as `Token(i)`; emptied on shutdown.
     listeners: Vec<Listener>,
     /// `ready[i]`: listener `i` may have connections queued (edge-triggered readiness is only
-    /// reported once, so we remember it until `accept` says WouldBlock).
-    ready: Vec<bool>,
+    /// reported once, so we remember it until `accept` says WouldBlock). Written on every
+    /// event, so it lives in parent-only memory, like the children table: a heap page written
+    /// between two forks is a copy-on-write fault.
+    ready: ListenerFlags,
     children: Children,
     /// What each new child needs for its session.
     settings: Settings,
@@ -123,8 +135,6 @@ impl Server {
         }
         let poll = Poll::new()?;
         let mut signals = signals::hook()?;
-        // Right after signal-hook's state, which the handler writes on every SIGCHLD: the two
-        // things the loop writes between every two forks then share heap pages (see `events`).
         let events = Events::with_capacity(64);
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
@@ -136,7 +146,7 @@ impl Server {
             poll,
             signals,
             // Connections may already be queued before the first edge is seen.
-            ready: vec![true; listeners.len()],
+            ready: listener_flags(listeners.len(), true),
             registered: vec![true; listeners.len()],
             listeners,
             children: Children::with_capacity(16),
@@ -604,7 +614,7 @@ impl Server {
         self.listeners = kept.into_iter().chain(fresh).collect();
         self.registered = vec![false; self.listeners.len()];
         // Queued connections raise no new edge: look at every listener on the next turn.
-        self.ready = vec![true; self.listeners.len()];
+        self.ready = listener_flags(self.listeners.len(), true);
         for listener in dropped {
             self.serve_queue_of(&listener);
             info!("stopped listening on {}", listener.local);
