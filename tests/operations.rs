@@ -312,10 +312,7 @@ fn user_drops_privileges_for_parent_and_children() {
         eprintln!("skipping user_drops_privileges: only root can switch users");
         return;
     }
-    let nobody = nix::unistd::User::from_name("nobody")
-        .unwrap()
-        .expect("user nobody");
-    let (uid, gid) = (nobody.uid.as_raw(), nobody.gid.as_raw());
+    let (_, uid, gid) = account("nobody");
     let server = Server::builder().args(["--user", "nobody"]).start();
     server.wait_for_line(&format!("running as nobody (uid {uid}, gid {gid})"));
     let s = server.connect_greeted();
@@ -337,10 +334,7 @@ fn numeric_user_resolves_to_its_account() {
     }
     let server = Server::builder().args(["--user", "65534"]).start();
     let line = server.wait_for_line("running as");
-    let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(65534))
-        .unwrap()
-        .expect("uid 65534 has an account")
-        .name;
+    let (name, ..) = account("65534");
     assert!(
         line.contains(&format!("running as {name} (uid 65534,")),
         "{line}"
@@ -362,6 +356,20 @@ fn parent_maps_no_shared_library() {
         libraries.is_empty(),
         "shared libraries mapped: {libraries:#?}"
     );
+}
+
+/// `(name, uid, gid)` of an account, asked of `getent` as forkecho does (the test binary is
+/// static too, and getpwnam in a static binary may crash on NSS modules).
+fn account(key: &str) -> (String, u32, u32) {
+    let out = std::process::Command::new("getent")
+        .args(["passwd", key])
+        .output()
+        .expect("run getent");
+    let line = String::from_utf8(out.stdout).expect("utf-8 passwd entry");
+    let fields: Vec<&str> = line.trim_end().split(':').collect();
+    assert!(fields.len() == 7, "no passwd entry for {key}: {line:?}");
+    let number = |i: usize| fields[i].parse::<u32>().expect("numeric id");
+    (fields[0].to_owned(), number(2), number(3))
 }
 
 /// An unknown user or group, or a group without a user, is a configuration error naming the
