@@ -1,9 +1,11 @@
-//! Operator logs: `log` + `env_logger` to stderr, level from `RUST_LOG` (default `info`).
+//! Operator logs: `log` to stderr, filtered by `env_logger`; the level is the `log_level` key
+//! (default `info`), or `RUST_LOG` when that is set.
 //!
 //! Parent and children share one stderr, so every line names the process that wrote it
 //! (`forkecho[<pid>]`), and every line reaches the kernel in one `write(2)`. Writes of up to
 //! `PIPE_BUF` (4 KiB) to a pipe are atomic, so lines from different processes never
-//! interleave.
+//! interleave. Per-connection lines are far shorter; only a reload line listing very long
+//! `allow`/`deny` lists could pass 4 KiB, and that one may then be split by the kernel.
 //!
 //! Filtering is env_logger's (the `RUST_LOG` grammar, per-module directives); formatting and
 //! writing are ours ([`Logger`]): the line is built in a buffer on the stack and goes straight
@@ -17,7 +19,7 @@
 use std::io::Write;
 
 /// Longest line formatted on the stack; a longer one (a status report with many sources) is
-/// formatted on the heap instead, still whole and still in one write.
+/// formatted on the heap instead, still whole and still handed to one `write(2)`.
 const STACK_LINE: usize = 512;
 
 /// Installs the logger. Call once, in the parent, before anything forks; children inherit it.

@@ -1,5 +1,6 @@
-//! Memory the children do not inherit: the parent's bookkeeping (the children table and the
-//! per-source counts) is allocated from one anonymous mapping marked `MADV_WIPEONFORK`.
+//! Memory the children do not inherit: the parent's bookkeeping (the children table, the
+//! per-source counts and the listeners' readiness flags) is allocated from one anonymous
+//! mapping marked `MADV_WIPEONFORK`.
 //!
 //! # Why
 //! After `fork`, every private page the parent and the new child both map is copy-on-write. The
@@ -15,8 +16,9 @@
 //! - A child must never read these tables (it would see zeros). It does not: the child runs
 //!   only `spawn::child_main`, which never returns and never drops the parent's objects.
 //! - Allocation is a bump pointer and freeing is a no-op: the tables only grow (a hash table
-//!   that grows leaves its old, smaller array behind), so what is wasted is at most the size of
-//!   the final tables. When the mapping is full, or could not be made (kernels before 4.14 lack
+//!   that grows leaves its old, smaller array behind, and a reload that changes the listeners
+//!   leaves the old flags, a few bytes), so what is wasted is at most the size of the final
+//!   tables. When the mapping is full, or could not be made (kernels before 4.14 lack
 //!   `MADV_WIPEONFORK`), allocations fall back to the ordinary heap: slower forks, same results.
 
 use std::alloc::Layout;

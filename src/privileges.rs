@@ -43,20 +43,44 @@ struct Account {
 
 fn lookup_user(user: &str) -> Result<Account, String> {
     // getent takes a name or a uid for the same key, as getpwnam/getpwuid would.
-    let entry = getent("passwd", user)
+    let account = getent("passwd", user)
         .map_err(|e| format!("cannot look up user `{user}`: {e}"))?
-        .ok_or_else(|| format!("no user `{user}` on this system"))?;
-    parse_passwd(&entry).ok_or_else(|| format!("getent gave a malformed passwd entry: {entry:?}"))
+        .map(|entry| {
+            parse_passwd(&entry)
+                .ok_or_else(|| format!("getent gave a malformed passwd entry: {entry:?}"))
+        })
+        .transpose()?;
+    // getent reads a numeric key with strtoul and truncates it to uid_t: `4294967296` or
+    // ` 0` would come back as root. Only an entry that is the one asked for counts.
+    account
+        .filter(|a| match user.parse::<u32>() {
+            Ok(uid) => a.uid.as_raw() == uid,
+            Err(_) => a.name == user,
+        })
+        .ok_or_else(|| not_found("user", user))
 }
 
 fn lookup_group(group: &str) -> Result<Gid, String> {
     if let Ok(gid) = group.parse::<u32>() {
+        // A gid needs no entry: setgid takes any number (files may be owned by bare gids).
         return Ok(Gid::from_raw(gid));
     }
     let entry = getent("group", group)
         .map_err(|e| format!("cannot look up group `{group}`: {e}"))?
-        .ok_or_else(|| format!("no group `{group}` on this system"))?;
-    parse_group_gid(&entry).ok_or_else(|| format!("getent gave a malformed group entry: {entry:?}"))
+        .ok_or_else(|| not_found("group", group))?;
+    let (name, gid) = parse_group(&entry)
+        .ok_or_else(|| format!("getent gave a malformed group entry: {entry:?}"))?;
+    // As for users: ` 0` must not resolve to gid 0.
+    if name != group {
+        return Err(not_found("group", group));
+    }
+    Ok(gid)
+}
+
+/// getent exits 2 both when the name does not exist and when the name service holding it
+/// (LDAP, sssd) did not answer; the message says so rather than guessing.
+fn not_found(what: &str, key: &str) -> String {
+    format!("no {what} `{key}` on this system (or its name service did not answer getent)")
 }
 
 /// Asks the system's own `getent` for `key` in NSS `database`: `Ok(None)` when there is no
@@ -70,8 +94,19 @@ fn lookup_group(group: &str) -> Result<Gid, String> {
 /// other program on the host. It runs only while loading a config, before the first fork or
 /// between two loop iterations; `output()` waits for it itself (no thread), so the reaper
 /// never sees it.
+///
+/// The absolute paths come first because forkecho usually runs this as root: a directory in
+/// `PATH` that someone else can write must not be able to answer for it.
 fn getent(database: &str, key: &str) -> Result<Option<String>, String> {
-    let output = Command::new("getent")
+    // A NUL cannot be passed as an argument, and `:` or a newline cannot be in a name.
+    if key.is_empty() || key.contains(['\0', ':', '\n']) {
+        return Ok(None);
+    }
+    let program = ["/usr/bin/getent", "/bin/getent"]
+        .into_iter()
+        .find(|path| std::path::Path::new(path).exists())
+        .unwrap_or("getent");
+    let output = Command::new(program)
         .args([database, "--", key])
         .stdin(Stdio::null())
         .output()
@@ -105,10 +140,10 @@ fn parse_passwd(line: &str) -> Option<Account> {
 }
 
 /// `name:password:gid:members`
-fn parse_group_gid(line: &str) -> Option<Gid> {
+fn parse_group(line: &str) -> Option<(&str, Gid)> {
     let fields: Vec<&str> = line.split(':').collect();
     match fields[..] {
-        [_, _, gid, _] => Some(Gid::from_raw(gid.parse().ok()?)),
+        [name, _, gid, _] => Some((name, Gid::from_raw(gid.parse().ok()?))),
         _ => None,
     }
 }
@@ -149,16 +184,31 @@ mod tests {
     }
 
     #[test]
-    fn group_entries_parse_into_their_gid() {
-        assert_eq!(
-            parse_group_gid("nogroup:x:65534:"),
-            Some(Gid::from_raw(65534))
-        );
-        assert_eq!(
-            parse_group_gid("wheel:x:10:alice,bob"),
-            Some(Gid::from_raw(10))
-        );
-        assert_eq!(parse_group_gid("wheel:x:ten:"), None);
+    fn group_entries_parse_into_name_and_gid() {
+        let nogroup = Some(("nogroup", Gid::from_raw(65534)));
+        assert_eq!(parse_group("nogroup:x:65534:"), nogroup);
+        let wheel = Some(("wheel", Gid::from_raw(10)));
+        assert_eq!(parse_group("wheel:x:10:alice,bob"), wheel);
+        assert_eq!(parse_group("wheel:x:ten:"), None);
+    }
+
+    #[test]
+    fn keys_getent_would_misread_are_not_found() {
+        // strtoul in getent would truncate or skip these to uid/gid 0 (root).
+        for key in ["4294967296", "-4294967296", " 0", "0x0", "", "a:b", "a\0b"] {
+            let err = lookup_user(key).unwrap_err();
+            assert!(
+                err.starts_with(&format!("no user `{key}`")),
+                "{key:?}: {err}"
+            );
+        }
+        for key in [" 0", "0x0", "4294967296"] {
+            let err = lookup_group(key).unwrap_err();
+            assert!(
+                err.starts_with(&format!("no group `{key}`")),
+                "{key:?}: {err}"
+            );
+        }
     }
 
     #[test]
@@ -167,7 +217,7 @@ mod tests {
         assert_eq!((root.name.as_str(), root.uid.as_raw()), ("root", 0));
         assert_eq!(lookup_user("0").expect("uid 0").name, "root");
         let missing = lookup_user("no-such-user-here").unwrap_err();
-        assert_eq!(missing, "no user `no-such-user-here` on this system");
+        assert_eq!(missing, not_found("user", "no-such-user-here"));
         // A name that looks like an option is a key, not a flag to getent.
         assert!(lookup_user("--help").unwrap_err().starts_with("no user"));
     }
