@@ -202,6 +202,18 @@ fn installed(program: &str) -> bool {
 /// A contender before it runs: name, banner length, and its command line for a port.
 type Spec = (&'static str, usize, Box<dyn Fn(u16) -> Command>);
 
+/// forkecho on `port`, without the limits that would refuse a load generator on one address.
+fn forkecho_command(program: &str, port: u16) -> Command {
+    let mut c = Command::new(program);
+    c.args(["-l", &format!("127.0.0.1:{port}")]).args([
+        "--max-per-source",
+        "0",
+        "--max-children",
+        "20000",
+    ]);
+    c
+}
+
 /// Starts every contender that can run here and waits until each accepts connections.
 fn start_contenders(only: &[&str]) -> Vec<Contender> {
     let me = std::env::current_exe().expect("bench binary");
@@ -210,16 +222,7 @@ fn start_contenders(only: &[&str]) -> Vec<Contender> {
         (
             "forkecho",
             BANNER.len(),
-            Box::new(|port| {
-                let mut c = Command::new(env!("CARGO_BIN_EXE_forkecho"));
-                c.args(["-l", &format!("127.0.0.1:{port}")]).args([
-                    "--max-per-source",
-                    "0",
-                    "--max-children",
-                    "20000",
-                ]);
-                c
-            }),
+            Box::new(|port| forkecho_command(env!("CARGO_BIN_EXE_forkecho"), port)),
         ),
         (
             MIO_FLOOR,
@@ -237,16 +240,7 @@ fn start_contenders(only: &[&str]) -> Vec<Contender> {
         specs.push((
             "forkecho (FORKECHO_BENCH_ALT)",
             BANNER.len(),
-            Box::new(move |port| {
-                let mut c = Command::new(&alt);
-                c.args(["-l", &format!("127.0.0.1:{port}")]).args([
-                    "--max-per-source",
-                    "0",
-                    "--max-children",
-                    "20000",
-                ]);
-                c
-            }),
+            Box::new(move |port| forkecho_command(&alt, port)),
         ));
     }
     let me = std::env::current_exe().expect("bench binary");
