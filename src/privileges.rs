@@ -8,7 +8,11 @@
 //! none because they look dropped. Afterwards we check that root cannot be regained.
 
 use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, Stdio};
+
+/// Longest a user or group lookup may take before the config load fails.
+const LOOKUP_TIMEOUT_SECS: u32 = 10;
 
 /// Who to become, resolved from names (or numbers) at load time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,11 +110,38 @@ fn getent(database: &str, key: &str) -> Result<Option<String>, String> {
         .into_iter()
         .find(|path| std::path::Path::new(path).exists())
         .unwrap_or("getent");
-    let output = Command::new(program)
-        .args([database, "--", key])
-        .stdin(Stdio::null())
+    run_getent(program, database, key, LOOKUP_TIMEOUT_SECS)
+}
+
+/// Runs `program database -- key` as getent, for at most `timeout_secs`.
+fn run_getent(
+    program: &str,
+    database: &str,
+    key: &str,
+    timeout_secs: u32,
+) -> Result<Option<String>, String> {
+    let mut command = Command::new(program);
+    command.args([database, "--", key]).stdin(Stdio::null());
+    // Safe: alarm(2) is async-signal-safe, and the only call between fork and exec.
+    // Why: a name service that does not answer (LDAP, sssd over the network) must not hang a
+    // start or a reload, during which the loop neither accepts nor reaps. The timer survives
+    // exec and SIGALRM's default action ends getent; output() keeps draining its pipes
+    // meanwhile, so a long entry cannot stall it either.
+    unsafe {
+        command.pre_exec(move || {
+            libc::alarm(timeout_secs);
+            Ok(())
+        });
+    }
+    let output = command
         .output()
         .map_err(|e| format!("cannot run `getent`, the C library's NSS lookup tool: {e}"))?;
+    if output.status.signal() == Some(libc::SIGALRM) {
+        return Err(format!(
+            "`getent {database}` gave no answer within {timeout_secs} s (is a name service \
+             down?)"
+        ));
+    }
     match output.status.code() {
         Some(0) => {
             let text = String::from_utf8_lossy(&output.stdout);
@@ -209,6 +240,19 @@ mod tests {
                 "{key:?}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn a_lookup_that_hangs_is_ended_and_reported() {
+        // `sh -c -- 'exec sleep 30'` stands in for a getent stuck on a dead name service (a
+        // script file of our own could hit ETXTBSY while other tests fork).
+        let started = std::time::Instant::now();
+        let err = run_getent("/bin/sh", "-c", "exec sleep 30", 1).unwrap_err();
+        assert_eq!(
+            err,
+            "`getent -c` gave no answer within 1 s (is a name service down?)"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
     }
 
     #[test]
