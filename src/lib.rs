@@ -16,6 +16,8 @@
 //! - [`session`]: the child's blocking echo, and the exit code that says how it ended.
 //! - [`children`]: the table of live children, the reaper, and the totals.
 //! - [`parent_memory`]: where that table lives: memory the children do not inherit.
+//! - [`pending`]: accepted connections waiting for a decision (a source at `max_per_source`
+//!   whose session may be ending), with a deadline each.
 //! - [`pidfile`]: the locked pid file that keeps a second instance from starting.
 //! - [`systemd`]: readiness and status for `Type=notify` (sockets come through [`listen`]).
 //! - [`privileges`]: dropping root after binding (setgroups, setgid, setuid).
@@ -32,6 +34,7 @@ pub mod limits;
 pub mod listen;
 pub mod logging;
 pub mod parent_memory;
+pub mod pending;
 pub mod pidfile;
 pub mod privileges;
 pub mod server;

@@ -101,6 +101,10 @@ pub enum Refusal {
     PerSource { source: IpNet, limit: usize },
     /// The source's token bucket is empty.
     Rate { source: IpNet },
+    /// The connection was queued on a listener that is closing (shutdown, or removed by a
+    /// reload) and cannot have a session: shutting down fast, or at `max_children`. Answered
+    /// rather than reset, which is what closing a listener does to its queue.
+    Closing,
 }
 
 impl fmt::Display for Refusal {
@@ -117,6 +121,7 @@ impl fmt::Display for Refusal {
                     "too many new connections from {source} (max_rate_per_source)"
                 )
             }
+            Refusal::Closing => f.write_str("its listener is closing"),
         }
     }
 }
@@ -128,19 +133,22 @@ pub struct RefusalCounts {
     pub not_allowed: u64,
     pub per_source: u64,
     pub rate: u64,
+    pub closing: u64,
 }
 
 impl RefusalCounts {
     pub fn total(&self) -> u64 {
-        self.denied + self.not_allowed + self.per_source + self.rate
+        self.denied + self.not_allowed + self.per_source + self.rate + self.closing
     }
 
-    fn count(&mut self, refusal: &Refusal) {
+    /// Counts one refusal under its reason.
+    pub fn count(&mut self, refusal: &Refusal) {
         match refusal {
             Refusal::Denied(_) => self.denied += 1,
             Refusal::NotAllowed => self.not_allowed += 1,
             Refusal::PerSource { .. } => self.per_source += 1,
             Refusal::Rate { .. } => self.rate += 1,
+            Refusal::Closing => self.closing += 1,
         }
     }
 }
@@ -149,8 +157,8 @@ impl fmt::Display for RefusalCounts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "denied: {}, not allowed: {}, per source: {}, rate: {}",
-            self.denied, self.not_allowed, self.per_source, self.rate
+            "denied: {}, not allowed: {}, per source: {}, rate: {}, closing: {}",
+            self.denied, self.not_allowed, self.per_source, self.rate, self.closing
         )
     }
 }

@@ -35,6 +35,7 @@ use crate::config::{Config, ConfigError};
 use crate::limits::{self, Admission, Limits, Refusal};
 use crate::listen::Listener;
 use crate::parent_memory;
+use crate::pending::{self, Pending};
 use crate::session::Settings;
 use crate::signals::{self, Mode};
 use crate::spawn;
@@ -44,8 +45,11 @@ const SIGNALS: Token = Token(usize::MAX);
 /// Connections taken from one listener per turn before signals are looked at again, so a flood
 /// of clients cannot starve the reaper or delay a shutdown.
 const ACCEPT_BATCH: usize = 64;
-/// How long accepting pauses when the parent runs out of descriptors or memory.
+/// How long accepting pauses when the parent runs out of descriptors, memory or processes.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Reaching `max_children` is logged at most this often (with a count of the times in
+/// between): under load the number of children crosses the limit thousands of times a minute.
+const CAPACITY_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Where the daemon is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +120,12 @@ pub struct Server {
     /// Accept failures since the last successful accept; a warning is logged only for the first.
     accept_failures: u64,
     fork_failures: u64,
+    /// Fork failures since the last successful fork; a warning is logged only for the first.
+    fork_failure_run: u64,
+    /// Connections waiting for a session of their source to end (see `pending`).
+    pending: Pending,
+    /// Which `max_children` state changes get a log line.
+    capacity_reports: CapacityReports,
     started: Instant,
 }
 
@@ -163,6 +173,9 @@ impl Server {
             paused_until: None,
             accept_failures: 0,
             fork_failures: 0,
+            fork_failure_run: 0,
+            pending: Pending::default(),
+            capacity_reports: CapacityReports::default(),
             started: Instant::now(),
         })
     }
@@ -228,7 +241,7 @@ impl Server {
         }
         let deadline = match self.phase {
             Phase::Draining { until } | Phase::Terminating { until } => Some(until),
-            Phase::Serving => self.paused_until,
+            Phase::Serving => earliest(self.paused_until, self.pending.next_deadline()),
             Phase::Killing => None,
         }?;
         Some(deadline.saturating_duration_since(Instant::now()))
@@ -240,6 +253,7 @@ impl Server {
         if requests.reap {
             self.children.reap();
             self.check_capacity();
+            self.decide_pending();
         }
         // One shutdown step per batch: a SIGTERM and a SIGINT that arrive together are one
         // request (the harder: fast), not a request and its escalation.
@@ -261,6 +275,9 @@ impl Server {
             if self.phase == Phase::Serving && !self.at_capacity {
                 self.set_polling(true);
             }
+        }
+        if self.pending.next_deadline().is_some_and(|t| t <= now) {
+            self.decide_pending();
         }
         match self.phase {
             Phase::Draining { until } if until <= now && !self.children.is_empty() => {
@@ -294,12 +311,12 @@ impl Server {
         match (self.phase, mode) {
             (Phase::Killing, _) => {}
             (_, Mode::Immediate) | (Phase::Terminating { .. }, _) => {
-                self.stop_listening();
+                self.stop_listening(false);
                 info!("shutting down on {sig} (immediate): sending SIGKILL to {n} sessions");
                 self.kill_children();
             }
             (Phase::Serving, Mode::Smart) => {
-                self.stop_listening();
+                self.stop_listening(true);
                 info!(
                     "shutting down on {sig} (smart): stopped listening; waiting up to {} for \
                      {n} sessions (SIGTERM again or SIGINT: fast; SIGQUIT: immediate)",
@@ -310,7 +327,7 @@ impl Server {
                 };
             }
             (Phase::Serving, Mode::Fast) | (Phase::Draining { .. }, _) => {
-                self.stop_listening();
+                self.stop_listening(false);
                 info!(
                     "shutting down on {sig} (fast): sending SIGTERM to {n} sessions, SIGKILL \
                      to those left after {}",
@@ -344,19 +361,44 @@ impl Server {
         self.at_capacity = full;
         self.set_polling(!full);
         if full {
-            info!(
-                "max_children reached ({} active): new clients wait in the backlog",
-                self.children.len()
-            );
-            crate::systemd::status("at max_children: new clients wait in the backlog");
+            self.report_capacity_reached();
         } else {
+            self.report_capacity_left();
+            // Edge-triggered: connections that queued meanwhile raise no new event.
+            self.ready.iter_mut().for_each(|r| *r = true);
+            self.decide_pending();
+        }
+    }
+
+    /// Logs (and tells systemd) that `max_children` was reached, unless that was said less
+    /// than `CAPACITY_REPORT_INTERVAL` ago; the next line then says how often it happened.
+    fn report_capacity_reached(&mut self) {
+        let Some(unreported) = self.capacity_reports.reached(Instant::now()) else {
+            return;
+        };
+        let also = if unreported > 0 {
+            format!(
+                " (also reached {unreported} times in the {} before)",
+                seconds(CAPACITY_REPORT_INTERVAL)
+            )
+        } else {
+            String::new()
+        };
+        info!(
+            "max_children reached ({} active): new clients wait in the backlog{also}",
+            self.children.len()
+        );
+        crate::systemd::status("at max_children: new clients wait in the backlog");
+    }
+
+    /// Logs the end of an episode whose start was logged.
+    fn report_capacity_left(&mut self) {
+        if self.capacity_reports.left() {
             info!(
                 "below max_children again ({} active): accepting",
                 self.children.len()
             );
             crate::systemd::status("serving");
-            // Edge-triggered: connections that queued meanwhile raise no new event.
-            self.ready.iter_mut().for_each(|r| *r = true);
         }
     }
 
@@ -400,12 +442,27 @@ impl Server {
         self.limits.children_full(self.children.len())
     }
 
-    /// Closes every listener: new clients are refused by the kernel from now on.
-    fn stop_listening(&mut self) {
+    /// Closes every listener: new clients are refused by the kernel from now on. Clients
+    /// already queued on them completed their handshake, and closing a listener resets them:
+    /// each is accepted first and, with `admit` (smart shutdown), served under the usual
+    /// limits, or else answered with `refusal_message`. Connections waiting in `pending` are
+    /// decided now.
+    fn stop_listening(&mut self, admit: bool) {
         self.set_polling(false);
-        self.listeners.clear();
+        let listeners = std::mem::take(&mut self.listeners);
+        for listener in &listeners {
+            self.drain_queue_of(listener, admit);
+        }
+        drop(listeners);
         self.ready.clear();
         self.registered.clear();
+        for waiting in self.pending.take_all() {
+            if admit {
+                self.start_session(waiting.stream, waiting.peer, false);
+            } else {
+                self.refuse(waiting.stream, waiting.peer, &Refusal::Closing);
+            }
+        }
     }
 
     /// Accepts a batch from every listener that may have connections queued.
@@ -427,7 +484,7 @@ impl Server {
             match accept_blocking(&self.listeners[i].socket) {
                 Ok((stream, peer)) => {
                     self.accept_recovered();
-                    self.start_session(stream, peer);
+                    self.start_session(stream, peer, true);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     // The queue is empty, so accept works again: the next failure is a new run.
@@ -477,12 +534,20 @@ impl Server {
 
     /// Admits or refuses one accepted connection, and forks its child if admitted. Kept short on
     /// purpose: all per-session setup (socket options, banner) happens in the child.
-    fn start_session(&mut self, stream: TcpStream, peer: SocketAddr) {
+    ///
+    /// With `may_wait`, a connection whose source is at `max_per_source` waits in `pending`
+    /// for one of that source's sessions to be reaped instead of being refused at once (see
+    /// `pending` for why).
+    fn start_session(&mut self, stream: TcpStream, peer: SocketAddr, may_wait: bool) {
         let source = limits::source_of(peer.ip(), &self.limits);
         let mut live = self.children.from_source(&source);
         if self.limits.per_source_full(live) {
             self.reap_before_limiting();
             live = self.children.from_source(&source);
+            if may_wait && self.limits.per_source_full(live) && !self.pending.is_full() {
+                self.wait_for_source(stream, peer);
+                return;
+            }
         }
         let admitted = self
             .admission
@@ -498,15 +563,81 @@ impl Server {
                     "accepted {peer} -> child {pid} ({} active)",
                     self.children.len()
                 );
+                self.fork_recovered();
                 self.check_capacity();
             }
-            Err(e) => {
-                self.fork_failures += 1;
-                warn!(
-                    "cannot fork for {peer}: {}; connection closed",
-                    crate::os_error_text(&e)
-                );
+            Err((stream, e)) => self.fork_failed(stream, peer, &e),
+        }
+    }
+
+    /// Parks a connection whose source is at `max_per_source` (see `pending`).
+    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
+    fn wait_for_source(&mut self, stream: TcpStream, peer: SocketAddr) {
+        debug!(
+            "{peer}: its source is at max_per_source; waiting up to {} for one of its \
+             sessions to end",
+            seconds(pending::PER_SOURCE_GRACE)
+        );
+        let until = Instant::now() + pending::PER_SOURCE_GRACE;
+        self.pending.add(stream, peer, until);
+    }
+
+    /// Decides the waiting connections whose source has room again or whose time is up,
+    /// as long as there is room for children.
+    fn decide_pending(&mut self) {
+        if self.pending.is_empty() || self.phase != Phase::Serving || self.at_capacity {
+            return;
+        }
+        let (limits, children) = (&self.limits, &self.children);
+        let decidable = self.pending.take_decidable(Instant::now(), |peer| {
+            let source = limits::source_of(peer.ip(), limits);
+            !limits.per_source_full(children.from_source(&source))
+        });
+        for waiting in decidable {
+            if self.at_capacity {
+                // Out of room for children: it waits again, as clients do in the backlog.
+                let until = Instant::now() + pending::PER_SOURCE_GRACE;
+                self.pending.add(waiting.stream, waiting.peer, until);
+                continue;
             }
+            self.start_session(waiting.stream, waiting.peer, false);
+        }
+    }
+
+    /// A fork that failed (out of processes or memory, usually for a while): the client
+    /// already accepted gets `refusal_message`, and accepting pauses as it does when accept
+    /// fails, so that the clients still queued wait in the backlog instead of each being
+    /// accepted and closed. One warning per run of failures.
+    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
+    fn fork_failed(&mut self, stream: TcpStream, peer: SocketAddr, e: &io::Error) {
+        self.fork_failures += 1;
+        self.fork_failure_run += 1;
+        if self.fork_failure_run == 1 {
+            warn!(
+                "cannot fork for {peer}: {}; refused it; accepting pauses, retried every {} \
+                 until a fork succeeds",
+                crate::os_error_text(e),
+                seconds(ACCEPT_BACKOFF)
+            );
+        } else {
+            debug!(
+                "cannot fork for {peer}: {}; refused",
+                crate::os_error_text(e)
+            );
+        }
+        self.send_refusal(stream);
+        if self.phase == Phase::Serving {
+            self.paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+        }
+    }
+
+    fn fork_recovered(&mut self) {
+        if self.fork_failure_run > 0 {
+            info!(
+                "forking again after {} failed attempts",
+                self.fork_failure_run
+            );
+            self.fork_failure_run = 0;
         }
     }
 
@@ -514,8 +645,17 @@ impl Server {
     /// socket's send buffer is empty, so a short message goes out whole or not at all, and the
     /// loop never waits for a client it is turning away.
     #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
-    fn refuse(&self, stream: TcpStream, peer: SocketAddr, refusal: &Refusal) {
+    fn refuse(&mut self, stream: TcpStream, peer: SocketAddr, refusal: &Refusal) {
         info!("refused {peer}: {refusal}");
+        if *refusal == Refusal::Closing {
+            // Admission counts its own refusals; this one is the loop's.
+            self.admission.refused.count(refusal);
+        }
+        self.send_refusal(stream);
+    }
+
+    /// Writes `refusal_message` without waiting and closes the connection.
+    fn send_refusal(&self, stream: TcpStream) {
         // The socket is blocking (see `accept_blocking`): each call here says MSG_DONTWAIT.
         // MSG_NOSIGNAL: a client already gone is EPIPE here, never a SIGPIPE.
         let socket = SockRef::from(&stream);
@@ -591,6 +731,9 @@ impl Server {
         }
         crate::systemd::status("serving (configuration reloaded)");
         self.check_capacity();
+        // A large configuration (a long deny list) was parsed, copied and perhaps replaced:
+        // give the freed heap back, or every later fork would copy its page tables.
+        release_startup_memory();
     }
 
     /// Replaces the listeners by those configured in `listen`: keeps the ones still wanted,
@@ -616,7 +759,7 @@ impl Server {
         // Queued connections raise no new edge: look at every listener on the next turn.
         self.ready = listener_flags(self.listeners.len(), true);
         for listener in dropped {
-            self.serve_queue_of(&listener);
+            self.drain_queue_of(&listener, true);
             info!("stopped listening on {}", listener.local);
             changes.push(format!("listen -{}", listener.local));
         }
@@ -626,28 +769,37 @@ impl Server {
         changes
     }
 
-    /// Accepts (and admits or refuses, as always) the connections queued on a listener that
-    /// is about to close. Bounded twice: by `max_children`, which stays a hard limit (clients
-    /// still queued at the limit are reset when the listener closes), and by the backlog, so
-    /// a flood on the old address cannot keep the loop from its signals.
-    fn serve_queue_of(&mut self, listener: &Listener) {
-        for _ in 0..self.config.backlog {
-            if self.at_max_children() {
-                warn!(
-                    "closing {} at max_children: clients still queued there are reset",
-                    listener.local
-                );
-                return;
-            }
+    /// Accepts every connection queued on a listener that is about to close: those clients
+    /// completed their handshake, and closing the listener would reset them. With `admit`,
+    /// each is admitted or refused as always while there is room under `max_children`, which
+    /// stays a hard limit; the rest are refused with `refusal_message` (`Refusal::Closing`).
+    /// Bounded by the backlog, so a flood on the closing address cannot keep the loop from its
+    /// signals.
+    fn drain_queue_of(&mut self, listener: &Listener, admit: bool) {
+        let mut closing = 0u64;
+        for _ in 0..self.config.backlog.max(1) {
             match accept_blocking(&listener.socket) {
-                Ok((stream, peer)) => self.start_session(stream, peer),
+                Ok((stream, peer)) => {
+                    if admit && !self.at_max_children() {
+                        self.start_session(stream, peer, false);
+                    } else {
+                        closing += 1;
+                        self.refuse(stream, peer, &Refusal::Closing);
+                    }
+                }
                 Err(e) if e.kind() == ErrorKind::Interrupted || is_connection_error(&e) => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) => {
                     warn!("accept on {} while closing it: {e}", listener.local);
-                    return;
+                    break;
                 }
             }
+        }
+        if closing > 0 {
+            info!(
+                "closing {}: answered {closing} queued clients with refusal_message",
+                listener.local
+            );
         }
     }
 
@@ -694,9 +846,7 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
         }
     };
     let secs = |d: Option<Duration>| d.map_or("never".to_string(), |d| seconds(d).to_string());
-    let quoted = |bytes: &[u8]| format!("{:?}", String::from_utf8_lossy(bytes));
     let (o, n) = (&old.limits, &new.limits);
-    compare("banner", &quoted(&old.banner), &quoted(&new.banner));
     // Both are socket options set at bind: kept listeners keep theirs, new addresses get these.
     compare("backlog (new addresses only)", &old.backlog, &new.backlog);
     compare(
@@ -724,24 +874,108 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
     compare("max_per_source", &o.max_per_source, &n.max_per_source);
     compare("source_prefix_v4", &o.source_prefix_v4, &n.source_prefix_v4);
     compare("source_prefix_v6", &o.source_prefix_v6, &n.source_prefix_v6);
-    compare(
-        "allow",
-        &format!("{:?}", o.allow),
-        &format!("{:?}", n.allow),
-    );
-    compare("deny", &format!("{:?}", o.deny), &format!("{:?}", n.deny));
     compare("rate", &format!("{:?}", o.rate), &format!("{:?}", n.rate));
-    compare(
-        "refusal_message",
-        &quoted(&o.refusal_message),
-        &quoted(&n.refusal_message),
-    );
     compare(
         "reuse_port (new addresses only)",
         &old.reuse_port,
         &new.reuse_port,
     );
+    // Values that may be long: compared whole, shown summarised.
+    let mut compare_long = |key: &str, changed: bool, a: String, b: String| {
+        if changed {
+            changes.push(format!("{key} {a} -> {b}"));
+        }
+    };
+    let text = |bytes: &[u8]| summarise_text(bytes);
+    let (banner, message) = (&new.banner, &n.refusal_message);
+    compare_long(
+        "banner",
+        old.banner != *banner,
+        text(&old.banner),
+        text(banner),
+    );
+    compare_long(
+        "refusal_message",
+        o.refusal_message != *message,
+        text(&o.refusal_message),
+        text(message),
+    );
+    let list = |l: &[ipnet::IpNet]| summarise_list(l);
+    compare_long("allow", o.allow != n.allow, list(&o.allow), list(&n.allow));
+    compare_long("deny", o.deny != n.deny, list(&o.deny), list(&n.deny));
     changes
+}
+
+/// Which crossings of `max_children` are worth a log line: at most one "reached" line per
+/// `CAPACITY_REPORT_INTERVAL`, each saying how often the limit was reached since the last one,
+/// and a "below again" line only for an episode whose start was logged.
+#[derive(Debug, Default)]
+struct CapacityReports {
+    /// When a "reached" line was last written.
+    last: Option<Instant>,
+    /// Times the limit was reached without a line since then.
+    unreported: u64,
+    /// The current episode's start was logged, so its end will be too.
+    episode_logged: bool,
+}
+
+impl CapacityReports {
+    /// The limit was reached at `now`: returns how many earlier episodes went unreported if
+    /// this one is to be logged, else `None` (and counts it).
+    fn reached(&mut self, now: Instant) -> Option<u64> {
+        let due = self
+            .last
+            .is_none_or(|last| now.saturating_duration_since(last) >= CAPACITY_REPORT_INTERVAL);
+        self.episode_logged = due;
+        if !due {
+            self.unreported += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unreported))
+    }
+
+    /// The episode ended: true if its end is to be logged.
+    fn left(&mut self) -> bool {
+        std::mem::take(&mut self.episode_logged)
+    }
+}
+
+/// The earlier of two optional instants.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Longest value a reload line shows whole; a longer one is summarised, so that a 1 MiB
+/// banner or a 200,000-entry deny list cannot make a multi-megabyte log line.
+const MAX_SHOWN_VALUE: usize = 120;
+
+/// A text value for the reload line: quoted and escaped, or, when long, its start and its
+/// size.
+fn summarise_text(bytes: &[u8]) -> String {
+    let quoted = format!("{:?}", String::from_utf8_lossy(bytes));
+    if quoted.len() <= MAX_SHOWN_VALUE {
+        return quoted;
+    }
+    let head: String = String::from_utf8_lossy(&bytes[..bytes.len().min(32)])
+        .chars()
+        .take(24)
+        .collect();
+    format!("{head:?}... ({} bytes)", bytes.len())
+}
+
+/// A list of prefixes for the reload line: whole when short, else its first entries and its
+/// length.
+fn summarise_list(list: &[ipnet::IpNet]) -> String {
+    let whole = format!("{list:?}");
+    if whole.len() <= MAX_SHOWN_VALUE {
+        return whole;
+    }
+    let first: Vec<String> = list.iter().take(3).map(|p| p.to_string()).collect();
+    format!("[{}, ... ({} prefixes)]", first.join(", "), list.len())
 }
 
 // HOT_PATH_NOTE: the rarely taken branches of the loop (refusing, reloading, status, shutdown)

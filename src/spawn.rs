@@ -36,13 +36,21 @@ use crate::session::{self, Settings, EXIT_PANIC};
 use crate::signals;
 
 /// Forks a child that serves `stream` and returns its pid. In the parent the stream is closed
-/// before this returns (rule 5), whether the fork worked or not. The child never returns.
-pub fn spawn_session(stream: TcpStream, peer: SocketAddr, settings: &Settings) -> io::Result<Pid> {
+/// before this returns (rule 5). If the fork fails, the stream comes back with the error, so
+/// the caller can still answer the client. The child never returns.
+pub fn spawn_session(
+    stream: TcpStream,
+    peer: SocketAddr,
+    settings: &Settings,
+) -> Result<Pid, (TcpStream, io::Error)> {
     // Rule 2: nothing buffered may be inherited and written twice. (stderr is unbuffered, and
     // the logger writes whole lines, but stdout is line-buffered.)
     let _ = io::stdout().flush();
     // Keep every signal pending across fork; see `signals::block_all`.
-    let parent_mask = signals::block_all()?;
+    let parent_mask = match signals::block_all() {
+        Ok(mask) => mask,
+        Err(e) => return Err((stream, e)),
+    };
     // Safe: this process has exactly one thread (rule 1), so no lock is held by a thread that
     // would not exist in the child; the child only runs `child_main`, which never returns.
     let forked = unsafe { fork() };
@@ -53,13 +61,15 @@ pub fn spawn_session(stream: TcpStream, peer: SocketAddr, settings: &Settings) -
         // Not a reason to lose track of a child that now exists: report it and carry on.
         log::error!("cannot restore the signal mask after fork: {e}");
     }
-    // Rule 5: the parent's copy goes now, or the client would not see EOF when the child ends,
-    // and the parent's fd table would fill up with finished connections.
-    drop(stream);
     match forked {
-        Ok(ForkResult::Parent { child }) => Ok(child),
+        Ok(ForkResult::Parent { child }) => {
+            // Rule 5: the parent's copy goes now, or the client would not see EOF when the
+            // child ends, and the parent's fd table would fill up with finished connections.
+            drop(stream);
+            Ok(child)
+        }
         Ok(ForkResult::Child) => unreachable!("the child never returns from child_main"),
-        Err(errno) => Err(errno.into()),
+        Err(errno) => Err((stream, errno.into())),
     }
 }
 

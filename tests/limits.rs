@@ -158,12 +158,13 @@ fn max_children_makes_clients_wait_then_serves_them_whole() {
     server.wait_for_line("below max_children again (2 active)");
     assert_forked(&server, 4, "the waiting client got a child");
     assert_lines(&server, "below max_children again", 1, "logged once");
-    // Serving the 4th filled the 3 slots again: one more `reached`, no more.
+    // Serving the 4th filled the 3 slots again, within seconds of the first time: that is
+    // counted for the next report, not logged again.
     assert_lines(
         &server,
         "max_children reached",
-        2,
-        "logged once per time at the limit",
+        1,
+        "reached again within the report interval",
     );
 
     close_session(&mut waiting);
@@ -483,7 +484,8 @@ fn refusals_leave_no_child_and_are_counted_in_status() {
     server.signal(Signal::SIGUSR1);
     let status = server.wait_for_line("status:");
     assert!(
-        status.contains("4 refused [denied: 1, not allowed: 1, per source: 1, rate: 1]"),
+        status
+            .contains("4 refused [denied: 1, not allowed: 1, per source: 1, rate: 1, closing: 0]"),
         "refusal counts in {status}"
     );
     assert!(
@@ -594,4 +596,82 @@ fn per_source_limit_does_not_count_finished_sessions() {
         w.join().expect("client thread");
     }
     assert_eq!(server.count_lines("refused"), 0, "{}", server.log_text());
+}
+
+/// A client that reconnects only after its previous session's EOF never has two sessions at
+/// once, so `max_per_source = 1` must never refuse it — although the child closes the
+/// connection (the client's EOF) a moment before the parent can reap it.
+#[test]
+fn sequential_client_at_max_per_source_1_is_never_refused() {
+    const SESSIONS: usize = 1500;
+    let server = Server::builder()
+        .args([
+            "--max-per-source",
+            "1",
+            "--banner",
+            "",
+            "--refusal-message",
+            "refused\\n",
+        ])
+        .env("RUST_LOG", "info")
+        .start();
+    for i in 0..SESSIONS {
+        let mut s = server.connect();
+        let got = send_and_drain(&mut s, b"x");
+        assert_eq!(got, b"x", "session {i} of a sequential client");
+    }
+    assert_eq!(server.count_lines("] refused "), 0, "refusals");
+}
+
+/// A source really over `max_per_source` is still refused: waiting for one of its sessions
+/// to end is bounded.
+#[test]
+fn source_over_max_per_source_is_refused_after_a_short_wait() {
+    let server = Server::builder()
+        .args(["--max-per-source", "1", "--refusal-message", "full\n"])
+        .start();
+    let _held = server.connect_greeted();
+    let started = Instant::now();
+    let mut extra = server.connect();
+    assert_refused(&mut extra, b"full\n", "second session from one source");
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(5), "refused after {waited:?}");
+}
+
+/// Under load at `max_children`, the limit is crossed many times a second; the log says so
+/// at most once per report interval, with a count, instead of a line per crossing.
+#[test]
+fn max_children_crossings_are_reported_once_per_interval() {
+    let server = Server::builder()
+        .args(["--max-children", "1", "--banner", ""])
+        .env("RUST_LOG", "info")
+        .start();
+    let addr = server.addr();
+    let started = Instant::now();
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            thread::spawn(move || {
+                for _ in 0..150 {
+                    let mut s = connect(addr);
+                    assert_eq!(send_and_drain(&mut s, b"y"), b"y");
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let intervals = started.elapsed().as_secs() / 10 + 1;
+    let reached = server.count_lines("max_children reached");
+    let below = server.count_lines("below max_children again");
+    assert!(
+        (1..=intervals as usize).contains(&reached),
+        "{reached} `reached` lines in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        below <= reached,
+        "{below} `below` lines for {reached} `reached`"
+    );
+    assert_eq!(server.count_lines(" -> child "), 450);
 }

@@ -553,30 +553,86 @@ fn startup_error_reaches_stderr_with_a_log_file() {
 }
 
 /// A reload that removes an address serves the clients queued there only up to
-/// `max_children`: the limit stays hard, the rest are reset with a warning.
+/// `max_children`: the limit stays hard, and the rest are answered with `refusal_message`
+/// and a clean EOF rather than reset by the closing listener.
 #[test]
-fn reload_drain_respects_max_children() {
+fn reload_drain_respects_max_children_and_answers_the_rest() {
     let new_port = free_port();
-    let server = Server::builder()
-        .config("listen = [\"127.0.0.1:0\"]\nmax_children = 1\n")
-        .start();
+    let config = |port: u16| {
+        format!(
+            "listen = [\"127.0.0.1:{port}\"]\nmax_children = 1\nrefusal_message = \"moved\\n\"\n"
+        )
+    };
+    let server = Server::builder().config(&config(0)).start();
     let old_addr = server.addr();
     let _session = server.connect_greeted();
     server.wait_for_line("max_children reached");
-    let _queued: Vec<_> = (0..3).map(|_| connect(old_addr)).collect();
-    server.rewrite_config(&format!(
-        "listen = [\"127.0.0.1:{new_port}\"]\nmax_children = 1\n"
-    ));
+    let mut queued: Vec<_> = (0..3).map(|_| connect(old_addr)).collect();
+    server.rewrite_config(&config(new_port));
     server.signal(nix::sys::signal::Signal::SIGHUP);
     server.wait_for_line("reloaded configuration:");
-    assert_eq!(
-        server.count_lines("at max_children: clients still queued"),
-        1
-    );
+    server.wait_for_line(&format!(
+        "closing {old_addr}: answered 3 queued clients with refusal_message"
+    ));
+    for (i, client) in queued.iter_mut().enumerate() {
+        assert_eq!(read_to_eof(client), b"moved\n", "queued client {i}");
+    }
     assert_eq!(
         server.count_lines("-> child "),
         1,
         "forked past max_children"
     );
     assert_eq!(server.children().len(), 1);
+}
+
+/// Resident memory of a process in KiB (VmRSS).
+fn rss_kib(pid: nix::unistd::Pid) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A reload to a 200,000-entry deny list and back: the reload line summarises the list
+/// instead of printing megabytes, and the parent gives the memory back (every fork copies the
+/// page tables of what stays resident).
+#[test]
+fn reload_to_a_huge_deny_list_and_back_logs_a_short_line_and_returns_the_memory() {
+    const RULES: u32 = 200_000;
+    let server = Server::builder()
+        .config("listen = [\"127.0.0.1:0\"]\n")
+        .env("RUST_LOG", "info")
+        .start();
+    // The same `listen` as at start (port 0 stays the listener bound then).
+    let addr = "127.0.0.1:0";
+    assert_serves(&server, b"before\n");
+    let before = rss_kib(server.pid());
+
+    let mut huge = format!("listen = [\"{addr}\"]\ndeny = [\n");
+    for i in 0..RULES {
+        let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i);
+        huge.push_str(&format!("  \"{ip}\",\n"));
+    }
+    huge.push_str("]\n");
+    server.rewrite_config(&huge);
+    server.signal(nix::sys::signal::Signal::SIGHUP);
+    let line = server.wait_for_line("reloaded configuration:");
+    assert!(line.len() < 1000, "{} bytes: {}", line.len(), &line[..200]);
+    assert!(line.contains("(200000 prefixes)"), "{line}");
+    assert_serves(&server, b"during\n");
+
+    server.rewrite_config(&format!("listen = [\"{addr}\"]\n"));
+    server.signal(nix::sys::signal::Signal::SIGHUP);
+    server.wait_for_log("the second reload", WAIT, |lines| {
+        lines
+            .iter()
+            .filter(|l| l.contains("reloaded configuration:"))
+            .count()
+            == 2
+    });
+    assert_serves(&server, b"after\n");
+    let after = rss_kib(server.pid());
+    assert!(
+        after < before + 2048,
+        "parent RSS {before} KiB before, {after} KiB after the reloads"
+    );
 }

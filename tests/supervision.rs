@@ -493,3 +493,69 @@ fn signals_blocked_by_the_launcher_are_unblocked() {
     server.signal(Signal::SIGTERM);
     assert!(server.wait_exit(WAIT).success());
 }
+
+/// Clients queued in the backlog when a smart shutdown starts completed their handshake:
+/// closing the listeners must not reset them. With room under `max_children` they are served
+/// as sessions of the draining server; beyond it they read `refusal_message`, then EOF.
+#[test]
+fn smart_shutdown_serves_or_answers_every_queued_client_never_resets_one() {
+    const QUEUED: usize = 6;
+    let mut server = Server::builder()
+        .args(["--max-children", "3", "--refusal-message", "closing\\n"])
+        .args(["--shutdown-timeout", "120"])
+        .start();
+    let addr = server.addr();
+    let mut held = server.connect_greeted();
+    // Frozen, the parent accepts nothing: these clients wait in the kernel's backlog, and the
+    // SIGTERM is seen before any of them.
+    server.signal(Signal::SIGSTOP);
+    assert!(wait_until(WAIT, || process_state(server.pid()) == Some('T')));
+    let mut queued: Vec<TcpStream> = (0..QUEUED).map(|_| connect(addr)).collect();
+    for (i, s) in queued.iter_mut().enumerate() {
+        s.write_all(format!("client {i}\n").as_bytes()).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+    }
+    server.signal(Signal::SIGTERM);
+    server.signal(Signal::SIGCONT);
+    server.wait_for_line("shutting down on SIGTERM (smart)");
+
+    // Two slots were free: two queued clients are served whole, the other four answered.
+    let mut served = 0;
+    for (i, s) in queued.iter_mut().enumerate() {
+        let got = read_to_eof(s);
+        let echoed = [BANNER, format!("client {i}\n").as_bytes()].concat();
+        if got == echoed {
+            served += 1;
+        } else {
+            assert_eq!(got, b"closing\n", "queued client {i}: {got:?}");
+        }
+    }
+    assert_eq!(served, 2, "queued clients served under max_children 3");
+    server.wait_for_line("answered 4 queued clients with refusal_message");
+
+    assert_eq!(echo_roundtrip(&mut held, b"still\n"), b"still\n");
+    held.shutdown(Shutdown::Write).unwrap();
+    read_to_eof(&mut held);
+    let status = server.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(0), "server exit status {status:?}");
+}
+
+/// A fast shutdown starts no session: every queued client is answered with `refusal_message`.
+#[test]
+fn fast_shutdown_answers_queued_clients_instead_of_resetting_them() {
+    let mut server = Server::builder()
+        .args(["--refusal-message", "bye\\n"])
+        .start();
+    let addr = server.addr();
+    server.signal(Signal::SIGSTOP);
+    assert!(wait_until(WAIT, || process_state(server.pid()) == Some('T')));
+    let mut queued: Vec<TcpStream> = (0..5).map(|_| connect(addr)).collect();
+    server.signal(Signal::SIGINT);
+    server.signal(Signal::SIGCONT);
+    for (i, s) in queued.iter_mut().enumerate() {
+        assert_eq!(read_to_eof(s), b"bye\n", "queued client {i}");
+    }
+    let status = server.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(0), "server exit status {status:?}");
+    assert_eq!(server.count_lines("accepted "), 0, "sessions started");
+}

@@ -1,0 +1,133 @@
+//! Connections the parent has accepted but not yet decided on: a small, bounded table with a
+//! deadline per entry, in the parent only.
+//!
+//! Why a connection waits here rather than being refused at once: its source is at
+//! `max_per_source`, but one of that source's sessions may be ending right now. A child's
+//! connection is closed (the client sees EOF) during its exit, *before* the kernel makes it a
+//! zombie and sends SIGCHLD, so a client that reconnects as soon as it sees EOF can reach the
+//! parent while the child it replaces still counts as live, and reaping first cannot collect a
+//! child that has not finished exiting. The connection therefore waits, for at most
+//! [`PER_SOURCE_GRACE`], until a session of its source is reaped; then admission runs again,
+//! with every check. A source that is really over its limit gets its refusal that much later.
+//!
+//! The table is bounded ([`MAX_PENDING`]): when it is full, a connection is decided at once. It
+//! holds one descriptor per entry, and the loop wakes up for the earliest deadline.
+
+use std::collections::VecDeque;
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+/// Longest a connection waits for a session of its source to end before it is refused for
+/// `max_per_source`. A child normally finishes exiting within microseconds of closing its
+/// connection; this leaves room for a loaded machine that preempts it there.
+pub const PER_SOURCE_GRACE: Duration = Duration::from_millis(250);
+
+/// Most connections waiting at once.
+pub const MAX_PENDING: usize = 256;
+
+/// One accepted connection waiting for a decision.
+#[derive(Debug)]
+pub struct Waiting {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    /// Decided (admitted or refused) at this time at the latest.
+    pub until: Instant,
+}
+
+/// The waiting connections, oldest first.
+#[derive(Debug, Default)]
+pub struct Pending {
+    waiting: VecDeque<Waiting>,
+}
+
+impl Pending {
+    /// True when no more connection may wait.
+    pub fn is_full(&self) -> bool {
+        self.waiting.len() >= MAX_PENDING
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Adds a connection that must be decided by `until`. The caller checks `is_full` first.
+    pub fn add(&mut self, stream: TcpStream, peer: SocketAddr, until: Instant) {
+        debug_assert!(!self.is_full());
+        self.waiting.push_back(Waiting {
+            stream,
+            peer,
+            until,
+        });
+    }
+
+    /// The earliest deadline, for the poll timeout.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.waiting.iter().map(|w| w.until).min()
+    }
+
+    /// Removes and returns, oldest first, every connection for which `ready(peer)` holds or
+    /// whose deadline has passed at `now`.
+    pub fn take_decidable(
+        &mut self,
+        now: Instant,
+        mut ready: impl FnMut(&SocketAddr) -> bool,
+    ) -> Vec<Waiting> {
+        let mut decidable = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
+        for waiting in self.waiting.drain(..) {
+            if waiting.until <= now || ready(&waiting.peer) {
+                decidable.push(waiting);
+            } else {
+                kept.push_back(waiting);
+            }
+        }
+        self.waiting = kept;
+        decidable
+    }
+
+    /// Removes and returns every waiting connection (shutdown).
+    pub fn take_all(&mut self) -> Vec<Waiting> {
+        self.waiting.drain(..).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn connection(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        listener.accept().unwrap()
+    }
+
+    #[test]
+    fn connections_are_decided_when_ready_or_late_oldest_first() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut pending = Pending::default();
+        let t0 = Instant::now();
+        let mut peers = Vec::new();
+        for i in 0..3 {
+            let (stream, peer) = connection(&listener);
+            pending.add(stream, peer, t0 + Duration::from_millis(100 * (i + 1)));
+            peers.push(peer);
+        }
+        assert_eq!(
+            pending.next_deadline(),
+            Some(t0 + Duration::from_millis(100))
+        );
+        // Nothing ready, nothing late.
+        assert!(pending.take_decidable(t0, |_| false).is_empty());
+        // The third is ready; the first is late.
+        let decided = pending.take_decidable(t0 + Duration::from_millis(150), |p| *p == peers[2]);
+        let decided: Vec<SocketAddr> = decided.iter().map(|w| w.peer).collect();
+        assert_eq!(decided, [peers[0], peers[2]]);
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending.take_all().len(), 1);
+        assert!(pending.is_empty());
+    }
+}
