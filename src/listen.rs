@@ -98,6 +98,16 @@ pub fn from_systemd() -> io::Result<Option<Vec<Listener>>> {
     Ok(Some(listeners))
 }
 
+/// True when `a` and `b` cannot both be bound as listeners: the same port (not 0) in the same
+/// family, and the same address or one of them the wildcard (`0.0.0.0`, `[::]`). IPv6
+/// listeners are IPv6-only, so `[::]:P` and `0.0.0.0:P` do not overlap.
+pub fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<Listener> {
     // socket2 creates the socket with SOCK_CLOEXEC; children never exec, and they close it anyway.
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -124,4 +134,21 @@ fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<Listener
         local,
         from_systemd: false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards_overlap_their_family_on_the_same_port() {
+        let o = |a: &str, b: &str| overlap(a.parse().unwrap(), b.parse().unwrap());
+        assert!(o("0.0.0.0:80", "127.0.0.1:80"));
+        assert!(o("127.0.0.1:80", "127.0.0.1:80"));
+        assert!(o("[::1]:80", "[::]:80"));
+        assert!(!o("0.0.0.0:80", "[::]:80"));
+        assert!(!o("0.0.0.0:80", "127.0.0.1:81"));
+        assert!(!o("127.0.0.2:80", "127.0.0.1:80"));
+        assert!(!o("0.0.0.0:0", "127.0.0.1:0"));
+    }
 }

@@ -17,6 +17,7 @@
 //! it is no longer serving and no child is left, so no child outlives the parent's exit; if
 //! `poll` itself fails, the children are killed and reaped before the error is returned.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::io::{self, ErrorKind};
 use std::mem::MaybeUninit;
@@ -688,22 +689,23 @@ impl Server {
         let serving =
             self.phase == Phase::Serving && !self.listeners.iter().any(|l| l.from_systemd);
         // Bind what is new before anything changes: a failure here leaves all as it was.
-        let fresh = if serving {
-            let added: Vec<SocketAddr> = new
-                .listen
-                .iter()
-                .filter(|a| !self.listeners.iter().any(|l| l.configured == **a))
-                .copied()
-                .collect();
+        // An address that overlaps one being removed (0.0.0.0:P replacing 127.0.0.1:P) can
+        // only be bound once that one is closed: it is swapped in `install_listeners`.
+        let (fresh, swapped) = if serving {
+            let (swapped, added) = self.addresses_to_add(&new.listen);
+            if let Err(reason) = check_swaps_possible(&swapped) {
+                error!("reload refused: {reason}; the running configuration stays");
+                return;
+            }
             match crate::listen::bind_all(&added, new.backlog, new.reuse_port) {
-                Ok(fresh) => fresh,
+                Ok(fresh) => (fresh, swapped),
                 Err(e) => {
                     error!("reload refused: {e}; the running configuration stays");
                     return;
                 }
             }
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         };
         let mut changes = describe_changes(&self.config, &new);
         if new.pid_file != self.config.pid_file {
@@ -718,7 +720,7 @@ impl Server {
         self.kill_timeout = new.kill_timeout;
         crate::logging::set_level(new.log_level);
         if serving {
-            changes.extend(self.install_listeners(&new.listen, fresh));
+            changes.extend(self.install_listeners(&new, fresh, &swapped));
         }
         // The pid file in force is the one we hold; keep describing that one.
         let pid_file = self.config.pid_file.take();
@@ -736,37 +738,90 @@ impl Server {
         release_startup_memory();
     }
 
-    /// Replaces the listeners by those configured in `listen`: keeps the ones still wanted,
-    /// adds `fresh` (already bound), and closes the rest, after serving every connection
-    /// already queued on them (those clients completed their handshake: closing the listener
-    /// would reset them). Returns what changed, for the reload's log line.
-    fn install_listeners(&mut self, listen: &[SocketAddr], fresh: Vec<Listener>) -> Vec<String> {
+    /// The addresses of `listen` not listened on yet, split in two: those that overlap a
+    /// listener this reload removes (same port, one of them a wildcard), which can be bound
+    /// only after it closes, and the rest.
+    fn addresses_to_add(&self, listen: &[SocketAddr]) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+        let current: HashSet<SocketAddr> = self.listeners.iter().map(|l| l.configured).collect();
+        let wanted: HashSet<SocketAddr> = listen.iter().copied().collect();
+        let removed: Vec<SocketAddr> = current.difference(&wanted).copied().collect();
+        listen
+            .iter()
+            .filter(|a| !current.contains(a))
+            .partition(|a| removed.iter().any(|r| crate::listen::overlap(*r, **a)))
+    }
+
+    /// Replaces the listeners by those configured in `new.listen`: keeps the ones still
+    /// wanted, adds `fresh` (already bound), and closes the rest, after serving every
+    /// connection already queued on them (those clients completed their handshake: closing
+    /// the listener would reset them). Then binds `swapped`, the addresses that overlap a
+    /// closed one; should that fail, the closed addresses are bound again. Returns what
+    /// changed, for the reload's log line.
+    fn install_listeners(
+        &mut self,
+        new: &Config,
+        fresh: Vec<Listener>,
+        swapped: &[SocketAddr],
+    ) -> Vec<String> {
         // Tokens are indexes into `listeners`: take every listener out of the poll set and
         // put the survivors and the new ones back under their new tokens.
         self.set_polling(false);
         let (kept, dropped): (Vec<Listener>, Vec<Listener>) = std::mem::take(&mut self.listeners)
             .into_iter()
-            .partition(|l| listen.contains(&l.configured));
-        let mut changes: Vec<String> = fresh
-            .iter()
-            .map(|l| format!("listen +{}", l.local))
-            .collect();
-        for listener in &fresh {
-            info!("listening on {}", listener.local);
-        }
-        self.listeners = kept.into_iter().chain(fresh).collect();
-        self.registered = vec![false; self.listeners.len()];
-        // Queued connections raise no new edge: look at every listener on the next turn.
-        self.ready = listener_flags(self.listeners.len(), true);
+            .partition(|l| new.listen.contains(&l.configured));
+        let mut changes = Vec::new();
+        let mut closed = Vec::new();
         for listener in dropped {
             self.drain_queue_of(&listener, true);
             info!("stopped listening on {}", listener.local);
             changes.push(format!("listen -{}", listener.local));
+            closed.push(listener.configured);
         }
+        let mut added = fresh;
+        if !swapped.is_empty() {
+            added.extend(self.bind_swapped(new, swapped, &closed, &mut changes));
+        }
+        for listener in &added {
+            info!("listening on {}", listener.local);
+            changes.push(format!("listen +{}", listener.local));
+        }
+        self.listeners = kept.into_iter().chain(added).collect();
+        self.registered = vec![false; self.listeners.len()];
+        // Queued connections raise no new edge: look at every listener on the next turn.
+        self.ready = listener_flags(self.listeners.len(), true);
         if !self.at_capacity {
             self.set_polling(true);
         }
         changes
+    }
+
+    /// Binds the addresses that could not be bound while `closed` were open. If that fails,
+    /// binds the closed ones that overlap them again, so the port keeps a listener; the
+    /// failure is logged and said in the reload line.
+    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
+    fn bind_swapped(
+        &mut self,
+        new: &Config,
+        swapped: &[SocketAddr],
+        closed: &[SocketAddr],
+        changes: &mut Vec<String>,
+    ) -> Vec<Listener> {
+        let error = match crate::listen::bind_all(swapped, new.backlog, new.reuse_port) {
+            Ok(bound) => return bound,
+            Err(e) => e,
+        };
+        let back: Vec<SocketAddr> = closed
+            .iter()
+            .filter(|c| swapped.iter().any(|s| crate::listen::overlap(**c, *s)))
+            .copied()
+            .collect();
+        let restored = crate::listen::bind_all(&back, self.config.backlog, self.config.reuse_port);
+        match &restored {
+            Ok(_) => error!("reload: {error}; listening on the addresses it replaced again"),
+            Err(again) => error!("reload: {error}; and {again}: the port has no listener now"),
+        }
+        changes.push(format!("FAILED: {error}"));
+        restored.unwrap_or_default()
     }
 
     /// Accepts every connection queued on a listener that is about to close: those clients
@@ -938,6 +993,20 @@ impl CapacityReports {
     /// The episode ended: true if its end is to be logged.
     fn left(&mut self) -> bool {
         std::mem::take(&mut self.episode_logged)
+    }
+}
+
+/// A swap closes a listener before binding its replacement; refused where the replacement
+/// cannot be bound: a port below 1024 once root is gone (the old one could not be bound
+/// again either).
+fn check_swaps_possible(swapped: &[SocketAddr]) -> Result<(), String> {
+    let privileged = swapped.iter().find(|a| a.port() < 1024);
+    match privileged {
+        Some(addr) if !nix::unistd::geteuid().is_root() => Err(format!(
+            "{addr} replaces an overlapping address on a port below 1024, which needs root to \
+             bind again"
+        )),
+        _ => Ok(()),
     }
 }
 

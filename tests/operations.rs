@@ -636,3 +636,35 @@ fn reload_to_a_huge_deny_list_and_back_logs_a_short_line_and_returns_the_memory(
         "parent RSS {before} KiB before, {after} KiB after the reloads"
     );
 }
+
+/// A reload may move between a specific address and the wildcard on the same port, which
+/// cannot be bound side by side: the old listener closes (its queue served), then the new one
+/// binds, and the port keeps serving.
+#[test]
+fn reload_moves_between_a_specific_address_and_the_wildcard_on_one_port() {
+    let port = free_port();
+    let config = |ip: &str| format!("listen = [\"{ip}:{port}\"]\n");
+    let server = Server::builder().config(&config("127.0.0.1")).start();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut session = connect(addr);
+    expect_banner(&mut session);
+
+    for (step, ip) in ["0.0.0.0", "127.0.0.1"].into_iter().enumerate() {
+        server.rewrite_config(&config(ip));
+        server.signal(nix::sys::signal::Signal::SIGHUP);
+        server.wait_for_log("the reload line", WAIT, |lines| {
+            lines
+                .iter()
+                .filter(|l| l.contains("reloaded configuration:"))
+                .count()
+                == step + 1
+        });
+        let line = server.wait_for_line(&format!("listen +{ip}:{port}"));
+        assert!(line.contains("reloaded configuration:"), "{line}");
+        let mut s = connect(addr);
+        expect_banner(&mut s);
+        assert_eq!(echo_roundtrip(&mut s, b"moved\n"), b"moved\n");
+    }
+    assert_eq!(server.count_lines("reload refused"), 0);
+    assert_eq!(echo_roundtrip(&mut session, b"kept\n"), b"kept\n");
+}
