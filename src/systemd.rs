@@ -4,8 +4,24 @@
 //!
 //! Each call sends one datagram on a socket it opens and closes at once, so no descriptor
 //! outlives it (children inherit nothing from here).
+//!
+//! The send never waits. A datagram socket's receiver holds at most
+//! `net.unix.max_dgram_qlen` unread messages (10 by default), and a sender beyond that blocks
+//! until the receiver reads: a service manager that is busy, or a `NOTIFY_SOCKET` nobody
+//! reads, would otherwise stop the loop at the eleventh status change. sd-notify's `notify`
+//! sends blocking, so it only formats the states here; a message that cannot be queued is
+//! dropped and counted ([`dropped`]): the next one supersedes it anyway.
+
+use std::io;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sd_notify::NotifyState;
+
+/// Notifications dropped because the service manager's queue was full.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
 
 /// Listening and serving.
 pub fn ready(status: &str) {
@@ -22,8 +38,35 @@ pub fn stopping(status: &str) {
     send(&[NotifyState::Stopping, NotifyState::Status(status)]);
 }
 
+/// Notifications dropped so far because the service manager did not read them in time.
+pub fn dropped() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
 fn send(states: &[NotifyState]) {
-    if let Err(e) = sd_notify::notify(states) {
-        log::debug!("sd_notify failed: {e}");
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET").filter(|p| !p.is_empty()) else {
+        return;
+    };
+    let message: String = states.iter().map(|s| format!("{s}\n")).collect();
+    match send_without_waiting(path.as_bytes(), message.as_bytes()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+            log::debug!("sd_notify: the service manager's queue is full; dropped {message:?}");
+        }
+        Err(e) => log::debug!("sd_notify failed: {e}"),
     }
+}
+
+/// Sends `message` to the notification socket at `path` (`@name` is an abstract socket) from
+/// a fresh, non-blocking socket.
+fn send_without_waiting(path: &[u8], message: &[u8]) -> io::Result<()> {
+    let address = match path.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name)?,
+        None => SocketAddr::from_pathname(std::ffi::OsStr::from_bytes(path))?,
+    };
+    let socket = UnixDatagram::unbound()?;
+    socket.set_nonblocking(true)?;
+    socket.send_to_addr(message, &address)?;
+    Ok(())
 }

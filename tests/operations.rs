@@ -668,3 +668,31 @@ fn reload_moves_between_a_specific_address_and_the_wildcard_on_one_port() {
     assert_eq!(server.count_lines("reload refused"), 0);
     assert_eq!(echo_roundtrip(&mut session, b"kept\n"), b"kept\n");
 }
+
+/// A NOTIFY_SOCKET nobody reads (a busy service manager) holds only a few datagrams
+/// (`net.unix.max_dgram_qlen`); forkecho must not wait for room: with its queue long full,
+/// reloads (each a STATUS= message) and sessions go on, and SIGTERM still stops it.
+#[test]
+fn unread_notify_socket_never_stops_the_loop() {
+    let dir = TempDir::new();
+    let socket_path = dir.path().join("notify.sock");
+    let _socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    let mut server = Server::builder()
+        .config("listen = [\"127.0.0.1:0\"]\n")
+        .env("NOTIFY_SOCKET", socket_path.to_str().unwrap())
+        .start();
+    const RELOADS: usize = 40;
+    for i in 1..=RELOADS {
+        server.signal(nix::sys::signal::Signal::SIGHUP);
+        server.wait_for_log(&format!("reload {i}"), WAIT, |lines| {
+            lines
+                .iter()
+                .filter(|l| l.contains("reloaded configuration"))
+                .count()
+                == i
+        });
+    }
+    assert_serves(&server, b"still serving\n");
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(server.wait_exit(WAIT).success());
+}
