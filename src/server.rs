@@ -144,6 +144,8 @@ impl Server {
         if !parent_memory::reserve() {
             debug!("no MADV_WIPEONFORK: the children table is on the ordinary heap");
         }
+        let limits = config.limits.clone();
+        limits.index_rules();
         let poll = Poll::new()?;
         let mut signals = signals::hook()?;
         let events = Events::with_capacity(64);
@@ -165,7 +167,7 @@ impl Server {
             settings: Settings::from(config),
             config: config.clone(),
             reload,
-            limits: config.limits.clone(),
+            limits,
             admission: Admission::default(),
             at_capacity: false,
             shutdown_timeout: config.shutdown_timeout,
@@ -716,6 +718,8 @@ impl Server {
         }
         self.settings = Settings::from(&new);
         self.limits = new.limits.clone();
+        // Built here, in the copy the loop reads, not in the configuration's copy.
+        self.limits.index_rules();
         self.shutdown_timeout = new.shutdown_timeout;
         self.kill_timeout = new.kill_timeout;
         crate::logging::set_level(new.log_level);
