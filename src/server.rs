@@ -244,7 +244,12 @@ impl Server {
         }
         let deadline = match self.phase {
             Phase::Draining { until } | Phase::Terminating { until } => Some(until),
-            Phase::Serving => earliest(self.paused_until, self.pending.next_deadline()),
+            // Waiting connections are decided only with room for children (`decide_pending`):
+            // at capacity their deadlines would only spin the loop.
+            Phase::Serving => earliest(
+                self.paused_until,
+                self.pending.next_deadline().filter(|_| !self.at_capacity),
+            ),
             Phase::Killing => None,
         }?;
         Some(deadline.saturating_duration_since(Instant::now()))
