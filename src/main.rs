@@ -4,6 +4,7 @@
 //! Exit codes: 0 after a clean shutdown, 1 when the server cannot start or fails, 2 for a
 //! configuration or usage error.
 
+use std::os::fd::{AsFd, BorrowedFd};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -46,7 +47,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let (mut readiness, log_on_ready) = match detach(&config) {
+    // Kept open through `--daemonize`, which closes every other inherited descriptor.
+    let keep: Vec<_> = pid_file.iter().map(AsFd::as_fd).collect();
+    let (mut readiness, log_on_ready) = match detach(&config, &keep) {
         Ok(detached) => detached,
         Err(message) => {
             eprintln!("forkecho: {message}");
@@ -88,14 +91,16 @@ fn main() -> ExitCode {
         if let Err(message) = forkecho::privileges::drop_to(who) {
             return startup_failed(&mut readiness, &message);
         }
-        log::info!("running as {} (uid {}, gid {})", who.user, who.uid, who.gid);
     }
-    // Every startup failure is behind us: from here the log goes to `log_file`, if set (a
+    // Every startup failure is behind us: from here every line goes to `log_file`, if set (a
     // daemon's already does). Until now errors went to the terminal or the journal.
     if let Some(log) = &log_on_ready {
         if let Err(e) = daemon::redirect_stderr(log) {
             return startup_failed(&mut readiness, &format!("cannot log to the log file: {e}"));
         }
+    }
+    if let Some(who) = &config.run_as {
+        log::info!("running as {} (uid {}, gid {})", who.user, who.uid, who.gid);
     }
     if from_systemd > 0 {
         log::info!(
@@ -107,8 +112,10 @@ fn main() -> ExitCode {
         forkecho::systemd::ready("serving");
     });
     let result = server.run(ready);
-    // Held (locked) until here, then removed.
-    drop(pid_file);
+    // Held (locked) until here, then emptied and removed.
+    if let Some(pid_file) = pid_file {
+        pid_file.remove();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -119,25 +126,25 @@ fn main() -> ExitCode {
 }
 
 /// Opens `log_file` (here, so a bad path is reported on the terminal) and detaches if
-/// `daemonize` is set. Returns the report channel and, when not detached, the log file to
-/// send stderr to once started: until then startup errors still reach the terminal (or journal).
-fn detach(config: &Config) -> Result<(Readiness, Option<std::fs::File>), String> {
-    let log = match &config.log_file {
-        Some(path) => Some(daemon::open_log(path).map_err(|e| {
-            format!(
-                "cannot open log file {}: {}",
-                path.display(),
-                forkecho::os_error_text(&e)
-            )
-        })?),
-        None => None,
-    };
+/// `daemonize` is set, keeping `keep` open. Returns the report channel and, when not
+/// detached, the log file to send stderr to once started: until then startup errors still
+/// reach the terminal (or journal).
+fn detach(
+    config: &Config,
+    keep: &[BorrowedFd<'_>],
+) -> Result<(Readiness, Option<std::fs::File>), String> {
+    let log = config
+        .log_file
+        .as_deref()
+        .map(daemon::open_log)
+        .transpose()?;
     if config.daemonize && daemon::started_by_systemd() {
         // A detached child would have another pid: systemd's sockets (LISTEN_PID) and its
         // notion of the main process would no longer be ours.
         eprintln!("forkecho: started by systemd; --daemonize is ignored");
     } else if config.daemonize {
-        let readiness = daemon::daemonize(log).map_err(|e| format!("cannot daemonize: {e}"))?;
+        let readiness =
+            daemon::daemonize(log, keep).map_err(|e| format!("cannot daemonize: {e}"))?;
         return Ok((readiness, None));
     }
     Ok((Readiness::none(), log))

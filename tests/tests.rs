@@ -7,6 +7,7 @@ mod config;
 mod config_fuzz;
 mod echo;
 mod faults;
+mod files;
 mod limits;
 mod operations;
 mod supervision;
