@@ -269,7 +269,10 @@ impl Server {
             self.shutdown(mode, signal);
         }
         if requests.reload {
-            self.reload();
+            // First, and whether or not the configuration reloads: logrotate's SIGHUP must
+            // not depend on the config file being valid.
+            let reopened = self.reopen_log_file();
+            self.reload(reopened);
         }
         if requests.status {
             self.log_status();
@@ -684,11 +687,12 @@ impl Server {
     /// that does not parse or validate, or a new address that cannot be bound, is refused and
     /// the running configuration stays, listeners included.
     #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
-    fn reload(&mut self) {
+    fn reload(&mut self, log_reopened: Option<&'static str>) {
         let new = match (self.reload)() {
             Ok(new) => new,
             Err(e) => {
-                error!("reload refused: {e}; the running configuration stays");
+                let also = log_reopened.map_or(String::new(), |r| format!(" ({r})"));
+                error!("reload refused: {e}; the running configuration stays{also}");
                 return;
             }
         };
@@ -715,8 +719,15 @@ impl Server {
             (Vec::new(), Vec::new())
         };
         let mut changes = describe_changes(&self.config, &new);
+        changes.extend(log_reopened.map(str::to_string));
         if new.pid_file != self.config.pid_file {
             warn!("pid_file changes take effect at the next start");
+        }
+        if new.log_file != self.config.log_file {
+            warn!("log_file changes take effect at the next start; SIGHUP reopens the one in use");
+        }
+        if new.daemonize != self.config.daemonize {
+            warn!("daemonize changes take effect at the next start");
         }
         if new.run_as != self.config.run_as {
             warn!("user and group changes take effect at the next start (root is gone)");
@@ -731,10 +742,13 @@ impl Server {
         if serving {
             changes.extend(self.install_listeners(&new, fresh, &swapped));
         }
-        // The pid file in force is the one we hold; keep describing that one.
-        let pid_file = self.config.pid_file.take();
+        // The pid file, log file and daemon mode in force are those of the start; keep
+        // describing those.
+        let (pid_file, log_file) = (self.config.pid_file.take(), self.config.log_file.take());
+        let daemonize = self.config.daemonize;
         self.config = new;
-        self.config.pid_file = pid_file;
+        (self.config.pid_file, self.config.log_file) = (pid_file, log_file);
+        self.config.daemonize = daemonize;
         if changes.is_empty() {
             info!("reloaded configuration: nothing changed");
         } else {
@@ -758,6 +772,25 @@ impl Server {
             .iter()
             .filter(|a| !current.contains(a))
             .partition(|a| removed.iter().any(|r| crate::listen::overlap(*r, **a)))
+    }
+
+    /// Reopens `log_file` under its name (after logrotate renamed it), without waiting: a path
+    /// that is no longer a regular file is refused and the log stays where it was. Returns
+    /// what to add to the reload line, `None` without a log file. Sessions already running
+    /// keep writing to the file they inherited until they end.
+    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
+    fn reopen_log_file(&mut self) -> Option<&'static str> {
+        let path = self.config.log_file.as_deref()?;
+        match crate::daemon::reopen_log(path) {
+            Ok(()) => {
+                crate::logging::stderr_replaced();
+                Some("log_file reopened")
+            }
+            Err(reason) => {
+                error!("cannot reopen log_file: {reason}; logging on to the file open before");
+                Some("log_file NOT reopened")
+            }
+        }
     }
 
     /// Replaces the listeners by those configured in `new.listen`: keeps the ones still

@@ -110,7 +110,7 @@ fn second_instance_with_the_same_pid_file_refuses_to_start() {
 fn stale_pid_file_is_taken_over() {
     let dir = TempDir::new();
     let path = dir.path().join("forkecho.pid");
-    std::fs::write(&path, "999999999\nold junk\n").unwrap();
+    std::fs::write(&path, "999999999\n").unwrap();
     let server = Server::builder()
         .args(["--pid-file", path.to_str().unwrap()])
         .start();
@@ -695,4 +695,90 @@ fn unread_notify_socket_never_stops_the_loop() {
     assert_serves(&server, b"still serving\n");
     server.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(server.wait_exit(WAIT).success());
+}
+
+/// The logrotate snippet shipped in `config/`, run by the real `logrotate`: the log is
+/// renamed, forkecho's SIGHUP (from the snippet's postrotate) reopens `log_file`, and new
+/// lines land in the new file while the rotated one keeps what was written before.
+#[test]
+fn shipped_logrotate_snippet_rotates_and_sighup_reopens_the_log() {
+    let Some(logrotate) = ["/usr/sbin/logrotate", "/sbin/logrotate"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        eprintln!("skipping: logrotate is not installed (apt-get install logrotate)");
+        return;
+    };
+    let dir = TempDir::new();
+    let log = dir.path().join("forkecho.log");
+    let pid_file = dir.path().join("forkecho.pid");
+    let mut child = std::process::Command::new(BIN)
+        .args([
+            "-l",
+            "127.0.0.1:0",
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+        ])
+        .args(["--log-file", log.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _guard = KillOnDrop(pid);
+    let read = |path: &std::path::Path| std::fs::read_to_string(path).unwrap_or_default();
+    assert!(wait_until(WAIT, || read(&log).contains("listening on ")));
+    let addr: std::net::SocketAddr = read(&log)
+        .split("listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut before = connect(addr);
+    expect_banner(&mut before);
+
+    // The shipped snippet, pointed at this test's files; `create` without an owner (the
+    // test's user may have no `adm` group).
+    let snippet = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/forkecho.logrotate"
+    ))
+    .unwrap()
+    .replace("/var/log/forkecho.log", log.to_str().unwrap())
+    .replace("/run/forkecho.pid", pid_file.to_str().unwrap())
+    .replace("create 0640 root adm", "create 0640");
+    let conf = dir.path().join("logrotate.conf");
+    std::fs::write(&conf, snippet).unwrap();
+    let state = dir.path().join("logrotate.state");
+    let out = std::process::Command::new(logrotate)
+        .args([
+            "--force",
+            "--state",
+            state.to_str().unwrap(),
+            conf.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "logrotate: {out:?}");
+
+    let rotated = dir.path().join("forkecho.log.1");
+    assert!(wait_until(WAIT, || read(&log).contains("log_file reopened")));
+    let mut after = connect(addr);
+    expect_banner(&mut after);
+    let after_peer = after.local_addr().unwrap();
+    assert!(wait_until(WAIT, || read(&log)
+        .contains(&format!("accepted {after_peer}"))));
+    let old = read(&rotated);
+    assert!(old.contains("listening on "), "rotated file: {old}");
+    assert!(!old.contains(&format!("accepted {after_peer}")), "{old}");
+    // The session from before the rotation goes on.
+    assert_eq!(echo_roundtrip(&mut before, b"on\n"), b"on\n");
+    drop((before, after));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP killed the server"
+    );
 }
