@@ -73,7 +73,8 @@ const MAX_REFUSAL_MESSAGE: usize = 1024;
 #[derive(Debug, Parser)]
 #[command(name = "forkecho", version, about, long_about = None)]
 pub struct Cli {
-    /// TOML config file (keys as the long options, in snake_case)
+    /// TOML config file (keys as the long options, in snake_case); a regular file, read again
+    /// on each reload (SIGHUP)
     #[arg(short = 'c', long = "config", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -137,8 +138,8 @@ pub struct Cli {
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub max_rate_per_source: Option<f64>,
 
-    /// Connections one source may open at once before the rate applies
-    /// [default: the rate, at least 1]
+    /// Connections one source may open at once before the rate applies; needs
+    /// --max-rate-per-source [default: the rate, at least 1]
     #[arg(long, value_name = "N", value_parser = parse_burst)]
     pub rate_burst: Option<u32>,
 
