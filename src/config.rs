@@ -1,7 +1,11 @@
 //! Settings: built-in defaults, then the TOML file (`-c`), then command-line flags, each layer
 //! overriding the one before. Everything is validated here, once, so the rest of the daemon
 //! works with values that are known to be sane; an error names where it came from (file or
-//! flag), the key, and the reason.
+//! flag), the key, and the reason, quoting a value as it was written.
+//!
+//! [`Config::load`] is for the start; [`Config::reload`] for SIGHUP, in the parent's loop, so
+//! nothing it does may wait: the file is read only if it is a regular file (never a FIFO, a
+//! device or a pipe) of at most [`MAX_CONFIG_MIB`] MiB, and no user or group is looked up.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -201,7 +205,8 @@ pub struct Config {
     pub daemonize: bool,
     /// Who to become after binding; none = stay who we are.
     pub run_as: Option<crate::privileges::Identity>,
-    /// `user` and `group` as given, resolved into `run_as` once all layers are applied.
+    /// `user` and `group` as given, resolved into `run_as` once all layers are applied (at
+    /// start only); compared by [`Config::identity_changed`].
     user: Option<String>,
     group: Option<String>,
     /// Idle (and blocked-write) limit of a session; `None` = never.
