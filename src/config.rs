@@ -1,10 +1,17 @@
 //! Settings: built-in defaults, then the TOML file (`-c`), then command-line flags, each layer
 //! overriding the one before. Everything is validated here, once, so the rest of the daemon
 //! works with values that are known to be sane; an error names where it came from (file or
-//! flag), the key, and the reason.
+//! flag), the key, and the reason, quoting a value as it was written.
+//!
+//! [`Config::load`] is for the start; [`Config::reload`] for SIGHUP, in the parent's loop, so
+//! nothing it does may wait: the file is read only if it is a regular file (never a FIFO, a
+//! device or a pipe) of at most [`MAX_CONFIG_MIB`] MiB, and no user or group is looked up.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::io::Read;
 use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,6 +29,18 @@ pub const DEFAULT_KILL_TIMEOUT_SECS: f64 = 2.0;
 
 /// Longest timeout accepted anywhere (one year): keeps `Duration` arithmetic far from overflow.
 const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// Shortest timeout other than 0. A socket timeout below the kernel's tick rounds to 0, which
+/// means "wait forever": the opposite of what a tiny timeout asks for.
+const MIN_SECONDS: f64 = 0.001;
+
+/// Largest config file read, in MiB. A 200,000-entry `deny` list of full IPv6 prefixes is
+/// about 10 MiB; the cap keeps a file that is endless or grows while read from eating memory.
+pub const MAX_CONFIG_MIB: u64 = 32;
+const MAX_CONFIG_BYTES: u64 = MAX_CONFIG_MIB * 1024 * 1024;
+
+/// What errors about a value given by a flag name as its origin.
+const COMMAND_LINE: &str = "command line";
 
 /// The keys a config file may hold, in the order the documentation lists them.
 pub const KEYS: [&str; 23] = [
@@ -58,7 +77,8 @@ const MAX_REFUSAL_MESSAGE: usize = 1024;
 #[derive(Debug, Parser)]
 #[command(name = "forkecho", version, about, long_about = None)]
 pub struct Cli {
-    /// TOML config file (keys as the long options, in snake_case)
+    /// TOML config file (keys as the long options, in snake_case); a regular file, read again
+    /// on each reload (SIGHUP)
     #[arg(short = 'c', long = "config", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -78,20 +98,20 @@ pub struct Cli {
 
     /// Close a session after this many seconds without input, or with a write blocked this long;
     /// 0 = never [default: 300]
-    #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+    #[arg(long, value_name = "SECS", value_parser = parse_limit_seconds)]
     pub idle_timeout: Option<Duration>,
 
     /// On SIGTERM (smart shutdown), seconds sessions get to finish before a fast shutdown
     /// [default: 10]
-    #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+    #[arg(long, value_name = "SECS", value_parser = parse_grace_seconds)]
     pub shutdown_timeout: Option<Duration>,
 
     /// On shutdown, seconds between the SIGTERM and the SIGKILL sent to sessions [default: 2]
-    #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+    #[arg(long, value_name = "SECS", value_parser = parse_grace_seconds)]
     pub kill_timeout: Option<Duration>,
 
     /// End a session after this many seconds whatever it is doing; 0 = no limit [default: 0]
-    #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+    #[arg(long, value_name = "SECS", value_parser = parse_limit_seconds)]
     pub max_session_time: Option<Duration>,
 
     /// Most sessions at once; at the limit new clients wait in the backlog [default: 1024]
@@ -122,8 +142,8 @@ pub struct Cli {
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub max_rate_per_source: Option<f64>,
 
-    /// Connections one source may open at once before the rate applies
-    /// [default: the rate, at least 1]
+    /// Connections one source may open at once before the rate applies; needs
+    /// --max-rate-per-source [default: the rate, at least 1]
     #[arg(long, value_name = "N", value_parser = parse_burst)]
     pub rate_burst: Option<u32>,
 
@@ -185,7 +205,8 @@ pub struct Config {
     pub daemonize: bool,
     /// Who to become after binding; none = stay who we are.
     pub run_as: Option<crate::privileges::Identity>,
-    /// `user` and `group` as given, resolved into `run_as` once all layers are applied.
+    /// `user` and `group` as given, resolved into `run_as` once all layers are applied (at
+    /// start only); compared by [`Config::identity_changed`].
     user: Option<String>,
     group: Option<String>,
     /// Idle (and blocked-write) limit of a session; `None` = never.
@@ -250,54 +271,83 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl Config {
-    /// Defaults, overridden by the config file named on the command line (if any), overridden
-    /// by the flags.
+    /// For the start: defaults, overridden by the config file named on the command line (if
+    /// any), overridden by the flags; then `user` and `group` are looked up into `run_as`.
     pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
-        let mut config = Config::default();
-        let mut origin = "command line".to_string();
-        if let Some(path) = &cli.config {
-            config.apply_file(path)?;
-            if cli.listen.is_empty() {
-                origin = path.display().to_string();
-            }
-        }
-        config.apply_flags(cli);
-        check_listen_unique(&config.listen).map_err(|reason| ConfigError {
-            origin,
-            key: Some("listen".into()),
-            reason,
-        })?;
-        config.limits.rate = rate(config.rate_per_second, config.rate_burst);
-        config.run_as = match (&config.user, &config.group) {
-            (Some(user), group) => {
-                Some(crate::privileges::resolve(user, group.as_deref()).map_err(
-                    |(key, reason)| ConfigError {
-                        origin: "configuration".into(),
-                        key: Some(key.into()),
-                        reason,
-                    },
-                )?)
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError {
-                    origin: "configuration".into(),
-                    key: Some("group".into()),
-                    reason: "needs `user` too".into(),
-                })
-            }
-            (None, None) => None,
-        };
+        let (mut config, origins) = Config::merge(cli)?;
+        config.run_as = config.resolve_identity(&origins)?;
         Ok(config)
     }
 
-    fn apply_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+    /// For a reload: the same layers and checks as [`Config::load`], but `run_as` is kept from
+    /// `running` and no name is looked up. Root is gone once serving, so user and group cannot
+    /// change anyway, and a lookup (getent, up to 10 s per name) would stall the loop, which
+    /// neither accepts nor reaps meanwhile. [`Config::identity_changed`] tells whether the
+    /// operator changed them (the change waits for a restart).
+    pub fn reload(cli: &Cli, running: &Config) -> Result<Config, ConfigError> {
+        let (mut config, _) = Config::merge(cli)?;
+        config.run_as = running.run_as.clone();
+        Ok(config)
+    }
+
+    /// Whether `user` or `group` differ between two configurations, as written (a name and
+    /// the uid it stands for count as different: nothing is looked up).
+    pub fn identity_changed(&self, other: &Config) -> bool {
+        (&self.user, &self.group) != (&other.user, &other.group)
+    }
+
+    /// Defaults, file and flags merged, with every rule checked but one: that the user and
+    /// group exist. Also returns where each value came from, for the errors of that check.
+    fn merge(cli: &Cli) -> Result<(Config, Origins<'_>), ConfigError> {
+        let mut config = Config::default();
+        let mut origins = Origins { cli, file: None };
+        if let Some(path) = &cli.config {
+            let keys = config.apply_file(path)?;
+            origins.file = Some((path.display().to_string(), keys));
+        }
+        config.apply_flags(cli);
+        config.check_across_keys(&origins)?;
+        config.limits.rate = rate(config.rate_per_second, config.rate_burst);
+        Ok((config, origins))
+    }
+
+    /// Rules that involve more than one value, checked on the merged result; an error names
+    /// where the value at fault was set.
+    fn check_across_keys(&self, origins: &Origins) -> Result<(), ConfigError> {
+        check_listen_together(&self.listen).map_err(|reason| origins.error("listen", reason))?;
+        if self.rate_burst.is_some() && self.rate_per_second == 0.0 {
+            let reason = "has no effect without max_rate_per_source (a rate above 0)";
+            return Err(origins.error("rate_burst", reason.into()));
+        }
+        if self.group.is_some() && self.user.is_none() {
+            return Err(origins.error("group", "needs `user` too".into()));
+        }
+        Ok(())
+    }
+
+    /// Looks `user` and `group` up (getent): only at start, see [`Config::reload`].
+    fn resolve_identity(
+        &self,
+        origins: &Origins,
+    ) -> Result<Option<crate::privileges::Identity>, ConfigError> {
+        let Some(user) = &self.user else {
+            return Ok(None);
+        };
+        crate::privileges::resolve(user, self.group.as_deref())
+            .map(Some)
+            .map_err(|(key, reason)| origins.error(key, reason))
+    }
+
+    /// Applies the file's keys; returns which keys it set.
+    fn apply_file(&mut self, path: &Path) -> Result<HashSet<String>, ConfigError> {
         let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let fail = |reason| ConfigError {
             origin: origin.clone(),
             key: None,
-            reason: format!("cannot read: {}", crate::os_error_text(&e)),
-        })?;
-        self.apply_toml(&origin, &text)?;
+            reason,
+        };
+        let text = utf8_text(read_config_file(path).map_err(fail)?).map_err(fail)?;
+        let keys = self.apply_toml(&origin, &text)?;
         // Relative paths in a file mean relative to that file, whatever the working directory
         // is (a daemon's is /), so a reload finds the same files as the start did.
         let dir = path.parent().unwrap_or(Path::new("."));
@@ -309,56 +359,66 @@ impl Config {
                 *file = dir.join(&*file);
             }
         }
-        Ok(())
+        Ok(keys)
     }
 
-    /// Applies the keys of one TOML document; `origin` names it in errors.
-    pub fn apply_toml(&mut self, origin: &str, text: &str) -> Result<(), ConfigError> {
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
+    /// Applies the keys of one TOML document; `origin` names it in errors. Returns the keys.
+    fn apply_toml(&mut self, origin: &str, text: &str) -> Result<HashSet<String>, ConfigError> {
+        let fail = |key: Option<String>, reason| ConfigError {
             origin: origin.to_string(),
-            key: None,
-            reason: describe_toml_error(text, &e),
-        })?;
-        for (key, value) in &table {
-            self.apply_key(key, value).map_err(|reason| ConfigError {
-                origin: origin.to_string(),
-                key: Some(key.clone()),
-                reason,
-            })?;
+            key,
+            reason,
+        };
+        let table = parse_toml(text).map_err(|(key, reason)| fail(key, reason))?;
+        let mut keys = HashSet::with_capacity(table.len());
+        for (key, value) in table {
+            let written = &text[value.span()];
+            self.apply_key(key.get_ref(), value.get_ref(), written)
+                .map_err(|reason| fail(Some(key.get_ref().clone()), reason))?;
+            keys.insert(key.into_inner());
         }
-        Ok(())
+        Ok(keys)
     }
 
-    fn apply_key(&mut self, key: &str, value: &toml::Value) -> Result<(), String> {
+    /// Applies one key; `written` is its value as the file spells it, quoted in errors (a
+    /// number read as f64 could otherwise come back rounded).
+    fn apply_key(&mut self, key: &str, value: &toml::Value, written: &str) -> Result<(), String> {
+        let int = || expect_int(value, written);
+        let num = || number(value, written);
         match key {
-            "listen" => self.listen = listen_from_toml(value)?,
-            "banner" => self.banner = expect_str(value)?.as_bytes().to_vec(),
-            "backlog" => self.backlog = check_backlog(expect_int(value)?)?,
-            "reuse_port" => self.reuse_port = expect_bool(value)?,
-            "pid_file" => self.pid_file = Some(PathBuf::from(expect_str(value)?)),
-            "log_level" => self.log_level = parse_log_level(expect_str(value)?)?,
-            "log_file" => self.log_file = Some(PathBuf::from(expect_str(value)?)),
-            "daemonize" => self.daemonize = expect_bool(value)?,
-            "user" => self.user = Some(expect_str(value)?.to_string()),
-            "group" => self.group = Some(expect_str(value)?.to_string()),
-            "idle_timeout" => self.idle_timeout = never_if_zero(seconds_from_toml(value)?),
-            "shutdown_timeout" => self.shutdown_timeout = seconds_from_toml(value)?,
-            "kill_timeout" => self.kill_timeout = seconds_from_toml(value)?,
-            "max_session_time" => self.max_session_time = never_if_zero(seconds_from_toml(value)?),
-            "max_children" => self.limits.max_children = check_max_children(expect_int(value)?)?,
-            "max_per_source" => self.limits.max_per_source = check_count(expect_int(value)?)?,
+            "listen" => self.listen = listen_from_toml(value, written)?,
+            "banner" => self.banner = expect_str(value, written)?.as_bytes().to_vec(),
+            "backlog" => self.backlog = check_backlog(int()?, written)?,
+            "reuse_port" => self.reuse_port = expect_bool(value, written)?,
+            "pid_file" => self.pid_file = Some(PathBuf::from(expect_name(value, written)?)),
+            "log_level" => self.log_level = parse_log_level(expect_str(value, written)?)?,
+            "log_file" => self.log_file = Some(PathBuf::from(expect_name(value, written)?)),
+            "daemonize" => self.daemonize = expect_bool(value, written)?,
+            "user" => self.user = Some(expect_name(value, written)?.to_string()),
+            "group" => self.group = Some(expect_name(value, written)?.to_string()),
+            "idle_timeout" => {
+                self.idle_timeout = never_if_zero(check_seconds(num()?, written, NEVER)?)
+            }
+            "shutdown_timeout" => self.shutdown_timeout = check_seconds(num()?, written, AT_ONCE)?,
+            "kill_timeout" => self.kill_timeout = check_seconds(num()?, written, AT_ONCE)?,
+            "max_session_time" => {
+                self.max_session_time = never_if_zero(check_seconds(num()?, written, NEVER)?)
+            }
+            "max_children" => self.limits.max_children = check_max_children(int()?, written)?,
+            "max_per_source" => self.limits.max_per_source = check_count(int()?, written)?,
             "source_prefix_v4" => {
-                self.limits.source_prefix_v4 = check_prefix_len(expect_int(value)?, 32)?
+                self.limits.source_prefix_v4 = check_prefix_len(int()?, written, 32)?
             }
             "source_prefix_v6" => {
-                self.limits.source_prefix_v6 = check_prefix_len(expect_int(value)?, 128)?
+                self.limits.source_prefix_v6 = check_prefix_len(int()?, written, 128)?
             }
-            "allow" => self.limits.allow = prefixes_from_toml(value)?,
-            "deny" => self.limits.deny = prefixes_from_toml(value)?,
-            "max_rate_per_source" => self.rate_per_second = check_rate(number(value)?)?,
-            "rate_burst" => self.rate_burst = Some(check_burst(expect_int(value)?)?),
+            "allow" => self.limits.allow = prefixes_from_toml(value, written)?,
+            "deny" => self.limits.deny = prefixes_from_toml(value, written)?,
+            "max_rate_per_source" => self.rate_per_second = check_rate(num()?, written)?,
+            "rate_burst" => self.rate_burst = Some(check_burst(int()?, written)?),
             "refusal_message" => {
-                self.limits.refusal_message = check_refusal_message(expect_str(value)?)?.into()
+                self.limits.refusal_message =
+                    check_refusal_message(expect_str(value, written)?)?.into()
             }
             _ => {
                 return Err(format!(
@@ -445,58 +505,298 @@ impl Config {
     }
 }
 
+/// Where each value in force came from, for errors about rules across keys: the flag wins
+/// over the file, as when the layers were merged.
+struct Origins<'a> {
+    cli: &'a Cli,
+    /// The config file's name and the keys it set.
+    file: Option<(String, HashSet<String>)>,
+}
+
+impl Origins<'_> {
+    fn of(&self, key: &str) -> String {
+        if flag_given(self.cli, key) {
+            return COMMAND_LINE.into();
+        }
+        match &self.file {
+            Some((path, keys)) if keys.contains(key) => path.clone(),
+            _ => "built-in default".into(),
+        }
+    }
+
+    fn error(&self, key: &str, reason: String) -> ConfigError {
+        ConfigError {
+            origin: self.of(key),
+            key: Some(key.into()),
+            reason,
+        }
+    }
+}
+
+/// Whether the command line sets `key` (and so overrides the file's).
+fn flag_given(cli: &Cli, key: &str) -> bool {
+    match key {
+        "listen" => !cli.listen.is_empty(),
+        "banner" => cli.banner.is_some(),
+        "backlog" => cli.backlog.is_some(),
+        "idle_timeout" => cli.idle_timeout.is_some(),
+        "shutdown_timeout" => cli.shutdown_timeout.is_some(),
+        "kill_timeout" => cli.kill_timeout.is_some(),
+        "max_session_time" => cli.max_session_time.is_some(),
+        "max_children" => cli.max_children.is_some(),
+        "max_per_source" => cli.max_per_source.is_some(),
+        "source_prefix_v4" => cli.source_prefix_v4.is_some(),
+        "source_prefix_v6" => cli.source_prefix_v6.is_some(),
+        "allow" => !cli.allow.is_empty(),
+        "deny" => !cli.deny.is_empty(),
+        "max_rate_per_source" => cli.max_rate_per_source.is_some(),
+        "rate_burst" => cli.rate_burst.is_some(),
+        "refusal_message" => cli.refusal_message.is_some(),
+        "reuse_port" => cli.reuse_port,
+        "pid_file" => cli.pid_file.is_some(),
+        "log_level" => cli.log_level.is_some(),
+        "log_file" => cli.log_file.is_some(),
+        "daemonize" => cli.daemonize,
+        "user" => cli.user.is_some(),
+        "group" => cli.group.is_some(),
+        _ => false,
+    }
+}
+
+/// Reads a config file without ever waiting on it or holding more than `MAX_CONFIG_BYTES`:
+/// this runs in the parent's loop on every reload. Only a regular file is read. A FIFO or
+/// a device could block the open or the read, or never end (/dev/zero); and a pipe (`-c
+/// <(...)`) is drained by the first read, so a reload would find it empty and fall back to
+/// every default, the port included.
+fn read_config_file(path: &Path) -> Result<Vec<u8>, String> {
+    let cannot_read = |e: std::io::Error| format!("cannot read: {}", crate::os_error_text(&e));
+    // Checked before opening, so that a FIFO's writer is not woken by our open; and again
+    // on the descriptor, which is what is read, in case the name changed in between.
+    require_regular(&std::fs::metadata(path).map_err(cannot_read)?)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(cannot_read)?;
+    let meta = file.metadata().map_err(cannot_read)?;
+    require_regular(&meta)?;
+    let too_large =
+        || format!("is larger than {MAX_CONFIG_MIB} MiB, the most a configuration may be");
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // One byte past the cap tells a file that grew while being read.
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot_read)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(too_large());
+    }
+    Ok(bytes)
+}
+
+/// `Ok` for a regular file, else what it is instead.
+fn require_regular(meta: &std::fs::Metadata) -> Result<(), String> {
+    let kind = meta.file_type();
+    let what = if kind.is_file() {
+        return Ok(());
+    } else if kind.is_fifo() {
+        return Err(
+            "is a FIFO, not a regular file: forkecho must be able to read its \
+                    configuration again on reload (a pipe reads as empty the second time); \
+                    give a file"
+                .into(),
+        );
+    } else if kind.is_dir() {
+        "a directory"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "something else"
+    };
+    Err(format!("is {what}, not a regular file"))
+}
+
+/// The file's bytes as text; the first byte that is not UTF-8 is reported where it is.
+fn utf8_text(bytes: Vec<u8>) -> Result<String, String> {
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let valid = std::str::from_utf8(&e.as_bytes()[..at]).expect("valid up to there");
+        format!(
+            "{} (byte {} of the file): not UTF-8, which a TOML file must be",
+            line_and_column(valid, at),
+            at + 1
+        )
+    })
+}
+
+/// "line 3, column 7" of byte `offset` in `text` (columns count characters).
+fn line_and_column(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    format!("line {line}, column {column}")
+}
+
+/// The top-level keys of a TOML document, each value with its place in `text`. An error is
+/// the key (when known) and the reason.
+type Document = BTreeMap<toml::Spanned<String>, toml::Spanned<toml::Value>>;
+
+fn parse_toml(text: &str) -> Result<Document, (Option<String>, String)> {
+    toml::from_str(text).map_err(|e| {
+        out_of_range_integer(text, &e).unwrap_or_else(|| (None, describe_toml_error(text, &e)))
+    })
+}
+
 /// "line 3, column 7: <what toml says>", short and on one line.
 fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
     let message = e.message().trim();
     match e.span() {
-        Some(span) => {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-            let column = before[line_start..].chars().count() + 1;
-            format!("line {line}, column {column}: {message}")
-        }
+        Some(span) => format!("{}: {message}", line_and_column(text, span.start)),
         None => message.to_string(),
     }
 }
+
+/// toml refuses an integer beyond i64 with a message about i128 or u64 types. Say instead
+/// that it is out of range, quoting it as written, with the key's own range when the integer
+/// is a key's whole value.
+fn out_of_range_integer(text: &str, e: &toml::de::Error) -> Option<(Option<String>, String)> {
+    let span = e.span()?;
+    let literal = text.get(span.clone())?;
+    let too_large = integer_beyond_i64(literal)?;
+    let Some((key, whole_value)) = key_holding(text, span.clone()) else {
+        return Some((None, beyond_i64(text, span.start, literal, too_large)));
+    };
+    let reason = whole_value
+        .then(|| {
+            // No key takes an integer this far out: its own check says what it does take.
+            let nearest = toml::Value::Integer(if too_large { i64::MAX } else { i64::MIN });
+            Config::default().apply_key(&key, &nearest, literal).err()
+        })
+        .flatten()
+        .unwrap_or_else(|| beyond_i64(text, span.start, literal, too_large));
+    Some((Some(key), reason))
+}
+
+fn beyond_i64(text: &str, offset: usize, literal: &str, too_large: bool) -> String {
+    let bound = if too_large {
+        format!("too large (integers go up to {})", i64::MAX)
+    } else {
+        format!("too small (integers go down to {})", i64::MIN)
+    };
+    format!("{}: {literal} is {bound}", line_and_column(text, offset))
+}
+
+/// For a TOML integer literal outside i64: whether it is too large (else too small). `None`
+/// for anything else.
+fn integer_beyond_i64(literal: &str) -> Option<bool> {
+    let negative = literal.starts_with('-');
+    let unsigned = literal.trim_start_matches(['+', '-']);
+    let (digits, radix) = match unsigned.get(..2) {
+        Some("0x") => (&unsigned[2..], 16),
+        Some("0o") => (&unsigned[2..], 8),
+        Some("0b") => (&unsigned[2..], 2),
+        _ => (unsigned, 10),
+    };
+    let digits: String = digits.chars().filter(|&c| c != '_').collect();
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    let sign = if negative { "-" } else { "" };
+    let fits = i64::from_str_radix(&format!("{sign}{digits}"), radix).is_ok();
+    (!fits).then_some(!negative)
+}
+
+/// The top-level key whose value holds `span`, and whether the value is exactly `span`:
+/// found by parsing again with `0` in its place (`None` if the rest does not parse either).
+fn key_holding(text: &str, span: std::ops::Range<usize>) -> Option<(String, bool)> {
+    let patched = format!("{}0{}", &text[..span.start], &text[span.end..]);
+    let document: Document = toml::from_str(&patched).ok()?;
+    document
+        .into_iter()
+        .find(|(_, value)| value.span().contains(&span.start))
+        .map(|(key, value)| {
+            (
+                key.into_inner(),
+                value.span() == (span.start..span.start + 1),
+            )
+        })
+}
+
+/// What `0` means for a timeout.
+const NEVER: &str = "never";
+const AT_ONCE: &str = "at once";
 
 fn never_if_zero(d: Duration) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
 }
 
-fn expect_str(value: &toml::Value) -> Result<&str, String> {
-    value
-        .as_str()
-        .ok_or_else(|| format!("expected a string, found {}", describe_value(value)))
+fn expect_str<'a>(value: &'a toml::Value, written: &str) -> Result<&'a str, String> {
+    value.as_str().ok_or_else(|| {
+        format!(
+            "expected a string, found {}",
+            describe_value(value, written)
+        )
+    })
 }
 
-fn expect_bool(value: &toml::Value) -> Result<bool, String> {
-    value
-        .as_bool()
-        .ok_or_else(|| format!("expected true or false, found {}", describe_value(value)))
+/// A string that will be a file name or an account name, which no NUL can be part of.
+fn expect_name<'a>(value: &'a toml::Value, written: &str) -> Result<&'a str, String> {
+    without_nul(expect_str(value, written)?)
 }
 
-fn expect_int(value: &toml::Value) -> Result<i64, String> {
-    value
-        .as_integer()
-        .ok_or_else(|| format!("expected an integer, found {}", describe_value(value)))
+fn without_nul(s: &str) -> Result<&str, String> {
+    match s.contains('\0') {
+        true => Err(format!("{s:?} contains a NUL byte")),
+        false => Ok(s),
+    }
 }
 
-fn describe_value(value: &toml::Value) -> String {
+fn expect_bool(value: &toml::Value, written: &str) -> Result<bool, String> {
+    value.as_bool().ok_or_else(|| {
+        format!(
+            "expected true or false, found {}",
+            describe_value(value, written)
+        )
+    })
+}
+
+fn expect_int(value: &toml::Value, written: &str) -> Result<i64, String> {
+    value.as_integer().ok_or_else(|| {
+        format!(
+            "expected an integer, found {}",
+            describe_value(value, written)
+        )
+    })
+}
+
+/// An item of an array: a string, or an error naming what it is instead.
+fn expect_item_str(item: &toml::Value) -> Result<&str, String> {
+    expect_str(item, &item.to_string())
+}
+
+/// The value's type and, for numbers, the value as written.
+fn describe_value(value: &toml::Value, written: &str) -> String {
     match value {
         toml::Value::String(s) => format!("string {s:?}"),
-        toml::Value::Integer(i) => format!("integer {i}"),
-        toml::Value::Float(x) => format!("float {x}"),
+        toml::Value::Integer(_) => format!("integer {written}"),
+        toml::Value::Float(_) => format!("float {written}"),
         toml::Value::Boolean(b) => format!("boolean {b}"),
         other => other.type_str().to_string(),
     }
 }
 
-fn listen_from_toml(value: &toml::Value) -> Result<Vec<SocketAddr>, String> {
+fn listen_from_toml(value: &toml::Value, written: &str) -> Result<Vec<SocketAddr>, String> {
     let items = value.as_array().ok_or_else(|| {
         format!(
             "expected an array of addresses such as [\"127.0.0.1:2333\"], found {}",
-            describe_value(value)
+            describe_value(value, written)
         )
     })?;
     if items.is_empty() {
@@ -504,47 +804,60 @@ fn listen_from_toml(value: &toml::Value) -> Result<Vec<SocketAddr>, String> {
     }
     items
         .iter()
-        .map(|item| parse_addr(expect_str(item)?))
+        .map(|item| parse_addr(expect_item_str(item)?))
         .collect()
 }
 
-/// The same address twice would fail later as "address already in use"; say what is wrong.
-/// Port 0 may repeat: each gets its own free port.
-fn check_listen_unique(addrs: &[SocketAddr]) -> Result<(), String> {
-    for (i, addr) in addrs.iter().enumerate() {
-        if addr.port() != 0 && addrs[..i].contains(addr) {
+/// Addresses that cannot all be bound at once are an error that names them, not a bind
+/// failure at start: the same address twice, or an address beside the wildcard of its family
+/// on the same port (0.0.0.0:P already takes 127.0.0.1:P; with `reuse_port` the kernel would
+/// bind both, to no purpose). IPv6 listeners are IPv6-only, so [::]:P and 0.0.0.0:P do not
+/// meet. Port 0 may repeat: each gets its own free port. Linear in the number of addresses.
+fn check_listen_together(addrs: &[SocketAddr]) -> Result<(), String> {
+    let mut seen = HashSet::with_capacity(addrs.len());
+    let mut wildcards = HashMap::new();
+    for &addr in addrs.iter().filter(|a| a.port() != 0) {
+        if !seen.insert(addr) {
             return Err(format!("{addr} is listed twice"));
         }
+        if addr.ip().is_unspecified() {
+            wildcards.insert((addr.is_ipv6(), addr.port()), addr);
+        }
     }
-    Ok(())
-}
-
-fn seconds_from_toml(value: &toml::Value) -> Result<Duration, String> {
-    check_seconds(number(value)?)
+    let covered = addrs
+        .iter()
+        .filter(|a| a.port() != 0 && !a.ip().is_unspecified())
+        .find_map(|a| Some((wildcards.get(&(a.is_ipv6(), a.port()))?, a)));
+    match covered {
+        Some((wildcard, addr)) => Err(format!(
+            "{wildcard} already covers {addr}; list one of them"
+        )),
+        None => Ok(()),
+    }
 }
 
 /// An integer or a float, as f64.
-fn number(value: &toml::Value) -> Result<f64, String> {
+fn number(value: &toml::Value, written: &str) -> Result<f64, String> {
     match value {
         toml::Value::Integer(i) => Ok(*i as f64),
         toml::Value::Float(x) => Ok(*x),
         other => Err(format!(
             "expected a number, found {}",
-            describe_value(other)
+            describe_value(other, written)
         )),
     }
 }
 
-fn prefixes_from_toml(value: &toml::Value) -> Result<Vec<IpNet>, String> {
+fn prefixes_from_toml(value: &toml::Value, written: &str) -> Result<Vec<IpNet>, String> {
     let items = value.as_array().ok_or_else(|| {
         format!(
             "expected an array of prefixes such as [\"10.0.0.0/8\"], found {}",
-            describe_value(value)
+            describe_value(value, written)
         )
     })?;
     items
         .iter()
-        .map(|item| limits::parse_prefix(expect_str(item)?))
+        .map(|item| limits::parse_prefix(expect_item_str(item)?))
         .collect()
 }
 
@@ -563,49 +876,68 @@ fn parse_log_level(s: &str) -> Result<log::LevelFilter, String> {
         .map_err(|_| format!("`{s}` is not a log level (error, warn, info, debug, trace or off)"))
 }
 
+/// An integer flag; one beyond i64 becomes the nearest i64, which every key's range check
+/// refuses, quoting it as written.
 fn parse_int(s: &str) -> Result<i64, String> {
-    s.trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not an integer"))
+    use std::num::IntErrorKind;
+    match s.trim().parse::<i64>() {
+        Ok(n) => Ok(n),
+        Err(e) if *e.kind() == IntErrorKind::PosOverflow => Ok(i64::MAX),
+        Err(e) if *e.kind() == IntErrorKind::NegOverflow => Ok(i64::MIN),
+        Err(_) => Err(format!("`{s}` is not an integer")),
+    }
+}
+
+/// `n` if it is in `range`, else "must be from <min><min_means> to <max>, not <written>".
+fn in_range(
+    n: i64,
+    written: &str,
+    range: std::ops::RangeInclusive<i64>,
+    min_means: &str,
+) -> Result<i64, String> {
+    if range.contains(&n) {
+        Ok(n)
+    } else {
+        let (min, max) = range.into_inner();
+        Err(format!(
+            "must be from {min}{min_means} to {max}, not {}",
+            written.trim()
+        ))
+    }
 }
 
 fn parse_max_children(s: &str) -> Result<usize, String> {
-    check_max_children(parse_int(s)?)
+    check_max_children(parse_int(s)?, s)
 }
 
-fn check_max_children(n: i64) -> Result<usize, String> {
-    if (1..=1_000_000).contains(&n) {
-        Ok(n as usize)
-    } else {
-        Err(format!("must be from 1 to 1000000, not {n}"))
-    }
+fn check_max_children(n: i64, written: &str) -> Result<usize, String> {
+    in_range(n, written, 1..=1_000_000, "").map(|n| n as usize)
 }
 
 fn parse_count(s: &str) -> Result<usize, String> {
-    check_count(parse_int(s)?)
+    check_count(parse_int(s)?, s)
 }
 
-fn check_count(n: i64) -> Result<usize, String> {
-    if (0..=1_000_000).contains(&n) {
-        Ok(n as usize)
-    } else {
-        Err(format!("must be from 0 (no limit) to 1000000, not {n}"))
-    }
+fn check_count(n: i64, written: &str) -> Result<usize, String> {
+    in_range(n, written, 0..=1_000_000, " (no limit)").map(|n| n as usize)
 }
 
 fn parse_prefix_v4(s: &str) -> Result<u8, String> {
-    check_prefix_len(parse_int(s)?, 32)
+    check_prefix_len(parse_int(s)?, s, 32)
 }
 
 fn parse_prefix_v6(s: &str) -> Result<u8, String> {
-    check_prefix_len(parse_int(s)?, 128)
+    check_prefix_len(parse_int(s)?, s, 128)
 }
 
-fn check_prefix_len(n: i64, max: i64) -> Result<u8, String> {
+fn check_prefix_len(n: i64, written: &str, max: i64) -> Result<u8, String> {
     if (0..=max).contains(&n) {
         Ok(n as u8)
     } else {
-        Err(format!("must be a prefix length from 0 to {max}, not {n}"))
+        Err(format!(
+            "must be a prefix length from 0 to {max}, not {}",
+            written.trim()
+        ))
     }
 }
 
@@ -614,29 +946,26 @@ fn parse_rate(s: &str) -> Result<f64, String> {
         .trim()
         .parse()
         .map_err(|_| format!("`{s}` is not a number"))?;
-    check_rate(rate)
+    check_rate(rate, s)
 }
 
-fn check_rate(rate: f64) -> Result<f64, String> {
+fn check_rate(rate: f64, written: &str) -> Result<f64, String> {
     if rate.is_finite() && (0.0..=1_000_000.0).contains(&rate) {
         Ok(rate)
     } else {
         Err(format!(
-            "must be connections per second from 0 (no limit) to 1000000, not {rate}"
+            "must be connections per second from 0 (no limit) to 1000000, not {}",
+            written.trim()
         ))
     }
 }
 
 fn parse_burst(s: &str) -> Result<u32, String> {
-    check_burst(parse_int(s)?)
+    check_burst(parse_int(s)?, s)
 }
 
-fn check_burst(n: i64) -> Result<u32, String> {
-    if (1..=1_000_000).contains(&n) {
-        Ok(n as u32)
-    } else {
-        Err(format!("must be from 1 to 1000000, not {n}"))
-    }
+fn check_burst(n: i64, written: &str) -> Result<u32, String> {
+    in_range(n, written, 1..=1_000_000, "").map(|n| n as u32)
 }
 
 fn parse_refusal_message(s: &str) -> Result<String, String> {
@@ -654,40 +983,63 @@ fn check_refusal_message(s: &str) -> Result<&str, String> {
     }
 }
 
-/// `IP:PORT`, with IPv6 in brackets. Host names are not resolved: what is bound is what is written.
+/// `IP:PORT`, with IPv6 in brackets. Host names are not resolved: what is bound is what is
+/// written. An IPv4-mapped IPv6 address is refused: IPv6 listeners are IPv6-only, and such a
+/// socket cannot bind one.
 pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    s.trim().parse().map_err(|_| {
+    let addr: SocketAddr = s.trim().parse().map_err(|_| {
         format!("`{s}` is not an address of the form IP:PORT, such as 127.0.0.1:2333 or [::1]:2333")
-    })
+    })?;
+    if let SocketAddr::V6(v6) = addr {
+        if let Some(v4) = v6.ip().to_ipv4_mapped() {
+            return Err(format!(
+                "`{s}` is an IPv4-mapped address, which an IPv6 listener (IPv6-only) cannot \
+                 bind; write {v4}:{}",
+                v6.port()
+            ));
+        }
+    }
+    Ok(addr)
 }
 
 fn parse_backlog(s: &str) -> Result<u32, String> {
-    let n: i64 = s.parse().map_err(|_| format!("`{s}` is not an integer"))?;
-    check_backlog(n)
+    check_backlog(parse_int(s)?, s)
 }
 
-fn check_backlog(n: i64) -> Result<u32, String> {
-    if (1..=65535).contains(&n) {
-        Ok(n as u32)
-    } else {
-        Err(format!("must be from 1 to 65535, not {n}"))
-    }
+fn check_backlog(n: i64, written: &str) -> Result<u32, String> {
+    in_range(n, written, 1..=65535, "").map(|n| n as u32)
 }
 
-fn parse_seconds(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
+/// A timeout flag where 0 means the limit never applies.
+fn parse_limit_seconds(s: &str) -> Result<Duration, String> {
+    check_seconds(parse_f64_seconds(s)?, s, NEVER)
+}
+
+/// A grace period flag, where 0 means at once.
+fn parse_grace_seconds(s: &str) -> Result<Duration, String> {
+    check_seconds(parse_f64_seconds(s)?, s, AT_ONCE)
+}
+
+fn parse_f64_seconds(s: &str) -> Result<f64, String> {
+    s.trim()
         .parse()
-        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
-    check_seconds(secs)
+        .map_err(|_| format!("`{s}` is not a number of seconds"))
 }
 
-fn check_seconds(secs: f64) -> Result<Duration, String> {
-    if secs.is_finite() && (0.0..=MAX_SECONDS).contains(&secs) {
-        Ok(Duration::from_secs_f64(secs))
-    } else {
+/// A number of seconds from 0 to one year; other than 0 (which means `zero_means`), at
+/// least `MIN_SECONDS`.
+fn check_seconds(secs: f64, written: &str, zero_means: &str) -> Result<Duration, String> {
+    let written = written.trim();
+    if !(secs.is_finite() && (0.0..=MAX_SECONDS).contains(&secs)) {
         Err(format!(
-            "must be a number of seconds from 0 to {MAX_SECONDS}, not {secs}"
+            "must be a number of seconds from 0 to {MAX_SECONDS}, not {written}"
         ))
+    } else if secs > 0.0 && secs < MIN_SECONDS {
+        Err(format!(
+            "must be 0 ({zero_means}) or at least {MIN_SECONDS} s, not {written}"
+        ))
+    } else {
+        Ok(Duration::from_secs_f64(secs))
     }
 }
 
@@ -724,6 +1076,10 @@ mod tests {
         let mut c = Config::default();
         c.apply_toml("test.toml", text)?;
         Ok(c)
+    }
+
+    fn reason(text: &str) -> String {
+        from_toml(text).unwrap_err().to_string()
     }
 
     #[test]
@@ -803,14 +1159,227 @@ mod tests {
         );
     }
 
+    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
     #[test]
     fn listen_addresses_must_be_distinct() {
-        let twice: Vec<SocketAddr> = vec!["127.0.0.1:7".parse().unwrap(); 2];
-        assert!(check_listen_unique(&twice)
+        let twice = addrs(&["127.0.0.1:7", "127.0.0.1:7"]);
+        assert!(check_listen_together(&twice)
             .unwrap_err()
             .contains("listed twice"));
-        let zeros: Vec<SocketAddr> = vec!["127.0.0.1:0".parse().unwrap(); 2];
-        assert!(check_listen_unique(&zeros).is_ok());
+        let zeros = addrs(&["127.0.0.1:0", "127.0.0.1:0"]);
+        assert!(check_listen_together(&zeros).is_ok());
+    }
+
+    #[test]
+    fn a_wildcard_beside_an_address_of_its_family_and_port_is_refused() {
+        for (list, want) in [
+            (
+                &["0.0.0.0:2333", "127.0.0.1:2333"][..],
+                "0.0.0.0:2333 already covers 127.0.0.1:2333; list one of them",
+            ),
+            (
+                &["127.0.0.1:2333", "0.0.0.0:2333"][..],
+                "0.0.0.0:2333 already covers 127.0.0.1:2333; list one of them",
+            ),
+            (
+                &["[::1]:2333", "[::]:2333"][..],
+                "[::]:2333 already covers [::1]:2333; list one of them",
+            ),
+        ] {
+            assert_eq!(check_listen_together(&addrs(list)).unwrap_err(), want);
+        }
+        // IPv6 listeners are IPv6-only; port 0 is a fresh port each time; ports differ.
+        for list in [
+            &["0.0.0.0:2333", "[::]:2333"][..],
+            &["0.0.0.0:2333", "[::1]:2333", "127.0.0.1:2334"][..],
+            &["0.0.0.0:0", "127.0.0.1:0"][..],
+        ] {
+            assert_eq!(check_listen_together(&addrs(list)), Ok(()), "{list:?}");
+        }
+    }
+
+    #[test]
+    fn an_ipv4_mapped_address_is_refused_with_the_ipv4_form() {
+        let e = parse_addr("[::ffff:127.0.0.1]:2333").unwrap_err();
+        assert!(e.ends_with("write 127.0.0.1:2333"), "{e}");
+        assert!(reason("listen = [\"[::ffff:10.0.0.1]:0\"]").contains("IPv4-mapped"));
+    }
+
+    #[test]
+    fn checking_many_listen_addresses_takes_linear_time() {
+        // 100,000 distinct addresses: a pairwise comparison (5e9 steps) takes seconds.
+        let many: Vec<SocketAddr> = (0..100_000u32)
+            .map(|i| SocketAddr::from(([127, (i >> 16) as u8, (i >> 8) as u8, i as u8], 7)))
+            .collect();
+        let started = std::time::Instant::now();
+        assert_eq!(check_listen_together(&many), Ok(()));
+        let elapsed = started.elapsed();
+        assert!(elapsed < Duration::from_millis(500), "{elapsed:?}");
+    }
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("forkecho").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn a_reload_looks_up_no_user_and_keeps_who_we_run_as() {
+        // A user that does not exist: a lookup would fail, so success proves there was none.
+        let args = cli(&[
+            "--user",
+            "no-such-user-forkecho",
+            "--group",
+            "no-such-group",
+        ]);
+        let e = Config::load(&args).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("command line: key `user`: no user"),
+            "{e}"
+        );
+        let running = Config {
+            run_as: Some(crate::privileges::Identity {
+                user: "nobody".into(),
+                uid: nix::unistd::Uid::from_raw(65534),
+                gid: nix::unistd::Gid::from_raw(65534),
+            }),
+            user: Some("nobody".into()),
+            ..Config::default()
+        };
+        let reloaded = Config::reload(&args, &running).unwrap();
+        assert_eq!(reloaded.run_as, running.run_as);
+        assert!(reloaded.identity_changed(&running));
+        let same = Config::reload(&cli(&["--user", "nobody"]), &running).unwrap();
+        assert!(!same.identity_changed(&running));
+        // Everything else is still checked.
+        let e = Config::reload(&cli(&["--group", "nogroup"]), &running).unwrap_err();
+        assert_eq!(e.to_string(), "command line: key `group`: needs `user` too");
+    }
+
+    #[test]
+    fn integers_beyond_a_key_or_beyond_toml_are_quoted_as_written() {
+        assert_eq!(
+            reason("max_children = 99999999999999999999"),
+            "test.toml: key `max_children`: must be from 1 to 1000000, not 99999999999999999999"
+        );
+        assert_eq!(
+            reason("backlog = -9_223_372_036_854_775_809"),
+            "test.toml: key `backlog`: must be from 1 to 65535, not -9_223_372_036_854_775_809"
+        );
+        assert_eq!(
+            reason("x = 1\ndeny = [\n  0x7fffffffffffffffff,\n]"),
+            "test.toml: key `deny`: line 3, column 3: 0x7fffffffffffffffff is too large \
+             (integers go up to 9223372036854775807)"
+        );
+        assert!(reason("max_children = 99999999999").ends_with("not 99999999999"));
+        // Exact as written, not as the f64 it becomes (which is 9007199254740992).
+        assert!(reason("idle_timeout = 9007199254740993").ends_with("not 9007199254740993"));
+        assert!(reason("kill_timeout = 1e300").ends_with("not 1e300"));
+        assert!(reason("max_rate_per_source = 2e6").ends_with("not 2e6"));
+        assert!(reason("banner = 99999999999999999999")
+            .ends_with("expected a string, found integer 99999999999999999999"));
+        assert_eq!(
+            parse_max_children("99999999999999999999").unwrap_err(),
+            "must be from 1 to 1000000, not 99999999999999999999"
+        );
+        assert_eq!(
+            parse_limit_seconds("9007199254740993").unwrap_err(),
+            "must be a number of seconds from 0 to 31536000, not 9007199254740993"
+        );
+    }
+
+    #[test]
+    fn timeouts_between_0_and_a_millisecond_are_refused() {
+        assert_eq!(
+            reason("idle_timeout = 0.0005"),
+            "test.toml: key `idle_timeout`: must be 0 (never) or at least 0.001 s, not 0.0005"
+        );
+        assert!(reason("shutdown_timeout = 1e-9").contains("must be 0 (at once) or at least"));
+        assert!(parse_limit_seconds("0.0009").is_err());
+        assert!(parse_grace_seconds("5e-324").is_err());
+        let c = from_toml("idle_timeout = 0.001\nmax_session_time = 0").unwrap();
+        assert_eq!(c.idle_timeout, Some(Duration::from_millis(1)));
+        assert_eq!(c.max_session_time, None);
+    }
+
+    #[test]
+    fn a_nul_in_a_path_or_a_name_is_refused() {
+        for key in ["pid_file", "log_file", "user", "group"] {
+            let e = reason(&format!("{key} = \"a\\u0000b\""));
+            assert_eq!(
+                e,
+                format!("test.toml: key `{key}`: \"a\\0b\" contains a NUL byte")
+            );
+        }
+    }
+
+    #[test]
+    fn rate_burst_without_a_rate_is_refused_wherever_it_is_set() {
+        let e = Config::load(&cli(&["--rate-burst", "5"])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "command line: key `rate_burst`: has no effect without max_rate_per_source \
+             (a rate above 0)"
+        );
+        let e = Config::load(&cli(&["--rate-burst", "5", "--max-rate-per-source", "0"]));
+        assert!(e.is_err());
+        let ok = Config::load(&cli(&["--rate-burst", "5", "--max-rate-per-source", "0.5"]));
+        assert_eq!(ok.unwrap().limits.rate.unwrap().burst, 5.0);
+    }
+
+    #[test]
+    fn the_first_byte_that_is_not_utf8_is_located() {
+        let e = utf8_text(b"a = 1\nbanner = \"\xc3\xa9\xff\"\n".to_vec()).unwrap_err();
+        assert_eq!(
+            e,
+            "line 2, column 12 (byte 19 of the file): not UTF-8, which a TOML file must be"
+        );
+    }
+
+    /// A directory of its own under the system's temporary directory, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Scratch {
+            let dir =
+                std::env::temp_dir().join(format!("forkecho-config-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn only_a_regular_file_of_at_most_the_cap_is_read() {
+        let dir = Scratch::new("read");
+        let fifo = dir.0.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = read_config_file(&fifo).unwrap_err();
+        assert!(e.starts_with("is a FIFO, not a regular file"), "{e}");
+        let e = read_config_file(Path::new("/dev/zero")).unwrap_err();
+        assert_eq!(e, "is a character device, not a regular file");
+        let e = read_config_file(&dir.0).unwrap_err();
+        assert_eq!(e, "is a directory, not a regular file");
+        let big = dir.0.join("big.toml");
+        let file = std::fs::File::create(&big).unwrap();
+        file.set_len(MAX_CONFIG_BYTES + 1).unwrap(); // sparse: nothing is written
+        let e = read_config_file(&big).unwrap_err();
+        assert_eq!(e, "is larger than 32 MiB, the most a configuration may be");
+        file.set_len(MAX_CONFIG_BYTES).unwrap();
+        assert_eq!(
+            read_config_file(&big).unwrap().len() as u64,
+            MAX_CONFIG_BYTES
+        );
+        let empty = dir.0.join("empty.toml");
+        std::fs::write(&empty, "").unwrap();
+        assert_eq!(read_config_file(&empty), Ok(Vec::new()));
     }
 
     #[test]

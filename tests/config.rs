@@ -3,8 +3,13 @@
 
 use crate::util::*;
 
+use std::io::Write;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 /// Writes `text` to `forkecho.toml` in `dir` and returns its path as a string.
 fn write_config(dir: &TempDir, text: &str) -> String {
@@ -165,6 +170,258 @@ fn duplicate_listen_address_rejected() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("key `listen`") && err.contains("127.0.0.1:2999 is listed twice"),
+        "{err}"
+    );
+}
+
+/// Runs forkecho with `input` on a pipe as its stdin, to completion (killed by pid after
+/// `WAIT`, like `run`).
+fn run_with_stdin(args: &[&str], input: &str) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn forkecho");
+    let guard = KillOnDrop(Pid::from_raw(child.id() as i32));
+    // Small enough for the pipe's buffer: written at once. A forkecho that refuses the pipe
+    // may have exited already (EPIPE): that is no error here.
+    let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
+    let finished = wait_until(WAIT, || child.try_wait().unwrap().is_some());
+    if !finished {
+        let _ = kill(guard.0, Signal::SIGKILL);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(finished, "forkecho {args:?} did not exit: {out:?}");
+    out
+}
+
+fn mkfifo(path: &Path) {
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+}
+
+/// A config path that is a FIFO is refused at once (exit 2, naming it and what it is) by
+/// `--check-config` and at start: nothing waits for a writer.
+#[test]
+fn a_fifo_config_is_refused_without_waiting() {
+    let dir = TempDir::new();
+    let fifo = dir.path().join("forkecho.toml");
+    mkfifo(&fifo);
+    let fifo = fifo.display().to_string();
+    for args in [
+        &["-c", &fifo, "--check-config"][..],
+        &["-c", &fifo, "-l", "127.0.0.1:0"][..],
+    ] {
+        let err = expect_exit(&run(args), 2);
+        let want = format!("forkecho: {fifo}: is a FIFO, not a regular file");
+        assert!(err.starts_with(&want), "{args:?}: {err}");
+    }
+}
+
+/// `-c /dev/stdin` on a pipe (as `-c <(...)` would be) is refused at start, saying that a
+/// reload must read the configuration again; a file given the same way is fine, and so is an
+/// empty regular file.
+#[test]
+fn a_config_on_a_pipe_is_refused_because_a_reload_could_not_read_it() {
+    let text = "listen = [\"127.0.0.1:0\"]\n";
+    let out = run_with_stdin(&["-c", "/dev/stdin", "--check-config"], text);
+    let err = expect_exit(&out, 2);
+    assert!(
+        err.contains("/dev/stdin: is a FIFO, not a regular file")
+            && err.contains("read its configuration again on reload")
+            && err.contains("give a file"),
+        "{err}"
+    );
+    let dir = TempDir::new();
+    let empty = write_config(&dir, "");
+    expect_exit(&run(&["-c", &empty, "--check-config"]), 0);
+}
+
+/// A device (/dev/zero would never end) and a file over the 32 MiB cap are refused without
+/// being read.
+#[test]
+fn a_device_or_an_oversized_config_is_refused() {
+    let err = expect_exit(&run(&["-c", "/dev/zero", "--check-config"]), 2);
+    assert!(
+        err.contains("/dev/zero: is a character device, not a regular file"),
+        "{err}"
+    );
+    let dir = TempDir::new();
+    let big = dir.path().join("big.toml");
+    // Sparse: 33 MiB that take no disk.
+    let file = std::fs::File::create(&big).unwrap();
+    file.set_len(33 << 20).unwrap();
+    let big = big.display().to_string();
+    let err = expect_exit(&run(&["-c", &big, "--check-config"]), 2);
+    assert!(
+        err.contains(&format!("{big}: is larger than 32 MiB")),
+        "{err}"
+    );
+}
+
+/// On SIGHUP a config that became a FIFO, then /dev/zero, is refused at once, the log naming
+/// what it is; the loop goes on serving with the configuration it had.
+#[test]
+fn a_reload_from_a_fifo_or_a_device_is_refused_and_serving_goes_on() {
+    let dir = TempDir::new();
+    let path = write_config(&dir, "listen = [\"127.0.0.1:0\"]\nbanner = \"kept\\n\"\n");
+    let server = Server::builder().args(["-c", &path]).start();
+    std::fs::remove_file(&path).unwrap();
+    mkfifo(Path::new(&path));
+    server.signal(Signal::SIGHUP);
+    let line = server.wait_for_line("reload refused:");
+    assert!(
+        line.contains(&format!("{path}: is a FIFO, not a regular file")),
+        "{line}"
+    );
+    std::fs::remove_file(&path).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+    server.signal(Signal::SIGHUP);
+    server.wait_for_log("a second refusal", WAIT, |lines| {
+        lines.iter().any(|l| {
+            l.contains("reload refused:") && l.contains("is a character device, not a regular file")
+        })
+    });
+    let mut s = connect(server.addr());
+    assert_eq!(send_and_drain(&mut s, b"x"), b"kept\nx");
+    assert_eq!(server.count_lines("reloaded configuration"), 0);
+}
+
+/// An error about `user` or `group` names where the value was set: the file or the command
+/// line, like every other key.
+#[test]
+fn user_and_group_errors_name_the_file_or_the_command_line() {
+    let dir = TempDir::new();
+    let path = write_config(&dir, "user = \"no-such-user-forkecho\"\n");
+    let err = expect_exit(&run(&["-c", &path, "--check-config"]), 2);
+    assert!(
+        err.starts_with(&format!(
+            "forkecho: {path}: key `user`: no user `no-such-user-forkecho`"
+        )),
+        "{err}"
+    );
+    let path = write_config(&dir, "group = \"nogroup\"\n");
+    let err = expect_exit(&run(&["-c", &path, "--check-config"]), 2);
+    assert_eq!(
+        err.trim(),
+        format!("forkecho: {path}: key `group`: needs `user` too")
+    );
+    let err = expect_exit(
+        &run(&[
+            "-c",
+            &path,
+            "--user",
+            "no-such-user-forkecho",
+            "--check-config",
+        ]),
+        2,
+    );
+    assert!(
+        err.starts_with("forkecho: command line: key `user`: no user"),
+        "{err}"
+    );
+}
+
+/// Addresses that cannot be bound together are refused by `--check-config` (not only at
+/// start): a wildcard beside an address of its family and port, and an IPv4-mapped address.
+/// [::]:P beside 0.0.0.0:P is fine (IPv6 listeners are IPv6-only).
+#[test]
+fn listen_addresses_that_cannot_be_bound_together_are_refused() {
+    for (pair, want) in [
+        (
+            ["0.0.0.0:2999", "127.0.0.1:2999"],
+            "command line: key `listen`: 0.0.0.0:2999 already covers 127.0.0.1:2999; list one \
+             of them",
+        ),
+        (
+            ["[::1]:2999", "[::]:2999"],
+            "command line: key `listen`: [::]:2999 already covers [::1]:2999; list one of them",
+        ),
+    ] {
+        let err = expect_exit(&run(&["-l", pair[0], "-l", pair[1], "--check-config"]), 2);
+        assert!(err.contains(want), "{pair:?}: {err}");
+    }
+    let dir = TempDir::new();
+    let path = write_config(&dir, "listen = [\"0.0.0.0:2999\", \"127.0.0.1:2999\"]\n");
+    let err = expect_exit(&run(&["-c", &path, "--check-config"]), 2);
+    assert!(
+        err.contains(&format!(
+            "{path}: key `listen`: 0.0.0.0:2999 already covers"
+        )),
+        "{err}"
+    );
+    let path = write_config(&dir, "listen = [\"[::ffff:127.0.0.1]:2999\"]\n");
+    let err = expect_exit(&run(&["-c", &path, "--check-config"]), 2);
+    assert!(
+        err.contains(&format!(
+            "{path}: key `listen`: `[::ffff:127.0.0.1]:2999` is an IPv4-mapped"
+        )) && err.contains("write 127.0.0.1:2999"),
+        "{err}"
+    );
+    let err = expect_exit(
+        &run(&["-l", "[::ffff:127.0.0.1]:2999", "--check-config"]),
+        2,
+    );
+    assert!(
+        err.contains("'--listen") && err.contains("write 127.0.0.1:2999"),
+        "{err}"
+    );
+    let out = run(&["-l", "0.0.0.0:2999", "-l", "[::]:2999", "--check-config"]);
+    expect_exit(&out, 0);
+}
+
+/// Values refused with a reason a person can act on, quoting what was written: integers
+/// beyond the key or beyond TOML, a number past f64 precision, bytes that are not UTF-8 (by
+/// line), a NUL in a path or name, a timeout below a millisecond, a burst without a rate.
+#[test]
+fn bad_values_are_explained_as_written() {
+    let dir = TempDir::new();
+    for (text, want) in [
+        (
+            "max_children = 99999999999999999999\n",
+            "key `max_children`: must be from 1 to 1000000, not 99999999999999999999",
+        ),
+        (
+            "idle_timeout = 9007199254740993\n",
+            "key `idle_timeout`: must be a number of seconds from 0 to 31536000, not \
+             9007199254740993",
+        ),
+        (
+            "idle_timeout = 0.0001\n",
+            "key `idle_timeout`: must be 0 (never) or at least 0.001 s, not 0.0001",
+        ),
+        (
+            "log_file = \"a\\u0000b\"\n",
+            "key `log_file`: \"a\\0b\" contains a NUL byte",
+        ),
+        (
+            "rate_burst = 5\n",
+            "key `rate_burst`: has no effect without max_rate_per_source",
+        ),
+    ] {
+        let path = write_config(&dir, text);
+        let err = expect_exit(&run(&["-c", &path, "--check-config"]), 2);
+        assert!(err.contains(&format!("{path}: {want}")), "{text:?}: {err}");
+    }
+    let path = dir.path().join("forkecho.toml");
+    std::fs::write(&path, b"backlog = 5\nbanner = \"caf\xe9\"\n").unwrap();
+    let path = path.display().to_string();
+    let err = expect_exit(&run(&["-c", &path, "--check-config"]), 2);
+    assert!(
+        err.contains(&format!(
+            "{path}: line 2, column 14 (byte 26 of the file): not UTF-8"
+        )),
+        "{err}"
+    );
+    let err = expect_exit(&run(&["--rate-burst", "5", "--check-config"]), 2);
+    assert!(
+        err.contains("command line: key `rate_burst`: has no effect without max_rate_per_source"),
+        "{err}"
+    );
+    let err = expect_exit(&run(&["--idle-timeout", "0.0001", "--check-config"]), 2);
+    assert!(
+        err.contains("must be 0 (never) or at least 0.001 s"),
         "{err}"
     );
 }

@@ -37,6 +37,8 @@ enum Val {
     Str(String),
     Bool(bool),
     List(Vec<String>),
+    /// Written as is, in the file and on the command line: integers beyond i64.
+    Raw(&'static str),
 }
 
 impl Val {
@@ -53,6 +55,7 @@ impl Val {
                 toml::Value::Array(items.iter().cloned().map(toml::Value::String).collect())
                     .to_string()
             }
+            Val::Raw(text) => text.to_string(),
         }
     }
 
@@ -63,6 +66,7 @@ impl Val {
             Val::Str(s) => s.clone(),
             Val::Bool(b) => b.to_string(),
             Val::List(items) => items.join(","),
+            Val::Raw(text) => text.to_string(),
         }
     }
 }
@@ -114,6 +118,11 @@ impl Setting {
             other => vec![other.text()],
         }
     }
+
+    /// A value no command line can carry (a NUL byte): it goes in the file only.
+    fn file_only(&self) -> bool {
+        matches!(&self.val, Val::Str(s) if s.contains('\0'))
+    }
 }
 
 /// Users and groups that exist on every Debian system; others in the generators do not.
@@ -154,17 +163,27 @@ fn int_key(
 ) -> BoxedStrategy<Setting> {
     let mut wrong: Vec<(Val, bool, bool)> =
         bad.iter().map(|&i| (Val::Int(i), false, false)).collect();
+    // Beyond i64: refused with the key's range, not a parse error about i128.
+    wrong.push((Val::Raw("99999999999999999999"), false, false));
+    wrong.push((Val::Raw("-9223372036854775809"), false, false));
     wrong.push((Val::Float(2.5), false, false));
     wrong.push((Val::Str("lots".into()), false, false));
     prop_oneof![3 => valid_ints(key, range), 1 => pick(key, wrong)].boxed()
 }
 
-/// A number of seconds: 0 to one year, integer or fraction.
+/// A number of seconds: 0, or 0.001 to one year, integer or fraction.
 fn seconds_key(key: &'static str) -> BoxedStrategy<Setting> {
     let fractions = (0.0..10_000.0f64)
-        .prop_map(move |x| Setting::new(key, Val::Float(x), true, true))
+        .prop_map(move |x| {
+            let ok = x == 0.0 || x >= 0.001;
+            Setting::new(key, Val::Float(x), ok, ok)
+        })
         .boxed();
     let wrong = vec![
+        (Val::Float(0.0005), false, false),
+        (Val::Float(1e-9), false, false),
+        (Val::Float(0.001), true, true),
+        (Val::Raw("9007199254740993"), false, false),
         (Val::Int(-1), false, false),
         (Val::Int(31_536_001), false, false),
         (Val::Float(1e12), false, false),
@@ -199,6 +218,7 @@ fn listen_key(start_safe: bool) -> BoxedStrategy<Setting> {
         (list(&["127.0.0.1"]), false, false),
         (list(&["127.0.0.1:65536"]), false, false),
         (list(&["localhost:0"]), false, false),
+        (list(&["[::ffff:127.0.0.1]:0"]), false, false),
         (list(&[]), false, true),
         (Val::Str("127.0.0.1:0".into()), false, true),
         (Val::Int(2333), false, false),
@@ -207,6 +227,9 @@ fn listen_key(start_safe: bool) -> BoxedStrategy<Setting> {
         // Valid alone, an error twice (a rule across values): never bound, even by mistake,
         // because only `--check-config` cases get it.
         choices.push((list(&["127.0.0.1:2999", "127.0.0.1:2999"]), true, true));
+        choices.push((list(&["0.0.0.0:2999", "127.0.0.1:2999"]), true, true));
+        choices.push((list(&["[::1]:2999", "[::]:2999"]), true, true));
+        choices.push((list(&["0.0.0.0:2999", "[::]:2999"]), true, true));
     }
     let unreachable = Just(Setting {
         os_fail: true,
@@ -315,6 +338,7 @@ fn path_key(key: &'static str, name: &'static str) -> BoxedStrategy<Setting> {
         missing,
         // As a flag the number is a file name, and a fine one.
         Setting::new(key, Val::Int(7), false, true),
+        Setting::new(key, Val::Str("a\0b".into()), false, false),
     ];
     prop::sample::select(choices).boxed()
 }
@@ -339,6 +363,7 @@ fn identity_key(key: &'static str, known: &[&str], missing: &str) -> BoxedStrate
     choices.push((Val::Str(missing.into()), true, true));
     // A number is no string in a file; as a flag it is an id, and these ids exist.
     choices.push((Val::Int(65534), false, true));
+    choices.push((Val::Str("no\0body".into()), false, false));
     pick(key, choices)
 }
 
@@ -440,7 +465,7 @@ fn case(start_safe: bool) -> impl Strategy<Value = Case> {
                 with_file,
             };
             for (setting, on_cli) in settings {
-                let place = if on_cli {
+                let place = if on_cli && !setting.file_only() {
                     &mut case.cli
                 } else {
                     &mut case.file
@@ -517,12 +542,14 @@ impl Case {
             .effective("listen")
             .map(Setting::addresses)
             .unwrap_or_else(|| vec!["127.0.0.1:2333".into()]);
-        let repeated = listen
-            .iter()
-            .enumerate()
-            .any(|(i, a)| !a.ends_with(":0") && listen[..i].contains(a));
-        if repeated {
+        if !can_bind_together(&listen) {
             culprits.push("key `listen`".into());
+        }
+        let rate_is_off = self
+            .effective("max_rate_per_source")
+            .is_none_or(|s| s.val.text().parse::<f64>() == Ok(0.0));
+        if self.effective("rate_burst").is_some() && rate_is_off {
+            culprits.push("key `rate_burst`".into());
         }
         let name = |key| self.effective(key).map(|s| s.val.text());
         match (name("user"), name("group")) {
@@ -546,6 +573,21 @@ impl Case {
             .iter()
             .any(|key| self.effective(key).is_some_and(|s| s.os_fail))
     }
+}
+
+/// False if two of `listen` (addresses that parse) cannot be bound at once: the same address
+/// twice, or a wildcard beside an address of its family on the same port (never port 0).
+fn can_bind_together(listen: &[String]) -> bool {
+    let addrs: Vec<SocketAddr> = listen.iter().filter_map(|a| a.parse().ok()).collect();
+    let clash = |a: &SocketAddr, b: &SocketAddr| {
+        a.port() == b.port()
+            && a.is_ipv6() == b.is_ipv6()
+            && (a == b || a.ip().is_unspecified() || b.ip().is_unspecified())
+    };
+    addrs
+        .iter()
+        .enumerate()
+        .all(|(i, a)| a.port() == 0 || !addrs[..i].iter().any(|b| clash(a, b)))
 }
 
 /// Checks what every run must satisfy: no panic, and an error names one of `culprits`.
