@@ -73,7 +73,8 @@ fn main() -> ExitCode {
         }
     };
     // SIGHUP re-runs exactly this load: the same file, the same command-line overrides.
-    let reload: server::Reloader = Box::new(move || Config::load(&cli));
+    // (Without the user and group lookups: root is gone by then, and they could take seconds.)
+    let reload: server::Reloader = Box::new(move |running| Config::reload(&cli, running));
     // From here on signals are requests handled by the loop, never default actions.
     let server = match server::Server::new(&config, listeners, reload) {
         Ok(server) => server,

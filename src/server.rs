@@ -68,8 +68,10 @@ enum Phase {
     Killing,
 }
 
-/// Produces the configuration anew (same file, same flags) for a SIGHUP reload.
-pub type Reloader = Box<dyn Fn() -> Result<Config, ConfigError>>;
+/// Produces the configuration anew (same file, same flags) for a SIGHUP reload, given the one
+/// running. It must not wait for anything slow (it runs inside the loop): see
+/// [`Config::reload`], which looks up no user or group.
+pub type Reloader = Box<dyn Fn(&Config) -> Result<Config, ConfigError>>;
 
 /// One flag per listener, kept in memory the children do not inherit.
 type ListenerFlags = allocator_api2::vec::Vec<bool, parent_memory::ParentOnly>;
@@ -688,7 +690,7 @@ impl Server {
     /// the running configuration stays, listeners included.
     #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
     fn reload(&mut self, log_reopened: Option<&'static str>) {
-        let new = match (self.reload)() {
+        let new = match (self.reload)(&self.config) {
             Ok(new) => new,
             Err(e) => {
                 let also = log_reopened.map_or(String::new(), |r| format!(" ({r})"));
@@ -729,7 +731,7 @@ impl Server {
         if new.daemonize != self.config.daemonize {
             warn!("daemonize changes take effect at the next start");
         }
-        if new.run_as != self.config.run_as {
+        if new.identity_changed(&self.config) {
             warn!("user and group changes take effect at the next start (root is gone)");
         }
         self.settings = Settings::from(&new);

@@ -324,6 +324,34 @@ fn user_drops_privileges_for_parent_and_children() {
     }
 }
 
+/// A reload looks up no user or group (that could take seconds inside the loop, and cannot
+/// change anything once root is gone): a `user` changed to an account that does not exist is
+/// reloaded with a warning that it takes effect at the next start, not refused.
+#[test]
+fn reload_runs_no_user_lookup_and_says_when_a_user_change_applies() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping reload_runs_no_user_lookup: only root can switch users");
+        return;
+    }
+    let server = Server::builder()
+        .config("listen = [\"127.0.0.1:0\"]\nuser = \"nobody\"\n")
+        .start();
+    server.wait_for_line("running as nobody");
+    server.rewrite_config(
+        "listen = [\"127.0.0.1:0\"]\nuser = \"no-such-user-here\"\nbanner = \"new\\n\"\n",
+    );
+    server.signal(nix::sys::signal::Signal::SIGHUP);
+    let line = server.wait_for_line("reloaded configuration");
+    assert!(line.contains("banner"), "{line}");
+    server.wait_for_line("user and group changes take effect at the next start");
+    assert_eq!(
+        server.count_lines("reload refused"),
+        0,
+        "{}",
+        server.log_text()
+    );
+}
+
 /// A numeric `user` is looked up like a name (through NSS, by `getent`): the log names the
 /// account it resolved to.
 #[test]
