@@ -3,10 +3,12 @@
 //! Each turn of the loop: wait; handle signals first (reap, shutdown, status), because a SIGTERM
 //! must close the listeners before more is accepted; then accept a bounded batch from each
 //! listener that has connections queued, and for each connection either refuse it (see
-//! `limits`: no fork, no blocking call) or fork its child. At `max_children` the listeners are
-//! taken out of the poll set, so clients wait in the kernel's backlog until a child is reaped.
-//! The parent never reads or writes a client's bytes (but a refusal message) and waits nowhere
-//! but in `poll` (and in writing a log line to stderr, which a stalled reader can hold up).
+//! `limits`: no fork, no blocking call), let it wait briefly in `pending` (its source is at
+//! `max_per_source` but one of its sessions may be ending), or fork its child. At
+//! `max_children` the listeners are taken out of the poll set, so clients wait in the kernel's
+//! backlog until a child is reaped. The parent never reads or writes a client's bytes (but a
+//! refusal message) and waits nowhere but in `poll`: its log, its notifications to systemd and
+//! the files it opens on reload (configuration, log) are written and opened without waiting.
 //!
 //! Shutdown is a small state machine driven by signals and the poll timeout, with PostgreSQL's
 //! three modes as entry points: `Serving` → (SIGTERM, smart) `Draining` until
