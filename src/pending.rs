@@ -54,6 +54,11 @@ impl Pending {
         self.waiting.len()
     }
 
+    /// How many waiting connections come from a peer for which `matches` holds.
+    pub fn count(&self, mut matches: impl FnMut(&SocketAddr) -> bool) -> usize {
+        self.waiting.iter().filter(|w| matches(&w.peer)).count()
+    }
+
     /// Adds a connection that must be decided by `until`. The caller checks `is_full` first.
     pub fn add(&mut self, stream: TcpStream, peer: SocketAddr, until: Instant) {
         debug_assert!(!self.is_full());

@@ -15,7 +15,11 @@
 //! by `lstat` before opening (opening some devices has effects) and confirmed by `fstat` on
 //! the opened descriptor (`O_NONBLOCK`, so a FIFO cannot block the open). A regular file is
 //! taken over only if it is empty or holds a pid; anything else is someone's data and is
-//! refused untouched. Afterwards only what this process still holds is changed: at exit the
+//! refused untouched. Two kinds of "regular file" that hold a number are refused as well: a
+//! file of a kernel pseudo-filesystem (`/proc/sys/kernel/pid_max` is a setting, not a pid
+//! file; found by `fstatfs`, and by a size that does not match what it reads), and a file
+//! whose pid is a running process that is not forkecho (`/run/sshd.pid` given by mistake;
+//! as PostgreSQL refuses a lock file naming a live process). Afterwards only what this process still holds is changed: at exit the
 //! pid is emptied through the held descriptor, and the path is removed only if it still names
 //! that same file (device and inode), and, after a failed start, only if this process created it.
 
@@ -66,6 +70,12 @@ pub enum PidFileError {
         path: PathBuf,
         start: String,
     },
+    /// The pid inside is a running process, and not a forkecho (`name` is its command name).
+    OtherProcess {
+        path: PathBuf,
+        pid: u32,
+        name: String,
+    },
     Io {
         path: PathBuf,
         error: io::Error,
@@ -97,6 +107,12 @@ impl std::fmt::Display for PidFileError {
                 f,
                 "pid file {} holds \"{start}\", not a pid; not starting (remove it if it is \
                  stale)",
+                path.display()
+            ),
+            PidFileError::OtherProcess { path, pid, name } => write!(
+                f,
+                "pid file {} holds pid {pid}, a running `{name}`, not forkecho; not starting \
+                 (remove the file if it is stale)",
                 path.display()
             ),
             PidFileError::Io { path, error } => write!(
@@ -261,19 +277,73 @@ fn refuse_unless_regular(
     }
 }
 
-/// Refuses a file that is neither empty nor a pid: it is someone's data.
+/// Refuses a file that is neither empty nor a pid (someone's data), a kernel file, and one
+/// whose pid is a running process other than a forkecho.
 fn refuse_unless_pid(file: &File, path: &Path) -> Result<(), PidFileError> {
+    if let Some(kind) = pseudo_filesystem(file) {
+        return Err(PidFileError::NotRegular {
+            path: path.to_path_buf(),
+            kind,
+        });
+    }
     let mut text = Vec::new();
     file.take(MAX_PID_TEXT as u64 + 1)
         .read_to_end(&mut text)
         .map_err(|e| io_error(path, e))?;
-    if text.len() <= MAX_PID_TEXT && holds_pid_or_nothing(&text) {
-        return Ok(());
+    let size = file.metadata().map_err(|e| io_error(path, e))?.len();
+    if size != text.len() as u64 && text.len() <= MAX_PID_TEXT {
+        // What a kernel file looks like: procfs says 0 bytes, sysfs 4096.
+        return Err(PidFileError::NotRegular {
+            path: path.to_path_buf(),
+            kind: "a kernel file (its size does not match what it reads)",
+        });
     }
-    Err(PidFileError::NotAPid {
-        path: path.to_path_buf(),
-        start: quoted_start(&text),
-    })
+    if text.len() > MAX_PID_TEXT || !holds_pid_or_nothing(&text) {
+        return Err(PidFileError::NotAPid {
+            path: path.to_path_buf(),
+            start: quoted_start(&text),
+        });
+    }
+    match parse_pid(text.trim_ascii()).and_then(running_other_program) {
+        Some((pid, name)) => Err(PidFileError::OtherProcess {
+            path: path.to_path_buf(),
+            pid,
+            name,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The kind of kernel pseudo-filesystem `file` lives on, if it does (`fstatfs`).
+fn pseudo_filesystem(file: &File) -> Option<&'static str> {
+    let stat = nix::sys::statfs::fstatfs(file).ok()?;
+    let kind = stat.filesystem_type().0 as i64;
+    const KINDS: [(i64, &str); 8] = [
+        (0x9fa0, "a procfs file"),
+        (0x6265_6572, "a sysfs file"),
+        (0x6462_6720, "a debugfs file"),
+        (0x7472_6163, "a tracefs file"),
+        (0x0027_e0eb, "a cgroup file"),
+        (0x6367_7270, "a cgroup2 file"),
+        (0x7363_6673, "a securityfs file"),
+        (0x6265_6570, "a configfs file"),
+    ];
+    KINDS
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map(|(_, name)| *name)
+}
+
+/// `Some((pid, command name))` if `pid` is a running process that is not a forkecho (nor
+/// this process). A forkecho that holds no lock on the file is not running with it, so its
+/// pid may be taken over.
+fn running_other_program(pid: u32) -> Option<(u32, String)> {
+    if pid == std::process::id() {
+        return None;
+    }
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    let name = comm.trim_end();
+    (!name.starts_with("forkecho")).then(|| (pid, name.escape_debug().to_string()))
 }
 
 /// True for an empty file or a decimal pid, with whitespace around it.

@@ -251,8 +251,13 @@ impl Server {
             // Waiting connections are decided only with room for children (`decide_pending`):
             // at capacity their deadlines would only spin the loop.
             Phase::Serving => earliest(
-                self.paused_until,
-                self.pending.next_deadline().filter(|_| !self.at_capacity),
+                earliest(
+                    self.paused_until,
+                    self.pending.next_deadline().filter(|_| !self.at_capacity),
+                ),
+                self.capacity_reports
+                    .catch_up_due()
+                    .filter(|_| self.at_capacity),
             ),
             Phase::Killing => None,
         }?;
@@ -263,7 +268,12 @@ impl Server {
         let requests = signals::pending(&mut self.signals);
         // Reap first, so status lines and shutdown decisions see the current table.
         if requests.reap {
+            let before = self.children.len();
             self.children.reap();
+            if self.fork_failure_run > 0 && self.children.len() < before {
+                // A child's exit is what frees a process slot: try forking again now.
+                self.paused_until = None;
+            }
             self.check_capacity();
             self.decide_pending();
         }
@@ -293,6 +303,15 @@ impl Server {
         }
         if self.pending.next_deadline().is_some_and(|t| t <= now) {
             self.decide_pending();
+        }
+        if self.at_capacity
+            && self
+                .capacity_reports
+                .catch_up_due()
+                .is_some_and(|t| t <= now)
+        {
+            let unreported = self.capacity_reports.catch_up(now);
+            self.log_capacity_reached(unreported);
         }
         match self.phase {
             Phase::Draining { until } if until <= now && !self.children.is_empty() => {
@@ -326,28 +345,29 @@ impl Server {
         match (self.phase, mode) {
             (Phase::Killing, _) => {}
             (_, Mode::Immediate) | (Phase::Terminating { .. }, _) => {
-                self.stop_listening(false);
                 info!("shutting down on {sig} (immediate): sending SIGKILL to {n} sessions");
+                self.stop_listening(false);
                 self.kill_children();
             }
             (Phase::Serving, Mode::Smart) => {
-                self.stop_listening(true);
                 info!(
                     "shutting down on {sig} (smart): stopped listening; waiting up to {} for \
                      {n} sessions (SIGTERM again or SIGINT: fast; SIGQUIT: immediate)",
                     seconds(self.shutdown_timeout)
                 );
+                // Clients queued in the backlog are served first (and join the draining).
+                self.stop_listening(true);
                 self.phase = Phase::Draining {
                     until: Instant::now() + self.shutdown_timeout,
                 };
             }
             (Phase::Serving, Mode::Fast) | (Phase::Draining { .. }, _) => {
-                self.stop_listening(false);
                 info!(
                     "shutting down on {sig} (fast): sending SIGTERM to {n} sessions, SIGKILL \
                      to those left after {}",
                     seconds(self.kill_timeout)
                 );
+                self.stop_listening(false);
                 self.terminate_children();
             }
         }
@@ -391,6 +411,12 @@ impl Server {
         let Some(unreported) = self.capacity_reports.reached(Instant::now()) else {
             return;
         };
+        self.log_capacity_reached(unreported);
+    }
+
+    /// The `max_children reached` line, with how often it went unsaid before.
+    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
+    fn log_capacity_reached(&self, unreported: u64) {
         let also = if unreported > 0 {
             format!(
                 " (also reached {unreported} times in the {} before)",
@@ -467,13 +493,14 @@ impl Server {
         let listeners = std::mem::take(&mut self.listeners);
         for listener in &listeners {
             self.drain_queue_of(listener, admit);
+            stop_accepting_everywhere(listener);
         }
         drop(listeners);
         self.ready.clear();
         self.registered.clear();
         for waiting in self.pending.take_all() {
-            if admit {
-                self.start_session(waiting.stream, waiting.peer, false);
+            if admit && !self.at_max_children() {
+                self.start_session(waiting.stream, waiting.peer, None);
             } else {
                 self.refuse(waiting.stream, waiting.peer, &Refusal::Closing);
             }
@@ -499,7 +526,8 @@ impl Server {
             match accept_blocking(&self.listeners[i].socket) {
                 Ok((stream, peer)) => {
                     self.accept_recovered();
-                    self.start_session(stream, peer, true);
+                    let until = Instant::now() + pending::PER_SOURCE_GRACE;
+                    self.start_session(stream, peer, Some(until));
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     // The queue is empty, so accept works again: the next failure is a new run.
@@ -550,18 +578,20 @@ impl Server {
     /// Admits or refuses one accepted connection, and forks its child if admitted. Kept short on
     /// purpose: all per-session setup (socket options, banner) happens in the child.
     ///
-    /// With `may_wait`, a connection whose source is at `max_per_source` waits in `pending`
-    /// for one of that source's sessions to be reaped instead of being refused at once (see
-    /// `pending` for why).
-    fn start_session(&mut self, stream: TcpStream, peer: SocketAddr, may_wait: bool) {
+    /// With `wait_until`, a connection whose source is at `max_per_source` waits in
+    /// `pending` until then for one of that source's sessions to be reaped, instead of being
+    /// refused at once (see `pending` for why).
+    fn start_session(&mut self, stream: TcpStream, peer: SocketAddr, wait_until: Option<Instant>) {
         let source = limits::source_of(peer.ip(), &self.limits);
         let mut live = self.children.from_source(&source);
         if self.limits.per_source_full(live) {
             self.reap_before_limiting();
             live = self.children.from_source(&source);
-            if may_wait && self.limits.per_source_full(live) && !self.pending.is_full() {
-                self.wait_for_source(stream, peer);
-                return;
+            if let Some(until) = wait_until.filter(|_| self.limits.per_source_full(live)) {
+                if self.may_wait(&source) {
+                    self.wait_for_source(stream, peer, until);
+                    return;
+                }
             }
         }
         let admitted = self
@@ -585,15 +615,27 @@ impl Server {
         }
     }
 
-    /// Parks a connection whose source is at `max_per_source` (see `pending`).
+    /// True if one more connection from `source` may wait in `pending`: the table has room,
+    /// and fewer of the source's connections wait than it has sessions that could be ending
+    /// (`max_per_source`), so that one source cannot take every place.
     #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
-    fn wait_for_source(&mut self, stream: TcpStream, peer: SocketAddr) {
+    fn may_wait(&self, source: &ipnet::IpNet) -> bool {
+        let limits = &self.limits;
+        !self.pending.is_full()
+            && self
+                .pending
+                .count(|peer| limits::source_of(peer.ip(), limits) == *source)
+                < limits.max_per_source
+    }
+
+    /// Parks a connection whose source is at `max_per_source` until `until` (see `pending`).
+    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
+    fn wait_for_source(&mut self, stream: TcpStream, peer: SocketAddr, until: Instant) {
         debug!(
             "{peer}: its source is at max_per_source; waiting up to {} for one of its \
              sessions to end",
-            seconds(pending::PER_SOURCE_GRACE)
+            seconds(until.saturating_duration_since(Instant::now()))
         );
-        let until = Instant::now() + pending::PER_SOURCE_GRACE;
         self.pending.add(stream, peer, until);
     }
 
@@ -608,14 +650,18 @@ impl Server {
             let source = limits::source_of(peer.ip(), limits);
             !limits.per_source_full(children.from_source(&source))
         });
+        let now = Instant::now();
         for waiting in decidable {
             if self.at_capacity {
                 // Out of room for children: it waits again, as clients do in the backlog.
-                let until = Instant::now() + pending::PER_SOURCE_GRACE;
+                let until = waiting.until.max(now + pending::PER_SOURCE_GRACE);
                 self.pending.add(waiting.stream, waiting.peer, until);
                 continue;
             }
-            self.start_session(waiting.stream, waiting.peer, false);
+            // One that is not late yet may wait again if its source filled up meanwhile
+            // (two connections waiting for one session to end).
+            let wait_until = (waiting.until > now).then_some(waiting.until);
+            self.start_session(waiting.stream, waiting.peer, wait_until);
         }
     }
 
@@ -629,8 +675,8 @@ impl Server {
         self.fork_failure_run += 1;
         if self.fork_failure_run == 1 {
             warn!(
-                "cannot fork for {peer}: {}; refused it; accepting pauses, retried every {} \
-                 until a fork succeeds",
+                "cannot fork for {peer}: {}; refused it; accepting pauses until a session \
+                 ends, or for {} growing to 5s, until a fork succeeds",
                 crate::os_error_text(e),
                 seconds(ACCEPT_BACKOFF)
             );
@@ -642,7 +688,7 @@ impl Server {
         }
         self.send_refusal(stream);
         if self.phase == Phase::Serving {
-            self.paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+            self.paused_until = Some(Instant::now() + fork_backoff(self.fork_failure_run));
         }
     }
 
@@ -819,6 +865,7 @@ impl Server {
         let mut closed = Vec::new();
         for listener in dropped {
             self.drain_queue_of(&listener, true);
+            stop_accepting_everywhere(&listener);
             info!("stopped listening on {}", listener.local);
             changes.push(format!("listen -{}", listener.local));
             closed.push(listener.configured);
@@ -874,15 +921,15 @@ impl Server {
     /// completed their handshake, and closing the listener would reset them. With `admit`,
     /// each is admitted or refused as always while there is room under `max_children`, which
     /// stays a hard limit; the rest are refused with `refusal_message` (`Refusal::Closing`).
-    /// Bounded by the backlog, so a flood on the closing address cannot keep the loop from its
-    /// signals.
+    /// Bounded by twice what the kernel queues (`backlog + 1` completed connections), so a
+    /// flood on the closing address cannot keep the loop from its signals.
     fn drain_queue_of(&mut self, listener: &Listener, admit: bool) {
         let mut closing = 0u64;
-        for _ in 0..self.config.backlog.max(1) {
+        for _ in 0..2 * (self.config.backlog as usize + 1) {
             match accept_blocking(&listener.socket) {
                 Ok((stream, peer)) => {
                     if admit && !self.at_max_children() {
-                        self.start_session(stream, peer, false);
+                        self.start_session(stream, peer, None);
                     } else {
                         closing += 1;
                         self.refuse(stream, peer, &Refusal::Closing);
@@ -1040,20 +1087,83 @@ impl CapacityReports {
     fn left(&mut self) -> bool {
         std::mem::take(&mut self.episode_logged)
     }
+
+    /// When the current, unlogged episode is due a line (it has lasted until the interval
+    /// since the last line passed), so that the last word in the log is never a stale "below
+    /// again". `None` when there is nothing to catch up on.
+    fn catch_up_due(&self) -> Option<Instant> {
+        if self.episode_logged {
+            return None;
+        }
+        Some(self.last? + CAPACITY_REPORT_INTERVAL)
+    }
+
+    /// Logs the current episode late, at `now`: returns how many episodes before it went
+    /// unreported.
+    fn catch_up(&mut self, now: Instant) -> u64 {
+        self.episode_logged = true;
+        self.last = Some(now);
+        // The current episode was counted as unreported when it began.
+        std::mem::take(&mut self.unreported).saturating_sub(1)
+    }
 }
 
 /// A swap closes a listener before binding its replacement; refused where the replacement
-/// cannot be bound: a port below 1024 once root is gone (the old one could not be bound
-/// again either).
+/// cannot be bound: a privileged port once the privilege is gone (the old address could not
+/// be bound again either).
 fn check_swaps_possible(swapped: &[SocketAddr]) -> Result<(), String> {
-    let privileged = swapped.iter().find(|a| a.port() < 1024);
+    let start = unprivileged_port_start();
+    let privileged = swapped.iter().find(|a| a.port() < start);
     match privileged {
-        Some(addr) if !nix::unistd::geteuid().is_root() => Err(format!(
-            "{addr} replaces an overlapping address on a port below 1024, which needs root to \
-             bind again"
+        Some(addr) if !can_bind_privileged_ports() => Err(format!(
+            "{addr} replaces an overlapping address on a port below {start}, which this \
+             process may no longer bind (no CAP_NET_BIND_SERVICE)"
         )),
         _ => Ok(()),
     }
+}
+
+/// The first port anyone may bind (`net.ipv4.ip_unprivileged_port_start`, 1024 unless
+/// changed). A procfs file: reading it never waits.
+fn unprivileged_port_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(1024)
+}
+
+/// True if this process holds CAP_NET_BIND_SERVICE (root usually does, a dropped user not).
+fn can_bind_privileged_ports() -> bool {
+    const CAP_NET_BIND_SERVICE: u32 = 10;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok());
+    match effective {
+        Some(caps) => caps & (1 << CAP_NET_BIND_SERVICE) != 0,
+        None => nix::unistd::geteuid().is_root(),
+    }
+}
+
+/// Stops `listener` listening in every process that holds a copy of it, which closing ours
+/// alone does not: a child forked a moment ago holds one until it has closed what it
+/// inherited, and meanwhile the address could not be bound again (a reload's swap) and new
+/// clients would queue where nobody accepts. Call after draining the queue: connections still
+/// queued are reset. Not for a socket systemd passed: systemd keeps listening on its copy, to
+/// start the service again on the next connection.
+fn stop_accepting_everywhere(listener: &Listener) {
+    if !listener.from_systemd {
+        let _ = SockRef::from(&listener.socket).shutdown(std::net::Shutdown::Read);
+    }
+}
+
+/// How long accepting pauses after the `run`-th fork failure in a row: `ACCEPT_BACKOFF`,
+/// doubling up to 5 s, since each retry refuses the client it accepted. A reaped child ends
+/// the pause at once.
+fn fork_backoff(run: u64) -> Duration {
+    let doublings = run.saturating_sub(1).min(6) as u32;
+    (ACCEPT_BACKOFF * 2u32.pow(doublings)).min(Duration::from_secs(5))
 }
 
 /// The earlier of two optional instants.

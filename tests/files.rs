@@ -344,3 +344,58 @@ fn log_file_that_is_not_a_regular_file_is_refused() {
     let err = refused_start(&["--log-file", &text(&sub)]);
     assert!(err.contains("is a directory, not a regular file"), "{err}");
 }
+
+/// procfs (and sysfs) files are "regular files" to stat and often hold a number: a pid file
+/// path naming one (a kernel setting, by mistake) is refused and never written. The victim
+/// here is harmless: a helper process's coredump_filter.
+#[test]
+fn pid_file_on_procfs_is_refused_untouched() {
+    let mut helper = std::process::Command::new("sleep")
+        .arg("30")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _guard = KillOnDrop(nix::unistd::Pid::from_raw(helper.id() as i32));
+    let path = format!("/proc/{}/coredump_filter", helper.id());
+    let before = std::fs::read_to_string(&path).unwrap();
+    let out = run(&["-l", "127.0.0.1:0", "--pid-file", &path]);
+    let after = std::fs::read_to_string(&path).unwrap();
+    let _ = helper.kill();
+    let _ = helper.wait();
+    assert_eq!(before, after, "the procfs file at pid_file was written");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is a procfs file, not a regular file"),
+        "{stderr}"
+    );
+}
+
+/// A pid file naming a running process that is not forkecho (another daemon's pid file,
+/// given by mistake) is refused and left as it is.
+#[test]
+fn pid_file_of_another_running_program_is_refused_untouched() {
+    let mut helper = std::process::Command::new("sleep")
+        .arg("30")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _guard = KillOnDrop(nix::unistd::Pid::from_raw(helper.id() as i32));
+    let dir = TempDir::new();
+    let path = dir.path().join("sleep.pid");
+    let content = format!("{}\n", helper.id());
+    std::fs::write(&path, &content).unwrap();
+    let out = run(&["-l", "127.0.0.1:0", "--pid-file", path.to_str().unwrap()]);
+    let _ = helper.kill();
+    let _ = helper.wait();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "holds pid {}, a running `sleep`, not forkecho",
+            helper.id()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), content);
+}

@@ -675,3 +675,36 @@ fn max_children_crossings_are_reported_once_per_interval() {
     );
     assert_eq!(server.count_lines(" -> child "), 450);
 }
+
+/// An episode at `max_children` that began too soon after the last report to be logged then
+/// is logged once the report interval has passed, if it is still going: the last word in the
+/// log is never a stale "below max_children again".
+#[test]
+fn a_long_episode_at_max_children_is_reported_late_rather_never() {
+    let server = Server::builder()
+        .args(["--max-children", "1"])
+        .env("RUST_LOG", "info")
+        .start();
+    let mut first = server.connect_greeted();
+    server.wait_for_line("max_children reached (1 active)");
+    close_session(&mut first);
+    server.wait_for_line("below max_children again");
+    // Reached again at once: counted, not logged...
+    let _held = server.connect_greeted();
+    assert_lines(
+        &server,
+        "max_children reached",
+        1,
+        "right after the first report",
+    );
+    // ...until the report interval (10 s) has passed with the limit still reached.
+    server.wait_for_log("the late report", Duration::from_secs(30), |lines| {
+        lines
+            .iter()
+            .filter(|l| l.contains("max_children reached"))
+            .count()
+            == 2
+    });
+    let last = server.log_lines().last().cloned().unwrap();
+    assert!(last.contains("max_children reached (1 active)"), "{last}");
+}

@@ -810,3 +810,54 @@ fn shipped_logrotate_snippet_rotates_and_sighup_reopens_the_log() {
         "SIGHUP killed the server"
     );
 }
+
+/// Swapping 127.0.0.1:P and 0.0.0.0:P back and forth while clients connect: a child forked
+/// a moment before holds a copy of the old listener until it closes what it inherited, and
+/// the old socket must stop listening anyway, so that every swap binds.
+#[test]
+fn listener_swaps_under_load_always_bind() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let port = free_port();
+    let config = |ip: &str| format!("listen = [\"{ip}:{port}\"]\n");
+    let server = Server::builder()
+        .config(&config("127.0.0.1"))
+        .env("RUST_LOG", "info")
+        .start();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let timeout = std::time::Duration::from_secs(1);
+                    if let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, timeout) {
+                        let _ = s.set_read_timeout(Some(timeout));
+                        let _ = std::io::Read::read(&mut s, &mut [0; 64]);
+                    }
+                }
+            })
+        })
+        .collect();
+    for step in 0..20 {
+        let ip = if step % 2 == 0 {
+            "0.0.0.0"
+        } else {
+            "127.0.0.1"
+        };
+        server.rewrite_config(&config(ip));
+        server.signal(nix::sys::signal::Signal::SIGHUP);
+        server.wait_for_log("the reload line", WAIT, |lines| {
+            lines
+                .iter()
+                .filter(|l| l.contains("reloaded configuration:"))
+                .count()
+                == step + 1
+        });
+    }
+    stop.store(true, Ordering::Relaxed);
+    clients.into_iter().for_each(|c| c.join().unwrap());
+    assert_eq!(server.count_lines("FAILED"), 0, "{}", server.log_text());
+    assert_serves(&server, b"after the swaps\n");
+}

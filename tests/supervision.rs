@@ -559,3 +559,28 @@ fn fast_shutdown_answers_queued_clients_instead_of_resetting_them() {
     assert_eq!(status.code(), Some(0), "server exit status {status:?}");
     assert_eq!(server.count_lines("accepted "), 0, "sessions started");
 }
+
+/// The kernel queues `backlog + 1` completed connections: a fast shutdown answers every one
+/// of them, the last included, instead of resetting it.
+#[test]
+fn a_full_backlog_is_answered_whole_at_shutdown() {
+    const BACKLOG: usize = 4;
+    let mut server = Server::builder()
+        .args(["--backlog", "4", "--refusal-message", "bye\\n"])
+        .start();
+    let addr = server.addr();
+    server.signal(Signal::SIGSTOP);
+    assert!(wait_until(WAIT, || process_state(server.pid()) == Some('T')));
+    let mut queued: Vec<TcpStream> = (0..BACKLOG + 1).map(|_| connect(addr)).collect();
+    server.signal(Signal::SIGINT);
+    server.signal(Signal::SIGCONT);
+    for (i, s) in queued.iter_mut().enumerate() {
+        assert_eq!(
+            read_to_eof(s),
+            b"bye\n",
+            "queued client {i} of {}",
+            BACKLOG + 1
+        );
+    }
+    assert!(server.wait_exit(WAIT).success());
+}
