@@ -500,7 +500,7 @@ impl Server {
         self.registered.clear();
         for waiting in self.pending.take_all() {
             if admit && !self.at_max_children() {
-                self.start_session(waiting.stream, waiting.peer, None);
+                self.start_session(waiting.stream, waiting.peer, MayWait::No);
             } else {
                 self.refuse(waiting.stream, waiting.peer, &Refusal::Closing);
             }
@@ -526,8 +526,7 @@ impl Server {
             match accept_blocking(&self.listeners[i].socket) {
                 Ok((stream, peer)) => {
                     self.accept_recovered();
-                    let until = Instant::now() + pending::PER_SOURCE_GRACE;
-                    self.start_session(stream, peer, Some(until));
+                    self.start_session(stream, peer, MayWait::Grace);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     // The queue is empty, so accept works again: the next failure is a new run.
@@ -578,16 +577,19 @@ impl Server {
     /// Admits or refuses one accepted connection, and forks its child if admitted. Kept short on
     /// purpose: all per-session setup (socket options, banner) happens in the child.
     ///
-    /// With `wait_until`, a connection whose source is at `max_per_source` waits in
-    /// `pending` until then for one of that source's sessions to be reaped, instead of being
-    /// refused at once (see `pending` for why).
-    fn start_session(&mut self, stream: TcpStream, peer: SocketAddr, wait_until: Option<Instant>) {
+    /// A connection whose source is at `max_per_source` may wait in `pending`, as `may_wait`
+    /// says, for one of that source's sessions to be reaped, instead of being refused at once
+    /// (see `pending` for why).
+    fn start_session(&mut self, stream: TcpStream, peer: SocketAddr, may_wait: MayWait) {
         let source = limits::source_of(peer.ip(), &self.limits);
         let mut live = self.children.from_source(&source);
         if self.limits.per_source_full(live) {
             self.reap_before_limiting();
             live = self.children.from_source(&source);
-            if let Some(until) = wait_until.filter(|_| self.limits.per_source_full(live)) {
+            if let Some(until) = may_wait
+                .until()
+                .filter(|_| self.limits.per_source_full(live))
+            {
                 if self.may_wait(&source) {
                     self.wait_for_source(stream, peer, until);
                     return;
@@ -660,8 +662,12 @@ impl Server {
             }
             // One that is not late yet may wait again if its source filled up meanwhile
             // (two connections waiting for one session to end).
-            let wait_until = (waiting.until > now).then_some(waiting.until);
-            self.start_session(waiting.stream, waiting.peer, wait_until);
+            let may_wait = if waiting.until > now {
+                MayWait::Until(waiting.until)
+            } else {
+                MayWait::No
+            };
+            self.start_session(waiting.stream, waiting.peer, may_wait);
         }
     }
 
@@ -929,7 +935,7 @@ impl Server {
             match accept_blocking(&listener.socket) {
                 Ok((stream, peer)) => {
                     if admit && !self.at_max_children() {
-                        self.start_session(stream, peer, None);
+                        self.start_session(stream, peer, MayWait::No);
                     } else {
                         closing += 1;
                         self.refuse(stream, peer, &Refusal::Closing);
@@ -1052,6 +1058,28 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
     compare_long("allow", o.allow != n.allow, list(&o.allow), list(&n.allow));
     compare_long("deny", o.deny != n.deny, list(&o.deny), list(&n.deny));
     changes
+}
+
+/// Whether a connection whose source is at `max_per_source` may wait in `pending`.
+#[derive(Debug, Clone, Copy)]
+enum MayWait {
+    /// For `PER_SOURCE_GRACE` from now (a fresh connection).
+    Grace,
+    /// Until its deadline (one that has waited already).
+    Until(Instant),
+    /// Decide now.
+    No,
+}
+
+impl MayWait {
+    /// The deadline, read from the clock only when it is needed (rarely).
+    fn until(self) -> Option<Instant> {
+        match self {
+            MayWait::Grace => Some(Instant::now() + pending::PER_SOURCE_GRACE),
+            MayWait::Until(until) => Some(until),
+            MayWait::No => None,
+        }
+    }
 }
 
 /// Which crossings of `max_children` are worth a log line: at most one "reached" line per
