@@ -8,5 +8,6 @@ mod config_fuzz;
 mod echo;
 mod faults;
 mod limits;
+mod logs;
 mod operations;
 mod supervision;
