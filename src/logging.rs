@@ -22,8 +22,9 @@
 //!   fd 2's description itself: the children share it, and so, often, does the shell or the
 //!   terminal that started us. A full pipe then drops whole lines (`EAGAIN`); a terminal may
 //!   take part of a line (it counts as dropped, and the next line starts on a fresh line).
-//! - a socket (the journal's stream): `send(2)` on fd 2 with `MSG_DONTWAIT`. A line fits in one
-//!   buffer of a Unix stream socket, so it too is sent whole or not at all.
+//! - a socket (the journal's stream): `send(2)` on fd 2 with `MSG_DONTWAIT`. A Unix stream
+//!   socket with its usual buffers takes a line in one piece, so it too is sent whole or not at
+//!   all (were one cut, it would count as dropped and the next line would start afresh).
 //! - a regular file (`log_file`, `2>>file`) or a device that never waits (`/dev/null`): plain
 //!   `write(2)` on fd 2. Nothing waits for a reader there (only for the disk). A full disk or a
 //!   file-size limit can end a line halfway: that line counts as dropped and the next line
