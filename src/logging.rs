@@ -1,26 +1,67 @@
 //! Operator logs: `log` to stderr, filtered by `env_logger`; the level is the `log_level` key
 //! (default `info`), or `RUST_LOG` when that is set.
 //!
+//! # Lines
 //! Parent and children share one stderr, so every line names the process that wrote it
-//! (`forkecho[<pid>]`), and every line reaches the kernel in one `write(2)`. Writes of up to
-//! `PIPE_BUF` (4 KiB) to a pipe are atomic, so lines from different processes never
-//! interleave. Per-connection lines are far shorter; only a reload line listing very long
-//! `allow`/`deny` lists could pass 4 KiB, and that one may then be split by the kernel.
+//! (`forkecho[<pid>]`). A line is at most [`MAX_LINE`] bytes, prefix and newline included: a
+//! longer message (a reload listing a huge deny list) is cut, and ends in `… [<n> bytes cut]`.
+//! That bound is below `PIPE_BUF` (4096), so on a pipe every line is one atomic write: whole or
+//! not at all, never interleaved with another process's line.
 //!
+//! # The parent never waits for its log
+//! Whoever reads our stderr (a terminal, a pipe to a log shipper, the journal's socket) can stop
+//! reading, and a full pipe makes `write(2)` wait. The parent must not wait: it would stop
+//! accepting, reaping and handling signals. So the parent writes every line without blocking,
+//! counts the lines it had to drop ([`dropped_lines`]), and before the next line that gets
+//! through writes one `log: <n> lines dropped while the log could not be written (<reason>)`.
+//! How it avoids blocking depends on what fd 2 is (decided by `fstat` at [`init`] and at
+//! [`stderr_replaced`], never per line):
+//!
+//! - a pipe, a FIFO or a terminal: the parent opens its own open file description of the same
+//!   object (`/proc/self/fd/2`, `O_NONBLOCK`) and writes there. `O_NONBLOCK` is never set on
+//!   fd 2's description itself: the children share it, and so, often, does the shell or the
+//!   terminal that started us. A full pipe then drops whole lines (`EAGAIN`); a terminal may
+//!   take part of a line (it counts as dropped, and the next line starts on a fresh line).
+//! - a socket (the journal's stream): `send(2)` on fd 2 with `MSG_DONTWAIT`. A Unix stream
+//!   socket with its usual buffers takes a line in one piece, so it too is sent whole or not at
+//!   all (were one cut, it would count as dropped and the next line would start afresh).
+//! - a regular file (`log_file`, `2>>file`) or a device that never waits (`/dev/null`): plain
+//!   `write(2)` on fd 2. Nothing waits for a reader there (only for the disk). A full disk or a
+//!   file-size limit can end a line halfway: that line counts as dropped and the next line
+//!   starts on a fresh line.
+//!
+//! Children write to fd 2 itself, blocking, as every process inherits it: the parent's own
+//! description is close-on-exec and closed in every child anyway (see `spawn`). A stalled log
+//! thus holds up only the session whose child is writing (at `debug`, or on an error), which
+//! shutdown's SIGTERM still ends; it never holds up the parent or other sessions.
+//!
+//! # Why our own writer
 //! Filtering is env_logger's (the `RUST_LOG` grammar, per-module directives); formatting and
-//! writing are ours ([`Logger`]): the line is built in a buffer on the stack and goes straight
-//! to file descriptor 2 in one `write(2)`. Why not env_logger's own writer: after each `fork`
-//! every page the parent writes is a copy-on-write fault, and env_logger formats into a heap
-//! buffer (two or three pages) behind a thread-local and a mutex, then copies it; the parent
-//! logs twice per connection (the accept line and the reap line), so that was three faults
-//! and about a tenth of the parent's time per connection. Nor `std::io::stderr()`: its lock
-//! lives in a static, one more page. fd 2 follows `--log-file` too, which is dup2'ed onto it.
+//! writing are ours ([`Logger`]): a line of up to [`STACK_LINE`] bytes (nearly all of them) is
+//! built in a buffer on the stack and goes straight to the kernel in one system call. After each
+//! `fork` every page the parent writes is a copy-on-write fault, and env_logger formats into a
+//! heap buffer (two or three pages) behind a thread-local and a mutex, then copies it; the
+//! parent logs twice per connection (the accept line and the reap line), so that was three
+//! faults and about a tenth of the parent's time per connection. Nor `std::io::stderr()`: its
+//! lock lives in a static, one more page. For the same reason the line-per-line path only
+//! reads this module's state; it writes it only while lines are being lost.
 
-use std::io::Write;
+use std::fmt::{self, Write as _};
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
-/// Longest line formatted on the stack; a longer one (a status report with many sources) is
-/// formatted on the heap instead, still whole and still handed to one `write(2)`.
+/// The longest line written, prefix and newline included: below `PIPE_BUF` (4096), so a line
+/// written to a pipe is never split, even without blocking.
+pub const MAX_LINE: usize = 4000;
+
+/// Lines up to this long (nearly all) are formatted on the stack in a buffer this size; a
+/// longer one starts over in a [`MAX_LINE`] buffer off the hot path. Small on purpose: every
+/// stack page the parent touches between forks is a copy-on-write fault.
 const STACK_LINE: usize = 512;
+
+/// Room kept at the end of a cut line for `… [<n> bytes cut]` (at most 36 bytes) and the newline.
+const CUT_MARKER_ROOM: usize = 40;
 
 /// Installs the logger. Call once, in the parent, before anything forks; children inherit it.
 ///
@@ -37,9 +78,29 @@ pub fn init(level: log::LevelFilter) {
             .filter_module("forkecho", log::LevelFilter::Trace);
     }
     let filter = builder.build();
+    LOG.parent_pid.store(std::process::id(), Ordering::Relaxed);
+    let attached = LOG.attach();
     log::set_max_level(filter.filter());
     log::set_boxed_logger(Box::new(Logger { filter })).expect("the logger is installed once");
     set_level(level);
+    warn_if_blocking(attached);
+}
+
+/// Call in the parent after a new file was `dup2`-ed onto fd 2 (`log_file` at start, reopening
+/// the log): the parent's non-blocking way to write follows fd 2 only through this. Lines
+/// dropped before and not yet reported are reported in the new log.
+pub fn stderr_replaced() {
+    debug_assert!(
+        LOG.in_parent(std::process::id()),
+        "stderr_replaced in a child"
+    );
+    warn_if_blocking(LOG.attach());
+}
+
+/// Lines the parent could not write since it started (its log reader stalled, the disk was
+/// full, ...). Children's lost lines are not counted.
+pub fn dropped_lines() -> u64 {
+    LOG.dropped.load(Ordering::Relaxed)
 }
 
 /// Applies the configured level (at start and on reload), unless `RUST_LOG` decides.
@@ -52,6 +113,16 @@ pub fn set_level(level: log::LevelFilter) {
 /// True when `RUST_LOG` is set: the operator's environment wins over the config file.
 pub fn env_overrides() -> bool {
     std::env::var_os("RUST_LOG").is_some_and(|v| !v.is_empty())
+}
+
+fn warn_if_blocking(attached: Result<(), io::Error>) {
+    if let Err(e) = attached {
+        log::warn!(
+            "log: cannot write stderr without blocking ({}); a log reader that stops reading \
+             will stop the server",
+            crate::os_error_text(&e)
+        );
+    }
 }
 
 /// env_logger's filter, our line: `<RFC 3339 UTC, ms> <LEVEL> forkecho[<pid>] <message>`.
@@ -73,75 +144,352 @@ impl log::Log for Logger {
     fn flush(&self) {}
 }
 
-/// Formats `record` into a stack buffer and writes it whole; a line that does not fit goes
-/// the heap way. Write errors are dropped: there is nowhere left to report them.
+/// Formats `record` in a stack buffer and writes it; a line that does not fit starts over the
+/// long way.
 fn write_line(record: &log::Record<'_>) {
-    let mut buffer = [0u8; STACK_LINE];
-    let mut line = std::io::Cursor::new(&mut buffer[..]);
-    if format_line(&mut line, record).is_ok() {
-        let len = line.position() as usize;
-        let _ = RawStderr.write_all(&buffer[..len]);
+    // Looked up per line: after fork the same code runs in the child, with its own pid.
+    let pid = std::process::id();
+    let mut line = LineBuffer::<STACK_LINE>::stopping_when_full();
+    if format_line(&mut line, record.level(), pid, record.args()).is_ok() {
+        LOG.write(pid, line.finish());
     } else {
-        write_long_line(record);
+        write_long_line(record, pid);
     }
 }
 
 #[inline(never)]
 #[cold]
-fn write_long_line(record: &log::Record<'_>) {
-    let mut line = Vec::with_capacity(4 * STACK_LINE);
-    if format_line(&mut line, record).is_ok() {
-        let _ = RawStderr.write_all(&line);
-    }
+fn write_long_line(record: &log::Record<'_>, pid: u32) {
+    let mut line = LineBuffer::<MAX_LINE>::cutting();
+    let _ = format_line(&mut line, record.level(), pid, record.args());
+    LOG.write(pid, line.finish());
 }
 
-fn format_line(out: &mut impl Write, record: &log::Record<'_>) -> std::io::Result<()> {
+fn format_line(
+    out: &mut impl fmt::Write,
+    level: log::Level,
+    pid: u32,
+    message: &fmt::Arguments<'_>,
+) -> fmt::Result {
     let now = jiff::Timestamp::try_from(std::time::SystemTime::now())
         .unwrap_or(jiff::Timestamp::UNIX_EPOCH);
-    writeln!(
-        out,
-        "{now:.3} {:<5} forkecho[{}] {}",
-        record.level(),
-        // Looked up per line: after fork the same code runs in the child, with its own pid.
-        std::process::id(),
-        record.args()
-    )
+    write!(out, "{now:.3} {level:<5} forkecho[{pid}] {message}")
 }
 
-/// File descriptor 2, written directly: one `write(2)` per line (`write_all` retries partial
-/// writes and EINTR).
-struct RawStderr;
+/// One line being formatted into a fixed array: the text that fits, and how many bytes of it
+/// did not. Text stops at a UTF-8 character boundary, and nothing is appended after a cut.
+struct LineBuffer<const N: usize> {
+    bytes: [u8; N],
+    len: usize,
+    /// Where text must stop, leaving room for the ending (newline, or cut marker and newline).
+    limit: usize,
+    cut: usize,
+    /// Fail at the first byte that does not fit (the stack buffer, whose caller starts over in
+    /// a larger one) instead of counting on.
+    stop_when_full: bool,
+}
 
-impl std::io::Write for RawStderr {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        // Safe: writes bytes from a valid slice to fd 2.
-        let n = unsafe { libc::write(2, buf.as_ptr().cast(), buf.len()) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
+impl<const N: usize> LineBuffer<N> {
+    fn stopping_when_full() -> Self {
+        Self {
+            bytes: [0; N],
+            len: 0,
+            limit: N - 1,
+            cut: 0,
+            stop_when_full: true,
         }
-        Ok(n as usize)
     }
 
-    fn flush(&mut self) -> std::io::Result<()> {
+    fn cutting() -> Self {
+        Self {
+            bytes: [0; N],
+            len: 0,
+            limit: N - CUT_MARKER_ROOM,
+            cut: 0,
+            stop_when_full: false,
+        }
+    }
+
+    /// The line with its ending: the cut marker if text was cut, and the newline.
+    fn finish(&mut self) -> &[u8] {
+        let cut = std::mem::take(&mut self.cut);
+        self.limit = N;
+        // The room was kept, so neither can fail.
+        let _ = if cut > 0 {
+            writeln!(self, "… [{cut} bytes cut]")
+        } else {
+            self.write_str("\n")
+        };
+        &self.bytes[..self.len]
+    }
+}
+
+impl<const N: usize> fmt::Write for LineBuffer<N> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let room = self.limit - self.len;
+        if self.cut == 0 && s.len() <= room {
+            self.bytes[self.len..self.len + s.len()].copy_from_slice(s.as_bytes());
+            self.len += s.len();
+            return Ok(());
+        }
+        if self.cut == 0 {
+            let mut keep = room;
+            while !s.is_char_boundary(keep) {
+                keep -= 1;
+            }
+            self.bytes[self.len..self.len + keep].copy_from_slice(&s.as_bytes()[..keep]);
+            self.len += keep;
+            self.cut = s.len() - keep;
+        } else {
+            self.cut += s.len();
+        }
+        if self.stop_when_full {
+            Err(fmt::Error)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The process-wide log: [`LOG`]. Its own type so that tests can point one at a pipe.
+static LOG: Log = Log::new(2);
+
+/// How the parent writes its lines: chosen from what stderr is (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Sink {
+    /// `write(2)` on stderr itself: a regular file or a device that never waits (or the
+    /// fallback when no non-blocking way could be set up).
+    Stderr = 0,
+    /// `write(2)` on the parent's own non-blocking description of stderr's pipe or terminal.
+    Private = 1,
+    /// `send(2)` with `MSG_DONTWAIT` on stderr, a socket.
+    Socket = 2,
+}
+
+impl Sink {
+    fn from_u8(value: u8) -> Self {
+        match value {
+            1 => Sink::Private,
+            2 => Sink::Socket,
+            _ => Sink::Stderr,
+        }
+    }
+}
+
+/// Why a line did not get through whole.
+#[derive(Clone, Copy, Debug)]
+struct Failure {
+    errno: i32,
+    /// Part of the line was written: the log now ends in the middle of a line.
+    partial: bool,
+}
+
+/// Where the lines go and what was lost. Written at attach time and while lines are lost; a
+/// line that gets through only reads it.
+struct Log {
+    /// The descriptor every process inherits (2).
+    stderr: RawFd,
+    /// The process that installed the logger: only it writes without blocking.
+    parent_pid: AtomicU32,
+    sink: AtomicU8,
+    /// The descriptor the parent writes: `stderr`, or its private description.
+    fd: AtomicI32,
+    dropped: AtomicU64,
+    /// Dropped since the last `log: ... lines dropped` line.
+    unreported: AtomicU64,
+    last_errno: AtomicI32,
+    /// A short write left the log in the middle of a line.
+    mid_line: AtomicBool,
+}
+
+impl Log {
+    const fn new(stderr: RawFd) -> Self {
+        Self {
+            stderr,
+            parent_pid: AtomicU32::new(0),
+            sink: AtomicU8::new(Sink::Stderr as u8),
+            fd: AtomicI32::new(stderr),
+            dropped: AtomicU64::new(0),
+            unreported: AtomicU64::new(0),
+            last_errno: AtomicI32::new(0),
+            mid_line: AtomicBool::new(false),
+        }
+    }
+
+    fn in_parent(&self, pid: u32) -> bool {
+        pid == self.parent_pid.load(Ordering::Relaxed)
+    }
+
+    /// Chooses the sink for what `stderr` is now, closing the previous private description.
+    /// On error the sink is plain (blocking) writes to stderr.
+    fn attach(&self) -> io::Result<()> {
+        let (sink, fd, result) = match open_sink(self.stderr) {
+            Ok((sink, fd)) => (sink, fd, Ok(())),
+            Err(e) => (Sink::Stderr, self.stderr, Err(e)),
+        };
+        let old = self.fd.swap(fd, Ordering::Relaxed);
+        self.sink.store(sink as u8, Ordering::Relaxed);
+        self.mid_line.store(false, Ordering::Relaxed);
+        if old != self.stderr && old != fd {
+            // Safe: `old` is the private description this `Log` opened and nothing else uses.
+            unsafe { libc::close(old) };
+        }
+        result
+    }
+
+    /// Writes one finished line: in a child to stderr, blocking; in the parent without
+    /// blocking, after the report of lines dropped before it, if any.
+    fn write(&self, pid: u32, line: &[u8]) {
+        if !self.in_parent(pid) {
+            // Nowhere to report a failure: the line is lost.
+            let _ = write_whole(Sink::Stderr, self.stderr, line);
+            return;
+        }
+        let sink = Sink::from_u8(self.sink.load(Ordering::Relaxed));
+        let fd = self.fd.load(Ordering::Relaxed);
+        let written = if self.unreported.load(Ordering::Relaxed) == 0 {
+            write_whole(sink, fd, line)
+        } else {
+            // Lines keep their order: if the report cannot go out, neither can this line.
+            self.report_dropped(sink, fd, pid)
+                .and_then(|()| write_whole(sink, fd, line))
+        };
+        if let Err(failure) = written {
+            self.count_dropped(failure);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn count_dropped(&self, failure: Failure) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        self.unreported.fetch_add(1, Ordering::Relaxed);
+        self.last_errno.store(failure.errno, Ordering::Relaxed);
+        if failure.partial {
+            self.mid_line.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes `log: <n> lines dropped ...`, on a line of its own.
+    #[cold]
+    #[inline(never)]
+    fn report_dropped(&self, sink: Sink, fd: RawFd, pid: u32) -> Result<(), Failure> {
+        let lost = self.unreported.load(Ordering::Relaxed);
+        let reason = errno_text(self.last_errno.load(Ordering::Relaxed));
+        let mut line = LineBuffer::<STACK_LINE>::cutting();
+        if self.mid_line.load(Ordering::Relaxed) {
+            let _ = line.write_str("\n");
+        }
+        let _ = format_line(
+            &mut line,
+            log::Level::Warn,
+            pid,
+            &format_args!(
+                "log: {lost} line{} dropped while the log could not be written ({reason})",
+                if lost == 1 { "" } else { "s" },
+            ),
+        );
+        write_whole(sink, fd, line.finish())?;
+        self.unreported.store(0, Ordering::Relaxed);
+        self.mid_line.store(false, Ordering::Relaxed);
         Ok(())
     }
 }
 
-/// Called after a new file was put on fd 2 (log reopen): nothing to refresh yet.
-pub fn stderr_replaced() {}
+/// The C library's text for `errno`, as an operator reads it: `resource temporarily
+/// unavailable` (the `EAGAIN` of a full pipe), `no space left on device`.
+fn errno_text(errno: i32) -> String {
+    let text = io::Error::from_raw_os_error(errno).to_string();
+    let text = text.split(" (os error").next().unwrap_or_default();
+    let mut chars = text.chars();
+    chars
+        .next()
+        .map(|first| first.to_lowercase().chain(chars).collect())
+        .unwrap_or_default()
+}
+
+/// What the parent writes to for `stderr`, by what it is.
+fn open_sink(stderr: RawFd) -> io::Result<(Sink, RawFd)> {
+    let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // Safe: fstat fills `stat` when it returns 0.
+    if unsafe { libc::fstat(stderr, stat.as_mut_ptr()) } != 0 {
+        // Not open: writes fail at once (and are counted), nothing can block.
+        return Ok((Sink::Stderr, stderr));
+    }
+    // Safe: initialised by the successful fstat.
+    let mode = unsafe { stat.assume_init() }.st_mode & libc::S_IFMT;
+    // Safe: isatty only queries the descriptor.
+    let is_terminal = unsafe { libc::isatty(stderr) } == 1;
+    match mode {
+        libc::S_IFREG => Ok((Sink::Stderr, stderr)),
+        libc::S_IFSOCK => Ok((Sink::Socket, stderr)),
+        libc::S_IFCHR if !is_terminal => Ok((Sink::Stderr, stderr)),
+        // Pipes, FIFOs, terminals (and anything else that might wait for a reader).
+        _ => Ok((Sink::Private, open_private_description(stderr)?)),
+    }
+}
+
+/// A new open file description of the object behind `fd` (the same pipe or terminal), with
+/// `O_NONBLOCK` on it alone. `O_NOCTTY`: a terminal must not become our controlling one.
+fn open_private_description(fd: RawFd) -> io::Result<RawFd> {
+    let path = std::ffi::CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL");
+    let flags = libc::O_WRONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY;
+    // Safe: opens a path from a valid C string.
+    let private = unsafe { libc::open(path.as_ptr(), flags) };
+    if private < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(private)
+}
+
+/// Writes all of `bytes` with one system call (more only after a short write or EINTR).
+fn write_whole(sink: Sink, fd: RawFd, bytes: &[u8]) -> Result<(), Failure> {
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        // Safe: reads `rest.len()` bytes of a valid slice.
+        let n = unsafe {
+            match sink {
+                Sink::Socket => libc::send(
+                    fd,
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                ),
+                Sink::Stderr | Sink::Private => libc::write(fd, rest.as_ptr().cast(), rest.len()),
+            }
+        };
+        if n > 0 {
+            rest = &rest[n as usize..];
+            continue;
+        }
+        let errno = match n {
+            0 => libc::EIO, // nothing written and no error: do not spin
+            _ => io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+        };
+        if errno != libc::EINTR {
+            return Err(Failure {
+                errno,
+                partial: rest.len() < bytes.len(),
+            });
+        }
+    }
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::net::UnixStream;
 
-    fn formatted(args: std::fmt::Arguments<'_>) -> String {
-        let record = log::Record::builder()
-            .level(log::Level::Info)
-            .args(args)
-            .build();
-        let mut out = Vec::new();
-        format_line(&mut out, &record).unwrap();
-        String::from_utf8(out).unwrap()
+    fn formatted(message: std::fmt::Arguments<'_>) -> String {
+        let mut line = LineBuffer::<MAX_LINE>::cutting();
+        let _ = format_line(&mut line, log::Level::Info, std::process::id(), &message);
+        String::from_utf8(line.finish().to_vec()).unwrap()
     }
 
     #[test]
@@ -162,14 +510,235 @@ mod tests {
         let long = "x".repeat(3 * STACK_LINE);
         let line = formatted(format_args!("{long}"));
         assert!(line.ends_with(&format!("{long}\n")), "{line}");
-        // The stack path reports overflow instead of truncating, which is what sends such a
-        // line the heap way.
-        let mut buffer = [0u8; STACK_LINE];
-        let mut cursor = std::io::Cursor::new(&mut buffer[..]);
-        let overflow = format_line(
-            &mut cursor,
-            &log::Record::builder().args(format_args!("{long}")).build(),
+        // The stack path reports overflow instead of cutting, which sends such a line the
+        // long way.
+        let mut short = LineBuffer::<STACK_LINE>::stopping_when_full();
+        assert!(format_line(&mut short, log::Level::Info, 1, &format_args!("{long}")).is_err());
+    }
+
+    #[test]
+    fn a_line_longer_than_the_cap_is_cut_with_a_marker_counting_the_bytes_cut() {
+        // Two-byte characters, so the cut has to find a character boundary.
+        let huge = "é".repeat(512 * 1024);
+        let line = formatted(format_args!("deny [{huge}]"));
+        assert!(line.len() <= MAX_LINE, "{} bytes", line.len());
+        assert!(
+            line.len() > MAX_LINE - CUT_MARKER_ROOM,
+            "{} bytes",
+            line.len()
         );
-        assert!(overflow.is_err());
+        let (text, marker) = line.rsplit_once("… [").expect("a cut marker");
+        let cut: usize = marker
+            .strip_suffix(" bytes cut]\n")
+            .expect("marker ends the line")
+            .parse()
+            .unwrap();
+        let kept = text.split_once("deny [").unwrap().1;
+        assert_eq!(kept.len() + cut, huge.len() + "]".len());
+        assert!(kept.chars().all(|c| c == 'é'));
+        assert_eq!(line.matches('\n').count(), 1);
+    }
+
+    #[test]
+    fn a_line_of_exactly_the_cap_is_not_cut() {
+        let prefix = formatted(format_args!("")).len() - 1;
+        let fits = "y".repeat(MAX_LINE - CUT_MARKER_ROOM - prefix);
+        let line = formatted(format_args!("{fits}"));
+        assert!(line.ends_with(&format!("{fits}\n")), "{line}");
+        let line = formatted(format_args!("{fits}z"));
+        assert!(line.ends_with("… [1 bytes cut]\n"), "{line}");
+    }
+
+    /// A pipe whose buffer holds one page, and a `Log` of this process writing into it.
+    fn small_pipe_log() -> (Log, OwnedFd, OwnedFd) {
+        let (read, write) = nix::unistd::pipe().unwrap();
+        // Safe: sets the size of a pipe we own.
+        assert!(unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) } >= 4096);
+        let log = Log::new(write.as_raw_fd());
+        log.parent_pid.store(std::process::id(), Ordering::Relaxed);
+        log.attach().unwrap();
+        (log, read, write)
+    }
+
+    fn is_nonblocking(fd: RawFd) -> bool {
+        // Safe: reads the status flags of an open descriptor.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        flags & libc::O_NONBLOCK != 0
+    }
+
+    /// Reads what is available without waiting.
+    fn drain(fd: &OwnedFd) -> String {
+        let mut file = std::fs::File::from(fd.try_clone().unwrap());
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) };
+        let mut out = Vec::new();
+        let mut buf = [0u8; 8192];
+        while let Ok(n @ 1..) = file.read(&mut buf) {
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    fn line_of(n: usize) -> Vec<u8> {
+        format!("line {n:04} {}\n", "-".repeat(90)).into_bytes()
+    }
+
+    #[test]
+    fn a_full_pipe_drops_whole_lines_and_the_next_line_through_reports_them_once() {
+        let (log, read, write) = small_pipe_log();
+        let pid = std::process::id();
+        assert_eq!(
+            Sink::from_u8(log.sink.load(Ordering::Relaxed)),
+            Sink::Private
+        );
+        for n in 0..100 {
+            // With a blocking write this would wait here forever.
+            log.write(pid, &line_of(n));
+        }
+        // Only the parent's own description is non-blocking: the shared one is untouched.
+        assert!(!is_nonblocking(write.as_raw_fd()));
+        assert!(is_nonblocking(log.fd.load(Ordering::Relaxed)));
+        let first = drain(&read);
+        let fitted = first.lines().count() as u64;
+        assert!(first.ends_with('\n') && fitted < 100, "{first}");
+        for (n, text) in first.lines().enumerate() {
+            assert_eq!(
+                format!("{text}\n").as_bytes(),
+                line_of(n),
+                "whole lines, in order"
+            );
+        }
+        let dropped = log.dropped.load(Ordering::Relaxed);
+        assert_eq!(dropped, 100 - fitted);
+
+        log.write(pid, &line_of(100));
+        log.write(pid, &line_of(101));
+        let after = drain(&read);
+        let lines: Vec<&str> = after.lines().collect();
+        assert_eq!(lines.len(), 3, "{after}");
+        assert!(
+            lines[0].contains(&format!(
+                "WARN  forkecho[{pid}] log: {dropped} lines dropped while the log could not \
+                 be written (resource temporarily unavailable)"
+            )),
+            "{after}"
+        );
+        assert!(lines[1].starts_with("line 0100") && lines[2].starts_with("line 0101"));
+        assert_eq!(log.dropped.load(Ordering::Relaxed), dropped);
+    }
+
+    #[test]
+    fn a_full_stream_socket_drops_whole_lines_without_blocking() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let log = Log::new(ours.as_raw_fd());
+        log.parent_pid.store(std::process::id(), Ordering::Relaxed);
+        log.attach().unwrap();
+        assert_eq!(
+            Sink::from_u8(log.sink.load(Ordering::Relaxed)),
+            Sink::Socket
+        );
+        let pid = std::process::id();
+        let line = formatted(format_args!("{}", "s".repeat(3000)));
+        let mut n = 0;
+        while log.dropped.load(Ordering::Relaxed) == 0 {
+            log.write(pid, line.as_bytes());
+            n += 1;
+            assert!(n < 100_000, "the socket never filled");
+        }
+        assert!(!is_nonblocking(ours.as_raw_fd()));
+        theirs.set_nonblocking(true).unwrap();
+        let mut got = Vec::new();
+        let _ = (&theirs).read_to_end(&mut got);
+        assert_eq!(got.len() % line.len(), 0, "only whole lines");
+        log.write(pid, b"after\n");
+        let mut got = Vec::new();
+        let _ = (&theirs).read_to_end(&mut got);
+        let got = String::from_utf8(got).unwrap();
+        assert!(
+            got.contains("log: 1 line dropped") && got.ends_with("\nafter\n"),
+            "{got}"
+        );
+    }
+
+    #[test]
+    fn after_a_short_write_to_a_terminal_the_report_starts_on_a_fresh_line() {
+        let (mut master, mut slave) = (0, 0);
+        // Safe: openpty fills two descriptors we then own.
+        let rc = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0);
+        let (master, slave) =
+            unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        // Raw: no "\n" -> "\r\n", so what is read is what was written.
+        let mut termios = std::mem::MaybeUninit::uninit();
+        unsafe {
+            libc::tcgetattr(slave.as_raw_fd(), termios.as_mut_ptr());
+            libc::cfmakeraw(termios.as_mut_ptr());
+            libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, termios.as_ptr());
+        }
+        let log = Log::new(slave.as_raw_fd());
+        log.parent_pid.store(std::process::id(), Ordering::Relaxed);
+        log.attach().unwrap();
+        assert_eq!(
+            Sink::from_u8(log.sink.load(Ordering::Relaxed)),
+            Sink::Private
+        );
+        assert!(!is_nonblocking(slave.as_raw_fd()));
+        let pid = std::process::id();
+        let line = line_of(0).repeat(30); // 3000 bytes
+        let mut n = 0;
+        while log.dropped.load(Ordering::Relaxed) == 0 {
+            log.write(pid, &line);
+            n += 1;
+            assert!(n < 1000, "the terminal never filled");
+        }
+        // A terminal takes what fits of a line (unlike a pipe): this one ended mid-line.
+        assert!(log.mid_line.load(Ordering::Relaxed));
+        let _ = drain(&master);
+        log.write(pid, b"after\n");
+        let got = drain(&master);
+        assert!(
+            got.starts_with("\n2"),
+            "the report starts on a fresh line: {got:?}"
+        );
+        assert!(
+            got.contains("log: 1 line dropped") && got.ends_with("\nafter\n"),
+            "{got}"
+        );
+    }
+
+    #[test]
+    fn a_full_disk_is_counted_with_its_reason() {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let log = Log::new(full.as_raw_fd());
+        log.parent_pid.store(std::process::id(), Ordering::Relaxed);
+        log.attach().unwrap();
+        assert_eq!(
+            Sink::from_u8(log.sink.load(Ordering::Relaxed)),
+            Sink::Stderr
+        );
+        log.write(std::process::id(), b"lost\n");
+        log.write(std::process::id(), b"lost too\n");
+        assert_eq!(log.dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(log.last_errno.load(Ordering::Relaxed), libc::ENOSPC);
+    }
+
+    #[test]
+    fn a_child_writes_to_stderr_itself_and_counts_nothing() {
+        let (log, read, _write) = small_pipe_log();
+        // Any pid but the one that attached is a child.
+        log.write(std::process::id() + 1, b"from a child\n");
+        assert_eq!(drain(&read), "from a child\n");
+        assert_eq!(log.dropped.load(Ordering::Relaxed), 0);
     }
 }

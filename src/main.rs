@@ -99,6 +99,8 @@ fn main() -> ExitCode {
         if let Err(e) = daemon::redirect_stderr(log) {
             return startup_failed(&mut readiness, &format!("cannot log to the log file: {e}"));
         }
+        // The logger writes through its own non-blocking description of fd 2: renew it.
+        logging::stderr_replaced();
     }
     if let Some(who) = &config.run_as {
         log::info!("running as {} (uid {}, gid {})", who.user, who.uid, who.gid);

@@ -974,7 +974,8 @@ impl Server {
         let refused = &self.admission.refused;
         info!(
             "status: {} active (max {}), {} accepted, {} ended [{}], {} refused [{}], \
-             {} fork failures, busiest sources [{}], uptime {}",
+             {} fork failures, {} waiting, busiest sources [{}], {} log lines dropped, \
+             {} sd_notify messages dropped, uptime {}",
             self.children.len(),
             self.limits.max_children,
             totals.forked + self.fork_failures,
@@ -983,7 +984,10 @@ impl Server {
             refused.total(),
             refused,
             self.fork_failures,
+            self.pending.len(),
             busiest.join(", "),
+            crate::logging::dropped_lines(),
+            crate::systemd::dropped(),
             seconds(self.started.elapsed())
         );
     }

@@ -68,6 +68,12 @@ pub fn hook() -> io::Result<Signals> {
         hooked.add(Signal::try_from(signal)?);
     }
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&hooked), None)?;
+    // Why: a log file that reaches RLIMIT_FSIZE would otherwise kill the parent (and orphan
+    // every session) with SIGXFSZ; ignored, the write fails with EFBIG and the logger counts
+    // the line as dropped, as on a full disk. Children restore the default.
+    let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    // Safe: installs SIG_IGN, no handler code.
+    unsafe { sigaction(Signal::SIGXFSZ, &ignore) }?;
     Ok(signals)
 }
 
@@ -161,6 +167,9 @@ pub fn reset_in_child() -> io::Result<()> {
         // Safe: installs SIG_DFL, no Rust code runs as a handler.
         unsafe { sigaction(sig, &default) }?;
     }
+    // The parent ignores SIGXFSZ (see `hook`); a session gets the default, as any program.
+    // Safe: installs SIG_DFL.
+    unsafe { sigaction(Signal::SIGXFSZ, &default) }?;
     let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
     // Safe: installs SIG_IGN, no handler code.
     unsafe { sigaction(Signal::SIGPIPE, &ignore) }?;

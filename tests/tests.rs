@@ -9,5 +9,6 @@ mod echo;
 mod faults;
 mod files;
 mod limits;
+mod logs;
 mod operations;
 mod supervision;

@@ -1,0 +1,368 @@
+//! The log when its reader stops reading: the server's stderr is a pipe (or the journal's kind
+//! of stream socket) that this test holds and, for a while, does not read. The parent must
+//! keep serving, reaping and obeying signals, drop what it cannot write, and say how much it
+//! dropped once the reader is back.
+
+use std::fs::File;
+use std::io::{ErrorKind, Read};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use nix::fcntl::OFlag;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::util::*;
+
+/// Short clients that fill the log while nobody reads it: two parent lines each (accepted,
+/// exited), about 220 bytes, against 4 KiB of pipe (8 KiB of socket buffer).
+const FILL: usize = 60;
+
+/// How long a stalled server may take to exit after SIGTERM.
+const EXIT_BOUND: Duration = Duration::from_secs(5);
+
+/// What the server's stderr is.
+#[derive(Clone, Copy, PartialEq)]
+enum LogKind {
+    Pipe,
+    Socket,
+}
+
+/// A `forkecho` whose stderr is `log`, a pipe or socket end only this test reads. Dropping it
+/// kills the server and its children, by pid.
+struct StalledLog {
+    child: KillServerOnDrop,
+    pid: Pid,
+    log: File,
+    addr: SocketAddr,
+    /// Everything read from the log so far.
+    text: String,
+}
+
+impl StalledLog {
+    /// Starts the server at `log_level` info (children log nothing on a clean end) and reads
+    /// its log up to the `listening on` line; from then on the log is not read.
+    fn start(kind: LogKind) -> Self {
+        let (ours, theirs) = log_channel(kind);
+        let mut command = Command::new(BIN);
+        command
+            .args(["-l", "127.0.0.1:0", "--log-level", "info"])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(theirs));
+        let child = command.spawn().expect("start forkecho");
+        // Our copy of the server's end goes now, so that reading sees EOF once it exits.
+        drop(command);
+        let pid = Pid::from_raw(child.id() as i32);
+        let mut server = StalledLog {
+            child: KillServerOnDrop(child),
+            pid,
+            log: File::from(ours),
+            addr: "127.0.0.1:0".parse().unwrap(),
+            text: String::new(),
+        };
+        while !server.text.contains("listening on ")
+            || !server
+                .text
+                .split("listening on ")
+                .nth(1)
+                .unwrap()
+                .contains('\n')
+        {
+            let mut buf = [0u8; 512];
+            let n = server.log.read(&mut buf).expect("read the log");
+            assert!(n > 0, "forkecho exited: {}", server.text);
+            server.text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        let after = server.text.split("listening on ").nth(1).unwrap();
+        server.addr = after.split_whitespace().next().unwrap().parse().unwrap();
+        server
+    }
+
+    /// Connects, is greeted, closes: the parent logs two lines.
+    fn short_client(&self) {
+        let mut s = connect(self.addr);
+        expect_banner(&mut s);
+    }
+
+    /// Bytes waiting in the log for a reader.
+    fn queued(&self) -> usize {
+        let mut n: libc::c_int = 0;
+        // Safe: FIONREAD writes one int.
+        let rc = unsafe { libc::ioctl(self.log.as_raw_fd(), libc::FIONREAD, &mut n) };
+        assert_eq!(rc, 0);
+        n as usize
+    }
+
+    fn wait_no_children(&self, what: &str) {
+        assert!(
+            wait_until(WAIT, || children_of(self.pid).is_empty()),
+            "{what}: children left: {:?}",
+            children_of(self.pid)
+        );
+    }
+
+    /// Reads what the log holds now, without waiting for more.
+    fn read_available(&mut self) {
+        set_nonblocking(self.log.as_raw_fd(), true);
+        let mut buf = [0u8; 8192];
+        loop {
+            match self.log.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => self.text.push_str(&String::from_utf8_lossy(&buf[..n])),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => panic!("read the log: {e}"),
+            }
+        }
+        set_nonblocking(self.log.as_raw_fd(), false);
+    }
+
+    /// SIGTERM, then the exit must follow within `EXIT_BOUND`; returns the rest of the log.
+    fn terminate_and_read_to_end(&mut self) -> String {
+        kill(self.pid, Signal::SIGTERM).unwrap();
+        let mut status = None;
+        let exited = wait_until(EXIT_BOUND, || {
+            status = self.child.0.try_wait().unwrap();
+            status.is_some()
+        });
+        assert!(
+            exited,
+            "forkecho still running {EXIT_BOUND:?} after SIGTERM, state {:?}",
+            process_state(self.pid)
+        );
+        assert!(status.unwrap().success(), "{status:?}");
+        let mut rest = Vec::new();
+        self.log.read_to_end(&mut rest).unwrap();
+        self.text.push_str(&String::from_utf8_lossy(&rest));
+        self.text.clone()
+    }
+}
+
+/// A server process: dropped, it is killed with its children, by pid, and reaped.
+struct KillServerOnDrop(Child);
+
+impl Drop for KillServerOnDrop {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let pid = Pid::from_raw(self.0.id() as i32);
+            // Stopped first, so that it cannot fork while its children are collected.
+            let _ = kill(pid, Signal::SIGSTOP);
+            for c in children_of(pid) {
+                let _ = kill(c.pid, Signal::SIGKILL);
+            }
+            let _ = kill(pid, Signal::SIGKILL);
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The test's end and the server's end of a small log channel.
+fn log_channel(kind: LogKind) -> (OwnedFd, OwnedFd) {
+    match kind {
+        LogKind::Pipe => {
+            let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+            // One page: a few dozen lines fill it.
+            // Safe: sets the size of a pipe we own.
+            let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+            assert_eq!(size, 4096);
+            (read, write)
+        }
+        LogKind::Socket => {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            socket2::SockRef::from(&theirs)
+                .set_send_buffer_size(4096)
+                .unwrap();
+            (ours.into(), theirs.into())
+        }
+    }
+}
+
+fn set_nonblocking(fd: RawFd, on: bool) {
+    // Safe: reads and sets the status flags of a descriptor we own.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        let flags = if on {
+            flags | libc::O_NONBLOCK
+        } else {
+            flags & !libc::O_NONBLOCK
+        };
+        libc::fcntl(fd, libc::F_SETFL, flags);
+    }
+}
+
+/// Fills the log while nobody reads it, then: a new client is greeted and echoed, every child
+/// is reaped (none left, no zombie), and SIGTERM ends the server within `EXIT_BOUND`.
+fn assert_serves_with_a_stalled_log(kind: LogKind) -> StalledLog {
+    let server = StalledLog::start(kind);
+    for _ in 0..FILL {
+        server.short_client();
+    }
+    if kind == LogKind::Pipe {
+        // Full: not even one more line of ~110 bytes fits.
+        assert!(
+            wait_until(WAIT, || server.queued() > 4096 - 110),
+            "the pipe never filled: {} bytes queued",
+            server.queued()
+        );
+    }
+    let mut s = connect(server.addr);
+    expect_banner(&mut s);
+    assert_eq!(echo_roundtrip(&mut s, b"still here\n"), b"still here\n");
+    drop(s);
+    server.wait_no_children("with the log stalled");
+    server
+}
+
+/// Every line of `text` is whole: the timestamp, level and pid prefix through the newline.
+fn assert_whole_lines(text: &str) {
+    assert!(text.ends_with('\n'), "{text}");
+    for line in text.lines() {
+        assert!(
+            line.starts_with("20") && line.contains(" forkecho["),
+            "not a whole line: {line:?}\n{text}"
+        );
+    }
+}
+
+#[test]
+fn a_stalled_log_pipe_does_not_stop_serving_reaping_or_shutdown() {
+    let mut server = assert_serves_with_a_stalled_log(LogKind::Pipe);
+    let log = server.terminate_and_read_to_end();
+    assert_whole_lines(&log);
+    // No line got through after the stall began, so there was no chance to report it.
+    assert!(!log.contains("lines dropped"), "{log}");
+}
+
+#[test]
+fn a_stalled_journal_socket_does_not_stop_serving_reaping_or_shutdown() {
+    let mut server = assert_serves_with_a_stalled_log(LogKind::Socket);
+    let log = server.terminate_and_read_to_end();
+    assert_whole_lines(&log);
+}
+
+/// When the reader resumes, the next line through is preceded by one report of how many lines
+/// were dropped, and that count is exactly the lines missing.
+#[test]
+fn lines_dropped_while_the_log_stalled_are_reported_once_when_it_resumes() {
+    let mut server = assert_serves_with_a_stalled_log(LogKind::Pipe);
+    server.read_available();
+    server.short_client();
+    server.wait_no_children("after the log resumed");
+    let log = server.terminate_and_read_to_end();
+    assert_whole_lines(&log);
+
+    let reports: Vec<&str> = log.lines().filter(|l| l.contains("dropped")).collect();
+    assert_eq!(reports.len(), 1, "{log}");
+    let dropped: usize = reports[0]
+        .split("log: ")
+        .nth(1)
+        .and_then(|rest| {
+            rest.strip_suffix(
+            " lines dropped while the log could not be written (resource temporarily unavailable)",
+        )
+        })
+        .unwrap_or_else(|| panic!("report: {:?}", reports[0]))
+        .parse()
+        .unwrap();
+    assert!(reports[0].contains(" WARN  forkecho["), "{}", reports[0]);
+    // Two lines per client (the fillers, the one served while stalled, the one after): each
+    // either reached the pipe or was counted.
+    let seen = log.matches(" accepted ").count() + log.matches(" exited with code 0 ").count();
+    assert_eq!(seen + dropped, 2 * (FILL + 2), "{log}");
+    // The report comes first, then the lines that got through.
+    let after_report = log.split(reports[0]).nth(1).unwrap();
+    assert!(after_report.contains("accepted"), "{log}");
+    assert!(after_report.contains("shutdown complete"), "{log}");
+}
+
+/// With `--log-file`, stderr (here a pipe) is replaced by the file once the server has
+/// started: the parent's lines must follow it there, not stay on the pipe it started with.
+#[test]
+fn with_a_log_file_the_parents_lines_follow_stderr_to_the_file() {
+    let dir = TempDir::new();
+    let path = dir.path().join("forkecho.log");
+    let (_ours, theirs) = log_channel(LogKind::Pipe);
+    let server = Command::new(BIN)
+        .args(["-l", "127.0.0.1:0", "--log-file", path.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(theirs))
+        .spawn()
+        .expect("start forkecho");
+    let _server = KillServerOnDrop(server);
+    let log = || std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        wait_until(WAIT, || log().contains("listening on ")),
+        "log file: {:?}",
+        log()
+    );
+    let addr: SocketAddr = log()
+        .split("listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut s = connect(addr);
+    expect_banner(&mut s);
+    assert_eq!(echo_roundtrip(&mut s, b"to the file\n"), b"to the file\n");
+    let accepted = format!("accepted {}", s.local_addr().unwrap());
+    assert!(
+        wait_until(WAIT, || log().contains(&accepted)),
+        "log file: {:?}",
+        log()
+    );
+}
+
+/// A log file that reaches the file-size limit (RLIMIT_FSIZE) would kill the parent with
+/// SIGXFSZ and orphan its sessions; the parent ignores it, counts the lines it could not
+/// write, and goes on serving and stopping as asked.
+#[test]
+fn a_log_file_at_the_file_size_limit_does_not_kill_the_server() {
+    use std::os::unix::process::CommandExt;
+    let dir = TempDir::new();
+    let path = dir.path().join("forkecho.log");
+    let mut command = Command::new(BIN);
+    command
+        .args(["-l", "127.0.0.1:0", "--log-file", path.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // Safe: setrlimit is async-signal-safe; this runs just before exec.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_FSIZE, 600, 600)?;
+            Ok(())
+        });
+    }
+    let mut server = KillServerOnDrop(command.spawn().expect("start forkecho"));
+    let log = || std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        wait_until(WAIT, || log().contains("listening on ")),
+        "{:?}",
+        log()
+    );
+    let addr: SocketAddr = log()
+        .split("listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Each session logs two lines of about 100 bytes: the file is full after a few.
+    for i in 0..20 {
+        let mut s = connect(addr);
+        expect_banner(&mut s);
+        let line = format!("session {i}\n");
+        assert_eq!(echo_roundtrip(&mut s, line.as_bytes()), line.as_bytes());
+    }
+    assert!(std::fs::metadata(&path).unwrap().len() <= 600);
+    let pid = Pid::from_raw(server.0.id() as i32);
+    kill(pid, Signal::SIGTERM).unwrap();
+    let status = server.0.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+}
