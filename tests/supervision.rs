@@ -519,7 +519,8 @@ fn smart_shutdown_serves_or_answers_every_queued_client_never_resets_one() {
     server.signal(Signal::SIGCONT);
     server.wait_for_line("shutting down on SIGTERM (smart)");
 
-    // Two slots were free: two queued clients are served whole, the other four answered.
+    // Two slots were free (more, if a served session ended and was reaped meanwhile): those
+    // clients are served whole, the others answered.
     let mut served = 0;
     for (i, s) in queued.iter_mut().enumerate() {
         let got = read_to_eof(s);
@@ -530,8 +531,16 @@ fn smart_shutdown_serves_or_answers_every_queued_client_never_resets_one() {
             assert_eq!(got, b"closing\n", "queued client {i}: {got:?}");
         }
     }
-    assert_eq!(served, 2, "queued clients served under max_children 3");
-    server.wait_for_line("answered 4 queued clients with refusal_message");
+    assert!(
+        served >= 2,
+        "{served} queued clients served under max_children 3"
+    );
+    if served < QUEUED {
+        let answered = QUEUED - served;
+        server.wait_for_line(&format!(
+            "answered {answered} queued clients with refusal_message"
+        ));
+    }
 
     assert_eq!(echo_roundtrip(&mut held, b"still\n"), b"still\n");
     held.shutdown(Shutdown::Write).unwrap();
