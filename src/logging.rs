@@ -421,6 +421,9 @@ fn open_sink(stderr: RawFd) -> io::Result<(Sink, RawFd)> {
     let mode = unsafe { stat.assume_init() }.st_mode & libc::S_IFMT;
     // Safe: isatty only queries the descriptor.
     let is_terminal = unsafe { libc::isatty(stderr) } == 1;
+    if mode == libc::S_IFIFO {
+        grow_pipe(stderr);
+    }
     match mode {
         libc::S_IFREG => Ok((Sink::Stderr, stderr)),
         libc::S_IFSOCK => Ok((Sink::Socket, stderr)),
@@ -428,6 +431,26 @@ fn open_sink(stderr: RawFd) -> io::Result<(Sink, RawFd)> {
         // Pipes, FIFOs, terminals (and anything else that might wait for a reader).
         _ => Ok((Sink::Private, open_private_description(stderr)?)),
     }
+}
+
+/// How much of a burst of lines the log's pipe should hold before lines are dropped.
+const BURST_BUFFER: libc::c_int = 1 << 20;
+
+/// Grows the pipe behind `fd` towards [`BURST_BUFFER`] (1 MiB, about 10,000 lines), as far as
+/// `fs.pipe-max-size` allows.
+///
+/// Why: the parent drops a line rather than wait for a slow reader, and bursts are normal: a
+/// thousand sessions killed at once are a thousand lines within milliseconds, more than a
+/// default 64 KiB pipe holds before a busy log shipper reads. Memory is used only while lines
+/// wait. (The journal's socket needs nothing: systemd gives it an 8 MiB send buffer.) A
+/// failure is ignored: the default buffer still works, with drops counted.
+fn grow_pipe(fd: RawFd) {
+    let max = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+        .ok()
+        .and_then(|t| t.trim().parse::<libc::c_int>().ok())
+        .unwrap_or(BURST_BUFFER);
+    // Safe: F_SETPIPE_SZ only resizes the pipe's buffer; it never drops what it holds.
+    unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, BURST_BUFFER.min(max)) };
 }
 
 /// A new open file description of the object behind `fd` (the same pipe or terminal), with
@@ -557,6 +580,9 @@ mod tests {
         let log = Log::new(write.as_raw_fd());
         log.parent_pid.store(std::process::id(), Ordering::Relaxed);
         log.attach().unwrap();
+        // `attach` grew it for bursts (`grow_pipe`): back to one page, to fill it quickly.
+        // Safe: sets the size of a pipe we own.
+        assert!(unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) } >= 4096);
         (log, read, write)
     }
 
