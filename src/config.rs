@@ -593,7 +593,32 @@ fn read_config_file(path: &Path) -> Result<Vec<u8>, String> {
     if bytes.len() as u64 > MAX_CONFIG_BYTES {
         return Err(too_large());
     }
+    check_item_count(&bytes)?;
     Ok(bytes)
+}
+
+/// Most values and keys a configuration may hold (counted as the `,` `[` `{` `=` bytes that
+/// separate them): a 200,000-entry `deny` list has about 200,000.
+pub const MAX_CONFIG_ITEMS: usize = 500_000;
+
+/// Refuses a file with more than [`MAX_CONFIG_ITEMS`] items before it is parsed.
+///
+/// Why: the byte cap does not bound the parse. Parsed TOML costs about 150 bytes per item, so
+/// 32 MiB of `deny = [0,0,0,...]` took 2.5 GB and 8 s, inside the parent's loop on a reload.
+/// Counting separators is a linear scan with no allocation; one inside a string or comment
+/// counts too, which only makes the bound stricter. At the cap the parse takes about 75 MB.
+fn check_item_count(bytes: &[u8]) -> Result<(), String> {
+    let items = bytes
+        .iter()
+        .filter(|b| matches!(b, b',' | b'[' | b'{' | b'='))
+        .count();
+    if items > MAX_CONFIG_ITEMS {
+        return Err(format!(
+            "holds {items} values and keys (counting each `,` `[` `{{` `=`), more than the \
+             {MAX_CONFIG_ITEMS} a configuration may hold"
+        ));
+    }
+    Ok(())
 }
 
 /// `Ok` for a regular file, else what it is instead.
@@ -1361,6 +1386,10 @@ mod tests {
         let dir = Scratch::new("read");
         let fifo = dir.0.join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let many = format!("deny = [{}0]\n", "0,".repeat(MAX_CONFIG_ITEMS));
+        let e = check_item_count(many.as_bytes()).unwrap_err();
+        assert!(e.contains("more than the 500000"), "{e}");
+        assert!(check_item_count(b"deny = [\"10.0.0.1\", \"10.0.0.2\"]\n").is_ok());
         let e = read_config_file(&fifo).unwrap_err();
         assert!(e.starts_with("is a FIFO, not a regular file"), "{e}");
         let e = read_config_file(Path::new("/dev/zero")).unwrap_err();

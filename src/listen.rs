@@ -15,6 +15,9 @@ pub struct Listener {
     pub local: SocketAddr,
     /// Passed in by systemd (socket activation): its address belongs to the .socket unit.
     pub from_systemd: bool,
+    /// The `listen(2)` backlog it was bound with (a reload changes it for new addresses only);
+    /// for a socket systemd passed, the most the kernel allows.
+    pub backlog: u32,
 }
 
 /// Why a listener could not be set up; displays as `cannot listen on ADDR: reason`.
@@ -90,6 +93,7 @@ pub fn from_systemd() -> io::Result<Option<Vec<Listener>>> {
             configured: local,
             local,
             from_systemd: true,
+            backlog: u16::MAX as u32,
         });
     }
     if listeners.is_empty() {
@@ -133,6 +137,7 @@ fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<Listener
         configured: addr,
         local,
         from_systemd: false,
+        backlog,
     })
 }
 

@@ -95,10 +95,13 @@ fn main() -> ExitCode {
     }
     // Every startup failure is behind us: from here every line goes to `log_file`, if set (a
     // daemon's already does). Until now errors went to the terminal or the journal.
-    if let Some(log) = &log_on_ready {
-        if let Err(e) = daemon::redirect_stderr(log) {
+    if let Some(log) = log_on_ready {
+        if let Err(e) = daemon::redirect_stderr(&log) {
             return startup_failed(&mut readiness, &format!("cannot log to the log file: {e}"));
         }
+        // Only fd 2 may hold the file: after logrotate renamed it and SIGHUP reopened the log,
+        // a second descriptor would keep the old file (and its disk space) for our whole life.
+        drop(log);
         // The logger writes through its own non-blocking description of fd 2: renew it.
         logging::stderr_replaced();
     }

@@ -112,7 +112,8 @@ impl std::fmt::Display for PidFileError {
             PidFileError::OtherProcess { path, pid, name } => write!(
                 f,
                 "pid file {} holds pid {pid}, a running `{name}`, not forkecho; not starting \
-                 (remove the file if it is stale)",
+                 (no forkecho holds its lock: if it is a stale file whose pid was reused, \
+                 remove it)",
                 path.display()
             ),
             PidFileError::Io { path, error } => write!(
@@ -334,11 +335,12 @@ fn pseudo_filesystem(file: &File) -> Option<&'static str> {
         .map(|(_, name)| *name)
 }
 
-/// `Some((pid, command name))` if `pid` is a running process that is not a forkecho (nor
-/// this process). A forkecho that holds no lock on the file is not running with it, so its
-/// pid may be taken over.
+/// `Some((pid, command name))` if `pid` is a running process that is not a forkecho, nor this
+/// process, nor its parent (a supervisor restarting us after a crash may now have the pid
+/// the dead forkecho had; PostgreSQL excepts its parent likewise). A forkecho that holds no
+/// lock on the file is not running with it, so its pid may be taken over.
 fn running_other_program(pid: u32) -> Option<(u32, String)> {
-    if pid == std::process::id() {
+    if pid == std::process::id() || pid == std::os::unix::process::parent_id() {
         return None;
     }
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;

@@ -520,7 +520,8 @@ impl Server {
     /// Leaves `ready[i]` set if the queue may not be empty yet.
     fn accept_batch(&mut self, i: usize) {
         for _ in 0..ACCEPT_BATCH {
-            if self.at_capacity {
+            // At `max_children`, or paused after a fork failure: the rest wait in the backlog.
+            if !self.accepting() {
                 return;
             }
             match accept_blocking(&self.listeners[i].socket) {
@@ -927,11 +928,12 @@ impl Server {
     /// completed their handshake, and closing the listener would reset them. With `admit`,
     /// each is admitted or refused as always while there is room under `max_children`, which
     /// stays a hard limit; the rest are refused with `refusal_message` (`Refusal::Closing`).
-    /// Bounded by twice what the kernel queues (`backlog + 1` completed connections), so a
-    /// flood on the closing address cannot keep the loop from its signals.
+    /// Bounded by twice what the kernel queues there (`backlog + 1` completed connections, with
+    /// the backlog the listener was bound with), so a flood on the closing address cannot keep
+    /// the loop from its signals.
     fn drain_queue_of(&mut self, listener: &Listener, admit: bool) {
         let mut closing = 0u64;
-        for _ in 0..2 * (self.config.backlog as usize + 1) {
+        for _ in 0..2 * (listener.backlog as usize + 1) {
             match accept_blocking(&listener.socket) {
                 Ok((stream, peer)) => {
                     if admit && !self.at_max_children() {

@@ -74,6 +74,11 @@ pub fn hook() -> io::Result<Signals> {
     let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
     // Safe: installs SIG_IGN, no handler code.
     unsafe { sigaction(Signal::SIGXFSZ, &ignore) }?;
+    // Why: started in the background of a terminal with `stty tostop`, the parent would be
+    // stopped by SIGTTOU at its first log line to that terminal, and with it every accept and
+    // reap. Ignored, the line is written. (Children ignore it too; see `spawn`.)
+    // Safe: installs SIG_IGN, no handler code.
+    unsafe { sigaction(Signal::SIGTTOU, &ignore) }?;
     Ok(signals)
 }
 

@@ -425,3 +425,30 @@ fn bad_values_are_explained_as_written() {
         "{err}"
     );
 }
+
+/// A file within the byte cap can still hold millions of tiny values, and parsing costs about
+/// 150 bytes each: such a file is refused before it is parsed, at start and on reload, and
+/// the running configuration keeps serving.
+#[test]
+fn a_config_with_too_many_values_is_refused_before_parsing() {
+    let dir = TempDir::new();
+    let many = format!("deny = [{}0]\n", "0,".repeat(600_000));
+    let path = write_config(&dir, &many);
+    let out = run(&["-c", &path, "--check-config"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{path}: holds 600002 values and keys")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("more than the 500000"), "{stderr}");
+
+    let server = Server::builder()
+        .config("listen = [\"127.0.0.1:0\"]\n")
+        .start();
+    server.rewrite_config(&format!("listen = [\"127.0.0.1:0\"]\n{many}"));
+    server.signal(nix::sys::signal::Signal::SIGHUP);
+    let line = server.wait_for_line("reload refused");
+    assert!(line.contains("more than the 500000"), "{line}");
+    assert_serves(&server, b"still\n");
+}

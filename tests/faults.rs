@@ -662,14 +662,19 @@ fn fd_exhaustion_under_5_percent_cpu_then_waiting_clients_served_within_2s() {
 /// the run of failures gets one WARN naming the peer, and accepting pauses between attempts
 /// (clients wait in the backlog instead of each being accepted and closed); the parent
 /// survives, its sessions are unharmed, and once a child exits a new client is served.
-#[test]
-fn fork_failure_refuses_with_message_pauses_and_serves_again_when_children_exit() {
+/// A server that can fork only two children: it runs as an otherwise unused uid with
+/// RLIMIT_NPROC 3 (the parent and two children; root would bypass the limit, and `nobody`
+/// may own other processes), with `busy\n` as its refusal message. None without root.
+/// Holds the lock of the suite's one-at-a-time tests: every such server runs as the same
+/// unused uid, and RLIMIT_NPROC counts that uid's processes in all of them.
+fn server_with_two_process_slots() -> Option<(Server, MutexGuard<'static, ()>)> {
     use std::os::unix::process::CommandExt;
 
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipping the fork failure test: only root can start the server as another user");
-        return;
+        return None;
     }
+    let heavy = heavy();
     let uid = unused_uid();
     // A copy in a world-readable directory, so that user may execute it wherever the tree is.
     let dir = TempDir::new();
@@ -694,7 +699,16 @@ fn fork_failure_refuses_with_message_pauses_and_serves_again_when_children_exit(
             }
         })
         .start();
+    // The copy may go: the running process keeps its image.
+    drop(dir);
+    Some((server, heavy))
+}
 
+#[test]
+fn fork_failure_refuses_with_message_pauses_and_serves_again_when_children_exit() {
+    let Some((server, _heavy)) = server_with_two_process_slots() else {
+        return;
+    };
     let first = server.connect_greeted();
     let mut second = server.connect_greeted();
     for attempt in 0..2 {
@@ -723,7 +737,7 @@ fn fork_failure_refuses_with_message_pauses_and_serves_again_when_children_exit(
     let status = server.status_line();
     assert!(status.contains("2 fork failures"), "{status}");
     report(&format!(
-        "fork failure: uid {uid}, RLIMIT_NPROC {NPROC}: 2 connections refused, one warning; \
+        "fork failure: RLIMIT_NPROC 3: 2 connections refused, one warning; \
          served again {served_in:?} after a child exited"
     ));
 }
@@ -984,4 +998,43 @@ fn slowloris_holding_max_children_next_client_served_once_idle_timeouts_fire() {
         "slowloris: {MAX} idle sessions at max_children; the next client was served {waited:?} \
          after it queued (idle timeout {IDLE:?})"
     ));
+}
+
+/// One fork failure pauses accepting at once: the clients queued behind the one it refused
+/// stay in the backlog, and the next attempts come after growing pauses, not in the same
+/// millisecond (the log's timestamps tell).
+#[test]
+fn fork_failure_leaves_the_queued_clients_in_the_backlog() {
+    let Some((server, _heavy)) = server_with_two_process_slots() else {
+        return;
+    };
+    let _held = [server.connect_greeted(), server.connect_greeted()];
+    server.signal(Signal::SIGSTOP);
+    assert!(wait_until(WAIT, || process_state(server.pid()) == Some('T')));
+    let _queued: Vec<TcpStream> = (0..10).map(|_| server.connect()).collect();
+    server.signal(Signal::SIGCONT);
+    server.wait_for_log("three fork failures", WAIT, |lines| {
+        lines
+            .iter()
+            .filter(|l| l.contains("cannot fork for"))
+            .count()
+            >= 3
+    });
+    let times: Vec<f64> = server
+        .log_lines()
+        .iter()
+        .filter(|l| l.contains("cannot fork for"))
+        .map(|l| seconds_of_day(l.split_whitespace().next().unwrap()))
+        .collect();
+    for pair in times.windows(2).take(2) {
+        let gap = pair[1] - pair[0];
+        assert!(gap >= 0.09, "fork attempts {gap:.3} s apart: {times:?}");
+    }
+}
+
+/// Seconds since midnight of a log line's RFC 3339 timestamp (`2026-11-26T09:40:01.123Z`).
+fn seconds_of_day(stamp: &str) -> f64 {
+    let time = stamp.split('T').nth(1).unwrap().trim_end_matches('Z');
+    let parts: Vec<f64> = time.split(':').map(|p| p.parse().unwrap()).collect();
+    parts[0] * 3600.0 + parts[1] * 60.0 + parts[2]
 }

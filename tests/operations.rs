@@ -861,3 +861,36 @@ fn listener_swaps_under_load_always_bind() {
     assert_eq!(server.count_lines("FAILED"), 0, "{}", server.log_text());
     assert_serves(&server, b"after the swaps\n");
 }
+
+/// After logrotate's rename and SIGHUP, nothing in the server holds the rotated file any
+/// more (only fd 2 ever held the log): once deleted, its space is free.
+#[test]
+fn a_rotated_log_file_is_not_held_open_after_sighup() {
+    let dir = TempDir::new();
+    let path = dir.path().join("forkecho.log");
+    let rotated = dir.path().join("forkecho.log.1");
+    let child = std::process::Command::new(BIN)
+        .args(["-l", "127.0.0.1:0", "--log-file", path.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start forkecho");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _guard = KillOnDrop(pid);
+    let log = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    assert!(wait_until(WAIT, || log(&path).contains("listening on ")));
+    std::fs::rename(&path, &rotated).unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    assert!(wait_until(WAIT, || log(&path).contains("log_file reopened")));
+    let holding: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == rotated))
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        holding.is_empty(),
+        "fds still on the rotated file: {holding:?}"
+    );
+}
