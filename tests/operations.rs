@@ -869,7 +869,7 @@ fn a_rotated_log_file_is_not_held_open_after_sighup() {
     let dir = TempDir::new();
     let path = dir.path().join("forkecho.log");
     let rotated = dir.path().join("forkecho.log.1");
-    let child = std::process::Command::new(BIN)
+    let mut child = std::process::Command::new(BIN)
         .args(["-l", "127.0.0.1:0", "--log-file", path.to_str().unwrap()])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -893,4 +893,6 @@ fn a_rotated_log_file_is_not_held_open_after_sighup() {
         holding.is_empty(),
         "fds still on the rotated file: {holding:?}"
     );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(child.wait().unwrap().success());
 }
