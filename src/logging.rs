@@ -1030,6 +1030,63 @@ mod tests {
         );
     }
 
+    /// Another user's terminal (mode 0600, not ours to reopen) that is our controlling one is
+    /// written through `/dev/tty`, without blocking. Needs root to become another user; runs
+    /// in a child, which takes the terminal as its controlling one in a session of its own.
+    #[test]
+    fn another_users_controlling_terminal_is_reopened_through_dev_tty() {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipping: only root can become another user");
+            return;
+        }
+        let (mut master, mut slave) = (0, 0);
+        // Safe: openpty fills two descriptors we then own.
+        let rc = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0);
+        let (_master, slave) =
+            unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        // Safe: the child makes system calls only and ends with _exit.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            let code = unsafe {
+                let fd = slave.as_raw_fd();
+                if libc::fchmod(fd, 0o600) != 0
+                    || libc::setsid() < 0
+                    || libc::ioctl(fd, libc::TIOCSCTTY, 0) != 0
+                    || libc::setgid(59_999) != 0
+                    || libc::setuid(59_999) != 0
+                {
+                    10
+                } else if open_private_description(fd).is_ok() {
+                    11 // the reopen should have been refused
+                } else {
+                    match open_sink(fd) {
+                        Ok((Sink::Private, private, NO_RELAY))
+                            if is_nonblocking(private) && !is_nonblocking(fd) =>
+                        {
+                            0
+                        }
+                        _ => 12,
+                    }
+                }
+            };
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // Safe: waits for the child we forked.
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        assert!(libc::WIFEXITED(status), "{status}");
+        assert_eq!(libc::WEXITSTATUS(status), 0);
+    }
+
     #[test]
     fn a_full_disk_is_counted_with_its_reason() {
         let full = std::fs::OpenOptions::new()
