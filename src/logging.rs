@@ -8,6 +8,11 @@
 //! That bound is below `PIPE_BUF` (4096), so on a pipe every line is one atomic write: whole or
 //! not at all, never interleaved with another process's line.
 //!
+//! A line is one record whatever its arguments carry: control characters in the message (a
+//! newline inside a quoted config value, an escape sequence in a peer's input) are written
+//! escaped, as Rust writes them (`\n`, `\r`, `\t`, `\u{1b}`, `\u{7f}`, and `\u{9b}` for the C1
+//! controls that terminals act on). The escaped form is what counts against [`MAX_LINE`].
+//!
 //! # The parent never waits for its log
 //! Whoever reads our stderr (a terminal, a pipe to a log shipper, the journal's socket) can stop
 //! reading, and a full pipe makes `write(2)` wait. The parent must not wait: it would stop
@@ -22,6 +27,22 @@
 //!   fd 2's description itself: the children share it, and so, often, does the shell or the
 //!   terminal that started us. A full pipe then drops whole lines (`EAGAIN`); a terminal may
 //!   take part of a line (it counts as dropped, and the next line starts on a fresh line).
+//! - a pipe or FIFO that cannot be reopened: a pipe is mode 0600 and owned by whoever created
+//!   it, so when a supervisor running as root starts us as another user (`chpst -u`,
+//!   `setpriv`, a container's `USER`), opening `/proc/self/fd/2` fails (`EACCES`). The parent
+//!   then keeps a relay pipe of its own (non-blocking, close-on-exec): each line is written
+//!   into it, then moved to fd 2 with `splice(2)` and `SPLICE_F_NONBLOCK`, which never waits
+//!   for room in fd 2's pipe. The relay is empty before each line and a line fits in one of
+//!   its buffers, so the move is whole or nothing (`EAGAIN`: the line is read back out of the
+//!   relay and dropped). It costs a second system call per line (a third for a dropped one),
+//!   so it is used only where the reopen fails. And each spliced line takes one slot of fd 2's
+//!   pipe (a page) where written lines share pages: the 1 MiB pipe holds a burst of 256 lines
+//!   instead of about 10,000.
+//! - a terminal that cannot be reopened (another user's): if it is our controlling terminal,
+//!   `/dev/tty` opens it whoever owns it, and that is the parent's description. Otherwise
+//!   nothing can write a terminal without waiting and without touching the shared description
+//!   (`splice` cannot target one; `poll` saying "writable" does not mean a whole line fits), so
+//!   the parent writes fd 2 itself, blocking, and says so at start with a warning.
 //! - a socket (the journal's stream): `send(2)` on fd 2 with `MSG_DONTWAIT`. A Unix stream
 //!   socket with its usual buffers takes a line in one piece, so it too is sent whole or not at
 //!   all (were one cut, it would count as dropped and the next line would start afresh).
@@ -177,7 +198,9 @@ fn format_line(
 }
 
 /// One line being formatted into a fixed array: the text that fits, and how many bytes of it
-/// did not. Text stops at a UTF-8 character boundary, and nothing is appended after a cut.
+/// did not. Text stops at a UTF-8 character boundary (never inside an escape), and nothing is
+/// appended after a cut. Control characters are escaped ([`escape`]); only the ending is a raw
+/// newline.
 struct LineBuffer<const N: usize> {
     bytes: [u8; N],
     len: usize,
@@ -214,18 +237,17 @@ impl<const N: usize> LineBuffer<N> {
     fn finish(&mut self) -> &[u8] {
         let cut = std::mem::take(&mut self.cut);
         self.limit = N;
-        // The room was kept, so neither can fail.
-        let _ = if cut > 0 {
-            writeln!(self, "… [{cut} bytes cut]")
-        } else {
-            self.write_str("\n")
-        };
+        // The room was kept, so none of these can fail.
+        if cut > 0 {
+            let _ = write!(self, "… [{cut} bytes cut]");
+        }
+        let _ = self.push("\n", true);
         &self.bytes[..self.len]
     }
-}
 
-impl<const N: usize> fmt::Write for LineBuffer<N> {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
+    /// Appends `s` as it is (no escaping), or what fits of it: cut at a character boundary if
+    /// `splittable`, else all or nothing.
+    fn push(&mut self, s: &str, splittable: bool) -> fmt::Result {
         let room = self.limit - self.len;
         if self.cut == 0 && s.len() <= room {
             self.bytes[self.len..self.len + s.len()].copy_from_slice(s.as_bytes());
@@ -233,7 +255,7 @@ impl<const N: usize> fmt::Write for LineBuffer<N> {
             return Ok(());
         }
         if self.cut == 0 {
-            let mut keep = room;
+            let mut keep = if splittable { room } else { 0 };
             while !s.is_char_boundary(keep) {
                 keep -= 1;
             }
@@ -251,6 +273,50 @@ impl<const N: usize> fmt::Write for LineBuffer<N> {
     }
 }
 
+impl<const N: usize> fmt::Write for LineBuffer<N> {
+    /// Appends `s` with its control characters escaped: runs of plain text are copied, each
+    /// control character becomes its escape, kept whole or cut whole.
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut rest = s;
+        while let Some((at, control)) = find_control(rest) {
+            self.push(&rest[..at], true)?;
+            let mut escaped = [0u8; 10];
+            self.push(escape(control, &mut escaped), false)?;
+            rest = &rest[at + control.len_utf8()..];
+        }
+        self.push(rest, true)
+    }
+}
+
+/// The first control character in `s` and where it starts: C0 (below U+0020), DEL, or C1
+/// (U+0080 to U+009F, which some terminals act on as escape sequences). A byte scan: C1 are
+/// the two-byte characters `C2 80` to `C2 9F`.
+fn find_control(s: &str) -> Option<(usize, char)> {
+    let bytes = s.as_bytes();
+    let mut at = 0;
+    while at < bytes.len() {
+        match bytes[at] {
+            b @ (0x00..=0x1f | 0x7f) => return Some((at, char::from(b))),
+            0xc2 if matches!(bytes.get(at + 1), Some(0x80..=0x9f)) => {
+                return Some((at, char::from(bytes[at + 1])));
+            }
+            _ => at += 1,
+        }
+    }
+    None
+}
+
+/// `control` written as Rust escapes it (`\n`, `\t`, `\u{1b}`), in `out`.
+fn escape(control: char, out: &mut [u8; 10]) -> &str {
+    let mut len = 0;
+    for c in control.escape_default() {
+        // Escapes are ASCII, at most 10 bytes (`\u{10ffff}`).
+        out[len] = c as u8;
+        len += 1;
+    }
+    std::str::from_utf8(&out[..len]).expect("escapes are ASCII")
+}
+
 /// The process-wide log: [`LOG`]. Its own type so that tests can point one at a pipe.
 static LOG: Log = Log::new(2);
 
@@ -265,6 +331,9 @@ enum Sink {
     Private = 1,
     /// `send(2)` with `MSG_DONTWAIT` on stderr, a socket.
     Socket = 2,
+    /// `write(2)` into the parent's relay pipe, then `splice(2)` to stderr, a pipe it cannot
+    /// reopen.
+    Relayed = 3,
 }
 
 impl Sink {
@@ -272,10 +341,14 @@ impl Sink {
         match value {
             1 => Sink::Private,
             2 => Sink::Socket,
+            3 => Sink::Relayed,
             _ => Sink::Stderr,
         }
     }
 }
+
+/// No relay pipe (any sink but [`Sink::Relayed`]).
+const NO_RELAY: RawFd = -1;
 
 /// Why a line did not get through whole.
 #[derive(Clone, Copy, Debug)]
@@ -293,8 +366,11 @@ struct Log {
     /// The process that installed the logger: only it writes without blocking.
     parent_pid: AtomicU32,
     sink: AtomicU8,
-    /// The descriptor the parent writes: `stderr`, or its private description.
+    /// The descriptor the parent writes: `stderr`, its private description, or the write end of
+    /// its relay pipe.
     fd: AtomicI32,
+    /// The relay pipe's read end, or [`NO_RELAY`].
+    relay: AtomicI32,
     dropped: AtomicU64,
     /// Dropped since the last `log: ... lines dropped` line.
     unreported: AtomicU64,
@@ -310,6 +386,7 @@ impl Log {
             parent_pid: AtomicU32::new(0),
             sink: AtomicU8::new(Sink::Stderr as u8),
             fd: AtomicI32::new(stderr),
+            relay: AtomicI32::new(NO_RELAY),
             dropped: AtomicU64::new(0),
             unreported: AtomicU64::new(0),
             last_errno: AtomicI32::new(0),
@@ -321,21 +398,35 @@ impl Log {
         pid == self.parent_pid.load(Ordering::Relaxed)
     }
 
-    /// Chooses the sink for what `stderr` is now, closing the previous private description.
-    /// On error the sink is plain (blocking) writes to stderr.
+    /// Chooses the sink for what `stderr` is now, closing the previous private description or
+    /// relay pipe. On error the sink is plain (blocking) writes to stderr.
     fn attach(&self) -> io::Result<()> {
-        let (sink, fd, result) = match open_sink(self.stderr) {
-            Ok((sink, fd)) => (sink, fd, Ok(())),
-            Err(e) => (Sink::Stderr, self.stderr, Err(e)),
+        let (sink, fd, relay, result) = match open_sink(self.stderr) {
+            Ok((sink, fd, relay)) => (sink, fd, relay, Ok(())),
+            Err(e) => (Sink::Stderr, self.stderr, NO_RELAY, Err(e)),
         };
         let old = self.fd.swap(fd, Ordering::Relaxed);
+        let old_relay = self.relay.swap(relay, Ordering::Relaxed);
         self.sink.store(sink as u8, Ordering::Relaxed);
         self.mid_line.store(false, Ordering::Relaxed);
+        // Safe: these are descriptors this `Log` opened and nothing else uses.
         if old != self.stderr && old != fd {
-            // Safe: `old` is the private description this `Log` opened and nothing else uses.
             unsafe { libc::close(old) };
         }
+        if old_relay != NO_RELAY && old_relay != relay {
+            unsafe { libc::close(old_relay) };
+        }
         result
+    }
+
+    /// Writes all of `bytes` to `fd` the way `sink` says, without blocking in the parent.
+    fn put(&self, sink: Sink, fd: RawFd, bytes: &[u8]) -> Result<(), Failure> {
+        match sink {
+            Sink::Relayed => {
+                relay_whole(fd, self.relay.load(Ordering::Relaxed), self.stderr, bytes)
+            }
+            _ => write_whole(sink, fd, bytes),
+        }
     }
 
     /// Writes one finished line: in a child to stderr, blocking; in the parent without
@@ -349,11 +440,11 @@ impl Log {
         let sink = Sink::from_u8(self.sink.load(Ordering::Relaxed));
         let fd = self.fd.load(Ordering::Relaxed);
         let written = if self.unreported.load(Ordering::Relaxed) == 0 {
-            write_whole(sink, fd, line)
+            self.put(sink, fd, line)
         } else {
             // Lines keep their order: if the report cannot go out, neither can this line.
             self.report_dropped(sink, fd, pid)
-                .and_then(|()| write_whole(sink, fd, line))
+                .and_then(|()| self.put(sink, fd, line))
         };
         if let Err(failure) = written {
             self.count_dropped(failure);
@@ -379,7 +470,7 @@ impl Log {
         let reason = errno_text(self.last_errno.load(Ordering::Relaxed));
         let mut line = LineBuffer::<STACK_LINE>::cutting();
         if self.mid_line.load(Ordering::Relaxed) {
-            let _ = line.write_str("\n");
+            let _ = line.push("\n", true);
         }
         let _ = format_line(
             &mut line,
@@ -390,7 +481,7 @@ impl Log {
                 if lost == 1 { "" } else { "s" },
             ),
         );
-        write_whole(sink, fd, line.finish())?;
+        self.put(sink, fd, line.finish())?;
         self.unreported.store(0, Ordering::Relaxed);
         self.mid_line.store(false, Ordering::Relaxed);
         Ok(())
@@ -409,13 +500,14 @@ fn errno_text(errno: i32) -> String {
         .unwrap_or_default()
 }
 
-/// What the parent writes to for `stderr`, by what it is.
-fn open_sink(stderr: RawFd) -> io::Result<(Sink, RawFd)> {
+/// What the parent writes to for `stderr`, by what it is: the sink, its descriptor, and the
+/// relay pipe's read end (or [`NO_RELAY`]).
+fn open_sink(stderr: RawFd) -> io::Result<(Sink, RawFd, RawFd)> {
     let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
     // Safe: fstat fills `stat` when it returns 0.
     if unsafe { libc::fstat(stderr, stat.as_mut_ptr()) } != 0 {
         // Not open: writes fail at once (and are counted), nothing can block.
-        return Ok((Sink::Stderr, stderr));
+        return Ok((Sink::Stderr, stderr, NO_RELAY));
     }
     // Safe: initialised by the successful fstat.
     let mode = unsafe { stat.assume_init() }.st_mode & libc::S_IFMT;
@@ -424,12 +516,20 @@ fn open_sink(stderr: RawFd) -> io::Result<(Sink, RawFd)> {
     if mode == libc::S_IFIFO {
         grow_pipe(stderr);
     }
+    let private = |fd| (Sink::Private, fd, NO_RELAY);
     match mode {
-        libc::S_IFREG => Ok((Sink::Stderr, stderr)),
-        libc::S_IFSOCK => Ok((Sink::Socket, stderr)),
-        libc::S_IFCHR if !is_terminal => Ok((Sink::Stderr, stderr)),
-        // Pipes, FIFOs, terminals (and anything else that might wait for a reader).
-        _ => Ok((Sink::Private, open_private_description(stderr)?)),
+        libc::S_IFREG => Ok((Sink::Stderr, stderr, NO_RELAY)),
+        libc::S_IFSOCK => Ok((Sink::Socket, stderr, NO_RELAY)),
+        libc::S_IFCHR if !is_terminal => Ok((Sink::Stderr, stderr, NO_RELAY)),
+        libc::S_IFIFO => match open_private_description(stderr) {
+            Ok(fd) => Ok(private(fd)),
+            // Another user's pipe (see the module doc).
+            Err(_) => open_relay().map(|(read, write)| (Sink::Relayed, write, read)),
+        },
+        // Terminals (and anything else that might wait for a reader).
+        _ => open_private_description(stderr)
+            .or_else(|e| open_controlling_terminal(stderr).map_err(|_| e))
+            .map(private),
     }
 }
 
@@ -454,16 +554,107 @@ fn grow_pipe(fd: RawFd) {
 }
 
 /// A new open file description of the object behind `fd` (the same pipe or terminal), with
-/// `O_NONBLOCK` on it alone. `O_NOCTTY`: a terminal must not become our controlling one.
+/// `O_NONBLOCK` on it alone. Fails (`EACCES`) when the object's mode does not let us open it
+/// for writing, as a pipe created by another user.
 fn open_private_description(fd: RawFd) -> io::Result<RawFd> {
     let path = std::ffi::CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL");
-    let flags = libc::O_WRONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY;
-    // Safe: opens a path from a valid C string.
-    let private = unsafe { libc::open(path.as_ptr(), flags) };
-    if private < 0 {
+    open_for_writing_without_blocking(&path)
+}
+
+/// A new non-blocking description of our controlling terminal, if `fd` is it (`tcgetsid`
+/// fails on any other): `/dev/tty` opens the controlling terminal whoever owns it.
+fn open_controlling_terminal(fd: RawFd) -> io::Result<RawFd> {
+    // Safe: only queries the descriptor.
+    if unsafe { libc::tcgetsid(fd) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(private)
+    open_for_writing_without_blocking(c"/dev/tty")
+}
+
+/// `O_NOCTTY`: a terminal must not become our controlling one.
+fn open_for_writing_without_blocking(path: &std::ffi::CStr) -> io::Result<RawFd> {
+    let flags = libc::O_WRONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY;
+    // Safe: opens a path from a valid C string.
+    let fd = unsafe { libc::open(path.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// The relay pipe: (read end, write end), both non-blocking and close-on-exec.
+fn open_relay() -> io::Result<(RawFd, RawFd)> {
+    let mut ends = [0; 2];
+    // Safe: pipe2 fills two descriptors on success.
+    if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((ends[0], ends[1]))
+}
+
+/// Moves all of `bytes` to the pipe `stderr` through the relay pipe (`relay_in` its write end,
+/// `relay_out` its read end), never waiting for room in `stderr`.
+///
+/// `SPLICE_F_NONBLOCK` makes a pipe-to-pipe splice fail with `EAGAIN` when `stderr` is full,
+/// whatever its description's flags. A splice moves whole relay buffers while `stderr` has a
+/// free slot; the relay is empty before each line and a line ([`MAX_LINE`]) fits in one page,
+/// so it moves the whole line or nothing. Whatever did not move is read back and dropped, so
+/// the relay is empty again for the next line.
+fn relay_whole(
+    relay_in: RawFd,
+    relay_out: RawFd,
+    stderr: RawFd,
+    bytes: &[u8],
+) -> Result<(), Failure> {
+    if let Err(failure) = write_whole(Sink::Relayed, relay_in, bytes) {
+        empty_relay(relay_out);
+        // Nothing reached the log.
+        return Err(Failure {
+            partial: false,
+            ..failure
+        });
+    }
+    let mut moved = 0;
+    while moved < bytes.len() {
+        // Safe: splice between two descriptors, no offsets (both are pipes).
+        let n = unsafe {
+            libc::splice(
+                relay_out,
+                std::ptr::null_mut(),
+                stderr,
+                std::ptr::null_mut(),
+                bytes.len() - moved,
+                libc::SPLICE_F_NONBLOCK,
+            )
+        };
+        if n > 0 {
+            moved += n as usize;
+            continue;
+        }
+        let errno = match n {
+            0 => libc::EIO, // the relay is empty: do not spin
+            _ => io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+        };
+        if errno != libc::EINTR {
+            empty_relay(relay_out);
+            return Err(Failure {
+                errno,
+                partial: moved > 0,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Reads and drops what the relay pipe holds (a line that could not be moved).
+#[cold]
+#[inline(never)]
+fn empty_relay(relay_out: RawFd) {
+    let mut scrap = [0u8; 4096];
+    // Safe: reads into a local buffer; the relay is non-blocking, so this ends at EAGAIN.
+    while unsafe { libc::read(relay_out, scrap.as_mut_ptr().cast(), scrap.len()) } > 0 {}
 }
 
 /// Writes all of `bytes` with one system call (more only after a short write or EINTR).
@@ -479,7 +670,10 @@ fn write_whole(sink: Sink, fd: RawFd, bytes: &[u8]) -> Result<(), Failure> {
                     rest.len(),
                     libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
                 ),
-                Sink::Stderr | Sink::Private => libc::write(fd, rest.as_ptr().cast(), rest.len()),
+                // For `Relayed`, `fd` is the relay's write end: the first step of `relay_whole`.
+                Sink::Stderr | Sink::Private | Sink::Relayed => {
+                    libc::write(fd, rest.as_ptr().cast(), rest.len())
+                }
             }
         };
         if n > 0 {
@@ -572,6 +766,43 @@ mod tests {
         assert!(line.ends_with("… [1 bytes cut]\n"), "{line}");
     }
 
+    #[test]
+    fn control_characters_in_a_message_are_escaped_so_the_record_stays_one_line() {
+        let line = formatted(format_args!(
+            "value `{}`",
+            "info\nforged\r\tx\u{1b}[2J\u{7f}\u{9b}1m\u{0}é\u{a0}°\\n"
+        ));
+        assert_eq!(line.matches('\n').count(), 1, "{line:?}");
+        assert!(
+            line.ends_with(
+                "value `info\\nforged\\r\\tx\\u{1b}[2J\\u{7f}\\u{9b}1m\\u{0}é\u{a0}°\\n`\n"
+            ),
+            "{line:?}"
+        );
+        // The stack path escapes the same way.
+        let mut short = LineBuffer::<STACK_LINE>::stopping_when_full();
+        format_line(&mut short, log::Level::Info, 1, &format_args!("a\nb")).unwrap();
+        assert!(short.finish().ends_with(b"a\\nb\n"));
+    }
+
+    #[test]
+    fn escapes_count_against_the_cap_and_are_cut_whole() {
+        let prefix = formatted(format_args!("")).len() - 1;
+        let room = MAX_LINE - CUT_MARKER_ROOM - prefix;
+        // `\u{1b}` is 6 bytes: the last one would need one byte more than is left.
+        let text = format!("{}{}", "y".repeat(room - 5), "\u{1b}".repeat(3));
+        let line = formatted(format_args!("{text}"));
+        assert!(line.len() <= MAX_LINE, "{} bytes", line.len());
+        assert!(
+            line.ends_with(&format!("{}… [18 bytes cut]\n", "y".repeat(room - 5))),
+            "{line:?}"
+        );
+        // Exactly at the cap: kept, not cut.
+        let text = format!("{}{}", "y".repeat(room - 6), "\u{1b}");
+        let line = formatted(format_args!("{text}"));
+        assert!(line.ends_with("y\\u{1b}\n"), "{line:?}");
+    }
+
     /// A pipe whose buffer holds one page, and a `Log` of this process writing into it.
     fn small_pipe_log() -> (Log, OwnedFd, OwnedFd) {
         let (read, write) = nix::unistd::pipe().unwrap();
@@ -651,6 +882,65 @@ mod tests {
         );
         assert!(lines[1].starts_with("line 0100") && lines[2].starts_with("line 0101"));
         assert_eq!(log.dropped.load(Ordering::Relaxed), dropped);
+    }
+
+    /// Makes `log` write through a relay pipe, as it does for a pipe it cannot reopen.
+    fn use_relay(log: &Log) {
+        let (read, write) = open_relay().unwrap();
+        log.fd.store(write, Ordering::Relaxed);
+        log.relay.store(read, Ordering::Relaxed);
+        log.sink.store(Sink::Relayed as u8, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn through_the_relay_a_full_pipe_drops_whole_lines_without_blocking() {
+        let (log, read, write) = small_pipe_log();
+        use_relay(&log);
+        let pid = std::process::id();
+        for n in 0..100 {
+            // fd 2's description is blocking: a write would wait here forever.
+            log.write(pid, &line_of(n));
+        }
+        assert!(!is_nonblocking(write.as_raw_fd()));
+        // A one-page pipe has one slot, and a spliced line takes a slot.
+        assert_eq!(drain(&read), String::from_utf8(line_of(0)).unwrap());
+        assert_eq!(log.dropped.load(Ordering::Relaxed), 99);
+        // Dropped lines were emptied out of the relay.
+        let mut scrap = [0u8; 1];
+        let relay = log.relay.load(Ordering::Relaxed);
+        assert_eq!(
+            unsafe { libc::read(relay, scrap.as_mut_ptr().cast(), 1) },
+            -1
+        );
+
+        // Two slots: room for the report and the line after it, in that order.
+        // Safe: sets the size of a pipe we own.
+        assert!(unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, 8192) } >= 8192);
+        log.write(pid, &line_of(100));
+        let after = drain(&read);
+        let lines: Vec<&str> = after.lines().collect();
+        assert_eq!(lines.len(), 2, "{after}");
+        assert!(
+            lines[0].contains("log: 99 lines dropped while the log could not be written"),
+            "{after}"
+        );
+        assert_eq!(format!("{}\n", lines[1]).as_bytes(), line_of(100));
+        assert_eq!(log.dropped.load(Ordering::Relaxed), 99);
+    }
+
+    #[test]
+    fn a_line_of_the_cap_moves_through_the_relay_in_one_piece() {
+        let (log, read, _write) = small_pipe_log();
+        use_relay(&log);
+        let line = formatted(format_args!("{}", "r".repeat(2 * MAX_LINE)));
+        assert!(
+            line.len() > MAX_LINE - CUT_MARKER_ROOM,
+            "{} bytes",
+            line.len()
+        );
+        log.write(std::process::id(), line.as_bytes());
+        assert_eq!(drain(&read), line);
+        assert_eq!(log.dropped.load(Ordering::Relaxed), 0);
     }
 
     #[test]
@@ -738,6 +1028,63 @@ mod tests {
             got.contains("log: 1 line dropped") && got.ends_with("\nafter\n"),
             "{got}"
         );
+    }
+
+    /// Another user's terminal (mode 0600, not ours to reopen) that is our controlling one is
+    /// written through `/dev/tty`, without blocking. Needs root to become another user; runs
+    /// in a child, which takes the terminal as its controlling one in a session of its own.
+    #[test]
+    fn another_users_controlling_terminal_is_reopened_through_dev_tty() {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipping: only root can become another user");
+            return;
+        }
+        let (mut master, mut slave) = (0, 0);
+        // Safe: openpty fills two descriptors we then own.
+        let rc = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0);
+        let (_master, slave) =
+            unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        // Safe: the child makes system calls only and ends with _exit.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            let code = unsafe {
+                let fd = slave.as_raw_fd();
+                if libc::fchmod(fd, 0o600) != 0
+                    || libc::setsid() < 0
+                    || libc::ioctl(fd, libc::TIOCSCTTY, 0) != 0
+                    || libc::setgid(59_999) != 0
+                    || libc::setuid(59_999) != 0
+                {
+                    10
+                } else if open_private_description(fd).is_ok() {
+                    11 // the reopen should have been refused
+                } else {
+                    match open_sink(fd) {
+                        Ok((Sink::Private, private, NO_RELAY))
+                            if is_nonblocking(private) && !is_nonblocking(fd) =>
+                        {
+                            0
+                        }
+                        _ => 12,
+                    }
+                }
+            };
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // Safe: waits for the child we forked.
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        assert!(libc::WIFEXITED(status), "{status}");
+        assert_eq!(libc::WEXITSTATUS(status), 0);
     }
 
     #[test]

@@ -51,14 +51,24 @@ impl StalledLog {
     /// Starts the server at `log_level` info (children log nothing on a clean end) and reads
     /// its log up to the `listening on` line; from then on the log is not read.
     fn start(kind: LogKind) -> Self {
+        Self::start_with(kind, BIN.as_ref(), |_| {})
+    }
+
+    /// [`StalledLog::start`] of `program`, with `tweak` applied to the command (another uid).
+    fn start_with(
+        kind: LogKind,
+        program: &std::path::Path,
+        tweak: impl FnOnce(&mut Command),
+    ) -> Self {
         let (ours, theirs) = log_channel(kind);
-        let mut command = Command::new(BIN);
+        let mut command = Command::new(program);
         command
             .args(["-l", "127.0.0.1:0", "--log-level", "info"])
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(theirs));
+        tweak(&mut command);
         let child = command.spawn().expect("start forkecho");
         // Our copy of the server's end goes now, so that reading sees EOF once it exits.
         drop(command);
@@ -214,31 +224,41 @@ fn set_nonblocking(fd: RawFd, on: bool) {
 fn assert_serves_with_a_stalled_log(kind: LogKind) -> StalledLog {
     let mut server = StalledLog::start(kind);
     match kind {
-        // The server grows its log pipe for bursts (to 1 MiB): fill whatever it holds, until
-        // the lines of ten clients in a row no longer fit.
         LogKind::Pipe => {
-            let (mut unchanged, mut queued) = (0, server.queued());
-            while unchanged < 10 {
-                assert!(
-                    server.clients < MAX_FILL,
-                    "the pipe never filled: {queued} bytes"
-                );
-                server.short_client();
-                let now = server.queued();
-                unchanged = if now == queued { unchanged + 1 } else { 0 };
-                queued = now;
-            }
+            let queued = fill_log_pipe(&mut server);
             assert!(queued > server.pipe_capacity() / 2, "{queued} bytes queued");
         }
         LogKind::Socket => (0..FILL).for_each(|_| server.short_client()),
     }
+    assert_still_serves(&mut server);
+    server
+}
+
+/// The server grows its log pipe for bursts (to 1 MiB): fills whatever it holds, until the
+/// lines of ten clients in a row no longer fit. Returns the bytes queued.
+fn fill_log_pipe(server: &mut StalledLog) -> usize {
+    let (mut unchanged, mut queued) = (0, server.queued());
+    while unchanged < 10 {
+        assert!(
+            server.clients < MAX_FILL,
+            "the pipe never filled: {queued} bytes"
+        );
+        server.short_client();
+        let now = server.queued();
+        unchanged = if now == queued { unchanged + 1 } else { 0 };
+        queued = now;
+    }
+    queued
+}
+
+/// With the log full: a new client is greeted and echoed, and every child is reaped.
+fn assert_still_serves(server: &mut StalledLog) {
     let mut s = connect(server.addr);
     expect_banner(&mut s);
     assert_eq!(echo_roundtrip(&mut s, b"still here\n"), b"still here\n");
     drop(s);
     server.clients += 1;
     server.wait_no_children("with the log stalled");
-    server
 }
 
 /// Every line of `text` is whole: the timestamp, level and pid prefix through the newline.
@@ -306,6 +326,70 @@ fn lines_dropped_while_the_log_stalled_are_reported_once_when_it_resumes() {
     let after_report = log.split(reports[0]).nth(1).unwrap();
     assert!(after_report.contains("accepted"), "{log}");
     assert!(after_report.contains("shutdown complete"), "{log}");
+}
+
+/// A log pipe created by another user (a supervisor running as root that starts forkecho as a
+/// service user: runit's `chpst -u`, `setpriv`, a container's non-root `USER`) is mode 0600,
+/// so the server cannot open a description of its own through `/proc/self/fd/2`: it must
+/// still write without blocking, and say nothing about blocking.
+#[test]
+fn a_stalled_log_pipe_created_by_another_user_does_not_stop_serving() {
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping: only root can start the server as another user");
+        return;
+    }
+    let uid = unused_uid();
+    // A copy the other user can run (the build directory may be private).
+    let dir = TempDir::new();
+    let program = dir.path().join("forkecho");
+    std::fs::copy(BIN, &program).unwrap();
+    let mut server = StalledLog::start_with(LogKind::Pipe, &program, move |cmd| {
+        cmd.uid(uid).gid(uid);
+    });
+    assert!(!server.text.contains("without blocking"), "{}", server.text);
+    let queued = fill_log_pipe(&mut server);
+    // Each line the server moves into the pipe takes a slot of its own (one page).
+    let slots = server.pipe_capacity() / 4096;
+    assert!(
+        queued >= slots * 80,
+        "{queued} bytes queued in {slots} slots"
+    );
+    assert_still_serves(&mut server);
+    server.read_available();
+    server.short_client();
+    server.wait_no_children("after the log resumed");
+    let log = server.terminate_and_read_to_end();
+    assert_whole_lines(&log);
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains(" lines dropped "))
+            .count(),
+        1,
+        "{log}"
+    );
+}
+
+/// One event per line: a value quoted in a reload error (here a newline inside a TOML string)
+/// must not start a line of its own.
+#[test]
+fn a_reload_error_quoting_a_newline_is_one_line() {
+    let server = Server::builder()
+        .config("listen = [\"127.0.0.1:0\"]\n")
+        .start();
+    server.rewrite_config("log_level = \"info\\nforged line\"\nlisten = [\"127.0.0.1:0\"]\n");
+    server.signal(Signal::SIGHUP);
+    server.wait_for_line("reload refused");
+    assert!(
+        wait_until(WAIT, || server.log_text().contains("forged")),
+        "{}",
+        server.log_text()
+    );
+    let lines = server.log_lines();
+    let forged = lines.iter().find(|l| l.starts_with("forged"));
+    assert!(forged.is_none(), "a line of its own: {forged:?}");
+    let refused = lines.iter().find(|l| l.contains("reload refused")).unwrap();
+    assert!(refused.contains(r"info\nforged line"), "{refused}");
 }
 
 /// With `--log-file`, stderr (here a pipe) is replaced by the file once the server has
