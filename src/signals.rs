@@ -76,7 +76,11 @@ pub fn hook() -> io::Result<Signals> {
     unsafe { sigaction(Signal::SIGXFSZ, &ignore) }?;
     // Why: started in the background of a terminal with `stty tostop`, the parent would be
     // stopped by SIGTTOU at its first log line to that terminal, and with it every accept and
-    // reap. Ignored, the line is written. (Children ignore it too; see `spawn`.)
+    // reap. Ignored, the line is written.
+    //
+    // Both dispositions are inherited by the echo's children, and are its policy too: a
+    // session writing its log line to a file at RLIMIT_FSIZE, or to the terminal, goes on.
+    // A child that runs another program must restore both (and SIGPIPE) to the default.
     // Safe: installs SIG_IGN, no handler code.
     unsafe { sigaction(Signal::SIGTTOU, &ignore) }?;
     Ok(signals)
@@ -172,9 +176,6 @@ pub fn reset_in_child() -> io::Result<()> {
         // Safe: installs SIG_DFL, no Rust code runs as a handler.
         unsafe { sigaction(sig, &default) }?;
     }
-    // The parent ignores SIGXFSZ (see `hook`); a session gets the default, as any program.
-    // Safe: installs SIG_DFL.
-    unsafe { sigaction(Signal::SIGXFSZ, &default) }?;
     let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
     // Safe: installs SIG_IGN, no handler code.
     unsafe { sigaction(Signal::SIGPIPE, &ignore) }?;

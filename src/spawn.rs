@@ -29,7 +29,6 @@ use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::unistd::{fork, setpgid, ForkResult, Pid};
 
 use crate::session::{self, Settings, EXIT_PANIC};
@@ -149,16 +148,14 @@ pub fn install_panic_hook() {
 /// busiest; creating the group also made every fork measurably slower. A process group keeps the
 /// children in the parent's scheduling group.
 ///
-/// In a terminal, the child is then a background job of it; SIGTTOU is ignored so that, under
-/// `stty tostop`, a child writing its log line to that terminal is not stopped. (One difference
+/// In a terminal, the child is then a background job of it; SIGTTOU stays ignored, as the
+/// parent set it (`signals::hook`), so that, under `stty tostop`, a child writing its log line
+/// to that terminal is not stopped. (One difference
 /// from a session of its own: if the parent dies while a child is stopped by hand with
 /// SIGSTOP, the child's orphaned group gets SIGHUP and SIGCONT, and that session ends.)
 fn leave_parents_process_group() {
     // Cannot fail here: a freshly forked child is not a group leader and is in our session.
     let _ = setpgid(Pid::from_raw(0), Pid::from_raw(0));
-    let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
-    // Safe: installs SIG_IGN, no handler code.
-    let _ = unsafe { sigaction(Signal::SIGTTOU, &ignore) };
     // Safe: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
     unsafe { libc::prctl(libc::PR_SET_NAME, c"forkecho-child".as_ptr()) };
 }
