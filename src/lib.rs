@@ -4,11 +4,14 @@
 //! # Layout
 //! The modules follow the data, from the command line to a client's bytes:
 //!
-//! - [`config`]: defaults, the TOML file and the flags, merged and validated once.
+//! - [`config`]: defaults, the TOML file and the flags, merged and validated once; `diff.rs`:
+//!   what a reload changes, for its log line.
 //! - [`logging`]: one whole line per event, tagged with the writing process's pid.
 //! - [`listen`]: binding the listening sockets (SO_REUSEADDR, backlog, IPv6-only).
-//! - [`server`]: the parent's `mio::Poll` loop: signals first, then accept → admit → fork;
-//!   shutdown.
+//! - [`server`]: the parent's `mio::Poll` loop: signals first, then accept → admit → fork
+//!   (`mod.rs`), one file per concern: `accept.rs` (accepting, admission, waiting, fork
+//!   failures), `capacity.rs` (`max_children`), `shutdown.rs` (the three modes, closing
+//!   listeners without resets), `reload.rs` (SIGHUP), `token.rs` (what a poll event is about).
 //! - [`limits`]: admission before fork: access rules, per-source and rate limits, refusal
 //!   counts; `max_children` pauses accepting instead.
 //! - [`spawn`]: `fork` and the child's hygiene (descriptors, signals, `_exit`): the fork-safety

@@ -20,6 +20,9 @@ use ipnet::IpNet;
 
 use crate::limits::{self, Limits, Rate};
 
+mod diff;
+pub use diff::describe_changes;
+
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:2333";
 pub const DEFAULT_BANNER: &str = "connect successful!\n";
 pub const DEFAULT_BACKLOG: u32 = 1024;

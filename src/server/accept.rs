@@ -1,0 +1,325 @@
+//! Accepting: take a bounded batch from each listener with connections queued, and for each
+//! connection decide: refuse it (see `limits`), let it wait in `pending` (its source is at
+//! `max_per_source` while one of its sessions may be ending), or fork its child. A fork that
+//! fails refuses the client it was for and pauses accepting, as running out of descriptors does.
+
+use std::io::{self, ErrorKind};
+use std::mem::MaybeUninit;
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use nix::errno::Errno;
+use socket2::SockRef;
+
+use super::{Phase, Server};
+use crate::children::seconds;
+use crate::limits::{self, Refusal};
+use crate::pending;
+use crate::spawn;
+
+/// Connections taken from one listener per turn before signals are looked at again, so a flood
+/// of clients cannot starve the reaper or delay a shutdown.
+const ACCEPT_BATCH: usize = 64;
+/// How long accepting pauses when the parent runs out of descriptors, memory or processes.
+pub(super) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+impl Server {
+    /// Accepts a batch from every listener that may have connections queued.
+    pub(super) fn accept_ready(&mut self) {
+        for i in 0..self.listeners.len() {
+            if self.ready[i] && self.accepting() {
+                self.accept_batch(i);
+            }
+        }
+    }
+
+    /// Accepts up to `ACCEPT_BATCH` connections from listener `i`, forking a child for each.
+    /// Leaves `ready[i]` set if the queue may not be empty yet.
+    fn accept_batch(&mut self, i: usize) {
+        for _ in 0..ACCEPT_BATCH {
+            // At `max_children`, or paused after a fork failure: the rest wait in the backlog.
+            if !self.accepting() {
+                return;
+            }
+            match accept_blocking(&self.listeners[i].socket) {
+                Ok((stream, peer)) => {
+                    self.accept_recovered();
+                    self.start_session(stream, peer, MayWait::Grace);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    // The queue is empty, so accept works again: the next failure is a new run.
+                    self.accept_recovered();
+                    self.ready[i] = false;
+                    return;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if is_connection_error(&e) => {
+                    // The client is gone or was refused before we got to it; the next may be fine.
+                    debug!("accept on {}: {e} (skipped)", self.listeners[i].local);
+                }
+                Err(e) => {
+                    self.pause_accepting(i, &e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Out of descriptors or memory (or something unforeseen): the queued connection stays in
+    /// the kernel's backlog and we try again after a short pause, instead of spinning on the
+    /// same error or giving up on the listener. One warning per run of failures.
+    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
+    fn pause_accepting(&mut self, i: usize, e: &io::Error) {
+        if self.accept_failures == 0 {
+            warn!(
+                "accept on {} failed: {}; retrying every {} until it succeeds",
+                self.listeners[i].local,
+                crate::os_error_text(e),
+                seconds(ACCEPT_BACKOFF)
+            );
+        }
+        self.accept_failures += 1;
+        self.paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+    }
+
+    fn accept_recovered(&mut self) {
+        if self.accept_failures > 0 {
+            info!(
+                "accepting again after {} failed attempts",
+                self.accept_failures
+            );
+            self.accept_failures = 0;
+        }
+    }
+
+    /// Admits or refuses one accepted connection, and forks its child if admitted. Kept short on
+    /// purpose: all per-session setup (socket options, banner) happens in the child.
+    ///
+    /// A connection whose source is at `max_per_source` may wait in `pending`, as `may_wait`
+    /// says, for one of that source's sessions to be reaped, instead of being refused at once
+    /// (see `pending` for why).
+    pub(super) fn start_session(&mut self, stream: TcpStream, peer: SocketAddr, may_wait: MayWait) {
+        let source = limits::source_of(peer.ip(), &self.limits);
+        let mut live = self.children.from_source(&source);
+        if self.limits.per_source_full(live) {
+            self.reap_before_limiting();
+            live = self.children.from_source(&source);
+            if let Some(until) = may_wait
+                .until()
+                .filter(|_| self.limits.per_source_full(live))
+            {
+                if self.may_wait(&source) {
+                    self.wait_for_source(stream, peer, until);
+                    return;
+                }
+            }
+        }
+        let admitted = self
+            .admission
+            .admit(peer.ip(), source, live, &self.limits, Instant::now());
+        if let Err(refusal) = admitted {
+            self.refuse(stream, peer, &refusal);
+            return;
+        }
+        match spawn::spawn_session(stream, peer, &self.settings) {
+            Ok(pid) => {
+                self.children.add(pid, peer, source);
+                info!(
+                    "accepted {peer} -> child {pid} ({} active)",
+                    self.children.len()
+                );
+                self.fork_recovered();
+                self.pause_or_resume_at_max_children();
+            }
+            Err((stream, e)) => self.fork_failed(stream, peer, &e),
+        }
+    }
+
+    /// True if one more connection from `source` may wait in `pending`: the table has room,
+    /// and fewer of the source's connections wait than it has sessions that could be ending
+    /// (`max_per_source`), so that one source cannot take every place.
+    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
+    fn may_wait(&self, source: &ipnet::IpNet) -> bool {
+        let limits = &self.limits;
+        !self.pending.is_full()
+            && self
+                .pending
+                .count(|peer| limits::source_of(peer.ip(), limits) == *source)
+                < limits.max_per_source
+    }
+
+    /// Parks a connection whose source is at `max_per_source` until `until` (see `pending`).
+    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
+    fn wait_for_source(&mut self, stream: TcpStream, peer: SocketAddr, until: Instant) {
+        debug!(
+            "{peer}: its source is at max_per_source; waiting up to {} for one of its \
+             sessions to end",
+            seconds(until.saturating_duration_since(Instant::now()))
+        );
+        self.pending.add(stream, peer, until);
+    }
+
+    /// Decides the waiting connections whose source has room again or whose time is up,
+    /// as long as there is room for children.
+    pub(super) fn decide_pending(&mut self) {
+        if self.pending.is_empty() || self.phase != Phase::Serving || self.at_capacity {
+            return;
+        }
+        let (limits, children) = (&self.limits, &self.children);
+        let decidable = self.pending.take_decidable(Instant::now(), |peer| {
+            let source = limits::source_of(peer.ip(), limits);
+            !limits.per_source_full(children.from_source(&source))
+        });
+        let now = Instant::now();
+        for waiting in decidable {
+            if self.at_capacity {
+                // Out of room for children: it waits again, as clients do in the backlog.
+                let until = waiting.until.max(now + pending::PER_SOURCE_GRACE);
+                self.pending.add(waiting.stream, waiting.peer, until);
+                continue;
+            }
+            // One that is not late yet may wait again if its source filled up meanwhile
+            // (two connections waiting for one session to end).
+            let may_wait = if waiting.until > now {
+                MayWait::Until(waiting.until)
+            } else {
+                MayWait::No
+            };
+            self.start_session(waiting.stream, waiting.peer, may_wait);
+        }
+    }
+
+    /// A fork that failed (out of processes or memory, usually for a while): the client
+    /// already accepted gets `refusal_message`, and accepting pauses as it does when accept
+    /// fails, so that the clients still queued wait in the backlog instead of each being
+    /// accepted and closed. One warning per run of failures.
+    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
+    fn fork_failed(&mut self, stream: TcpStream, peer: SocketAddr, e: &io::Error) {
+        self.fork_failures += 1;
+        self.fork_failure_run += 1;
+        if self.fork_failure_run == 1 {
+            warn!(
+                "cannot fork for {peer}: {}; refused it; accepting pauses until a session \
+                 ends, or for {} growing to 5s, until a fork succeeds",
+                crate::os_error_text(e),
+                seconds(ACCEPT_BACKOFF)
+            );
+        } else {
+            debug!(
+                "cannot fork for {peer}: {}; refused",
+                crate::os_error_text(e)
+            );
+        }
+        self.send_refusal(stream);
+        if self.phase == Phase::Serving {
+            self.paused_until = Some(Instant::now() + fork_backoff(self.fork_failure_run));
+        }
+    }
+
+    fn fork_recovered(&mut self) {
+        if self.fork_failure_run > 0 {
+            info!(
+                "forking again after {} failed attempts",
+                self.fork_failure_run
+            );
+            self.fork_failure_run = 0;
+        }
+    }
+
+    /// Closes a refused connection, after one non-blocking attempt at the refusal message: the
+    /// socket's send buffer is empty, so a short message goes out whole or not at all, and the
+    /// loop never waits for a client it is turning away.
+    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
+    pub(super) fn refuse(&mut self, stream: TcpStream, peer: SocketAddr, refusal: &Refusal) {
+        info!("refused {peer}: {refusal}");
+        if *refusal == Refusal::Closing {
+            // Admission counts its own refusals; this one is the loop's.
+            self.admission.refused.count(refusal);
+        }
+        self.send_refusal(stream);
+    }
+
+    /// Writes `refusal_message` without waiting and closes the connection.
+    fn send_refusal(&self, stream: TcpStream) {
+        // The socket is blocking (see `accept_blocking`): each call here says MSG_DONTWAIT.
+        // MSG_NOSIGNAL: a client already gone is EPIPE here, never a SIGPIPE.
+        let socket = SockRef::from(&stream);
+        if !self.limits.refusal_message.is_empty() {
+            let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+            let _ = socket.send_with_flags(&self.limits.refusal_message, flags);
+        }
+        // Why: closing a socket with unread input sends RST, which would also destroy the
+        // message; clients usually send at once. Take what has arrived (one non-blocking read)
+        // so the close is a FIN after the message. A client that sent more still gets a reset.
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let mut unread = [MaybeUninit::uninit(); 4096];
+        let _ = socket.recv_with_flags(&mut unread, libc::MSG_DONTWAIT);
+    }
+}
+
+/// Whether a connection whose source is at `max_per_source` may wait in `pending`.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum MayWait {
+    /// For `PER_SOURCE_GRACE` from now (a fresh connection).
+    Grace,
+    /// Until its deadline (one that has waited already).
+    Until(Instant),
+    /// Decide now.
+    No,
+}
+
+impl MayWait {
+    /// The deadline, read from the clock only when it is needed (rarely).
+    fn until(self) -> Option<Instant> {
+        match self {
+            MayWait::Grace => Some(Instant::now() + pending::PER_SOURCE_GRACE),
+            MayWait::Until(until) => Some(until),
+            MayWait::No => None,
+        }
+    }
+}
+
+/// How long accepting pauses after the `run`-th fork failure in a row: `ACCEPT_BACKOFF`,
+/// doubling up to 5 s, since each retry refuses the client it accepted. A reaped child ends
+/// the pause at once.
+fn fork_backoff(run: u64) -> Duration {
+    let doublings = run.saturating_sub(1).min(6) as u32;
+    (ACCEPT_BACKOFF * 2u32.pow(doublings)).min(Duration::from_secs(5))
+}
+
+/// Accepts one connection from the non-blocking listener as a *blocking*, close-on-exec socket.
+///
+/// Why blocking: the child runs a blocking session, and a socket accepted non-blocking (as
+/// mio's `accept` does) would cost every child two `fcntl` calls to undo it. On Linux an
+/// accepted socket takes its O_NONBLOCK flag from `accept4`'s flags, not from the listener.
+pub(super) fn accept_blocking(
+    listener: &mio::net::TcpListener,
+) -> io::Result<(TcpStream, SocketAddr)> {
+    let (socket, peer) = SockRef::from(listener).accept()?;
+    let peer = peer
+        .as_socket()
+        .ok_or_else(|| io::Error::new(ErrorKind::InvalidData, "accepted a non-IP connection"))?;
+    Ok((socket.into(), peer))
+}
+
+/// Errors `accept` reports for one connection that went bad before it was taken (Linux passes
+/// pending network errors through accept; see accept(2)), after which accepting may continue.
+pub(super) fn is_connection_error(e: &io::Error) -> bool {
+    let Some(errno) = e.raw_os_error().map(Errno::from_raw) else {
+        return false;
+    };
+    matches!(
+        errno,
+        Errno::ECONNABORTED
+            | Errno::EPROTO
+            | Errno::EPERM
+            | Errno::ENETDOWN
+            | Errno::ENOPROTOOPT
+            | Errno::EHOSTDOWN
+            | Errno::ENONET
+            | Errno::EHOSTUNREACH
+            | Errno::EOPNOTSUPP
+            | Errno::ENETUNREACH
+            | Errno::ETIMEDOUT
+    )
+}

@@ -1,0 +1,374 @@
+//! The parent: one `mio::Poll` loop over the listeners and the signal pipe, and nothing else.
+//!
+//! Each turn of the loop: wait; handle signals first (reap, shutdown, status), because a SIGTERM
+//! must close the listeners before more is accepted; then accept a bounded batch from each
+//! listener that has connections queued, and for each connection either refuse it (see
+//! `limits`: no fork, no blocking call), let it wait briefly in `pending` (its source is at
+//! `max_per_source` but one of its sessions may be ending), or fork its child. At
+//! `max_children` the listeners are taken out of the poll set, so clients wait in the kernel's
+//! backlog until a child is reaped. The parent never reads or writes a client's bytes (but a
+//! refusal message) and waits nowhere but in `poll`: its log, its notifications to systemd and
+//! the files it opens on reload (configuration, log) are written and opened without waiting.
+//!
+//! Shutdown is a small state machine driven by signals and the poll timeout, with PostgreSQL's
+//! three modes as entry points: `Serving` → (SIGTERM, smart) `Draining` until
+//! `shutdown_timeout` → (SIGINT, fast, enters here) SIGTERM to the children, `Terminating` for
+//! `kill_timeout` → (SIGQUIT, immediate, enters here) SIGKILL, `Killing` until all are reaped.
+//! A repeated SIGTERM/SIGINT moves one step on; signals that arrive together count as the
+//! hardest of them, once. The loop ends when
+//! it is no longer serving and no child is left, so no child outlives the parent's exit; if
+//! `poll` itself fails, the children are killed and reaped before the error is returned.
+
+use std::io::{self, ErrorKind};
+use std::time::{Duration, Instant};
+
+use log::{debug, info};
+use mio::{Events, Interest, Poll};
+use signal_hook_mio::v1_0::Signals;
+
+use crate::children::{seconds, Children};
+use crate::config::{Config, ConfigError};
+use crate::limits::{Admission, Limits};
+use crate::listen::Listener;
+use crate::parent_memory;
+use crate::pending::Pending;
+use crate::session::Settings;
+use crate::signals;
+use crate::spawn;
+
+mod accept;
+mod capacity;
+mod reload;
+mod shutdown;
+mod token;
+
+use capacity::CapacityReports;
+use shutdown::Phase;
+use token::Source;
+
+/// Produces the configuration anew (same file, same flags) for a SIGHUP reload, given the one
+/// running. It must not wait for anything slow (it runs inside the loop): see
+/// [`Config::reload`], which looks up no user or group.
+pub type Reloader = Box<dyn Fn(&Config) -> Result<Config, ConfigError>>;
+
+/// One flag per listener, kept in memory the children do not inherit.
+type ListenerFlags = allocator_api2::vec::Vec<bool, parent_memory::ParentOnly>;
+
+fn listener_flags(listeners: usize, value: bool) -> ListenerFlags {
+    let mut flags = ListenerFlags::with_capacity_in(listeners, parent_memory::ParentOnly);
+    flags.resize(listeners, value);
+    flags
+}
+
+pub struct Server {
+    /// Poll results: one event per registered source at most (listeners + the signal pipe).
+    /// Allocated once, at startup: the kernel writes it between every two forks, and each
+    /// distinct heap page the parent writes costs it a copy-on-write fault and stays private in
+    /// the newest child, so it must not move or grow. (mio allocates it on the heap; it cannot
+    /// live in parent-only memory like the children table.)
+    events: Events,
+    poll: Poll,
+    /// The configuration in force: what a reload compares against.
+    config: Config,
+    reload: Reloader,
+    /// Read end of the self-pipe the signal handlers write to.
+    signals: Signals,
+    /// Listener `i` is registered as `Source::Listener(i)`; emptied on shutdown.
+    listeners: Vec<Listener>,
+    /// `ready[i]`: listener `i` may have connections queued (edge-triggered readiness is only
+    /// reported once, so we remember it until `accept` says WouldBlock). Written on every
+    /// event, so it lives in parent-only memory, like the children table: a heap page written
+    /// between two forks is a copy-on-write fault.
+    ready: ListenerFlags,
+    children: Children,
+    /// What each new child needs for its session.
+    settings: Settings,
+    /// The limits in force: one value, so a reload can replace it whole.
+    limits: Limits,
+    /// Token buckets and refusal counts.
+    admission: Admission,
+    /// True while `max_children` children run and the listeners are out of the poll set.
+    at_capacity: bool,
+    /// `registered[i]`: listener `i` is in the poll set. Tracked per listener so that one
+    /// whose re-registration failed is retried instead of staying deaf for good.
+    registered: Vec<bool>,
+    shutdown_timeout: Duration,
+    /// Time between the SIGTERM and the SIGKILL sent to children on shutdown.
+    kill_timeout: Duration,
+    phase: Phase,
+    /// Accepting is paused until then, after running out of descriptors or memory.
+    paused_until: Option<Instant>,
+    /// Accept failures since the last successful accept; a warning is logged only for the first.
+    accept_failures: u64,
+    fork_failures: u64,
+    /// Fork failures since the last successful fork; a warning is logged only for the first.
+    fork_failure_run: u64,
+    /// Connections waiting for a session of their source to end (see `pending`).
+    pending: Pending,
+    /// Which `max_children` state changes get a log line.
+    capacity_reports: CapacityReports,
+    started: Instant,
+}
+
+impl Server {
+    /// Sets up the loop: the poll instance, the signal handlers (from here on a signal is a
+    /// request, never a default action), and the listeners. Nothing is accepted before
+    /// [`Server::run`]. `reload` re-reads the configuration (file and command line) on SIGHUP.
+    pub fn new(
+        config: &Config,
+        mut listeners: Vec<Listener>,
+        reload: Reloader,
+    ) -> io::Result<Server> {
+        spawn::install_panic_hook();
+        // Before the children table exists: its memory comes from here.
+        if !parent_memory::reserve() {
+            debug!("no MADV_WIPEONFORK: the children table is on the ordinary heap");
+        }
+        let limits = config.limits.clone();
+        limits.index_rules();
+        let poll = Poll::new()?;
+        let mut signals = signals::hook()?;
+        let events = Events::with_capacity(64);
+        poll.registry()
+            .register(&mut signals, Source::Signals.token(), Interest::READABLE)?;
+        for (i, listener) in listeners.iter_mut().enumerate() {
+            poll.registry().register(
+                &mut listener.socket,
+                Source::Listener(i).token(),
+                Interest::READABLE,
+            )?;
+        }
+        Ok(Server {
+            poll,
+            signals,
+            // Connections may already be queued before the first edge is seen.
+            ready: listener_flags(listeners.len(), true),
+            registered: vec![true; listeners.len()],
+            listeners,
+            children: Children::with_capacity(16),
+            events,
+            settings: Settings::from(config),
+            config: config.clone(),
+            reload,
+            limits,
+            admission: Admission::default(),
+            at_capacity: false,
+            shutdown_timeout: config.shutdown_timeout,
+            kill_timeout: config.kill_timeout,
+            phase: Phase::Serving,
+            paused_until: None,
+            accept_failures: 0,
+            fork_failures: 0,
+            fork_failure_run: 0,
+            pending: Pending::default(),
+            capacity_reports: CapacityReports::default(),
+            started: Instant::now(),
+        })
+    }
+
+    /// Serves until a shutdown completes. `ready` runs once the daemon can be signalled and
+    /// serves (the pid file is written by then; `--daemonize` reports back; sd_notify READY).
+    pub fn run(mut self, ready: Box<dyn FnOnce()>) -> io::Result<()> {
+        // Announced only now that the signal handlers are installed: whoever waits for this
+        // line (a test, a supervisor) may send SIGTERM at once and must not kill us.
+        for listener in &self.listeners {
+            info!("listening on {}", listener.local);
+        }
+        ready();
+        release_startup_memory();
+        self.serve()
+    }
+
+    fn serve(&mut self) -> io::Result<()> {
+        while !self.finished() {
+            let timeout = self.next_wakeup();
+            if let Err(e) = self.poll.poll(&mut self.events, timeout) {
+                if e.kind() == ErrorKind::Interrupted {
+                    continue;
+                }
+                // Without the loop nobody would reap or stop the children: take them along.
+                self.children.kill_and_reap_all();
+                return Err(e);
+            }
+            let mut signalled = false;
+            for event in self.events.iter() {
+                match Source::of(event.token()) {
+                    Some(Source::Signals) => signalled = true,
+                    Some(Source::Listener(i)) => {
+                        if let Some(ready) = self.ready.get_mut(i) {
+                            *ready = true;
+                        }
+                    }
+                    None => debug!("event for an unknown token {:?}", event.token()),
+                }
+            }
+            if signalled {
+                self.handle_signals();
+            }
+            self.handle_deadlines();
+            self.accept_ready();
+        }
+        info!("shutdown complete");
+        Ok(())
+    }
+
+    /// True once shutting down and every child has been reaped.
+    fn finished(&self) -> bool {
+        self.phase != Phase::Serving && self.children.is_empty()
+    }
+
+    fn accepting(&self) -> bool {
+        self.phase == Phase::Serving && self.paused_until.is_none() && !self.at_capacity
+    }
+
+    /// The poll timeout: the nearest deadline, zero if a listener still has work, else none.
+    fn next_wakeup(&self) -> Option<Duration> {
+        if self.accepting() && self.ready.iter().any(|&r| r) {
+            return Some(Duration::ZERO);
+        }
+        let deadline = match self.phase {
+            Phase::Draining { until } | Phase::Terminating { until } => Some(until),
+            // Waiting connections are decided only with room for children (`decide_pending`):
+            // at capacity their deadlines would only spin the loop.
+            Phase::Serving => earliest(
+                earliest(
+                    self.paused_until,
+                    self.pending.next_deadline().filter(|_| !self.at_capacity),
+                ),
+                self.capacity_reports
+                    .catch_up_due()
+                    .filter(|_| self.at_capacity),
+            ),
+            Phase::Killing => None,
+        }?;
+        Some(deadline.saturating_duration_since(Instant::now()))
+    }
+
+    fn handle_signals(&mut self) {
+        let requests = signals::pending(&mut self.signals);
+        // Reap first, so status lines and shutdown decisions see the current table.
+        if requests.reap {
+            let before = self.children.len();
+            self.children.reap();
+            if self.fork_failure_run > 0 && self.children.len() < before {
+                // A child's exit is what frees a process slot: try forking again now.
+                self.paused_until = None;
+            }
+            self.pause_or_resume_at_max_children();
+            self.decide_pending();
+        }
+        // One shutdown step per batch: a SIGTERM and a SIGINT that arrive together are one
+        // request (the harder: fast), not a request and its escalation.
+        if let Some((mode, signal)) = requests.shutdown {
+            self.shutdown(mode, signal);
+        }
+        if requests.reload {
+            // First, and whether or not the configuration reloads: logrotate's SIGHUP must
+            // not depend on the config file being valid.
+            let reopened = self.reopen_log_file();
+            self.reload(reopened);
+        }
+        if requests.status {
+            self.log_status();
+        }
+    }
+
+    fn handle_deadlines(&mut self) {
+        let now = Instant::now();
+        if self.paused_until.is_some_and(|t| t <= now) {
+            self.paused_until = None;
+            if self.phase == Phase::Serving && !self.at_capacity {
+                self.set_polling(true);
+            }
+        }
+        if self.pending.next_deadline().is_some_and(|t| t <= now) {
+            self.decide_pending();
+        }
+        if self.at_capacity
+            && self
+                .capacity_reports
+                .catch_up_due()
+                .is_some_and(|t| t <= now)
+        {
+            let unreported = self.capacity_reports.catch_up(now);
+            self.log_capacity_reached(unreported);
+        }
+        match self.phase {
+            Phase::Draining { until } if until <= now && !self.children.is_empty() => {
+                info!(
+                    "shutdown timeout: {} sessions still running; sending them SIGTERM",
+                    self.children.len()
+                );
+                self.terminate_children();
+            }
+            Phase::Terminating { until } if until <= now => {
+                info!(
+                    "{} children still running {} after SIGTERM; sending them SIGKILL",
+                    self.children.len(),
+                    seconds(self.kill_timeout)
+                );
+                self.kill_children();
+            }
+            _ => {}
+        }
+    }
+
+    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
+    fn log_status(&self) {
+        let totals = &self.children.totals;
+        let mut endings: Vec<String> = totals
+            .exited()
+            .map(|(code, n)| format!("code {code}: {n}"))
+            .collect();
+        endings.extend(totals.killed().map(|(sig, n)| format!("{sig}: {n}")));
+        let busiest: Vec<String> = self
+            .children
+            .busiest_sources(3)
+            .iter()
+            .map(|(source, n)| format!("{source}: {n}"))
+            .collect();
+        let refused = &self.admission.refused;
+        info!(
+            "status: {} active (max {}), {} accepted, {} ended [{}], {} refused [{}], \
+             {} fork failures, {} waiting, busiest sources [{}], {} log lines dropped, \
+             {} sd_notify messages dropped, uptime {}",
+            self.children.len(),
+            self.limits.max_children,
+            totals.forked + self.fork_failures,
+            totals.ended(),
+            endings.join(", "),
+            refused.total(),
+            refused,
+            self.fork_failures,
+            self.pending.len(),
+            busiest.join(", "),
+            crate::logging::dropped_lines(),
+            crate::systemd::dropped(),
+            seconds(self.started.elapsed())
+        );
+    }
+}
+
+/// The earlier of two optional instants.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+// HOT_PATH_NOTE: the rarely taken branches of the loop (refusing, reloading, status, shutdown)
+// are kept out of line. Inlined, their locals (a 4 KiB drain buffer, a whole configuration)
+// would enlarge the frames of the accept path, and every stack page that path writes costs the
+// parent a copy-on-write fault after each fork.
+
+/// Gives the heap pages that startup used and freed (argument and config parsing) back to the
+/// kernel. Why: `fork` copies the page table entry of every resident private page, so each
+/// page left over from startup would be copied again for every connection.
+fn release_startup_memory() {
+    #[cfg(target_env = "gnu")]
+    // Safe: malloc_trim only returns free memory to the kernel; no pointer is invalidated.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

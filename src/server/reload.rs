@@ -1,0 +1,239 @@
+//! SIGHUP: reopen the log, then re-read the configuration and apply it to everything that
+//! starts from now on, all or nothing; listeners are added, swapped and removed without
+//! resetting a queued client.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use log::{error, info, warn};
+
+use super::shutdown::stop_accepting_everywhere;
+use super::{listener_flags, release_startup_memory, Phase, Server};
+use crate::config::{describe_changes, Config};
+use crate::listen::Listener;
+use crate::session::Settings;
+
+impl Server {
+    /// SIGHUP: re-read the configuration and apply it to everything that starts from now on
+    /// (sessions already running keep what they were forked with). All or nothing: a config
+    /// that does not parse or validate, or a new address that cannot be bound, is refused and
+    /// the running configuration stays, listeners included.
+    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
+    pub(super) fn reload(&mut self, log_reopened: Option<&'static str>) {
+        let new = match (self.reload)(&self.config) {
+            Ok(new) => new,
+            Err(e) => {
+                let also = log_reopened.map_or(String::new(), |r| format!(" ({r})"));
+                error!("reload refused: {e}; the running configuration stays{also}");
+                return;
+            }
+        };
+        // Sockets passed by systemd belong to its .socket unit: `listen` does not apply.
+        let serving =
+            self.phase == Phase::Serving && !self.listeners.iter().any(|l| l.from_systemd);
+        // Bind what is new before anything changes: a failure here leaves all as it was.
+        // An address that overlaps one being removed (0.0.0.0:P replacing 127.0.0.1:P) can
+        // only be bound once that one is closed: it is swapped in `install_listeners`.
+        let (fresh, swapped) = if serving {
+            let (swapped, added) = self.addresses_to_add(&new.listen);
+            if let Err(reason) = check_swaps_possible(&swapped) {
+                error!("reload refused: {reason}; the running configuration stays");
+                return;
+            }
+            match crate::listen::bind_all(&added, new.backlog, new.reuse_port) {
+                Ok(fresh) => (fresh, swapped),
+                Err(e) => {
+                    error!("reload refused: {e}; the running configuration stays");
+                    return;
+                }
+            }
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let mut changes = describe_changes(&self.config, &new);
+        changes.extend(log_reopened.map(str::to_string));
+        if new.pid_file != self.config.pid_file {
+            warn!("pid_file changes take effect at the next start");
+        }
+        if new.log_file != self.config.log_file {
+            warn!("log_file changes take effect at the next start; SIGHUP reopens the one in use");
+        }
+        if new.daemonize != self.config.daemonize {
+            warn!("daemonize changes take effect at the next start");
+        }
+        if new.identity_changed(&self.config) {
+            warn!("user and group changes take effect at the next start (root is gone)");
+        }
+        self.settings = Settings::from(&new);
+        self.limits = new.limits.clone();
+        // Built here, in the copy the loop reads, not in the configuration's copy.
+        self.limits.index_rules();
+        self.shutdown_timeout = new.shutdown_timeout;
+        self.kill_timeout = new.kill_timeout;
+        crate::logging::set_level(new.log_level);
+        if serving {
+            changes.extend(self.install_listeners(&new, fresh, &swapped));
+        }
+        // The pid file, log file and daemon mode in force are those of the start; keep
+        // describing those.
+        let (pid_file, log_file) = (self.config.pid_file.take(), self.config.log_file.take());
+        let daemonize = self.config.daemonize;
+        self.config = new;
+        (self.config.pid_file, self.config.log_file) = (pid_file, log_file);
+        self.config.daemonize = daemonize;
+        if changes.is_empty() {
+            info!("reloaded configuration: nothing changed");
+        } else {
+            info!("reloaded configuration: {}", changes.join(", "));
+        }
+        crate::systemd::status("serving (configuration reloaded)");
+        self.pause_or_resume_at_max_children();
+        // A large configuration (a long deny list) was parsed, copied and perhaps replaced:
+        // give the freed heap back, or every later fork would copy its page tables.
+        release_startup_memory();
+    }
+
+    /// The addresses of `listen` not listened on yet, split in two: those that overlap a
+    /// listener this reload removes (same port, one of them a wildcard), which can be bound
+    /// only after it closes, and the rest.
+    fn addresses_to_add(&self, listen: &[SocketAddr]) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+        let current: HashSet<SocketAddr> = self.listeners.iter().map(|l| l.configured).collect();
+        let wanted: HashSet<SocketAddr> = listen.iter().copied().collect();
+        let removed: Vec<SocketAddr> = current.difference(&wanted).copied().collect();
+        listen
+            .iter()
+            .filter(|a| !current.contains(a))
+            .partition(|a| removed.iter().any(|r| crate::listen::overlap(*r, **a)))
+    }
+
+    /// Reopens `log_file` under its name (after logrotate renamed it), without waiting: a path
+    /// that is no longer a regular file is refused and the log stays where it was. Returns
+    /// what to add to the reload line, `None` without a log file. Sessions already running
+    /// keep writing to the file they inherited until they end.
+    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
+    pub(super) fn reopen_log_file(&mut self) -> Option<&'static str> {
+        let path = self.config.log_file.as_deref()?;
+        match crate::daemon::reopen_log(path) {
+            Ok(()) => {
+                crate::logging::stderr_replaced();
+                Some("log_file reopened")
+            }
+            Err(reason) => {
+                error!("cannot reopen log_file: {reason}; logging on to the file open before");
+                Some("log_file NOT reopened")
+            }
+        }
+    }
+
+    /// Replaces the listeners by those configured in `new.listen`: keeps the ones still
+    /// wanted, adds `fresh` (already bound), and closes the rest, after serving every
+    /// connection already queued on them (those clients completed their handshake: closing
+    /// the listener would reset them). Then binds `swapped`, the addresses that overlap a
+    /// closed one; should that fail, the closed addresses are bound again. Returns what
+    /// changed, for the reload's log line.
+    fn install_listeners(
+        &mut self,
+        new: &Config,
+        fresh: Vec<Listener>,
+        swapped: &[SocketAddr],
+    ) -> Vec<String> {
+        // Tokens are indexes into `listeners`: take every listener out of the poll set and
+        // put the survivors and the new ones back under their new tokens.
+        self.set_polling(false);
+        let (kept, dropped): (Vec<Listener>, Vec<Listener>) = std::mem::take(&mut self.listeners)
+            .into_iter()
+            .partition(|l| new.listen.contains(&l.configured));
+        let mut changes = Vec::new();
+        let mut closed = Vec::new();
+        for listener in dropped {
+            self.drain_queue_of(&listener, true);
+            stop_accepting_everywhere(&listener);
+            info!("stopped listening on {}", listener.local);
+            changes.push(format!("listen -{}", listener.local));
+            closed.push(listener.configured);
+        }
+        let mut added = fresh;
+        if !swapped.is_empty() {
+            added.extend(self.bind_swapped(new, swapped, &closed, &mut changes));
+        }
+        for listener in &added {
+            info!("listening on {}", listener.local);
+            changes.push(format!("listen +{}", listener.local));
+        }
+        self.listeners = kept.into_iter().chain(added).collect();
+        self.registered = vec![false; self.listeners.len()];
+        // Queued connections raise no new edge: look at every listener on the next turn.
+        self.ready = listener_flags(self.listeners.len(), true);
+        if !self.at_capacity {
+            self.set_polling(true);
+        }
+        changes
+    }
+
+    /// Binds the addresses that could not be bound while `closed` were open. If that fails,
+    /// binds the closed ones that overlap them again, so the port keeps a listener; the
+    /// failure is logged and said in the reload line.
+    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
+    fn bind_swapped(
+        &mut self,
+        new: &Config,
+        swapped: &[SocketAddr],
+        closed: &[SocketAddr],
+        changes: &mut Vec<String>,
+    ) -> Vec<Listener> {
+        let error = match crate::listen::bind_all(swapped, new.backlog, new.reuse_port) {
+            Ok(bound) => return bound,
+            Err(e) => e,
+        };
+        let back: Vec<SocketAddr> = closed
+            .iter()
+            .filter(|c| swapped.iter().any(|s| crate::listen::overlap(**c, *s)))
+            .copied()
+            .collect();
+        let restored = crate::listen::bind_all(&back, self.config.backlog, self.config.reuse_port);
+        match &restored {
+            Ok(_) => error!("reload: {error}; listening on the addresses it replaced again"),
+            Err(again) => error!("reload: {error}; and {again}: the port has no listener now"),
+        }
+        changes.push(format!("FAILED: {error}"));
+        restored.unwrap_or_default()
+    }
+}
+
+/// A swap closes a listener before binding its replacement; refused where the replacement
+/// cannot be bound: a privileged port once the privilege is gone (the old address could not
+/// be bound again either).
+fn check_swaps_possible(swapped: &[SocketAddr]) -> Result<(), String> {
+    let start = unprivileged_port_start();
+    let privileged = swapped.iter().find(|a| a.port() < start);
+    match privileged {
+        Some(addr) if !can_bind_privileged_ports() => Err(format!(
+            "{addr} replaces an overlapping address on a port below {start}, which this \
+             process may no longer bind (no CAP_NET_BIND_SERVICE)"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The first port anyone may bind (`net.ipv4.ip_unprivileged_port_start`, 1024 unless
+/// changed). A procfs file: reading it never waits.
+fn unprivileged_port_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(1024)
+}
+
+/// True if this process holds CAP_NET_BIND_SERVICE (root usually does, a dropped user not).
+fn can_bind_privileged_ports() -> bool {
+    const CAP_NET_BIND_SERVICE: u32 = 10;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok());
+    match effective {
+        Some(caps) => caps & (1 << CAP_NET_BIND_SERVICE) != 0,
+        None => nix::unistd::geteuid().is_root(),
+    }
+}

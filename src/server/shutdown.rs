@@ -1,0 +1,157 @@
+//! Shutdown, PostgreSQL's three modes: the phases, their deadlines, and closing the listeners
+//! without resetting the clients queued on them.
+
+/// Where the daemon is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    Serving,
+    /// Listeners closed; sessions may finish until the deadline.
+    Draining {
+        until: Instant,
+    },
+    /// Children were sent SIGTERM; SIGKILL follows at the deadline.
+    Terminating {
+        until: Instant,
+    },
+    /// Children were sent SIGKILL; waiting to reap them.
+    Killing,
+}
+
+use std::io::ErrorKind;
+use std::time::Instant;
+
+use log::{info, warn};
+use nix::sys::signal::Signal;
+use socket2::SockRef;
+
+use super::accept::{accept_blocking, is_connection_error, MayWait};
+use super::Server;
+use crate::children::seconds;
+use crate::limits::Refusal;
+use crate::listen::Listener;
+use crate::signals::Mode;
+
+impl Server {
+    /// A shutdown request: the first one enters the state machine at its mode's step; while
+    /// shutting down, any request moves at least one step on (a repeated SIGTERM means "now").
+    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
+    pub(super) fn shutdown(&mut self, mode: Mode, signal: Signal) {
+        let sig = signal.as_str();
+        let n = self.children.len();
+        if self.phase == Phase::Serving {
+            crate::systemd::stopping(&format!("{} shutdown on {sig}", mode.name()));
+        }
+        match (self.phase, mode) {
+            (Phase::Killing, _) => {}
+            (_, Mode::Immediate) | (Phase::Terminating { .. }, _) => {
+                info!("shutting down on {sig} (immediate): sending SIGKILL to {n} sessions");
+                self.stop_listening(false);
+                self.kill_children();
+            }
+            (Phase::Serving, Mode::Smart) => {
+                info!(
+                    "shutting down on {sig} (smart): stopped listening; waiting up to {} for \
+                     {n} sessions (SIGTERM again or SIGINT: fast; SIGQUIT: immediate)",
+                    seconds(self.shutdown_timeout)
+                );
+                // Clients queued in the backlog are served first (and join the draining).
+                self.stop_listening(true);
+                self.phase = Phase::Draining {
+                    until: Instant::now() + self.shutdown_timeout,
+                };
+            }
+            (Phase::Serving, Mode::Fast) | (Phase::Draining { .. }, _) => {
+                info!(
+                    "shutting down on {sig} (fast): sending SIGTERM to {n} sessions, SIGKILL \
+                     to those left after {}",
+                    seconds(self.kill_timeout)
+                );
+                self.stop_listening(false);
+                self.terminate_children();
+            }
+        }
+    }
+
+    pub(super) fn terminate_children(&mut self) {
+        self.children.signal_all(Signal::SIGTERM);
+        self.phase = Phase::Terminating {
+            until: Instant::now() + self.kill_timeout,
+        };
+    }
+
+    pub(super) fn kill_children(&mut self) {
+        self.children.signal_all(Signal::SIGKILL);
+        self.phase = Phase::Killing;
+    }
+
+    /// Closes every listener: new clients are refused by the kernel from now on. Clients
+    /// already queued on them completed their handshake, and closing a listener resets them:
+    /// each is accepted first and, with `admit` (smart shutdown), served under the usual
+    /// limits, or else answered with `refusal_message`. Connections waiting in `pending` are
+    /// decided now.
+    fn stop_listening(&mut self, admit: bool) {
+        self.set_polling(false);
+        let listeners = std::mem::take(&mut self.listeners);
+        for listener in &listeners {
+            self.drain_queue_of(listener, admit);
+            stop_accepting_everywhere(listener);
+        }
+        drop(listeners);
+        self.ready.clear();
+        self.registered.clear();
+        for waiting in self.pending.take_all() {
+            if admit && !self.full_after_reaping() {
+                self.start_session(waiting.stream, waiting.peer, MayWait::No);
+            } else {
+                self.refuse(waiting.stream, waiting.peer, &Refusal::Closing);
+            }
+        }
+    }
+
+    /// Accepts every connection queued on a listener that is about to close: those clients
+    /// completed their handshake, and closing the listener would reset them. With `admit`,
+    /// each is admitted or refused as always while there is room under `max_children`, which
+    /// stays a hard limit; the rest are refused with `refusal_message` (`Refusal::Closing`).
+    /// Bounded by twice what the kernel queues there (`backlog + 1` completed connections, with
+    /// the backlog the listener was bound with), so a flood on the closing address cannot keep
+    /// the loop from its signals.
+    pub(super) fn drain_queue_of(&mut self, listener: &Listener, admit: bool) {
+        let mut closing = 0u64;
+        for _ in 0..2 * (listener.backlog as usize + 1) {
+            match accept_blocking(&listener.socket) {
+                Ok((stream, peer)) => {
+                    if admit && !self.full_after_reaping() {
+                        self.start_session(stream, peer, MayWait::No);
+                    } else {
+                        closing += 1;
+                        self.refuse(stream, peer, &Refusal::Closing);
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted || is_connection_error(&e) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    warn!("accept on {} while closing it: {e}", listener.local);
+                    break;
+                }
+            }
+        }
+        if closing > 0 {
+            info!(
+                "closing {}: answered {closing} queued clients with refusal_message",
+                listener.local
+            );
+        }
+    }
+}
+
+/// Stops `listener` listening in every process that holds a copy of it, which closing ours
+/// alone does not: a child forked a moment ago holds one until it has closed what it
+/// inherited, and meanwhile the address could not be bound again (a reload's swap) and new
+/// clients would queue where nobody accepts. Call after draining the queue: connections still
+/// queued are reset. Not for a socket systemd passed: systemd keeps listening on its copy, to
+/// start the service again on the next connection.
+pub(super) fn stop_accepting_everywhere(listener: &Listener) {
+    if !listener.from_systemd {
+        let _ = SockRef::from(&listener.socket).shutdown(std::net::Shutdown::Read);
+    }
+}
