@@ -1,5 +1,5 @@
 //! Memory the children do not inherit: the parent's bookkeeping (the children table, the
-//! per-source counts and the listeners' readiness flags) is allocated from one anonymous
+//! per-source counts and the listener slots with their readiness flags) is allocated from one anonymous
 //! mapping marked `MADV_WIPEONFORK`.
 //!
 //! # Why

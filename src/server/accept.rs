@@ -27,7 +27,7 @@ impl Server {
     /// Accepts a batch from every listener that may have connections queued.
     pub(super) fn accept_ready(&mut self) {
         for i in 0..self.listeners.len() {
-            if self.ready[i] && self.accepting() {
+            if self.listeners[i].ready && self.accepting() {
                 self.accept_batch(i);
             }
         }
@@ -41,7 +41,7 @@ impl Server {
             if !self.accepting() {
                 return;
             }
-            match accept_blocking(&self.listeners[i].socket) {
+            match accept_blocking(&self.listeners[i].listener.socket) {
                 Ok((stream, peer)) => {
                     self.accept_recovered();
                     self.start_session(stream, peer, MayWait::Grace);
@@ -49,13 +49,16 @@ impl Server {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     // The queue is empty, so accept works again: the next failure is a new run.
                     self.accept_recovered();
-                    self.ready[i] = false;
+                    self.listeners[i].ready = false;
                     return;
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) if is_connection_error(&e) => {
                     // The client is gone or was refused before we got to it; the next may be fine.
-                    debug!("accept on {}: {e} (skipped)", self.listeners[i].local);
+                    debug!(
+                        "accept on {}: {e} (skipped)",
+                        self.listeners[i].listener.local
+                    );
                 }
                 Err(e) => {
                     self.pause_accepting(i, &e);
@@ -73,7 +76,7 @@ impl Server {
         if self.accept_failures == 0 {
             warn!(
                 "accept on {} failed: {}; retrying every {} until it succeeds",
-                self.listeners[i].local,
+                self.listeners[i].listener.local,
                 crate::os_error_text(e),
                 seconds(ACCEPT_BACKOFF)
             );

@@ -32,7 +32,7 @@ impl Server {
         } else {
             self.report_capacity_left();
             // Edge-triggered: connections that queued meanwhile raise no new event.
-            self.ready.iter_mut().for_each(|r| *r = true);
+            self.listeners.mark_all_ready();
             self.decide_pending();
         }
     }
@@ -78,24 +78,22 @@ impl Server {
     /// Puts every listener into the poll set (`on`) or takes it out. A listener that cannot be
     /// registered again (epoll out of memory) is retried after `ACCEPT_BACKOFF`.
     pub(super) fn set_polling(&mut self, on: bool) {
-        for (i, listener) in self.listeners.iter_mut().enumerate() {
-            if self.registered[i] == on {
+        for (i, slot) in self.listeners.iter_mut().enumerate() {
+            if slot.registered == on {
                 continue;
             }
             let registry = self.poll.registry();
+            let socket = &mut slot.listener.socket;
             let result = if on {
-                registry.register(
-                    &mut listener.socket,
-                    Source::Listener(i).token(),
-                    Interest::READABLE,
-                )
+                registry.register(socket, Source::Listener(i).token(), Interest::READABLE)
             } else {
-                registry.deregister(&mut listener.socket)
+                registry.deregister(socket)
             };
             match result {
-                Ok(()) => self.registered[i] = on,
+                Ok(()) => slot.registered = on,
                 Err(e) => {
-                    warn!("cannot change polling of {}: {e}; retrying", listener.local);
+                    let local = slot.listener.local;
+                    warn!("cannot change polling of {local}: {e}; retrying");
                     self.paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
                 }
             }

@@ -38,11 +38,13 @@ use crate::spawn;
 
 mod accept;
 mod capacity;
+mod listeners;
 mod reload;
 mod shutdown;
 mod token;
 
 use capacity::CapacityReports;
+use listeners::Listeners;
 use shutdown::Phase;
 use token::Source;
 
@@ -50,15 +52,6 @@ use token::Source;
 /// running. It must not wait for anything slow (it runs inside the loop): see
 /// [`Config::reload`], which looks up no user or group.
 pub type Reloader = Box<dyn Fn(&Config) -> Result<Config, ConfigError>>;
-
-/// One flag per listener, kept in memory the children do not inherit.
-type ListenerFlags = allocator_api2::vec::Vec<bool, parent_memory::ParentOnly>;
-
-fn listener_flags(listeners: usize, value: bool) -> ListenerFlags {
-    let mut flags = ListenerFlags::with_capacity_in(listeners, parent_memory::ParentOnly);
-    flags.resize(listeners, value);
-    flags
-}
 
 pub struct Server {
     /// Poll results: one event per registered source at most (listeners + the signal pipe).
@@ -74,12 +67,7 @@ pub struct Server {
     /// Read end of the self-pipe the signal handlers write to.
     signals: Signals,
     /// Listener `i` is registered as `Source::Listener(i)`; emptied on shutdown.
-    listeners: Vec<Listener>,
-    /// `ready[i]`: listener `i` may have connections queued (edge-triggered readiness is only
-    /// reported once, so we remember it until `accept` says WouldBlock). Written on every
-    /// event, so it lives in parent-only memory, like the children table: a heap page written
-    /// between two forks is a copy-on-write fault.
-    ready: ListenerFlags,
+    listeners: Listeners,
     children: Children,
     /// What each new child needs for its session.
     settings: Settings,
@@ -89,9 +77,6 @@ pub struct Server {
     admission: Admission,
     /// True while `max_children` children run and the listeners are out of the poll set.
     at_capacity: bool,
-    /// `registered[i]`: listener `i` is in the poll set. Tracked per listener so that one
-    /// whose re-registration failed is retried instead of staying deaf for good.
-    registered: Vec<bool>,
     shutdown_timeout: Duration,
     /// Time between the SIGTERM and the SIGKILL sent to children on shutdown.
     kill_timeout: Duration,
@@ -142,9 +127,7 @@ impl Server {
             poll,
             signals,
             // Connections may already be queued before the first edge is seen.
-            ready: listener_flags(listeners.len(), true),
-            registered: vec![true; listeners.len()],
-            listeners,
+            listeners: Listeners::new(listeners, true),
             children: Children::with_capacity(16),
             events,
             settings: Settings::from(config),
@@ -171,8 +154,8 @@ impl Server {
     pub fn run(mut self, ready: Box<dyn FnOnce()>) -> io::Result<()> {
         // Announced only now that the signal handlers are installed: whoever waits for this
         // line (a test, a supervisor) may send SIGTERM at once and must not kill us.
-        for listener in &self.listeners {
-            info!("listening on {}", listener.local);
+        for slot in self.listeners.iter() {
+            info!("listening on {}", slot.listener.local);
         }
         ready();
         release_startup_memory();
@@ -194,11 +177,7 @@ impl Server {
             for event in self.events.iter() {
                 match Source::of(event.token()) {
                     Some(Source::Signals) => signalled = true,
-                    Some(Source::Listener(i)) => {
-                        if let Some(ready) = self.ready.get_mut(i) {
-                            *ready = true;
-                        }
-                    }
+                    Some(Source::Listener(i)) => self.listeners.mark_ready(i),
                     None => debug!("event for an unknown token {:?}", event.token()),
                 }
             }
@@ -223,7 +202,7 @@ impl Server {
 
     /// The poll timeout: the nearest deadline, zero if a listener still has work, else none.
     fn next_wakeup(&self) -> Option<Duration> {
-        if self.accepting() && self.ready.iter().any(|&r| r) {
+        if self.accepting() && self.listeners.any_ready() {
             return Some(Duration::ZERO);
         }
         let deadline = match self.phase {

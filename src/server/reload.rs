@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use log::{error, info, warn};
 
 use super::shutdown::stop_accepting_everywhere;
-use super::{listener_flags, release_startup_memory, Phase, Server};
+use super::{release_startup_memory, Phase, Server};
 use crate::config::{describe_changes, Config};
 use crate::listen::Listener;
 use crate::session::Settings;
@@ -30,7 +30,7 @@ impl Server {
         };
         // Sockets passed by systemd belong to its .socket unit: `listen` does not apply.
         let serving =
-            self.phase == Phase::Serving && !self.listeners.iter().any(|l| l.from_systemd);
+            self.phase == Phase::Serving && !self.listeners.iter().any(|s| s.listener.from_systemd);
         // Bind what is new before anything changes: a failure here leaves all as it was.
         // An address that overlaps one being removed (0.0.0.0:P replacing 127.0.0.1:P) can
         // only be bound once that one is closed: it is swapped in `install_listeners`.
@@ -97,7 +97,11 @@ impl Server {
     /// listener this reload removes (same port, one of them a wildcard), which can be bound
     /// only after it closes, and the rest.
     fn addresses_to_add(&self, listen: &[SocketAddr]) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
-        let current: HashSet<SocketAddr> = self.listeners.iter().map(|l| l.configured).collect();
+        let current: HashSet<SocketAddr> = self
+            .listeners
+            .iter()
+            .map(|s| s.listener.configured)
+            .collect();
         let wanted: HashSet<SocketAddr> = listen.iter().copied().collect();
         let removed: Vec<SocketAddr> = current.difference(&wanted).copied().collect();
         listen
@@ -140,7 +144,9 @@ impl Server {
         // Tokens are indexes into `listeners`: take every listener out of the poll set and
         // put the survivors and the new ones back under their new tokens.
         self.set_polling(false);
-        let (kept, dropped): (Vec<Listener>, Vec<Listener>) = std::mem::take(&mut self.listeners)
+        let (kept, dropped): (Vec<Listener>, Vec<Listener>) = self
+            .listeners
+            .take_all()
             .into_iter()
             .partition(|l| new.listen.contains(&l.configured));
         let mut changes = Vec::new();
@@ -160,10 +166,9 @@ impl Server {
             info!("listening on {}", listener.local);
             changes.push(format!("listen +{}", listener.local));
         }
-        self.listeners = kept.into_iter().chain(added).collect();
-        self.registered = vec![false; self.listeners.len()];
-        // Queued connections raise no new edge: look at every listener on the next turn.
-        self.ready = listener_flags(self.listeners.len(), true);
+        // All out of the poll set, and all ready: queued connections raise no new edge.
+        self.listeners
+            .replace(kept.into_iter().chain(added).collect());
         if !self.at_capacity {
             self.set_polling(true);
         }

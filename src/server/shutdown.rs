@@ -91,14 +91,12 @@ impl Server {
     /// decided now.
     fn stop_listening(&mut self, admit: bool) {
         self.set_polling(false);
-        let listeners = std::mem::take(&mut self.listeners);
+        let listeners = self.listeners.take_all();
         for listener in &listeners {
             self.drain_queue_of(listener, admit);
             stop_accepting_everywhere(listener);
         }
         drop(listeners);
-        self.ready.clear();
-        self.registered.clear();
         for waiting in self.pending.take_all() {
             if admit && !self.full_after_reaping() {
                 self.start_session(waiting.stream, waiting.peer, MayWait::No);
