@@ -1,6 +1,6 @@
 //! Memory the children do not inherit: the parent's bookkeeping (the children table, the
-//! per-source counts and the listener slots with their readiness flags) is allocated from one anonymous
-//! mapping marked `MADV_WIPEONFORK`.
+//! per-source counts, and the listener slots with their readiness flags) is allocated from one
+//! anonymous mapping marked `MADV_WIPEONFORK`.
 //!
 //! # Why
 //! After `fork`, every private page the parent and the new child both map is copy-on-write. The
