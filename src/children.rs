@@ -15,7 +15,7 @@ use nix::sys::wait::WaitPidFlag;
 use nix::unistd::Pid;
 
 use crate::parent_memory::ParentOnly;
-use crate::session::EXIT_PANIC;
+use crate::spawn::EXIT_PANIC;
 
 /// One live child.
 #[derive(Debug, Clone, Copy)]

@@ -16,7 +16,10 @@
 //!   counts; `max_children` pauses accepting instead.
 //! - [`spawn`]: `fork` and the child's hygiene (descriptors, signals, `_exit`): the fork-safety
 //!   rules live here.
-//! - [`session`]: the child's blocking echo, and the exit code that says how it ended.
+//! - [`conn`]: the value that crosses `fork`: the connection and what the parent knows of it.
+//! - [`handler`]: what a child does with its connection; owns its settings, exit codes and
+//!   signal policy.
+//! - [`echo`]: the built-in handler, a blocking echo, and the exit code that says how it ended.
 //! - [`children`]: the table of live children, the reaper, and the totals.
 //! - [`parent_memory`]: where that table lives: memory the children do not inherit.
 //! - [`pending`]: accepted connections waiting for a decision (a source at `max_per_source`
@@ -32,7 +35,10 @@
 
 pub mod children;
 pub mod config;
+pub mod conn;
 pub mod daemon;
+pub mod echo;
+pub mod handler;
 pub mod limits;
 pub mod listen;
 pub mod logging;
@@ -41,7 +47,6 @@ pub mod pending;
 pub mod pidfile;
 pub mod privileges;
 pub mod server;
-pub mod session;
 pub mod signals;
 pub mod spawn;
 pub mod systemd;

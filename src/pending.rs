@@ -14,8 +14,10 @@
 //! holds one descriptor per entry, and the loop wakes up for the earliest deadline.
 
 use std::collections::VecDeque;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+
+use crate::conn::Accepted;
 
 /// Longest a connection waits for a session of its source to end before it is refused for
 /// `max_per_source`. A child normally finishes exiting within microseconds of closing its
@@ -28,8 +30,7 @@ pub const MAX_PENDING: usize = 256;
 /// One accepted connection waiting for a decision.
 #[derive(Debug)]
 pub struct Waiting {
-    pub stream: TcpStream,
-    pub peer: SocketAddr,
+    pub accepted: Accepted,
     /// Decided (admitted or refused) at this time at the latest.
     pub until: Instant,
 }
@@ -56,17 +57,16 @@ impl Pending {
 
     /// How many waiting connections come from a peer for which `matches` holds.
     pub fn count(&self, mut matches: impl FnMut(&SocketAddr) -> bool) -> usize {
-        self.waiting.iter().filter(|w| matches(&w.peer)).count()
+        self.waiting
+            .iter()
+            .filter(|w| matches(&w.accepted.peer))
+            .count()
     }
 
     /// Adds a connection that must be decided by `until`. The caller checks `is_full` first.
-    pub fn add(&mut self, stream: TcpStream, peer: SocketAddr, until: Instant) {
+    pub fn add(&mut self, accepted: Accepted, until: Instant) {
         debug_assert!(!self.is_full());
-        self.waiting.push_back(Waiting {
-            stream,
-            peer,
-            until,
-        });
+        self.waiting.push_back(Waiting { accepted, until });
     }
 
     /// The earliest deadline, for the poll timeout.
@@ -84,7 +84,7 @@ impl Pending {
         let mut decidable = Vec::new();
         let mut kept = VecDeque::with_capacity(self.waiting.len());
         for waiting in self.waiting.drain(..) {
-            if waiting.until <= now || ready(&waiting.peer) {
+            if waiting.until <= now || ready(&waiting.accepted.peer) {
                 decidable.push(waiting);
             } else {
                 kept.push_back(waiting);
@@ -103,11 +103,17 @@ impl Pending {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::TcpListener;
+    use std::net::{TcpListener, TcpStream};
 
-    fn connection(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    fn connection(listener: &TcpListener) -> Accepted {
         let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        listener.accept().unwrap()
+        let (stream, peer) = listener.accept().unwrap();
+        let listener = listener.local_addr().unwrap();
+        Accepted {
+            stream,
+            peer,
+            listener,
+        }
     }
 
     #[test]
@@ -117,9 +123,9 @@ mod tests {
         let t0 = Instant::now();
         let mut peers = Vec::new();
         for i in 0..3 {
-            let (stream, peer) = connection(&listener);
-            pending.add(stream, peer, t0 + Duration::from_millis(100 * (i + 1)));
-            peers.push(peer);
+            let accepted = connection(&listener);
+            peers.push(accepted.peer);
+            pending.add(accepted, t0 + Duration::from_millis(100 * (i + 1)));
         }
         assert_eq!(
             pending.next_deadline(),
@@ -129,7 +135,7 @@ mod tests {
         assert!(pending.take_decidable(t0, |_| false).is_empty());
         // The third is ready; the first is late.
         let decided = pending.take_decidable(t0 + Duration::from_millis(150), |p| *p == peers[2]);
-        let decided: Vec<SocketAddr> = decided.iter().map(|w| w.peer).collect();
+        let decided: Vec<SocketAddr> = decided.iter().map(|w| w.accepted.peer).collect();
         assert_eq!(decided, [peers[0], peers[2]]);
         assert_eq!(pending.len(), 1);
         assert_eq!(pending.take_all().len(), 1);

@@ -166,8 +166,8 @@ pub fn restore_mask(mask: &SigSet) -> io::Result<()> {
 /// Before unblocking, signals that reached the child while it was still in the parent's process
 /// group and name (between `fork` and `leave_parents_process_group`) are discarded: SIGINT,
 /// SIGQUIT, SIGHUP and SIGUSR1 can only have been meant for the parent, which sends its
-/// children nothing but SIGTERM and SIGKILL. SIGPIPE is ignored explicitly (the Rust runtime
-/// already does, but a session must see EPIPE, exit code 6, rather than die of it).
+/// children nothing but SIGTERM and SIGKILL. Dispositions beyond these (SIGPIPE, for one) are
+/// the handler's policy (see `handler`).
 pub fn reset_in_child() -> io::Result<()> {
     discard_pending_meant_for_parent()?;
     let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
@@ -176,9 +176,6 @@ pub fn reset_in_child() -> io::Result<()> {
         // Safe: installs SIG_DFL, no Rust code runs as a handler.
         unsafe { sigaction(sig, &default) }?;
     }
-    let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
-    // Safe: installs SIG_IGN, no handler code.
-    unsafe { sigaction(Signal::SIGPIPE, &ignore) }?;
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
     Ok(())
 }

@@ -24,37 +24,37 @@
 //!    see EOF when the child ends, and the parent's fd table would fill up.
 
 use std::io::{self, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use nix::unistd::{fork, setpgid, ForkResult, Pid};
 
-use crate::session::{self, Settings, EXIT_PANIC};
+use crate::conn::Conn;
+use crate::handler::Handler;
 use crate::signals;
 
-/// Forks a child that serves `stream` and returns its pid. In the parent the stream is closed
-/// before this returns (rule 5). If the fork fails, the stream comes back with the error, so
-/// the caller can still answer the client. The child never returns.
-pub fn spawn_session(
-    stream: TcpStream,
-    peer: SocketAddr,
-    settings: &Settings,
-) -> Result<Pid, (TcpStream, io::Error)> {
+/// Exit code of a child whose handler panicked (caught; never a core dump), or that could not
+/// be made ready to serve: EX_SOFTWARE from sysexits.h. Every handler's codes leave it free.
+pub const EXIT_PANIC: i32 = 70;
+
+/// Forks a child in which `handler` serves `conn`, and returns its pid. In the parent the
+/// connection is closed before this returns (rule 5). If the fork fails, the connection comes
+/// back with the error, so the caller can still answer the client. The child never returns.
+pub fn spawn_session(conn: Conn, handler: &Handler) -> Result<Pid, (Conn, io::Error)> {
     // Rule 2: nothing buffered may be inherited and written twice. (stderr is unbuffered, and
     // the logger writes whole lines, but stdout is line-buffered.)
     let _ = io::stdout().flush();
     // Keep every signal pending across fork; see `signals::block_all`.
     let parent_mask = match signals::block_all() {
         Ok(mask) => mask,
-        Err(e) => return Err((stream, e)),
+        Err(e) => return Err((conn, e)),
     };
     // Safe: this process has exactly one thread (rule 1), so no lock is held by a thread that
     // would not exist in the child; the child only runs `child_main`, which never returns.
     let forked = unsafe { fork() };
     if let Ok(ForkResult::Child) = forked {
-        child_main(stream, peer, settings);
+        child_main(conn, handler);
     }
     if let Err(e) = signals::restore_mask(&parent_mask) {
         // Not a reason to lose track of a child that now exists: report it and carry on.
@@ -64,34 +64,32 @@ pub fn spawn_session(
         Ok(ForkResult::Parent { child }) => {
             // Rule 5: the parent's copy goes now, or the client would not see EOF when the
             // child ends, and the parent's fd table would fill up with finished connections.
-            drop(stream);
+            drop(conn);
             Ok(child)
         }
         Ok(ForkResult::Child) => unreachable!("the child never returns from child_main"),
-        Err(errno) => Err((stream, errno.into())),
+        Err(errno) => Err((conn, errno.into())),
     }
 }
 
-/// Everything the child does: clean up what it inherited, serve, exit. Never returns.
-fn child_main(stream: TcpStream, peer: SocketAddr, settings: &Settings) -> ! {
+/// Everything the child does: clean up what it inherited, hand the connection to the handler,
+/// exit with its code. Never returns.
+fn child_main(conn: Conn, handler: &Handler) -> ! {
     // Rule 2: no panic may unwind out of here into the parent's accept loop, from the cleanup
     // or from the session.
     let code = panic::catch_unwind(AssertUnwindSafe(|| {
-        let fd = stream.into_raw_fd();
         // Rule 3: stdio and this connection only (why: see the module doc).
-        close_inherited_fds(fd);
+        close_inherited_fds(conn.stream.as_raw_fd());
         // Out of the parent's process group while every signal is still blocked, so that none
         // aimed at that group (Ctrl-C) can act on this child once it unblocks.
         leave_parents_process_group();
         // Rule 3: default actions and an empty mask; if that fails the child could ignore the
         // shutdown's SIGTERM, so it refuses to serve rather than serve half-isolated.
         if let Err(e) = signals::reset_in_child() {
-            log::error!("session {peer}: cannot reset signal handling: {e}");
+            log::error!("session {}: cannot reset signal handling: {e}", conn.peer);
             return EXIT_PANIC;
         }
-        // Safe: `fd` is the accepted connection, owned by nobody else in this process.
-        let stream = unsafe { TcpStream::from_raw_fd(fd) };
-        session::run(stream, peer, settings).exit_code()
+        handler.serve(conn)
     }))
     .unwrap_or(EXIT_PANIC);
     exit_child(code)

@@ -14,6 +14,7 @@ use socket2::SockRef;
 
 use super::{Phase, Server};
 use crate::children::seconds;
+use crate::conn::{Accepted, Conn};
 use crate::limits::{self, Refusal};
 use crate::pending;
 use crate::spawn;
@@ -44,7 +45,13 @@ impl Server {
             match accept_blocking(&self.listeners[i].listener.socket) {
                 Ok((stream, peer)) => {
                     self.accept_recovered();
-                    self.start_session(stream, peer, MayWait::Grace);
+                    let listener = self.listeners[i].listener.local;
+                    let accepted = Accepted {
+                        stream,
+                        peer,
+                        listener,
+                    };
+                    self.start_session(accepted, MayWait::Grace);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     // The queue is empty, so accept works again: the next failure is a new run.
@@ -101,7 +108,8 @@ impl Server {
     /// A connection whose source is at `max_per_source` may wait in `pending`, as `may_wait`
     /// says, for one of that source's sessions to be reaped, instead of being refused at once
     /// (see `pending` for why).
-    pub(super) fn start_session(&mut self, stream: TcpStream, peer: SocketAddr, may_wait: MayWait) {
+    pub(super) fn start_session(&mut self, accepted: Accepted, may_wait: MayWait) {
+        let peer = accepted.peer;
         let source = limits::source_of(peer.ip(), &self.limits);
         let mut live = self.children.from_source(&source);
         if self.limits.per_source_full(live) {
@@ -112,7 +120,7 @@ impl Server {
                 .filter(|_| self.limits.per_source_full(live))
             {
                 if self.may_wait(&source) {
-                    self.wait_for_source(stream, peer, until);
+                    self.wait_for_source(accepted, until);
                     return;
                 }
             }
@@ -121,10 +129,12 @@ impl Server {
             .admission
             .admit(peer.ip(), source, live, &self.limits, Instant::now());
         if let Err(refusal) = admitted {
-            self.refuse(stream, peer, &refusal);
+            self.refuse(accepted.stream, peer, &refusal);
             return;
         }
-        match spawn::spawn_session(stream, peer, &self.settings) {
+        self.admitted += 1;
+        let conn = Conn::admitted(accepted, source, live + 1, self.admitted);
+        match spawn::spawn_session(conn, &self.handler) {
             Ok(pid) => {
                 self.children.add(pid, peer, source);
                 info!(
@@ -134,7 +144,7 @@ impl Server {
                 self.fork_recovered();
                 self.pause_or_resume_at_max_children();
             }
-            Err((stream, e)) => self.fork_failed(stream, peer, &e),
+            Err((conn, e)) => self.fork_failed(conn.stream, peer, &e),
         }
     }
 
@@ -153,13 +163,14 @@ impl Server {
 
     /// Parks a connection whose source is at `max_per_source` until `until` (see `pending`).
     #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
-    fn wait_for_source(&mut self, stream: TcpStream, peer: SocketAddr, until: Instant) {
+    fn wait_for_source(&mut self, accepted: Accepted, until: Instant) {
         debug!(
-            "{peer}: its source is at max_per_source; waiting up to {} for one of its \
+            "{}: its source is at max_per_source; waiting up to {} for one of its \
              sessions to end",
+            accepted.peer,
             seconds(until.saturating_duration_since(Instant::now()))
         );
-        self.pending.add(stream, peer, until);
+        self.pending.add(accepted, until);
     }
 
     /// Decides the waiting connections whose source has room again or whose time is up,
@@ -178,7 +189,7 @@ impl Server {
             if self.at_capacity {
                 // Out of room for children: it waits again, as clients do in the backlog.
                 let until = waiting.until.max(now + pending::PER_SOURCE_GRACE);
-                self.pending.add(waiting.stream, waiting.peer, until);
+                self.pending.add(waiting.accepted, until);
                 continue;
             }
             // One that is not late yet may wait again if its source filled up meanwhile
@@ -188,7 +199,7 @@ impl Server {
             } else {
                 MayWait::No
             };
-            self.start_session(waiting.stream, waiting.peer, may_wait);
+            self.start_session(waiting.accepted, may_wait);
         }
     }
 

@@ -28,11 +28,11 @@ use signal_hook_mio::v1_0::Signals;
 
 use crate::children::{seconds, Children};
 use crate::config::{Config, ConfigError};
+use crate::handler::Handler;
 use crate::limits::{Admission, Limits};
 use crate::listen::Listener;
 use crate::parent_memory;
 use crate::pending::Pending;
-use crate::session::Settings;
 use crate::signals;
 use crate::spawn;
 
@@ -69,8 +69,10 @@ pub struct Server {
     /// Listener `i` is registered as `Source::Listener(i)`; emptied on shutdown.
     listeners: Listeners,
     children: Children,
-    /// What each new child needs for its session.
-    settings: Settings,
+    /// What each new child does with its connection (as configured now).
+    handler: Handler,
+    /// Connections admitted since start: the next one's `Conn::number` is this plus one.
+    admitted: u64,
     /// The limits in force: one value, so a reload can replace it whole.
     limits: Limits,
     /// Token buckets and refusal counts.
@@ -130,7 +132,8 @@ impl Server {
             listeners: Listeners::new(listeners, true),
             children: Children::with_capacity(16),
             events,
-            settings: Settings::from(config),
+            handler: Handler::from_config(config),
+            admitted: 0,
             config: config.clone(),
             reload,
             limits,

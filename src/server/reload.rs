@@ -10,8 +10,8 @@ use log::{error, info, warn};
 use super::shutdown::stop_accepting_everywhere;
 use super::{release_startup_memory, Phase, Server};
 use crate::config::{describe_changes, Config};
+use crate::handler::Handler;
 use crate::listen::Listener;
-use crate::session::Settings;
 
 impl Server {
     /// SIGHUP: re-read the configuration and apply it to everything that starts from now on
@@ -64,7 +64,7 @@ impl Server {
         if new.identity_changed(&self.config) {
             warn!("user and group changes take effect at the next start (root is gone)");
         }
-        self.settings = Settings::from(&new);
+        self.handler = Handler::from_config(&new);
         self.limits = new.limits.clone();
         // Built here, in the copy the loop reads, not in the configuration's copy.
         self.limits.index_rules();

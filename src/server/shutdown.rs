@@ -27,6 +27,7 @@ use socket2::SockRef;
 use super::accept::{accept_blocking, is_connection_error, MayWait};
 use super::Server;
 use crate::children::seconds;
+use crate::conn::Accepted;
 use crate::limits::Refusal;
 use crate::listen::Listener;
 use crate::signals::Mode;
@@ -99,9 +100,10 @@ impl Server {
         drop(listeners);
         for waiting in self.pending.take_all() {
             if admit && !self.full_after_reaping() {
-                self.start_session(waiting.stream, waiting.peer, MayWait::No);
+                self.start_session(waiting.accepted, MayWait::No);
             } else {
-                self.refuse(waiting.stream, waiting.peer, &Refusal::Closing);
+                let Accepted { stream, peer, .. } = waiting.accepted;
+                self.refuse(stream, peer, &Refusal::Closing);
             }
         }
     }
@@ -119,7 +121,13 @@ impl Server {
             match accept_blocking(&listener.socket) {
                 Ok((stream, peer)) => {
                     if admit && !self.full_after_reaping() {
-                        self.start_session(stream, peer, MayWait::No);
+                        let listener = listener.local;
+                        let accepted = Accepted {
+                            stream,
+                            peer,
+                            listener,
+                        };
+                        self.start_session(accepted, MayWait::No);
                     } else {
                         closing += 1;
                         self.refuse(stream, peer, &Refusal::Closing);

@@ -1,6 +1,10 @@
-//! One client's session, run in its own child process: a plain blocking echo. Blocking I/O is
-//! the point of forking per connection: the child has one socket and nothing else to do, so the
-//! kernel does the waiting and each session's code stays a straight line.
+//! The echo handler: one client's session, run in its own child process, a plain blocking echo.
+//! Blocking I/O is the point of forking per connection: the child has one socket and nothing
+//! else to do, so the kernel does the waiting and each session's code stays a straight line.
+//!
+//! Its signal policy, beyond the defaults `spawn` restores: SIGPIPE ignored (a vanished client
+//! is EPIPE, exit code 6, not death), and SIGTTOU and SIGXFSZ left ignored as the parent set
+//! them (a log line to a `tostop` terminal or a file at its size limit must not end a session).
 //!
 //! The outcome becomes the child's exit code, which the parent logs when it reaps the child:
 //!
@@ -13,11 +17,11 @@
 //! | 6  | broken pipe: the peer went away while we were writing |
 //! | 7  | any other I/O error, e.g. the connection timed out (logged by the child) |
 //! | 8  | `max_session_time` reached |
-//! | 70 | internal error: the session panicked (caught; never a core dump) |
+//! | 70 | internal error: the session panicked (caught; never a core dump): `spawn::EXIT_PANIC` |
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::mem::MaybeUninit;
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
@@ -26,6 +30,8 @@ use nix::errno::Errno;
 use nix::fcntl::{splice, OFlag, SpliceFFlags};
 use socket2::SockRef;
 
+use crate::conn::Conn;
+
 pub const EXIT_CLIENT_CLOSED: i32 = 0;
 pub const EXIT_IDLE_TIMEOUT: i32 = 3;
 pub const EXIT_WRITE_TIMEOUT: i32 = 4;
@@ -33,8 +39,6 @@ pub const EXIT_PEER_RESET: i32 = 5;
 pub const EXIT_BROKEN_PIPE: i32 = 6;
 pub const EXIT_IO_ERROR: i32 = 7;
 pub const EXIT_SESSION_TIME: i32 = 8;
-/// EX_SOFTWARE from sysexits.h.
-pub const EXIT_PANIC: i32 = 70;
 
 /// Buffer size of the fallback echo (when splice is refused). The seed used 1 KiB; 64 KiB
 /// matches the kernel's default socket buffer scale so a bulk transfer moves in few system calls.
@@ -98,7 +102,11 @@ impl Outcome {
 }
 
 /// Runs the whole session on `stream` and says how it ended.
-pub fn run(stream: TcpStream, peer: SocketAddr, settings: &Settings) -> Outcome {
+pub fn run(conn: Conn, settings: &Settings) -> Outcome {
+    let Conn { stream, peer, .. } = conn;
+    if let Err(e) = ignore_sigpipe() {
+        return Outcome::IoError(e);
+    }
     let outcome = match serve(&stream, settings) {
         Ok(()) => Outcome::ClientClosed,
         Err(outcome) => outcome,
@@ -108,6 +116,16 @@ pub fn run(stream: TcpStream, peer: SocketAddr, settings: &Settings) -> Outcome 
         other => debug!("session {peer} ended: {other:?}"),
     }
     outcome
+}
+
+/// The echo's SIGPIPE policy: a write to a client that is gone fails with EPIPE (exit code 6)
+/// instead of killing the child. Splicing into a socket cannot say MSG_NOSIGNAL.
+fn ignore_sigpipe() -> io::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    // Safe: installs SIG_IGN, no handler code.
+    unsafe { sigaction(Signal::SIGPIPE, &ignore) }?;
+    Ok(())
 }
 
 fn serve(stream: &TcpStream, settings: &Settings) -> Result<(), Outcome> {

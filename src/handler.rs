@@ -1,0 +1,30 @@
+//! What a child does with its connection, once `spawn` has cleaned up what it inherited
+//! (descriptors, process group, signal mask). A handler owns its settings, the meaning of its
+//! exit codes and the signal dispositions it wants beyond the defaults; `spawn` owns only what
+//! every child needs, and ends the child with `_exit` and the handler's exit code, so a
+//! handler never returns into the parent's code.
+
+use crate::conn::Conn;
+use crate::echo;
+
+/// The handlers forkecho has.
+#[derive(Debug, Clone)]
+pub enum Handler {
+    /// The built-in echo (`echo`): banner, then every byte back, until the client's EOF.
+    Echo(echo::Settings),
+}
+
+impl Handler {
+    /// The handler a configuration asks for.
+    pub fn from_config(config: &crate::config::Config) -> Handler {
+        Handler::Echo(echo::Settings::from(config))
+    }
+
+    /// Serves `conn` in the child and returns the exit code that says how the session ended
+    /// (each handler documents its codes). Called only in a child, by `spawn`.
+    pub fn serve(&self, conn: Conn) -> i32 {
+        match self {
+            Handler::Echo(settings) => echo::run(conn, settings).exit_code(),
+        }
+    }
+}
