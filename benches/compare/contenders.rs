@@ -85,9 +85,7 @@ pub fn start_contenders(only: &[String]) -> Vec<Contender> {
         Spec::new("forkecho", BANNER.len(), |port| {
             forkecho_command(env!("CARGO_BIN_EXE_forkecho"), port)
         }),
-        Spec::new(floors::MIO_FLOOR, BANNER.len(), |port| {
-            floors::floor_command("mio", port)
-        }),
+        Spec::new(floors::MIO_FLOOR, BANNER.len(), floors::mio_echo_command),
     ];
     // For A/B profiling: another build of forkecho (say, other link flags) measured beside
     // this one in the same interleaved run.
@@ -98,9 +96,16 @@ pub fn start_contenders(only: &[String]) -> Vec<Contender> {
             move |port| forkecho_command(&alt, port),
         ));
     }
-    specs.push(Spec::new(floors::FORK_FLOOR, BANNER.len(), |port| {
-        floors::floor_command("fork", port)
-    }));
+    // Compiled only when selected: a run that leaves it out needs no C compiler.
+    if selected(floors::FORK_FLOOR) {
+        if let Some(program) = floors::build_fork_loop() {
+            specs.push(Spec::new(floors::FORK_FLOOR, BANNER.len(), move |port| {
+                let mut c = Command::new(&program);
+                c.arg(port.to_string());
+                c
+            }));
+        }
+    }
     specs.extend(peers());
     specs
         .into_iter()

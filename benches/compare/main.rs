@@ -8,9 +8,9 @@
 //!   itself is not refused; the seed's C++ server (`../shared/peers/seed-server PORT`), when that
 //!   script exists; `tcpserver … cat` (ucspi-tcp) and `socat …,fork PIPE`, when installed; and
 //!   the two floors;
-//! - `floors`: what the machine does with no supervision at all: an in-process mio echo (no fork)
-//!   and a bare fork-per-connection loop with SIGCHLD ignored, both re-executions of this binary
-//!   (`--serve-floor`), so the bench never forks while it has threads;
+//! - `floors`: what the machine does with no supervision at all: an in-process mio echo (no fork;
+//!   a re-execution of this binary, so the bench never forks while it has threads) and a minimal
+//!   C fork loop (`floors/fork_loop.c`, compiled here with the system `cc`);
 //! - `phases`: the four measurements;
 //! - `report`: the table rows and the Markdown;
 //! - `procfs`: what phases 3 and 4 read from /proc about a server and its children.
@@ -66,10 +66,9 @@ struct Flags {
     /// Added by `cargo bench` to every bench target's arguments.
     #[arg(long, hide = true)]
     bench: bool,
-    /// Internal: serve a floor (KIND PORT: "mio" or "fork", and the port), in place of the
-    /// bench.
-    #[arg(long, hide = true, num_args = 2, value_names = ["KIND", "PORT"])]
-    serve_floor: Vec<String>,
+    /// Internal: serve the in-process mio floor on this port, in place of the bench.
+    #[arg(long, hide = true, value_name = "PORT")]
+    serve_mio_floor: Option<u16>,
 }
 
 impl Flags {
@@ -85,13 +84,8 @@ impl Flags {
 
 fn main() {
     let flags = Flags::parse();
-    if let [kind, port] = flags.serve_floor.as_slice() {
-        let port: u16 = port.parse().expect("floor port");
-        match kind.as_str() {
-            "mio" => floors::mio_echo(port),
-            "fork" => floors::fork_loop(port),
-            other => panic!("unknown floor {other}"),
-        }
+    if let Some(port) = flags.serve_mio_floor {
+        floors::mio_echo(port);
     }
     let plan = if flags.quick {
         Plan::quick()
