@@ -1,0 +1,200 @@
+//! `cargo bench`: forkecho against the servers a user would pick instead, measured in the same
+//! run and interleaved (A B C … A B C …) so that machine drift cancels out. Prints a table with
+//! every figure and its ratio to forkecho, and writes it to BENCHMARKS.md.
+//!
+//! The bench by role:
+//! - `contenders`: the servers under test, each a separate process on its own loopback port,
+//!   killed by pid at the end: forkecho (the release binary) with limits lifted so the load
+//!   itself is not refused; the seed's C++ server (`../shared/peers/seed-server PORT`), when that
+//!   script exists; `tcpserver … cat` (ucspi-tcp) and `socat …,fork PIPE`, when installed; and
+//!   the two floors;
+//! - `floors`: what the machine does with no supervision at all: an in-process mio echo (no fork;
+//!   a re-execution of this binary, so the bench never forks while it has threads) and a minimal
+//!   C fork loop (`floors/fork_loop.c`, compiled here with the system `cc`);
+//! - `phases`: the four measurements;
+//! - `report`: the table rows and the Markdown;
+//! - `procfs`: what phases 3 and 4 read from /proc about a server and its children.
+//!
+//! Phases:
+//! 1. connection rate at 1, 4 and 16 clients (connect → banner → 64-byte echo → close):
+//!    connections/s, p50 and p99 latency;
+//! 2. one-stream echo throughput, writer and reader concurrent, every byte checked;
+//! 3. 10,000 sessions held at once (each opened with connect → banner → echo), an echo on every
+//!    one again, then all closed: failed sessions, the server's (parent's) RSS and the median
+//!    USS of its children (Private_Clean + Private_Dirty of `/proc/PID/smaps_rollup`), all
+//!    taken while the sessions are held;
+//! 4. reap storm: 1,000 sessions, every child SIGKILLed at once, time until the last one is
+//!    reaped, while one more client keeps connecting (sessions served during the storm and
+//!    their worst latency show that the parent still accepts).
+//!
+//! Phases 3 and 4 run one round (they are heavy) and one contender at a time: each waits until
+//! the previous contender's children are gone. The bench lifts its soft RLIMIT_NOFILE to the
+//! hard limit first, before any contender starts, so the floors inherit it too.
+//! `--quick` shrinks every count for a smoke run; `--only NAME` and `--phase N` (both
+//! repeatable) select contenders and phases, and such a partial run does not write BENCHMARKS.md.
+
+mod contenders;
+mod floors;
+mod phases;
+mod procfs;
+mod report;
+
+use std::time::Duration;
+
+use clap::Parser;
+
+use contenders::start_contenders;
+use phases::interleave;
+
+/// What every contender sends before echoing (forkecho's default banner).
+const BANNER: &[u8] = b"connect successful!\n";
+
+/// The bench's command line: `cargo bench -- FLAGS`.
+#[derive(Parser)]
+#[command(about = "forkecho against its peers and two floors, interleaved in one run")]
+struct Flags {
+    /// Smoke run: every count shrunk, nothing written.
+    #[arg(long)]
+    quick: bool,
+    /// Keep only the contenders whose name contains NAME (repeatable); the first kept one is
+    /// the base of the ratios. A partial run writes nothing.
+    #[arg(long, value_name = "NAME")]
+    only: Vec<String>,
+    /// Run only phase N, 1 to 4 (repeatable). A partial run writes nothing.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4))]
+    phase: Vec<u32>,
+    /// Added by `cargo bench` to every bench target's arguments.
+    #[arg(long, hide = true)]
+    bench: bool,
+    /// Internal: serve the in-process mio floor on this port, in place of the bench.
+    #[arg(long, hide = true, value_name = "PORT")]
+    serve_mio_floor: Option<u16>,
+}
+
+impl Flags {
+    fn runs(&self, phase: u32) -> bool {
+        self.phase.is_empty() || self.phase.contains(&phase)
+    }
+
+    /// Only a full run of everything is the record.
+    fn writes_record(&self) -> bool {
+        !self.quick && self.only.is_empty() && self.phase.is_empty()
+    }
+}
+
+fn main() {
+    let flags = Flags::parse();
+    if let Some(port) = flags.serve_mio_floor {
+        floors::mio_echo(port);
+    }
+    let plan = if flags.quick {
+        Plan::quick()
+    } else {
+        Plan::full()
+    };
+    // Before any contender starts: the floors inherit the raised limit.
+    let nofile = raise_nofile_limit();
+    if nofile < plan.sessions as u64 + 100 {
+        eprintln!(
+            "note: RLIMIT_NOFILE is {nofile}: phase 3 cannot hold {} sessions",
+            plan.sessions
+        );
+    }
+    let contenders = start_contenders(&flags.only);
+    if contenders.is_empty() {
+        eprintln!("no contender to measure (see --only and the notes above)");
+        std::process::exit(2);
+    }
+    println!(
+        "forkecho bench ({}): {} contenders, {} round(s)",
+        if flags.quick { "quick" } else { "full" },
+        contenders.len(),
+        plan.rounds
+    );
+    let mut table = Vec::new();
+    for clients in [1, 4, 16].into_iter().filter(|_| flags.runs(1)) {
+        eprintln!("phase 1: connection rate, {clients} client(s)");
+        let results = interleave(&contenders, plan.rounds, |c| {
+            phases::connection_rate(c, clients, plan.rate_trial)
+        });
+        table.extend(report::rate_rows(&contenders, clients, &results));
+    }
+    if flags.runs(2) {
+        eprintln!("phase 2: one-stream echo, {} MiB", plan.stream_bytes >> 20);
+        let results = interleave(&contenders, plan.rounds, |c| {
+            phases::stream(c, plan.stream_bytes)
+        });
+        table.extend(report::stream_rows(
+            &contenders,
+            plan.stream_bytes,
+            &results,
+        ));
+    }
+    if flags.runs(3) {
+        eprintln!("phase 3: {} sessions held at once", plan.sessions);
+        let results = interleave(&contenders, 1, |c| phases::hold_sessions(c, plan.sessions));
+        table.extend(report::hold_rows(&contenders, plan.sessions, &results));
+    }
+    if flags.runs(4) {
+        eprintln!("phase 4: reap storm, {} children", plan.storm);
+        // A server without children has nothing to reap.
+        let results = interleave(&contenders, 1, |c| {
+            c.forks().then(|| phases::reap_storm(c, plan.storm))
+        });
+        table.extend(report::storm_rows(&contenders, plan.storm, &results));
+    }
+    let markdown = report::render(&table, flags.quick);
+    println!("{markdown}");
+    if flags.writes_record() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/BENCHMARKS.md");
+        std::fs::write(path, &markdown).expect("write BENCHMARKS.md");
+        println!("written to {path}");
+    }
+}
+
+/// How much to measure.
+struct Plan {
+    rounds: usize,
+    rate_trial: Duration,
+    stream_bytes: usize,
+    /// Phase 3: sessions held at once.
+    sessions: usize,
+    /// Phase 4: children killed at once.
+    storm: usize,
+}
+
+impl Plan {
+    fn full() -> Self {
+        Plan {
+            rounds: 3,
+            rate_trial: Duration::from_secs(2),
+            stream_bytes: 1 << 30,
+            sessions: 10_000,
+            storm: 1_000,
+        }
+    }
+
+    fn quick() -> Self {
+        Plan {
+            rounds: 1,
+            rate_trial: Duration::from_millis(300),
+            stream_bytes: 16 << 20,
+            sessions: 200,
+            storm: 100,
+        }
+    }
+}
+
+/// Lifts this process's soft RLIMIT_NOFILE to its hard limit and returns the soft limit now in
+/// force. Phase 3 holds one client socket per session here, and the mio floor (which inherits
+/// the limit) one per session there.
+fn raise_nofile_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
+    }
+    soft
+}

@@ -1,0 +1,32 @@
+//! The four measurements, each a trial on one contender; `interleave` runs a trial across all
+//! contenders, round by round.
+
+mod hold;
+mod rate;
+mod sessions;
+mod storm;
+mod stream;
+
+pub use hold::{hold_sessions, Held};
+pub use rate::{connection_rate, RateTrial};
+pub use sessions::CHILDREN_WAIT;
+pub use storm::{reap_storm, Storm};
+pub use stream::stream;
+
+use crate::contenders::Contender;
+
+/// Runs `trial` for every contender, `rounds` times, alternating contenders each round; the
+/// results are per contender, in the contenders' order.
+pub fn interleave<T>(
+    contenders: &[Contender],
+    rounds: usize,
+    mut trial: impl FnMut(&Contender) -> T,
+) -> Vec<Vec<T>> {
+    let mut results: Vec<Vec<T>> = contenders.iter().map(|_| Vec::new()).collect();
+    for _ in 0..rounds {
+        for (i, c) in contenders.iter().enumerate() {
+            results[i].push(trial(c));
+        }
+    }
+    results
+}

@@ -1,0 +1,73 @@
+//! Phase 1: connection rate, connect → banner → 64-byte echo → close, from several clients.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::contenders::Contender;
+
+/// Connections completed and their latencies in one trial.
+pub struct RateTrial {
+    pub elapsed: Duration,
+    pub latencies: Vec<Duration>,
+    pub failures: usize,
+}
+
+/// What one client thread did in a trial.
+struct ClientTally {
+    latencies: Vec<Duration>,
+    failures: usize,
+}
+
+/// `clients` threads each loop connect → banner → 64-byte echo → close for `length`.
+pub fn connection_rate(c: &Contender, clients: usize, length: Duration) -> RateTrial {
+    let started = Instant::now();
+    let workers: Vec<_> = (0..clients)
+        .map(|_| {
+            let (addr, banner) = (c.addr, c.banner);
+            thread::spawn(move || client_loop(addr, banner, length))
+        })
+        .collect();
+    let mut trial = RateTrial {
+        elapsed: Duration::ZERO,
+        latencies: Vec::new(),
+        failures: 0,
+    };
+    for w in workers {
+        let tally = w.join().expect("client thread");
+        trial.latencies.extend(tally.latencies);
+        trial.failures += tally.failures;
+    }
+    trial.elapsed = started.elapsed();
+    trial
+}
+
+/// One client: sessions back to back for `length`.
+fn client_loop(addr: SocketAddr, banner: usize, length: Duration) -> ClientTally {
+    let mut tally = ClientTally {
+        latencies: Vec::new(),
+        failures: 0,
+    };
+    let end = Instant::now() + length;
+    let payload = [b'x'; 64];
+    while Instant::now() < end {
+        let t = Instant::now();
+        match one_session(addr, banner, &payload) {
+            Ok(()) => tally.latencies.push(t.elapsed()),
+            Err(_) => tally.failures += 1,
+        }
+    }
+    tally
+}
+
+fn one_session(addr: SocketAddr, banner: usize, payload: &[u8]) -> std::io::Result<()> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_nodelay(true)?;
+    let mut buf = [0u8; 128];
+    s.read_exact(&mut buf[..banner])?;
+    s.write_all(payload)?;
+    s.read_exact(&mut buf[..payload.len()])?;
+    Ok(())
+}

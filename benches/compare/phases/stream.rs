@@ -1,0 +1,64 @@
+//! Phase 2: one-stream echo throughput, writer and reader concurrent, every byte checked.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::contenders::Contender;
+
+/// The stream is this many bytes of a fixed pattern, over and over.
+const PATTERN: usize = 256 * 1024;
+
+/// One stream of `bytes` through the contender, written and read concurrently, checked.
+pub fn stream(c: &Contender, bytes: usize) -> Duration {
+    let mut s = TcpStream::connect(c.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut banner = vec![0; c.banner];
+    s.read_exact(&mut banner).expect("banner");
+    let mut writer = s.try_clone().unwrap();
+    let started = Instant::now();
+    let pattern: Vec<u8> = (0..PATTERN).map(|i| (i % 251) as u8).collect();
+    let chunk = pattern.clone();
+    let sender = thread::spawn(move || {
+        let mut sent = 0;
+        while sent < bytes {
+            let n = chunk.len().min(bytes - sent);
+            writer.write_all(&chunk[..n]).expect("write");
+            sent += n;
+        }
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0usize;
+    loop {
+        let n = match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => panic!("{}: read: {e}", c.name),
+        };
+        check_pattern(c, &buf[..n], got, &pattern);
+        got += n;
+    }
+    sender.join().expect("writer");
+    assert_eq!(got, bytes, "{}: stream length", c.name);
+    started.elapsed()
+}
+
+/// Checks `read`, which starts at byte `offset` of the stream, a slice at a time: the stream
+/// repeats `pattern` end to end.
+fn check_pattern(c: &Contender, read: &[u8], offset: usize, pattern: &[u8]) {
+    let mut i = 0;
+    while i < read.len() {
+        let k = (offset + i) % PATTERN;
+        let m = (read.len() - i).min(PATTERN - k);
+        assert!(
+            read[i..i + m] == pattern[k..k + m],
+            "{}: echo differs near byte {}",
+            c.name,
+            offset + i
+        );
+        i += m;
+    }
+}

@@ -1,0 +1,255 @@
+//! The table: one row per figure and contender, with its ratio to the first contender
+//! (forkecho), rendered as Markdown.
+
+use std::thread;
+use std::time::Duration;
+
+use crate::contenders::Contender;
+use crate::phases::{Held, RateTrial, Storm, CHILDREN_WAIT};
+
+/// A table row: metric, contender, value, and the value's ratio to forkecho's.
+pub struct Row {
+    metric: String,
+    contender: &'static str,
+    value: f64,
+    unit: &'static str,
+    /// NaN (shown as "-"): not applicable or nothing to compare with.
+    ratio: f64,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// `value / base`, or NaN (shown as "-") where there is nothing to divide by.
+fn ratio(value: f64, base: f64) -> f64 {
+    if base > 0.0 && value.is_finite() {
+        value / base
+    } else {
+        f64::NAN
+    }
+}
+
+/// Phase 1 for one contender, all rounds together.
+struct RateSummary {
+    name: &'static str,
+    per_sec: f64,
+    p50: Duration,
+    p99: Duration,
+    failures: usize,
+}
+
+impl RateSummary {
+    fn of(c: &Contender, trials: &[RateTrial]) -> Self {
+        let mut lat: Vec<Duration> = trials.iter().flat_map(|t| t.latencies.clone()).collect();
+        lat.sort_unstable();
+        let secs: f64 = trials.iter().map(|t| t.elapsed.as_secs_f64()).sum();
+        RateSummary {
+            name: c.name,
+            per_sec: lat.len() as f64 / secs,
+            p50: percentile(&lat, 0.5),
+            p99: percentile(&lat, 0.99),
+            failures: trials.iter().map(|t| t.failures).sum(),
+        }
+    }
+}
+
+pub fn rate_rows(contenders: &[Contender], clients: usize, results: &[Vec<RateTrial>]) -> Vec<Row> {
+    let per: Vec<RateSummary> = contenders
+        .iter()
+        .zip(results)
+        .map(|(c, trials)| RateSummary::of(c, trials))
+        .collect();
+    let base = &per[0];
+    let latency_ratio =
+        |d: Duration, base: Duration| d.as_secs_f64() / base.as_secs_f64().max(1e-9);
+    let mut rows = Vec::new();
+    for s in &per {
+        rows.push(Row {
+            metric: format!("conn/s, {clients} client(s)"),
+            contender: s.name,
+            value: s.per_sec,
+            unit: "/s",
+            ratio: s.per_sec / base.per_sec,
+        });
+        rows.push(Row {
+            metric: format!("p50 latency, {clients} client(s)"),
+            contender: s.name,
+            value: s.p50.as_secs_f64() * 1e6,
+            unit: "µs",
+            ratio: latency_ratio(s.p50, base.p50),
+        });
+        rows.push(Row {
+            metric: format!("p99 latency, {clients} client(s)"),
+            contender: s.name,
+            value: s.p99.as_secs_f64() * 1e6,
+            unit: "µs",
+            ratio: latency_ratio(s.p99, base.p99),
+        });
+        if s.failures > 0 {
+            rows.push(Row {
+                metric: format!("failed sessions, {clients} client(s)"),
+                contender: s.name,
+                value: s.failures as f64,
+                unit: "",
+                ratio: f64::NAN,
+            });
+        }
+    }
+    rows
+}
+
+pub fn stream_rows(contenders: &[Contender], bytes: usize, results: &[Vec<Duration>]) -> Vec<Row> {
+    let mib_per_sec = |trials: &[Duration]| {
+        let secs: f64 = trials.iter().map(Duration::as_secs_f64).sum();
+        (bytes * trials.len()) as f64 / f64::from(1 << 20) / secs
+    };
+    let base = mib_per_sec(&results[0]);
+    contenders
+        .iter()
+        .zip(results)
+        .map(|(c, trials)| {
+            let value = mib_per_sec(trials);
+            Row {
+                metric: format!("one-stream echo, {} MiB", bytes >> 20),
+                contender: c.name,
+                value,
+                unit: "MiB/s",
+                ratio: value / base,
+            }
+        })
+        .collect()
+}
+
+pub fn hold_rows(contenders: &[Contender], n: usize, results: &[Vec<Held>]) -> Vec<Row> {
+    // KiB as a figure; NaN (shown as "-") when unknown or when there are no children.
+    let kib = |k: Option<u64>| k.map_or(f64::NAN, |k| k as f64);
+    let base = &results[0][0];
+    let mut rows = Vec::new();
+    for (c, trials) in contenders.iter().zip(results) {
+        let held = &trials[0];
+        rows.push(Row {
+            metric: format!("failed sessions, {n} held"),
+            contender: c.name,
+            value: held.failures as f64,
+            unit: "sessions",
+            ratio: f64::NAN,
+        });
+        let rss = kib(held.parent_rss_kib) / 1024.0;
+        rows.push(Row {
+            metric: format!("parent RSS at {n} sessions"),
+            contender: c.name,
+            value: rss,
+            unit: "MiB",
+            ratio: ratio(rss, kib(base.parent_rss_kib) / 1024.0),
+        });
+        let uss = kib(held.median_child_uss_kib);
+        rows.push(Row {
+            metric: format!("median child USS at {n} sessions"),
+            contender: c.name,
+            value: uss,
+            unit: "KiB",
+            ratio: ratio(uss, kib(base.median_child_uss_kib)),
+        });
+    }
+    rows
+}
+
+pub fn storm_rows(contenders: &[Contender], n: usize, results: &[Vec<Option<Storm>>]) -> Vec<Row> {
+    // The contenders that had a storm (those with children), each with its one round.
+    let storms: Vec<(&Contender, &Storm)> = contenders
+        .iter()
+        .zip(results)
+        .filter_map(|(c, trials)| Some((c, trials[0].as_ref()?)))
+        .collect();
+    let Some(&(_, base)) = storms.first() else {
+        return Vec::new();
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    // A storm not over within CHILDREN_WAIT is shown as that long, marked.
+    let reap_ms = |s: &Storm| ms(s.reap_time.unwrap_or(CHILDREN_WAIT));
+    let mut rows = Vec::new();
+    for (c, storm) in storms {
+        rows.push(Row {
+            metric: format!("reap storm, {n} children SIGKILLed"),
+            contender: c.name,
+            value: reap_ms(storm),
+            unit: if storm.reap_time.is_some() {
+                "ms"
+            } else {
+                "ms (timed out)"
+            },
+            ratio: ratio(reap_ms(storm), reap_ms(base)),
+        });
+        rows.push(Row {
+            metric: format!("served during the reap storm, {n} children"),
+            contender: c.name,
+            value: storm.served as f64,
+            unit: "sessions",
+            ratio: ratio(storm.served as f64, base.served as f64),
+        });
+        rows.push(Row {
+            metric: format!("max latency during the reap storm, {n} children"),
+            contender: c.name,
+            value: ms(storm.max_latency),
+            unit: "ms",
+            ratio: ratio(ms(storm.max_latency), ms(base.max_latency)),
+        });
+        if storm.failed > 0 {
+            rows.push(Row {
+                metric: format!("failed during the reap storm, {n} children"),
+                contender: c.name,
+                value: storm.failed as f64,
+                unit: "",
+                ratio: f64::NAN,
+            });
+        }
+    }
+    rows
+}
+
+/// The table, as Markdown, with the machine it was measured on.
+pub fn render(rows: &[Row], quick: bool) -> String {
+    let cores = thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut out = format!(
+        "# forkecho benchmarks\n\nMeasured by `cargo bench`{} on {cores} cores, Linux {}; \
+         contenders interleaved in the same run. Ratio = value / forkecho's value \
+         (for latencies, memory and reap time, lower is better; - = not applicable).\n\n| metric | contender | value | ratio to forkecho |\n|---|---|---:|---:|\n",
+        if quick { " -- --quick (smoke run, not for comparison)" } else { "" },
+        kernel.trim()
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            r.metric,
+            r.contender,
+            value_text(r),
+            ratio_text(r.ratio)
+        ));
+    }
+    out
+}
+
+/// The value with its unit; "-" for NaN (not applicable, such as no children).
+fn value_text(r: &Row) -> String {
+    if r.value.is_nan() {
+        "-".to_string()
+    } else if r.unit.is_empty() || r.unit == "sessions" {
+        // A count.
+        format!("{:.0} {}", r.value, r.unit).trim_end().to_string()
+    } else {
+        format!("{:.1} {}", r.value, r.unit)
+    }
+}
+
+fn ratio_text(ratio: f64) -> String {
+    if ratio.is_nan() {
+        "-".to_string()
+    } else {
+        format!("{ratio:.2}×")
+    }
+}
