@@ -40,8 +40,8 @@ pub const EXIT_BROKEN_PIPE: i32 = 6;
 pub const EXIT_IO_ERROR: i32 = 7;
 pub const EXIT_SESSION_TIME: i32 = 8;
 
-/// Buffer size of the fallback echo (when splice is refused). The seed used 1 KiB; 64 KiB
-/// matches the kernel's default socket buffer scale so a bulk transfer moves in few system calls.
+/// Buffer size of the fallback echo (when splice is refused): the kernel's default socket
+/// buffer scale, so a bulk transfer moves in few system calls.
 const BUFFER_SIZE: usize = 64 * 1024;
 
 /// What a session needs to know; copied into the child by `fork`.
