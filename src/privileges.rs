@@ -22,12 +22,31 @@ pub struct Identity {
     pub gid: Gid,
 }
 
+/// Why `user` or `group` could not be resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LookupError {
+    /// The key at fault: `user` or `group`.
+    pub key: &'static str,
+    pub reason: String,
+}
+
 /// Resolves `user` (name or uid) and `group` (name or gid; default: the user's primary group).
-/// Errors name the key at fault (`user` or `group`) and the reason.
-pub fn resolve(user: &str, group: Option<&str>) -> Result<Identity, (&'static str, String)> {
-    let account = lookup_user(user).map_err(|reason| ("user", reason))?;
+///
+/// A numeric `user` with a numeric `group` needs no name service at all: the numbers are used
+/// as they are (a container without `getent` or a passwd entry runs `--user 65534 --group
+/// 65534`). Anything else is looked up through `getent`.
+pub fn resolve(user: &str, group: Option<&str>) -> Result<Identity, LookupError> {
+    let failed = |key| move |reason| LookupError { key, reason };
+    if let (Ok(uid), Some(Ok(gid))) = (user.parse::<u32>(), group.map(str::parse::<u32>)) {
+        return Ok(Identity {
+            user: user.to_string(),
+            uid: Uid::from_raw(uid),
+            gid: Gid::from_raw(gid),
+        });
+    }
+    let account = lookup_user(user).map_err(failed("user"))?;
     let gid = match group {
-        Some(group) => lookup_group(group).map_err(|reason| ("group", reason))?,
+        Some(group) => lookup_group(group).map_err(failed("group"))?,
         None => account.gid,
     };
     Ok(Identity {
@@ -198,6 +217,18 @@ pub fn drop_to(who: &Identity) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numeric_user_and_group_need_no_name_service() {
+        // No passwd entry has this uid; a lookup would say "no user".
+        let who = resolve("4000123", Some("4000124")).unwrap();
+        assert_eq!((who.uid.as_raw(), who.gid.as_raw()), (4000123, 4000124));
+        assert_eq!(who.user, "4000123");
+        let err = resolve("4000123", None).unwrap_err();
+        assert_eq!(err.key, "user");
+        let err = resolve("root", Some("no-such-group-here")).unwrap_err();
+        assert_eq!(err.key, "group");
+    }
 
     #[test]
     fn passwd_entries_parse_into_name_uid_and_gid() {

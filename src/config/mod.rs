@@ -338,7 +338,7 @@ impl Config {
         };
         crate::privileges::resolve(user, self.group.as_deref())
             .map(Some)
-            .map_err(|(key, reason)| origins.error(key, reason))
+            .map_err(|e| origins.error(e.key, e.reason))
     }
 
     /// Applies the file's keys; returns which keys it set.
