@@ -30,6 +30,7 @@ use nix::sys::wait::waitpid;
 use nix::unistd::{dup2_stderr, dup2_stdin, dup2_stdout, fork, pipe2, setsid, ForkResult};
 
 /// The daemon's end of the report pipe; `None` when not daemonized.
+#[derive(Default)]
 pub struct Readiness(Option<File>);
 
 impl Readiness {

@@ -13,13 +13,46 @@ use forkecho::daemon::{self, Readiness};
 use forkecho::pidfile::PidFile;
 use forkecho::{listen, logging, server};
 
-const EXIT_FAILURE: u8 = 1;
-const EXIT_CONFIG: u8 = 2;
+/// Why forkecho ends other than by a clean shutdown; each kind is one exit code.
+enum Failure {
+    /// The configuration (file or flags) is wrong: exit 2.
+    Config(String),
+    /// The server could not start: exit 1.
+    Start(String),
+    /// The loop failed while serving (its children were killed and reaped first): exit 1.
+    Serve(std::io::Error),
+}
+
+impl Failure {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Config(_) => 2,
+            Failure::Start(_) | Failure::Serve(_) => 1,
+        }
+    }
+}
 
 fn main() -> ExitCode {
-    let mut cli = Cli::parse();
-    // Paths given on the command line are relative to where forkecho was started; a daemon
-    // works from /, and a reload must find the same config file.
+    let mut readiness = Readiness::none();
+    let failure = match start_and_serve(with_absolute_paths(Cli::parse()), &mut readiness) {
+        Ok(()) => return ExitCode::SUCCESS,
+        Err(failure) => failure,
+    };
+    match &failure {
+        // On stderr whatever the log level (RUST_LOG=off must not hide why we stopped), and
+        // to the command waiting for a daemon's report.
+        Failure::Config(message) | Failure::Start(message) => {
+            eprintln!("forkecho: {message}");
+            readiness.failed(message);
+        }
+        Failure::Serve(e) => log::error!("server failed: {e}"),
+    }
+    ExitCode::from(failure.exit_code())
+}
+
+/// Paths given on the command line are relative to where forkecho was started; a daemon
+/// works from /, and a reload must find the same config file.
+fn with_absolute_paths(mut cli: Cli) -> Cli {
     for path in [&mut cli.config, &mut cli.pid_file, &mut cli.log_file]
         .into_iter()
         .flatten()
@@ -28,77 +61,49 @@ fn main() -> ExitCode {
             *path = absolute;
         }
     }
-    let config = match Config::load(&cli) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("forkecho: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
+    cli
+}
+
+/// Everything from the configuration to the end of the loop. `readiness` becomes the report
+/// channel once detached; it is handed to the loop, which reports `ok` once serving.
+fn start_and_serve(cli: Cli, readiness: &mut Readiness) -> Result<(), Failure> {
+    let config = Config::load(&cli).map_err(|e| Failure::Config(e.to_string()))?;
     if cli.check_config {
         println!("configuration OK");
-        return ExitCode::SUCCESS;
+        return Ok(());
     }
     // The pid-file lock comes first; see `PidFile::lock`. Its fd survives daemonizing.
-    let mut pid_file = match config.pid_file.as_deref().map(PidFile::lock).transpose() {
-        Ok(pid_file) => pid_file,
-        Err(e) => {
-            eprintln!("forkecho: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
+    let pid_file = config.pid_file.as_deref().map(PidFile::lock).transpose();
+    let mut pid_file = pid_file.map_err(|e| Failure::Start(e.to_string()))?;
     // Kept open through `--daemonize`, which closes every other inherited descriptor.
     let keep: Vec<_> = pid_file.iter().map(AsFd::as_fd).collect();
-    let (mut readiness, log_on_ready) = match detach(&config, &keep) {
-        Ok(detached) => detached,
-        Err(message) => {
-            eprintln!("forkecho: {message}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
+    let log_on_ready;
+    (*readiness, log_on_ready) = detach(&config, &keep).map_err(Failure::Start)?;
     logging::init(config.log_level);
-    let mut from_systemd = 0;
-    let listeners = match listen::from_systemd() {
-        Ok(Some(passed)) => {
-            from_systemd = passed.len();
-            passed
-        }
-        Ok(None) => match listen::bind_all(&config.listen, config.backlog, config.reuse_port) {
-            Ok(listeners) => listeners,
-            Err(e) => return startup_failed(&mut readiness, &e.to_string()),
-        },
-        Err(e) => {
-            let message = format!("cannot use the sockets passed by systemd: {e}");
-            return startup_failed(&mut readiness, &message);
-        }
-    };
+    let (listeners, from_systemd) = listeners(&config)?;
+    let passed = if from_systemd { listeners.len() } else { 0 };
     // SIGHUP re-runs exactly this load: the same file, the same command-line overrides.
     // (Without the user and group lookups: root is gone by then, and they could take seconds.)
     let reload: server::Reloader = Box::new(move |running| Config::reload(&cli, running));
     // From here on signals are requests handled by the loop, never default actions.
-    let server = match server::Server::new(&config, listeners, reload) {
-        Ok(server) => server,
-        Err(e) => return startup_failed(&mut readiness, &format!("cannot set up the loop: {e}")),
-    };
+    let server = server::Server::new(&config, listeners, reload)
+        .map_err(|e| Failure::Start(format!("cannot set up the loop: {e}")))?;
     // Written only now: a script that signals the pid as soon as it appears must not kill us.
     if let Some(pid_file) = &mut pid_file {
-        if let Err(e) = pid_file.write_pid() {
-            return startup_failed(&mut readiness, &e.to_string());
-        }
+        pid_file
+            .write_pid()
+            .map_err(|e| Failure::Start(e.to_string()))?;
     }
     // Last step with root: ports are bound, log and pid files are open. From here on neither
     // the parent nor any child it forks can do anything as root.
     if let Some(who) = &config.run_as {
-        if let Err(message) = forkecho::privileges::drop_to(who) {
-            return startup_failed(&mut readiness, &message);
-        }
+        forkecho::privileges::drop_to(who).map_err(Failure::Start)?;
     }
     // Every startup failure is behind us: from here every line goes to `log_file`, if set (a
     // daemon's already does). Until now errors went to the terminal or the journal.
     if let Some(log) = log_on_ready {
-        if let Err(e) = daemon::redirect_stderr(&log) {
-            return startup_failed(&mut readiness, &format!("cannot log to the log file: {e}"));
-        }
+        daemon::redirect_stderr(&log)
+            .map_err(|e| Failure::Start(format!("cannot log to the log file: {e}")))?;
         // Only fd 2 may hold the file: after logrotate renamed it and SIGHUP reopened the log,
         // a second descriptor would keep the old file (and its disk space) for our whole life.
         drop(log);
@@ -108,13 +113,12 @@ fn main() -> ExitCode {
     if let Some(who) = &config.run_as {
         log::info!("running as {} (uid {}, gid {})", who.user, who.uid, who.gid);
     }
-    if from_systemd > 0 {
-        log::info!(
-            "using {from_systemd} listening socket(s) passed by systemd; `listen` is not used"
-        );
+    if passed > 0 {
+        log::info!("using {passed} listening socket(s) passed by systemd; `listen` is not used");
     }
+    let mut report = std::mem::take(readiness);
     let ready = Box::new(move || {
-        readiness.ready();
+        report.ready();
         forkecho::systemd::ready("serving");
     });
     let result = server.run(ready);
@@ -122,12 +126,20 @@ fn main() -> ExitCode {
     if let Some(pid_file) = pid_file {
         pid_file.remove();
     }
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("server failed: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
+    result.map_err(Failure::Serve)
+}
+
+/// The listening sockets: those systemd passed (socket activation; then `true`), or `listen`
+/// bound now.
+fn listeners(config: &Config) -> Result<(Vec<listen::Listener>, bool), Failure> {
+    match listen::from_systemd() {
+        Ok(Some(passed)) => Ok((passed, true)),
+        Ok(None) => listen::bind_all(&config.listen, config.backlog, config.reuse_port)
+            .map(|bound| (bound, false))
+            .map_err(|e| Failure::Start(e.to_string())),
+        Err(e) => Err(Failure::Start(format!(
+            "cannot use the sockets passed by systemd: {e}"
+        ))),
     }
 }
 
@@ -154,12 +166,4 @@ fn detach(
         return Ok((readiness, None));
     }
     Ok((Readiness::none(), log))
-}
-
-/// A startup error: on stderr whatever the log level (RUST_LOG=off must not hide why we
-/// stopped), and to the command waiting for a daemon's report.
-fn startup_failed(readiness: &mut Readiness, message: &str) -> ExitCode {
-    eprintln!("forkecho: {message}");
-    readiness.failed(message);
-    ExitCode::from(EXIT_FAILURE)
 }
