@@ -133,7 +133,7 @@ impl Children {
     }
 
     /// Live sessions from `source`.
-    pub fn from_source(&self, source: &IpNet) -> usize {
+    pub fn live_from(&self, source: &IpNet) -> usize {
         self.per_source.get(source).copied().unwrap_or(0)
     }
 

@@ -103,19 +103,36 @@ impl Outcome {
 
 /// Runs the whole session on `stream` and says how it ended.
 pub fn run(conn: Conn, settings: &Settings) -> Outcome {
-    let Conn { stream, peer, .. } = conn;
     if let Err(e) = ignore_sigpipe() {
         return Outcome::IoError(e);
     }
-    let outcome = match serve(&stream, settings) {
+    let outcome = match serve(&conn.stream, settings) {
         Ok(()) => Outcome::ClientClosed,
         Err(outcome) => outcome,
     };
+    let peer = conn.peer;
     match &outcome {
-        Outcome::IoError(e) => warn!("session {peer} failed: {e}"),
-        other => debug!("session {peer} ended: {other:?}"),
+        Outcome::IoError(e) => warn!("session {peer} failed: {e} ({})", Described(&conn)),
+        other => debug!("session {peer} ended: {other:?} ({})", Described(&conn)),
     }
     outcome
+}
+
+/// The rest of a session's end line: `connection #12 to 127.0.0.1:2333, 1 of 1 from
+/// 127.0.0.1/32`. Formatted only when the line is written (the local address of a wildcard
+/// listener costs a system call).
+struct Described<'a>(&'a Conn);
+
+impl std::fmt::Display for Described<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let conn = self.0;
+        let local = conn.local_addr().unwrap_or(conn.listener);
+        write!(
+            f,
+            "connection #{} to {local}, {} live from {}",
+            conn.number, conn.from_source, conn.source
+        )
+    }
 }
 
 /// The echo's SIGPIPE policy: a write to a client that is gone fails with EPIPE (exit code 6)

@@ -12,43 +12,45 @@
 //!   (`mod.rs`), one file per concern: `accept.rs` (accepting, admission, waiting, fork
 //!   failures), `capacity.rs` (`max_children`), `shutdown.rs` (the three modes, closing
 //!   listeners without resets), `reload.rs` (SIGHUP), `token.rs` (what a poll event is about).
-//! - [`limits`]: admission before fork: access rules, per-source and rate limits, refusal
+//! - `limits`: admission before fork: access rules, per-source and rate limits, refusal
 //!   counts; `max_children` pauses accepting instead.
-//! - [`spawn`]: `fork` and the child's hygiene (descriptors, signals, `_exit`): the fork-safety
+//! - `spawn`: `fork` and the child's hygiene (descriptors, signals, `_exit`): the fork-safety
 //!   rules live here.
-//! - [`conn`]: the value that crosses `fork`: the connection and what the parent knows of it.
-//! - [`handler`]: what a child does with its connection; owns its settings, exit codes and
+//! - `conn`: the value that crosses `fork`: the connection and what the parent knows of it.
+//! - `handler`: what a child does with its connection; owns its settings, exit codes and
 //!   signal policy.
-//! - [`echo`]: the built-in handler, a blocking echo, and the exit code that says how it ended.
-//! - [`children`]: the table of live children, the reaper, and the totals.
-//! - [`parent_memory`]: where that table lives: memory the children do not inherit.
-//! - [`pending`]: accepted connections waiting for a decision (a source at `max_per_source`
+//! - `echo`: the built-in handler, a blocking echo, and the exit code that says how it ended.
+//! - `children`: the table of live children, the reaper, and the totals.
+//! - `parent_memory`: where that table lives: memory the children do not inherit.
+//! - `pending`: accepted connections waiting for a decision (a source at `max_per_source`
 //!   whose session may be ending), with a deadline each.
 //! - [`pidfile`]: the locked pid file that keeps a second instance from starting.
 //! - [`systemd`]: readiness and status for `Type=notify` (sockets come through [`listen`]).
 //! - [`privileges`]: dropping root after binding (setgroups, setgid, setuid).
 //! - [`daemon`]: `--daemonize` (detach, then report readiness to the starting command) and
 //!   `log_file`.
-//! - [`signals`]: signal-hook's self-pipe, what each signal means, and resetting them in a child.
+//! - `signals`: signal-hook's self-pipe, what each signal means, and resetting them in a child.
 //!
-//! `main.rs` only parses the command line, binds, and hands over to [`server::run`].
+//! `main.rs` only parses the command line, binds, and hands over to [`server::Server::run`].
+//! The modules it uses are public; the rest are private to the crate (`cargo doc
+//! --document-private-items` shows them).
 
-pub mod children;
+mod children;
 pub mod config;
-pub mod conn;
+mod conn;
 pub mod daemon;
-pub mod echo;
-pub mod handler;
-pub mod limits;
+mod echo;
+mod handler;
+mod limits;
 pub mod listen;
 pub mod logging;
-pub mod parent_memory;
-pub mod pending;
+mod parent_memory;
+mod pending;
 pub mod pidfile;
 pub mod privileges;
 pub mod server;
-pub mod signals;
-pub mod spawn;
+mod signals;
+mod spawn;
 pub mod systemd;
 
 /// An OS error as an operator reads it: `address already in use`, without Rust's

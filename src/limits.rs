@@ -299,7 +299,8 @@ impl Admission {
         verdict
     }
 
-    /// Number of sources with a token bucket (for tests and status).
+    /// Number of sources with a token bucket.
+    #[cfg(test)]
     pub fn tracked_sources(&self) -> usize {
         self.buckets.len()
     }

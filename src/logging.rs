@@ -58,7 +58,7 @@
 //!
 //! # Why our own writer
 //! Filtering is env_logger's (the `RUST_LOG` grammar, per-module directives); formatting and
-//! writing are ours ([`Logger`]): a line of up to [`STACK_LINE`] bytes (nearly all of them) is
+//! writing are ours (`Logger`): a line of up to `STACK_LINE` bytes (nearly all of them) is
 //! built in a buffer on the stack and goes straight to the kernel in one system call. After each
 //! `fork` every page the parent writes is a copy-on-write fault, and env_logger formats into a
 //! heap buffer (two or three pages) behind a thread-local and a mutex, then copies it; the

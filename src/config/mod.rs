@@ -85,7 +85,7 @@ pub struct Cli {
     #[arg(short = 'c', long = "config", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// Address to listen on, IP:PORT ([::1]:PORT for IPv6); repeatable; port 0 picks a free port
+    /// Address to listen on, IP:PORT (`[::1]:PORT` for IPv6); repeatable; port 0 picks a free port
     /// [default: 127.0.0.1:2333]
     #[arg(short = 'l', long = "listen", value_name = "ADDR", value_parser = parse_addr)]
     pub listen: Vec<SocketAddr>,

@@ -111,10 +111,10 @@ impl Server {
     pub(super) fn start_session(&mut self, accepted: Accepted, may_wait: MayWait) {
         let peer = accepted.peer;
         let source = limits::source_of(peer.ip(), &self.limits);
-        let mut live = self.children.from_source(&source);
+        let mut live = self.children.live_from(&source);
         if self.limits.per_source_full(live) {
             self.reap_before_limiting();
-            live = self.children.from_source(&source);
+            live = self.children.live_from(&source);
             if let Some(until) = may_wait
                 .until()
                 .filter(|_| self.limits.per_source_full(live))
@@ -182,7 +182,7 @@ impl Server {
         let (limits, children) = (&self.limits, &self.children);
         let decidable = self.pending.take_decidable(Instant::now(), |peer| {
             let source = limits::source_of(peer.ip(), limits);
-            !limits.per_source_full(children.from_source(&source))
+            !limits.per_source_full(children.live_from(&source))
         });
         let now = Instant::now();
         for waiting in decidable {
