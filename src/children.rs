@@ -296,8 +296,8 @@ impl fmt::Display for Ending {
 }
 
 /// `1.23s`: enough precision for an operator, one format everywhere. A `Display` value rather
-/// than a `String`, so that logging a reaped child allocates nothing (see `spawn`: every heap
-/// page the parent writes between forks costs it a copy-on-write fault).
+/// than a `String`, so that logging a reaped child allocates nothing (every heap page the parent
+/// writes between forks is a copy-on-write fault: see `parent_memory`).
 pub fn seconds(d: Duration) -> Seconds {
     Seconds(d)
 }

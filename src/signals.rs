@@ -88,7 +88,7 @@ pub fn hook() -> io::Result<Signals> {
 
 /// Everything asked of the loop by one batch of signals. A plain value, not a list: the loop
 /// runs between every accept and fork, and a heap allocation there would cost the parent a
-/// copy-on-write fault after each fork (see `spawn`). Signals coalesce anyway, so "asked at
+/// copy-on-write fault after each fork (see `parent_memory`). Signals coalesce anyway, so "asked at
 /// least once since the last batch" is all a batch can say.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Requests {

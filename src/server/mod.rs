@@ -55,10 +55,9 @@ pub type Reloader = Box<dyn Fn(&Config) -> Result<Config, ConfigError>>;
 
 pub struct Server {
     /// Poll results: one event per registered source at most (listeners + the signal pipe).
-    /// Allocated once, at startup: the kernel writes it between every two forks, and each
-    /// distinct heap page the parent writes costs it a copy-on-write fault and stays private in
-    /// the newest child, so it must not move or grow. (mio allocates it on the heap; it cannot
-    /// live in parent-only memory like the children table.)
+    /// Allocated once, at startup, so that it never moves or grows: the kernel writes it
+    /// between every two forks, and mio puts it on the ordinary heap, where each page written
+    /// is a copy-on-write fault (see `parent_memory`).
     events: Events,
     poll: Poll,
     /// The configuration in force: what a reload compares against.
@@ -341,8 +340,8 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 
 // HOT_PATH_NOTE: the rarely taken branches of the loop (refusing, reloading, status, shutdown)
 // are kept out of line. Inlined, their locals (a 4 KiB drain buffer, a whole configuration)
-// would enlarge the frames of the accept path, and every stack page that path writes costs the
-// parent a copy-on-write fault after each fork.
+// would enlarge the frames of the accept path, and every stack page that path writes is a
+// copy-on-write fault after each fork (see `parent_memory`).
 
 /// Gives the heap pages that startup used and freed (argument and config parsing) back to the
 /// kernel. Why: `fork` copies the page table entry of every resident private page, so each
