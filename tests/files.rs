@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::Signal;
 use nix::sys::stat::{mknod, Mode, SFlag};
 use nix::unistd::{mkfifo, Pid};
 
@@ -213,12 +213,9 @@ fn daemon_pid(path: &Path) -> KillOnDrop {
 /// The first `listening on` address in a log file.
 fn listening_address(log: &Path) -> std::net::SocketAddr {
     let text = std::fs::read_to_string(log).unwrap();
-    text.split("listening on ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
+    text.lines()
+        .find_map(|l| LogLine::parse(l)?.listening_on())
         .unwrap_or_else(|| panic!("no `listening on` in the log: {text}"))
-        .parse()
-        .unwrap()
 }
 
 /// `--daemonize` closes what it inherited: a caller capturing its output
@@ -287,33 +284,16 @@ fn running_as_line_goes_to_the_log_file() {
     }
     let dir = TempDir::new();
     let log = dir.path().join("forkecho.log");
-    let mut server = Command::new(BIN)
-        .args([
-            "-l",
-            "127.0.0.1:0",
-            "--user",
-            "nobody",
-            "--log-file",
-            &text(&log),
-        ])
+    let (terminal, theirs) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let mut server = Server::builder()
+        .args(["--user", "nobody"])
+        .log_file(&log)
         .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let guard = KillOnDrop(Pid::from_raw(server.id() as i32));
-    let terminal = read_to_eof_in_background(server.stderr.take().unwrap());
-    assert!(
-        wait_until(WAIT, || std::fs::read_to_string(&log)
-            .is_ok_and(|t| t.contains("listening on "))),
-        "not listening: {:?}",
-        std::fs::read_to_string(&log)
-    );
-    kill(guard.0, Signal::SIGTERM).unwrap();
-    let status = server.wait().unwrap();
-    // Reaped: its pid may be reused, and must not be killed.
-    std::mem::forget(guard);
+        .stderr(theirs)
+        .start();
+    let terminal = read_to_eof_in_background(std::fs::File::from(terminal));
+    server.signal(Signal::SIGTERM);
+    let status = server.wait_exit(WAIT);
     assert!(status.success(), "{status:?}");
     let terminal = String::from_utf8(terminal.recv_timeout(WAIT).unwrap()).unwrap();
     assert_eq!(

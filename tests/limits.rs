@@ -9,46 +9,14 @@
 use crate::util::*;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use socket2::{Domain, Socket, Type};
 
 /// How long a client waits to be sure nothing arrives (a correctness check, not readiness).
 const QUIET: Duration = Duration::from_millis(300);
-
-/// Connects to `addr` from the loopback address `source` (e.g. "127.0.0.2"), optionally with a
-/// small receive buffer set before the connect, with read/write timeouts of `WAIT`.
-fn connect_from_with(addr: SocketAddr, source: &str, recv_buffer: Option<usize>) -> TcpStream {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    let local: SocketAddr = format!("{source}:0").parse().expect("source address");
-    socket
-        .bind(&local.into())
-        .unwrap_or_else(|e| panic!("bind {local}: {e}"));
-    if let Some(size) = recv_buffer {
-        socket.set_recv_buffer_size(size).expect("SO_RCVBUF");
-    }
-    socket
-        .connect_timeout(&addr.into(), WAIT)
-        .unwrap_or_else(|e| panic!("connect {addr} from {source}: {e}"));
-    let s: TcpStream = socket.into();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.set_write_timeout(Some(WAIT)).unwrap();
-    s
-}
-
-fn connect_from(addr: SocketAddr, source: &str) -> TcpStream {
-    connect_from_with(addr, source, None)
-}
-
-/// Connects from `source` and reads the default banner.
-fn connect_greeted_from(addr: SocketAddr, source: &str) -> TcpStream {
-    let mut s = connect_from(addr, source);
-    expect_banner(&mut s);
-    s
-}
 
 /// Reads until the whole default banner arrived (`Ok`: served, the stream stays open) or the
 /// server closed the connection first (`Err` with whatever came before the EOF: refused).
@@ -96,13 +64,6 @@ fn assert_quiet(s: &mut TcpStream, what: &str) {
 /// Half-closes a served session and checks the server echoes nothing more and ends it.
 fn close_session(s: &mut TcpStream) {
     assert_eq!(send_and_drain(s, b""), b"", "bytes after half-close");
-}
-
-/// Waits for the parent's line that child `pid`-for-`s` exited with `code`.
-fn wait_exit_code(server: &Server, s: &TcpStream, code: i32) -> String {
-    let peer = s.local_addr().unwrap();
-    let pid = server.child_pid_for(peer);
-    server.wait_for_line(&format!("child {pid} ({peer}) exited with code {code} "))
 }
 
 /// Asserts the log has exactly `n` lines containing `needle`, waiting up to `WAIT` for them
@@ -310,7 +271,7 @@ fn max_session_time_bounds_a_blocked_write() {
     let server = Server::builder()
         .args(["--idle-timeout", "60", "--max-session-time", "2"])
         .start();
-    let s = connect_from_with(server.addr(), "127.0.0.1", Some(16 * 1024));
+    let s = connect_with_recv_buffer(server.addr(), 16 * 1024);
     let peer = s.local_addr().unwrap();
     let mut writer = s.try_clone().unwrap();
     let sender = thread::spawn(move || {
@@ -322,23 +283,14 @@ fn max_session_time_bounds_a_blocked_write() {
             }
         }
     });
-    let line = server.wait_for_line(&format!("({peer}) exited with code 8 "));
-    let lasted = seconds_after(&line);
+    let ending = server.wait_child_exit(peer, 8);
+    let lasted = ending.seconds;
     assert!(
         lasted < LIMIT_SECS * 1.5,
-        "the session lasted {lasted}s with a {LIMIT_SECS}s limit: {line}"
+        "the session lasted {lasted}s with a {LIMIT_SECS}s limit: {ending:?}"
     );
     assert_no_children(&server, "after the session limit");
     sender.join().expect("writer thread");
-}
-
-/// The `after 1.23s` at the end of a reap line, in seconds.
-fn seconds_after(line: &str) -> f64 {
-    let tail = line.rsplit("after ").next().unwrap_or_default();
-    tail.trim()
-        .trim_end_matches('s')
-        .parse()
-        .unwrap_or_else(|e| panic!("{line}: {e}"))
 }
 
 /// A refused client that had already sent data still reads the whole refusal message and a
@@ -388,7 +340,7 @@ fn idle_client_is_closed_with_code_3() {
         idle >= Duration::from_millis(450),
         "closed after {idle:?}, before the 0.5 s idle timeout"
     );
-    wait_exit_code(&server, &s, 3);
+    server.wait_child_exit(s.local_addr().unwrap(), 3);
     assert_no_children(&server, "after the idle timeout");
 }
 
@@ -434,7 +386,7 @@ fn max_session_time_ends_busy_session_with_code_8() {
         "session ended after {lasted:?}, before max_session_time 1 s"
     );
     assert!(rounds >= 3, "only {rounds} echoes before the end");
-    wait_exit_code(&server, &s, 8);
+    server.wait_child_exit(s.local_addr().unwrap(), 8);
     assert_no_children(&server, "after max_session_time");
 }
 
@@ -469,7 +421,7 @@ fn refusals_leave_no_child_and_are_counted_in_status() {
     // 127.0.0.3's one token goes to its first session; the next one within 10 s is refused.
     let mut short = connect_greeted_from(server.addr(), "127.0.0.3");
     close_session(&mut short);
-    wait_exit_code(&server, &short, 0);
+    server.wait_child_exit(short.local_addr().unwrap(), 0);
     let mut too_fast = connect_from(server.addr(), "127.0.0.3");
     assert_refused(&mut too_fast, b"", "2nd client from 127.0.0.3 within 10 s");
 
@@ -498,7 +450,7 @@ fn refusals_leave_no_child_and_are_counted_in_status() {
     );
 
     close_session(&mut kept);
-    wait_exit_code(&server, &kept, 0);
+    server.wait_child_exit(kept.local_addr().unwrap(), 0);
     assert_no_children(&server, "after the last served session closed");
 }
 
