@@ -1,5 +1,5 @@
 //! The echo session a client sees: banner, byte-exact echo of any data (large, binary, many
-//! clients at once, IPv4 and IPv6) and half-close. (The idle timeout is in `limits`.)
+//! clients at once, IPv4 and IPv6), half-close, and the idle timeout.
 
 use crate::util::*;
 
@@ -7,8 +7,9 @@ use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::thread;
+use std::time::{Duration, Instant};
 
-/// The seed's session: the greeting `connect successful!\n`, then `Hello!\n` comes back.
+/// The default session: the greeting `connect successful!\n`, then `Hello!\n` comes back.
 #[test]
 fn greeting_then_hello_echoed() {
     let server = Server::start();
@@ -170,6 +171,23 @@ fn banner_empty_and_custom() {
     let custom = Server::builder().args(["--banner", "hi\\n"]).start();
     let mut s = custom.connect();
     assert_eq!(send_and_drain(&mut s, b"x"), b"hi\nx");
+}
+
+/// `--idle-timeout 0.5`: a client that sends nothing gets EOF; the child exits with code 3 and
+/// is reaped.
+#[test]
+fn idle_client_is_closed_with_code_3() {
+    let server = Server::builder().args(["--idle-timeout", "0.5"]).start();
+    let start = Instant::now();
+    let mut s = server.connect_greeted();
+    assert_eq!(read_to_eof(&mut s), b"", "bytes before the idle close");
+    let idle = start.elapsed();
+    assert!(
+        idle >= Duration::from_millis(450),
+        "closed after {idle:?}, before the 0.5 s idle timeout"
+    );
+    server.wait_child_exit(s.local_addr().unwrap(), 3);
+    assert_no_children(&server, "after the idle timeout");
 }
 
 /// A server listening on 127.0.0.1 and [::1] echoes on both.

@@ -32,7 +32,7 @@ fn refused_start(args: &[&str]) -> String {
 }
 
 /// A FIFO at the pid-file path is refused before anything is opened for writing, and is
-/// still there afterwards (it used to be opened, failed to truncate, and was unlinked).
+/// still there afterwards: never opened, truncated or unlinked.
 #[test]
 fn pid_file_that_is_a_fifo_is_refused_and_kept() {
     let dir = TempDir::new();
