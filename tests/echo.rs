@@ -147,13 +147,11 @@ fn hundred_concurrent_clients_each_own_child() {
     // 100 children end at once and each logs its outcome under its own pid, while the parent
     // logs every reap: no line may be cut or mixed with another.
     drop(streams);
-    server.wait_for_log("100 children reaped", WAIT, |lines| {
-        lines
-            .iter()
-            .filter(|l| l.contains(") exited with code 0"))
-            .count()
-            == CLIENTS as usize
-    });
+    server.assert_line_count(
+        ") exited with code 0",
+        CLIENTS as usize,
+        "100 children reaped",
+    );
     for pid in &pids {
         server.wait_for_line(&format!("forkecho[{pid}] session "));
     }

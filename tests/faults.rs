@@ -81,9 +81,7 @@ fn logged_sessions(lines: &[String]) -> Vec<LoggedSession> {
 /// times.
 fn children_serving(server: &Server, sessions: &[TcpStream]) -> Vec<(Pid, SocketAddr)> {
     let n = sessions.len();
-    server.wait_for_log(&format!("{n} `accepted` lines"), WAIT, |lines| {
-        lines.iter().filter(|l| l.contains("accepted ")).count() >= n
-    });
+    server.wait_for_lines("accepted ", n);
     let by_peer: HashMap<SocketAddr, Pid> = server
         .log_lines()
         .iter()
@@ -191,13 +189,7 @@ fn kill_storm_1000_children_reaped_and_new_client_served_within_1s() {
 /// Asserts the parent logged `child <pid> (<peer>) killed by signal SIGKILL` for each target.
 fn assert_every_death_logged(server: &Server, targets: &[(Pid, SocketAddr)]) {
     let n = targets.len();
-    server.wait_for_log(&format!("{n} SIGKILL deaths"), WAIT, |lines| {
-        lines
-            .iter()
-            .filter(|l| l.contains("killed by signal SIGKILL"))
-            .count()
-            >= n
-    });
+    server.wait_for_lines("killed by signal SIGKILL", n);
     let logged: HashSet<(Pid, SocketAddr)> = server
         .log_lines()
         .iter()
@@ -816,9 +808,7 @@ fn signal_barrage_of_20000_during_4_client_connection_run_fails_no_connection() 
     assert!(server.count_lines("reloaded configuration") > 0);
     assert_eq!(server.count_lines("shutting down"), 0);
     assert_eq!(server.count_lines("killed by signal"), 0);
-    server.wait_for_log("every session accepted", WAIT, |lines| {
-        lines.iter().filter(|l| l.contains("accepted ")).count() > completed
-    });
+    server.wait_for_lines("accepted ", completed + 1);
     assert_eq!(server.count_lines("accepted "), completed + 1);
     drop(long);
     assert_no_children(&server, "after the barrage");
@@ -948,13 +938,7 @@ fn slowloris_holding_max_children_next_client_served_once_idle_timeouts_fire() {
     for (i, s) in idle.iter_mut().enumerate() {
         assert_closed_by_server(s, &format!("idle session {i}"));
     }
-    server.wait_for_log("4 idle timeouts", WAIT, |lines| {
-        lines
-            .iter()
-            .filter(|l| l.contains("exited with code 3 "))
-            .count()
-            >= MAX
-    });
+    server.wait_for_lines("exited with code 3 ", MAX);
     assert_eq!(echo_roundtrip(&mut next, b"served\n"), b"served\n");
     drop(next);
     server.wait_child_exit(next_peer, 0);
@@ -977,13 +961,7 @@ fn fork_failure_leaves_the_queued_clients_in_the_backlog() {
     server.freeze();
     let _queued: Vec<TcpStream> = (0..10).map(|_| server.connect()).collect();
     server.signal(Signal::SIGCONT);
-    server.wait_for_log("three fork failures", WAIT, |lines| {
-        lines
-            .iter()
-            .filter(|l| l.contains("cannot fork for"))
-            .count()
-            >= 3
-    });
+    server.wait_for_lines("cannot fork for", 3);
     let times: Vec<f64> = server
         .log_lines()
         .iter()

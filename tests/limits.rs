@@ -66,25 +66,9 @@ fn close_session(s: &mut TcpStream) {
     assert_eq!(send_and_drain(s, b""), b"", "bytes after half-close");
 }
 
-/// Asserts the log has exactly `n` lines containing `needle`, waiting up to `WAIT` for them
-/// (a line the server wrote before the client saw its effect may still be on its way to us).
-fn assert_lines(server: &Server, needle: &str, n: usize, what: &str) {
-    server.wait_for_log(
-        &format!("{n} lines with {needle:?} ({what})"),
-        WAIT,
-        |lines| lines.iter().filter(|l| l.contains(needle)).count() >= n,
-    );
-    assert_eq!(
-        server.count_lines(needle),
-        n,
-        "{what}: lines with {needle:?}\n--- server log ---\n{}",
-        server.log_text()
-    );
-}
-
 /// Asserts the parent forked exactly `n` children (its `accepted <peer> -> child <pid>` lines).
 fn assert_forked(server: &Server, n: usize, what: &str) {
-    assert_lines(server, " -> child ", n, what);
+    server.assert_line_count(" -> child ", n, what);
 }
 
 /// At `max_children = 3` a 4th client's connect succeeds but it is not served while three
@@ -100,12 +84,7 @@ fn max_children_makes_clients_wait_then_serves_them_whole() {
     assert_quiet(&mut waiting, "4th client at max_children");
     assert_eq!(server.children().len(), 3, "children at the limit");
     assert_forked(&server, 3, "forks at the limit");
-    assert_lines(
-        &server,
-        "max_children reached",
-        1,
-        "logged once at the limit",
-    );
+    server.assert_line_count("max_children reached", 1, "logged once at the limit");
 
     let mut first = open.remove(0);
     close_session(&mut first);
@@ -118,11 +97,10 @@ fn max_children_makes_clients_wait_then_serves_them_whole() {
     assert_eq!(echo_roundtrip(&mut waiting, b"later\n"), b"later\n");
     server.wait_for_line("below max_children again (2 active)");
     assert_forked(&server, 4, "the waiting client got a child");
-    assert_lines(&server, "below max_children again", 1, "logged once");
+    server.assert_line_count("below max_children again", 1, "logged once");
     // Serving the 4th filled the 3 slots again, within seconds of the first time: that is
     // counted for the next report, not logged again.
-    assert_lines(
-        &server,
+    server.assert_line_count(
         "max_children reached",
         1,
         "reached again within the report interval",
@@ -224,7 +202,7 @@ fn rate_limit_serves_burst_refuses_rest_then_refills() {
     );
     assert!(refused >= 1, "no connection refused of 20 in {elapsed:.2}s");
     assert_eq!(served + refused, 20);
-    assert_lines(&server, "(max_rate_per_source)", refused, "rate refusals");
+    server.assert_line_count("(max_rate_per_source)", refused, "rate refusals");
     assert_forked(&server, served, "forks = served connections");
 
     // Refilling at 5/s, a token is back within 0.2 s of the last refusal.
@@ -414,7 +392,7 @@ fn refusals_leave_no_child_and_are_counted_in_status() {
         "children with one session open after 4 refusals: {kids:?} (expected only {kept_pid})"
     );
     assert_forked(&server, 2, "forks for 2 served and 4 refused clients");
-    assert_lines(&server, "] refused ", 4, "refusals");
+    server.assert_line_count("] refused ", 4, "refusals");
 
     server.signal(Signal::SIGUSR1);
     let status = server.wait_for_line("status:");
@@ -626,12 +604,7 @@ fn a_long_episode_at_max_children_is_reported_late_rather_never() {
     server.wait_for_line("below max_children again");
     // Reached again at once: counted, not logged...
     let _held = server.connect_greeted();
-    assert_lines(
-        &server,
-        "max_children reached",
-        1,
-        "right after the first report",
-    );
+    server.assert_line_count("max_children reached", 1, "right after the first report");
     // ...until the report interval (10 s) has passed with the limit still reached.
     server.wait_for_log("the late report", Duration::from_secs(30), |lines| {
         lines

@@ -196,13 +196,7 @@ fn broken_config_on_reload_is_refused_and_the_old_one_keeps_serving() {
     );
     server.rewrite_config("listen = [\"127.0.0.1:0\"]\nbogus = 1\n");
     server.signal(nix::sys::signal::Signal::SIGHUP);
-    server.wait_for_log("a second refusal", WAIT, |lines| {
-        lines
-            .iter()
-            .filter(|l| l.contains("reload refused:"))
-            .count()
-            == 2
-    });
+    server.assert_line_count("reload refused:", 2, "a second refusal");
     assert!(server.log_text().contains("key `bogus`: unknown key"));
     let mut s = connect(server.addr());
     assert_eq!(read_exactly(&mut s, 5), b"kept\n");
@@ -583,13 +577,7 @@ fn reload_to_a_huge_deny_list_and_back_logs_a_short_line_and_returns_the_memory(
 
     server.rewrite_config(&format!("listen = [\"{addr}\"]\n"));
     server.signal(nix::sys::signal::Signal::SIGHUP);
-    server.wait_for_log("the second reload", WAIT, |lines| {
-        lines
-            .iter()
-            .filter(|l| l.contains("reloaded configuration:"))
-            .count()
-            == 2
-    });
+    server.assert_line_count("reloaded configuration:", 2, "the second reload");
     assert_serves(&server, b"after\n");
     let after = rss_kib(server.pid());
     assert!(
@@ -613,13 +601,7 @@ fn reload_moves_between_a_specific_address_and_the_wildcard_on_one_port() {
     for (step, ip) in ["0.0.0.0", "127.0.0.1"].into_iter().enumerate() {
         server.rewrite_config(&config(ip));
         server.signal(nix::sys::signal::Signal::SIGHUP);
-        server.wait_for_log("the reload line", WAIT, |lines| {
-            lines
-                .iter()
-                .filter(|l| l.contains("reloaded configuration:"))
-                .count()
-                == step + 1
-        });
+        server.assert_line_count("reloaded configuration:", step + 1, "the reload line");
         let line = server.wait_for_line(&format!("listen +{ip}:{port}"));
         assert!(line.contains("reloaded configuration:"), "{line}");
         let mut s = connect(addr);
@@ -645,13 +627,7 @@ fn unread_notify_socket_never_stops_the_loop() {
     const RELOADS: usize = 40;
     for i in 1..=RELOADS {
         server.signal(nix::sys::signal::Signal::SIGHUP);
-        server.wait_for_log(&format!("reload {i}"), WAIT, |lines| {
-            lines
-                .iter()
-                .filter(|l| l.contains("reloaded configuration"))
-                .count()
-                == i
-        });
+        server.assert_line_count("reloaded configuration", i, &format!("reload {i}"));
     }
     assert_serves(&server, b"still serving\n");
     server.signal(nix::sys::signal::Signal::SIGTERM);
@@ -758,13 +734,7 @@ fn listener_swaps_under_load_always_bind() {
         };
         server.rewrite_config(&config(ip));
         server.signal(nix::sys::signal::Signal::SIGHUP);
-        server.wait_for_log("the reload line", WAIT, |lines| {
-            lines
-                .iter()
-                .filter(|l| l.contains("reloaded configuration:"))
-                .count()
-                == step + 1
-        });
+        server.assert_line_count("reloaded configuration:", step + 1, "the reload line");
     }
     stop.store(true, Ordering::Relaxed);
     clients.into_iter().for_each(|c| c.join().unwrap());

@@ -112,9 +112,7 @@ fn sigusr1_sighup_barrage_server_keeps_running() {
     // Still running and still answering signals after the barrage.
     let before = server.count_lines("status:");
     server.signal(Signal::SIGUSR1);
-    server.wait_for_log("one more `status:` line", WAIT, |lines| {
-        lines.iter().filter(|l| l.contains("status:")).count() > before
-    });
+    server.wait_for_lines("status:", before + 1);
     assert_eq!(server.count_lines("shutting down"), 0);
 }
 
@@ -315,9 +313,7 @@ fn sigusr1_status_counts_active_sessions() {
     assert_eq!(read_to_eof(&mut s), b"");
     server.wait_child_exit(peer, 0);
     server.signal(Signal::SIGUSR1);
-    server.wait_for_log("a second `status:` line", WAIT, |lines| {
-        lines.iter().filter(|l| l.contains("status:")).count() >= 2
-    });
+    server.wait_for_lines("status:", 2);
     let line = server
         .log_lines()
         .into_iter()

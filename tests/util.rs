@@ -496,6 +496,25 @@ impl Server {
         found.unwrap()
     }
 
+    /// Waits until at least `n` log lines contain `needle`.
+    pub fn wait_for_lines(&self, needle: &str, n: usize) {
+        self.wait_for_log(&format!("{n} lines with {needle:?}"), WAIT, |lines| {
+            lines.iter().filter(|l| l.contains(needle)).count() >= n
+        });
+    }
+
+    /// Asserts the log has exactly `n` lines containing `needle`, waiting up to `WAIT` for them
+    /// (a line the server wrote before the test saw its effect may still be on its way).
+    pub fn assert_line_count(&self, needle: &str, n: usize, what: &str) {
+        self.wait_for_lines(needle, n);
+        assert_eq!(
+            self.count_lines(needle),
+            n,
+            "{what}: lines with {needle:?}\n--- server log ---\n{}",
+            self.log_text()
+        );
+    }
+
     /// Number of log lines containing `needle`.
     pub fn count_lines(&self, needle: &str) -> usize {
         self.log_lines()
