@@ -12,7 +12,7 @@ use std::sync::mpsc;
 
 use nix::sys::signal::Signal;
 use nix::sys::stat::{mknod, Mode, SFlag};
-use nix::unistd::{mkfifo, Pid};
+use nix::unistd::mkfifo;
 
 use crate::util::*;
 
@@ -200,24 +200,6 @@ fn read_to_eof_in_background(mut pipe: impl Read + Send + 'static) -> mpsc::Rece
     rx
 }
 
-/// A guard that kills the daemon whose pid is in `path`.
-fn daemon_pid(path: &Path) -> KillOnDrop {
-    let pid: i32 = std::fs::read_to_string(path)
-        .expect("pid file written before the command returned")
-        .trim()
-        .parse()
-        .unwrap();
-    KillOnDrop(Pid::from_raw(pid))
-}
-
-/// The first `listening on` address in a log file.
-fn listening_address(log: &Path) -> std::net::SocketAddr {
-    let text = std::fs::read_to_string(log).unwrap();
-    text.lines()
-        .find_map(|l| LogLine::parse(l)?.listening_on())
-        .unwrap_or_else(|| panic!("no `listening on` in the log: {text}"))
-}
-
 /// `--daemonize` closes what it inherited: a caller capturing its output
 /// (`out=$(forkecho --daemonize …)`), or holding any other pipe the daemon inherited, sees EOF
 /// once the command returns, not once the daemon dies, and the daemon goes on serving.
@@ -262,14 +244,14 @@ fn daemonize_does_not_keep_inherited_descriptors() {
     let finished = wait_until(WAIT, || starter.try_wait().unwrap().is_some());
     let status = starter.try_wait().unwrap();
     assert!(finished && status.unwrap().success(), "{status:?}");
-    let _daemon = daemon_pid(&pid_path);
+    let _daemon = KillOnDrop::daemon_in(&pid_path);
     for (name, pipe) in [("stdout", stdout), ("stderr", stderr), ("fd 9", extra)] {
         assert!(
             pipe.recv_timeout(WAIT).is_ok(),
             "no EOF on the starter's {name}: the daemon still holds it"
         );
     }
-    let mut client = connect(listening_address(&log_path));
+    let mut client = connect(listening_address_in(&log_path));
     expect_banner(&mut client);
     assert_eq!(echo_roundtrip(&mut client, b"detached\n"), b"detached\n");
 }

@@ -221,18 +221,9 @@ fn daemonize_returns_once_listening() {
         log_path.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{out:?}");
-    let pid: i32 = std::fs::read_to_string(&pid_path)
-        .expect("pid file written before the command returned")
-        .trim()
-        .parse()
-        .unwrap();
-    let pid = nix::unistd::Pid::from_raw(pid);
-    let _daemon = KillOnDrop(pid);
-    let log = std::fs::read_to_string(&log_path).unwrap();
-    let addr = log
-        .lines()
-        .find_map(|l| LogLine::parse(l)?.listening_on())
-        .expect("`listening on` in the log file before the command returned");
+    let daemon = KillOnDrop::daemon_in(&pid_path);
+    let pid = daemon.0;
+    let addr = listening_address_in(&log_path);
     // No waiting: the command's exit is the readiness signal.
     let mut s = connect(addr);
     expect_banner(&mut s);

@@ -111,6 +111,15 @@ impl<'a> LogLine<'a> {
     }
 }
 
+/// The first `listening on` address in a log file, read once: for a daemon, whose start
+/// returns only once it listens.
+pub fn listening_address_in(log: &Path) -> SocketAddr {
+    let text = std::fs::read_to_string(log).unwrap();
+    text.lines()
+        .find_map(|l| LogLine::parse(l)?.listening_on())
+        .unwrap_or_else(|| panic!("no `listening on` in the log: {text}"))
+}
+
 /// How the parent logged the end of one child.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChildEnding {
@@ -679,6 +688,19 @@ impl Drop for Server {
 /// SIGKILLs one process by pid when dropped: for a process no `Server` guards (an orphaned
 /// child, a daemon that detached, a helper).
 pub struct KillOnDrop(pub Pid);
+
+impl KillOnDrop {
+    /// Guards the daemon whose pid is in the pid file at `path`, which `--daemonize` writes
+    /// before the starting command returns.
+    pub fn daemon_in(path: &Path) -> Self {
+        let pid: i32 = std::fs::read_to_string(path)
+            .expect("pid file written before the command returned")
+            .trim()
+            .parse()
+            .unwrap();
+        KillOnDrop(Pid::from_raw(pid))
+    }
+}
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
