@@ -248,6 +248,12 @@ fn daemonize_returns_once_listening() {
     assert!(std::fs::read_to_string(&log_path)
         .unwrap()
         .contains("shutdown complete"));
+    // Once it is gone its pid may be reused by another test's process: no SIGKILL then.
+    assert!(
+        wait_until(WAIT, || process_state(pid).is_none_or(|s| s == 'Z')),
+        "the daemon did not exit on SIGTERM"
+    );
+    std::mem::forget(daemon);
 }
 
 /// `--daemonize` with a startup error (port in use) exits 1 with the daemon's message, so a

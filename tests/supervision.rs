@@ -443,7 +443,8 @@ fn fast_shutdown_kills_what_sigterm_left_after_kill_timeout() {
     let s = server.connect_greeted();
     let peer = s.local_addr().unwrap();
     let child = server.child_pid_for(peer);
-    let _guard = KillOnDrop(child);
+    // Kills the stopped child if the server does not.
+    let guard = KillOnDrop(child);
     kill(child, Signal::SIGSTOP).unwrap();
     assert!(wait_until(WAIT, || process_state(child) == Some('T')));
     server.signal(Signal::SIGINT);
@@ -451,6 +452,8 @@ fn fast_shutdown_kills_what_sigterm_left_after_kill_timeout() {
     assert_killed_by(&server, peer, "SIGKILL");
     assert!(server.wait_exit(WAIT).success());
     assert!(!process_exists(child), "child left behind");
+    // Reaped: its pid may be reused by another test's process, and must not be killed.
+    std::mem::forget(guard);
 }
 
 /// A launcher that leaves SIGCHLD and SIGTERM blocked (the mask survives exec) does not stop
