@@ -333,7 +333,8 @@ impl ServerBuilder {
     }
 
     /// Starts the server and waits until every listener is bound (`Ok`) or it exits (`Err`
-    /// with its status and everything it wrote to stderr).
+    /// with its status and everything it wrote to stderr). The `listening on` lines are read
+    /// from the log: a server whose stderr the test holds, without a log file, is [`Self::spawn`]ed.
     pub fn try_start(self) -> Result<Server, (ExitStatus, String)> {
         let want = self.listeners;
         let mut server = self.spawn();
