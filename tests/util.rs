@@ -334,7 +334,8 @@ impl ServerBuilder {
 
     /// Starts the server and waits until every listener is bound (`Ok`) or it exits (`Err`
     /// with its status and everything it wrote to stderr). The `listening on` lines are read
-    /// from the log: a server whose stderr the test holds, without a log file, is [`Self::spawn`]ed.
+    /// from the log: a server whose stderr the test holds, without a log file, is only
+    /// [`Self::spawn`]ed.
     pub fn try_start(self) -> Result<Server, (ExitStatus, String)> {
         let want = self.listeners;
         let mut server = self.spawn();
@@ -349,7 +350,8 @@ impl ServerBuilder {
         }
         assert!(
             settled,
-            "timed out after {WAIT:?} waiting for {want} `listening on` lines\n--- server log ---\n{}",
+            "timed out after {WAIT:?} waiting for {want} `listening on` lines\n\
+             --- server log ---\n{}",
             server.log_text()
         );
         server.addrs = server.listening_addresses();
