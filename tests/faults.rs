@@ -555,8 +555,8 @@ fn parent_crash_sessions_keep_echoing_and_restart_binds_same_port_at_once() {
 
 /// The parent's soft RLIMIT_NOFILE lowered (as `prlimit --pid` does) to exactly the number of
 /// descriptors it holds, so every accept fails with EMFILE: over 2 s it uses under 5% CPU (no
-/// busy loop), logs one warning, serves nobody and does not exit; with the limit raised again the waiting clients
-/// are greeted within 2 s.
+/// busy loop), logs one warning, serves nobody and does not exit; with the limit raised again
+/// the waiting clients are greeted within 2 s.
 #[test]
 fn fd_exhaustion_under_5_percent_cpu_then_waiting_clients_served_within_2s() {
     const CLIENTS: usize = 4;
