@@ -3,13 +3,10 @@
 
 use crate::util::*;
 
-use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
 /// Writes `text` to `forkecho.toml` in `dir` and returns its path as a string.
 fn write_config(dir: &TempDir, text: &str) -> String {
@@ -174,29 +171,6 @@ fn duplicate_listen_address_rejected() {
     );
 }
 
-/// Runs forkecho with `input` on a pipe as its stdin, to completion (killed by pid after
-/// `WAIT`, like `run`).
-fn run_with_stdin(args: &[&str], input: &str) -> Output {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn forkecho");
-    let guard = KillOnDrop(Pid::from_raw(child.id() as i32));
-    // Small enough for the pipe's buffer: written at once. A forkecho that refuses the pipe
-    // may have exited already (EPIPE): that is no error here.
-    let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
-    let finished = wait_until(WAIT, || child.try_wait().unwrap().is_some());
-    if !finished {
-        let _ = kill(guard.0, Signal::SIGKILL);
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(finished, "forkecho {args:?} did not exit: {out:?}");
-    out
-}
-
 fn mkfifo(path: &Path) {
     nix::unistd::mkfifo(path, nix::sys::stat::Mode::S_IRWXU).unwrap();
 }
@@ -225,7 +199,7 @@ fn a_fifo_config_is_refused_without_waiting() {
 #[test]
 fn a_config_on_a_pipe_is_refused_because_a_reload_could_not_read_it() {
     let text = "listen = [\"127.0.0.1:0\"]\n";
-    let out = run_with_stdin(&["-c", "/dev/stdin", "--check-config"], text);
+    let out = run_with_stdin(&["-c", "/dev/stdin", "--check-config"], Some(text));
     let err = expect_exit(&out, 2);
     assert!(
         err.contains("/dev/stdin: is a FIFO, not a regular file")

@@ -1,27 +1,19 @@
-//! Config fuzz (the fault-injection issue's item 8): `proptest`-generated config files and
-//! command lines against the real binary. forkecho never panics; it either starts (and is
-//! stopped by pid) or exits 2 with a message naming the problem.
+//! Config fuzz: `proptest`-generated config files and command lines against the real binary.
+//! forkecho never panics; it either starts (and is stopped by pid) or exits 2 with a message
+//! naming the problem.
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::thread;
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use proptest::prelude::*;
 use proptest::strategy::Union;
 
 use crate::util::*;
 
-/// Prints a measured figure; shown with `--nocapture`.
-fn report(what: &str) {
-    eprintln!("[config fuzz] {what}");
-}
-
-// // Generated config files and command lines, each value drawn from valid ones, invalid ones
+// Generated config files and command lines, each value drawn from valid ones, invalid ones
 // and ones of the wrong type, with its expected validity known by construction. forkecho must
 // never panic; with `--check-config` it prints `configuration OK` (exit 0) exactly when the
 // case is valid, else exits 2 naming a culprit (`` key `backlog` `` for the file or a rule
@@ -632,93 +624,6 @@ fn check_config_verdict(case: &Case, dir: &TempDir) -> Vec<String> {
     culprits
 }
 
-/// A forkecho started by a fuzz case, SIGKILLed by pid on drop if still running.
-struct Launched {
-    child: std::process::Child,
-    stderr: std::sync::Arc<Mutex<String>>,
-    reader: Option<thread::JoinHandle<()>>,
-}
-
-impl Launched {
-    /// Starts forkecho in `dir` (relative paths on the command line land there), with
-    /// `RUST_LOG=info` so that `listening on` is logged whatever `log_level` the case sets.
-    fn start(args: &[String], dir: &TempDir) -> Launched {
-        let mut child = std::process::Command::new(BIN)
-            .args(args)
-            .current_dir(dir.path())
-            .env("RUST_LOG", "info")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn forkecho");
-        let stderr = std::sync::Arc::new(Mutex::new(String::new()));
-        let sink = std::sync::Arc::clone(&stderr);
-        let mut pipe = child.stderr.take().unwrap();
-        let reader = thread::spawn(move || {
-            let mut buf = [0; 4096];
-            while let Ok(n) = pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        Launched {
-            child,
-            stderr,
-            reader: Some(reader),
-        }
-    }
-
-    fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id() as i32)
-    }
-
-    /// Waits until it listens (`Ok`, seen on stderr or in `log_file`) or exits (`Err` with
-    /// the code and everything it wrote to stderr).
-    fn listening_or_exit(
-        &mut self,
-        log_file: &std::path::Path,
-    ) -> Result<(), (Option<i32>, String)> {
-        let mut exited = None;
-        let settled = wait_until(WAIT, || {
-            exited = self.child.try_wait().unwrap();
-            exited.is_some()
-                || self.stderr.lock().unwrap().contains("listening on ")
-                || std::fs::read_to_string(log_file).is_ok_and(|l| l.contains("listening on "))
-        });
-        assert!(settled, "neither listening nor exited after {WAIT:?}");
-        match exited {
-            None => Ok(()),
-            Some(status) => {
-                // The pipe closes at exit: everything it wrote is in once the reader ends.
-                self.reader.take().unwrap().join().unwrap();
-                Err((status.code(), self.stderr.lock().unwrap().clone()))
-            }
-        }
-    }
-
-    /// SIGTERM (a smart shutdown, immediate without sessions); returns the exit code.
-    fn stop(&mut self) -> Option<i32> {
-        kill(self.pid(), Signal::SIGTERM).unwrap();
-        let exited = wait_until(WAIT, || self.child.try_wait().unwrap().is_some());
-        assert!(exited, "no exit within {WAIT:?} of SIGTERM");
-        self.child.wait().unwrap().code()
-    }
-}
-
-impl Drop for Launched {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = kill(self.pid(), Signal::SIGKILL);
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// What a case started for real did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Verdict {
@@ -734,19 +639,31 @@ enum Verdict {
 /// naming a culprit; a valid one listens and stops with exit 0, or exits 1 saying why when
 /// it asks for what this host cannot give.
 fn start_verdict(case: &Case, dir: &TempDir, culprits: &[String]) -> Verdict {
-    let mut server = Launched::start(&case.args(dir), dir);
-    // With a log file the `listening on` line goes there; relative names land in `dir`.
-    let log_file = case
-        .effective("log_file")
-        .map_or("forkecho.log".into(), |s| s.val.text());
-    match server.listening_or_exit(&dir.path().join(log_file)) {
-        Ok(()) => {
+    let workdir = dir.path().to_path_buf();
+    // `RUST_LOG=info`, so that `listening on` is logged whatever `log_level` the case sets;
+    // in `dir`, so that relative paths on the command line land there.
+    let mut server = Server::builder()
+        .args(case.args(dir))
+        .env("RUST_LOG", "info")
+        .tweak(move |cmd| {
+            cmd.current_dir(workdir);
+        });
+    // With a log file the `listening on` line goes there.
+    if let Some(log_file) = case.effective("log_file") {
+        server = server.read_log_from(&dir.path().join(log_file.val.text()));
+    }
+    match server.try_start() {
+        Ok(mut server) => {
             assert!(culprits.is_empty(), "started despite {culprits:?}");
             assert!(!case.fails_to_start(), "started, but should have failed");
-            assert_eq!(server.stop(), Some(0), "exit code after SIGTERM");
+            // A smart shutdown, immediate without sessions.
+            server.signal(Signal::SIGTERM);
+            let code = server.wait_exit(WAIT).code();
+            assert_eq!(code, Some(0), "exit code after SIGTERM");
             Verdict::Served
         }
-        Err((code, stderr)) => {
+        Err((status, stderr)) => {
+            let code = status.code();
             assert_no_panic("", &stderr);
             if !culprits.is_empty() {
                 assert_exit_2_naming(code, "", &stderr, culprits);

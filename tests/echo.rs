@@ -5,16 +5,11 @@ use crate::util::*;
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::thread;
+use std::time::{Duration, Instant};
 
-/// Waits for the parent's log line saying the child serving `client` exited with `code`.
-fn wait_child_exit(server: &Server, client: SocketAddr, code: i32) -> String {
-    let pid = server.child_pid_for(client);
-    server.wait_for_line(&format!("child {pid} ({client}) exited with code {code} "))
-}
-
-/// The seed's session: the greeting `connect successful!\n`, then `Hello!\n` comes back.
+/// The default session: the greeting `connect successful!\n`, then `Hello!\n` comes back.
 #[test]
 fn greeting_then_hello_echoed() {
     let server = Server::start();
@@ -95,8 +90,7 @@ fn half_close_echoes_all_then_eof_and_child_exits_0() {
     let mut data = b"first line\nsecond line\n".to_vec();
     data.extend(Noise::new(4).bytes(16 << 10));
     assert_eq!(send_and_drain(&mut s, &data), data);
-    let line = wait_child_exit(&server, client, 0);
-    assert!(line.contains("exited with code 0"), "{line}");
+    server.wait_child_exit(client, 0);
 }
 
 /// Urgent (out-of-band) data does not end the session: the urgent byte is not part of the
@@ -114,7 +108,7 @@ fn urgent_data_mid_session_is_not_taken_for_eof() {
     assert_eq!(sent, 1, "send MSG_OOB");
     assert_eq!(echo_roundtrip(&mut s, b"after\n"), b"after\n");
     assert_eq!(send_and_drain(&mut s, b"last\n"), b"last\n");
-    wait_child_exit(&server, client, 0);
+    server.wait_child_exit(client, 0);
 }
 
 /// 100 clients at once each get their own data back, each from its own child process.
@@ -153,13 +147,11 @@ fn hundred_concurrent_clients_each_own_child() {
     // 100 children end at once and each logs its outcome under its own pid, while the parent
     // logs every reap: no line may be cut or mixed with another.
     drop(streams);
-    server.wait_for_log("100 children reaped", WAIT, |lines| {
-        lines
-            .iter()
-            .filter(|l| l.contains(") exited with code 0"))
-            .count()
-            == CLIENTS as usize
-    });
+    server.assert_line_count(
+        ") exited with code 0",
+        CLIENTS as usize,
+        "100 children reaped",
+    );
     for pid in &pids {
         server.wait_for_line(&format!("forkecho[{pid}] session "));
     }
@@ -179,14 +171,21 @@ fn banner_empty_and_custom() {
     assert_eq!(send_and_drain(&mut s, b"x"), b"hi\nx");
 }
 
-/// With `--idle-timeout 0.5` a silent client gets EOF and its child exits with code 3.
+/// `--idle-timeout 0.5`: a client that sends nothing gets EOF; the child exits with code 3 and
+/// is reaped.
 #[test]
-fn idle_client_disconnected_with_code_3() {
+fn idle_client_is_closed_with_code_3() {
     let server = Server::builder().args(["--idle-timeout", "0.5"]).start();
+    let start = Instant::now();
     let mut s = server.connect_greeted();
-    let client = s.local_addr().unwrap();
-    assert_eq!(read_to_eof(&mut s), b"", "data from an idle session");
-    wait_child_exit(&server, client, 3);
+    assert_eq!(read_to_eof(&mut s), b"", "bytes before the idle close");
+    let idle = start.elapsed();
+    assert!(
+        idle >= Duration::from_millis(450),
+        "closed after {idle:?}, before the 0.5 s idle timeout"
+    );
+    server.wait_child_exit(s.local_addr().unwrap(), 3);
+    assert_no_children(&server, "after the idle timeout");
 }
 
 /// A server listening on 127.0.0.1 and [::1] echoes on both.

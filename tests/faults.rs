@@ -2,12 +2,11 @@
 //! TAP tests for connection limits and crash restart, OpenSSH's regress tests and xinetd's
 //! fork-failure injection). A kill storm, a chaos soak, a parent crash, a full descriptor
 //! table, a real fork failure, a signal barrage and misbehaving clients: nothing is lost and no
-//! child escapes. (Item 8 of the same issue, fuzzed configurations, is `config_fuzz`.)
+//! child escapes. (Fuzzed configurations are `config_fuzz`.)
 //!
-//! Each test asserts the figure the issue names and prints what it measured as a `[faults]`
-//! line (`cargo test faults -- --nocapture` shows them). Loopback only, every wait bounded,
-//! every process started here killed by pid when its test ends (`Server`'s drop,
-//! `KillOnDrop`, `Launched`'s drop).
+//! Each test asserts a bound in its name and prints what it measured with `report`
+//! (`cargo test faults -- --nocapture` shows them). Loopback only, every wait bounded, every
+//! process started here killed by pid when its test ends (`Server`'s drop, `KillOnDrop`).
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, ErrorKind, Read, Write};
@@ -34,11 +33,6 @@ fn heavy() -> MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Prints a measured figure; shown with `--nocapture` (and with the output of a failed test).
-fn report(what: &str) {
-    eprintln!("[faults] {what}");
-}
-
 /// Sets a flag when dropped, so that threads looping on it stop even if the test panics
 /// (otherwise `thread::scope` would wait for them forever).
 struct SetOnDrop<'a>(&'a AtomicBool);
@@ -50,33 +44,6 @@ impl Drop for SetOnDrop<'_> {
 }
 
 // ---- The parent's log, parsed ----
-
-/// The message of a log line, after `forkecho[pid] `.
-fn message(line: &str) -> Option<&str> {
-    Some(line.split_once("] ")?.1)
-}
-
-/// `accepted <peer> -> child <pid> (...)` → (peer, pid).
-fn parse_accepted(line: &str) -> Option<(SocketAddr, Pid)> {
-    let rest = message(line)?.strip_prefix("accepted ")?;
-    let (peer, rest) = rest.split_once(" -> child ")?;
-    let pid = rest.split_whitespace().next()?.parse().ok()?;
-    Some((peer.parse().ok()?, Pid::from_raw(pid)))
-}
-
-/// `child <pid> (<peer>) <how> after <time>` → (pid, peer, how), e.g. `exited with code 0` or
-/// `killed by signal SIGKILL`.
-fn parse_ending(line: &str) -> Option<(Pid, SocketAddr, String)> {
-    let rest = message(line)?.strip_prefix("child ")?;
-    let (pid, rest) = rest.split_once(" (")?;
-    let (peer, rest) = rest.split_once(") ")?;
-    let how = rest.rsplit_once(" after ")?.0;
-    Some((
-        Pid::from_raw(pid.parse().ok()?),
-        peer.parse().ok()?,
-        how.to_string(),
-    ))
-}
 
 /// One session as the parent logged it: accepted, and (once reaped) how it ended.
 #[derive(Debug, Clone)]
@@ -92,17 +59,17 @@ struct LoggedSession {
 fn logged_sessions(lines: &[String]) -> Vec<LoggedSession> {
     let mut sessions = Vec::new();
     let mut open: HashMap<(Pid, SocketAddr), usize> = HashMap::new();
-    for line in lines {
-        if let Some((peer, pid)) = parse_accepted(line) {
+    for line in lines.iter().filter_map(|l| LogLine::parse(l)) {
+        if let Some((peer, pid)) = line.accepted() {
             open.insert((pid, peer), sessions.len());
             sessions.push(LoggedSession {
                 peer,
                 pid,
                 ending: None,
             });
-        } else if let Some((pid, peer, how)) = parse_ending(line) {
-            if let Some(i) = open.remove(&(pid, peer)) {
-                sessions[i].ending = Some(how);
+        } else if let Some(ending) = line.child_ending() {
+            if let Some(i) = open.remove(&(ending.pid, ending.peer)) {
+                sessions[i].ending = Some(ending.how);
             }
         }
     }
@@ -114,13 +81,11 @@ fn logged_sessions(lines: &[String]) -> Vec<LoggedSession> {
 /// times.
 fn children_serving(server: &Server, sessions: &[TcpStream]) -> Vec<(Pid, SocketAddr)> {
     let n = sessions.len();
-    server.wait_for_log(&format!("{n} `accepted` lines"), WAIT, |lines| {
-        lines.iter().filter(|l| l.contains("accepted ")).count() >= n
-    });
+    server.wait_for_lines("accepted ", n);
     let by_peer: HashMap<SocketAddr, Pid> = server
         .log_lines()
         .iter()
-        .filter_map(|l| parse_accepted(l))
+        .filter_map(|l| LogLine::parse(l)?.accepted())
         .collect();
     sessions
         .iter()
@@ -133,11 +98,16 @@ fn children_serving(server: &Server, sessions: &[TcpStream]) -> Vec<(Pid, Socket
 
 // ---- What a client sees ----
 
+/// The number before `word` in a `status:` line (`status: 0 active, 12 accepted, ...`).
+fn number_in_status(status: &str, word: &str) -> Option<u64> {
+    LogLine::parse(status)?.number_before(word)
+}
+
 /// Asserts the `status:` line (SIGUSR1) reports an empty children table, and returns it.
 fn assert_status_zero_active(server: &Server) -> String {
     let status = server.status_line();
     assert_eq!(
-        count_before(&status, "active"),
+        number_in_status(&status, "active"),
         Some(0),
         "children table not empty: {status}"
     );
@@ -211,7 +181,7 @@ fn kill_storm_1000_children_reaped_and_new_client_served_within_1s() {
     }
     let peer = newcomer.local_addr().unwrap();
     drop(newcomer);
-    server.wait_for_line(&format!("({peer}) exited with code 0 "));
+    server.wait_child_exit(peer, 0);
     let status = assert_status_zero_active(&server);
     assert!(status.contains(&format!("SIGKILL: {N}")), "{status}");
 }
@@ -219,19 +189,13 @@ fn kill_storm_1000_children_reaped_and_new_client_served_within_1s() {
 /// Asserts the parent logged `child <pid> (<peer>) killed by signal SIGKILL` for each target.
 fn assert_every_death_logged(server: &Server, targets: &[(Pid, SocketAddr)]) {
     let n = targets.len();
-    server.wait_for_log(&format!("{n} SIGKILL deaths"), WAIT, |lines| {
-        lines
-            .iter()
-            .filter(|l| l.contains("killed by signal SIGKILL"))
-            .count()
-            >= n
-    });
+    server.wait_for_lines("killed by signal SIGKILL", n);
     let logged: HashSet<(Pid, SocketAddr)> = server
         .log_lines()
         .iter()
-        .filter_map(|l| parse_ending(l))
-        .filter(|(_, _, how)| how == "killed by signal SIGKILL")
-        .map(|(pid, peer, _)| (pid, peer))
+        .filter_map(|l| LogLine::parse(l)?.child_ending())
+        .filter(|ending| ending.how == "killed by signal SIGKILL")
+        .map(|ending| (ending.pid, ending.peer))
         .collect();
     for target in targets {
         assert!(logged.contains(target), "death of {target:?} not logged");
@@ -458,12 +422,12 @@ fn chaos_soak_loses_no_byte_of_unkilled_sessions_leaks_no_child_and_no_memory() 
     ));
     assert!(cut > 0, "the chaos loop cut no session: it tested nothing");
     assert_eq!(
-        count_before(&status, "accepted"),
+        number_in_status(&status, "accepted"),
         Some(sessions.len() as u64),
         "{status}"
     );
     assert_eq!(
-        count_before(&status, "ended"),
+        number_in_status(&status, "ended"),
         Some(sessions.len() as u64),
         "{status}"
     );
@@ -590,9 +554,9 @@ fn parent_crash_sessions_keep_echoing_and_restart_binds_same_port_at_once() {
 // ---- 4. Descriptor exhaustion ----
 
 /// The parent's soft RLIMIT_NOFILE lowered (as `prlimit --pid` does) to exactly the number of
-/// descriptors it holds, so every accept fails with EMFILE: over 2 s it uses under 5% CPU (no busy loop), logs one
-/// warning, serves nobody and does not exit; with the limit raised again the waiting clients
-/// are greeted within 2 s.
+/// descriptors it holds, so every accept fails with EMFILE: over 2 s it uses under 5% CPU (no
+/// busy loop), logs one warning, serves nobody and does not exit; with the limit raised again
+/// the waiting clients are greeted within 2 s.
 #[test]
 fn fd_exhaustion_under_5_percent_cpu_then_waiting_clients_served_within_2s() {
     const CLIENTS: usize = 4;
@@ -729,7 +693,7 @@ fn fork_failure_refuses_with_message_pauses_and_serves_again_when_children_exit(
 
     let first_peer = first.local_addr().unwrap();
     drop(first);
-    server.wait_for_line(&format!("({first_peer}) exited with code 0 "));
+    server.wait_child_exit(first_peer, 0);
     let freed = Instant::now();
     assert_serves(&server, b"again\n");
     let served_in = freed.elapsed();
@@ -844,9 +808,7 @@ fn signal_barrage_of_20000_during_4_client_connection_run_fails_no_connection() 
     assert!(server.count_lines("reloaded configuration") > 0);
     assert_eq!(server.count_lines("shutting down"), 0);
     assert_eq!(server.count_lines("killed by signal"), 0);
-    server.wait_for_log("every session accepted", WAIT, |lines| {
-        lines.iter().filter(|l| l.contains("accepted ")).count() > completed
-    });
+    server.wait_for_lines("accepted ", completed + 1);
     assert_eq!(server.count_lines("accepted "), completed + 1);
     drop(long);
     assert_no_children(&server, "after the barrage");
@@ -860,12 +822,6 @@ fn signal_barrage_of_20000_during_4_client_connection_run_fails_no_connection() 
 }
 
 // ---- 7. Misbehaving clients ----
-
-/// How the parent logged the end of child `pid` serving `peer` (e.g. `exited with code 5`).
-fn ending_of(server: &Server, pid: Pid, peer: SocketAddr) -> String {
-    let line = server.wait_for_line(&format!("child {pid} ({peer}) "));
-    parse_ending(&line).expect("a child ending line").2
-}
 
 /// No child crashed (no core dump, no signal, no panic) and none is left, live or zombie.
 fn assert_no_crash_no_zombie(server: &Server) {
@@ -885,7 +841,6 @@ fn client_reset_mid_session_ends_child_with_code_5_or_6_no_core_no_zombie() {
     let mut s = server.connect_greeted();
     assert_eq!(echo_roundtrip(&mut s, b"before\n"), b"before\n");
     let peer = s.local_addr().unwrap();
-    let pid = server.child_pid_for(peer);
     // Mid-session: send until the buffers are full (the echo piles up unread on our side).
     s.set_nonblocking(true).unwrap();
     let chunk = Noise::new(61).bytes(16 * 1024);
@@ -902,7 +857,7 @@ fn client_reset_mid_session_ends_child_with_code_5_or_6_no_core_no_zombie() {
         .unwrap();
     drop(s);
 
-    let ending = ending_of(&server, pid, peer);
+    let ending = server.wait_child_ending(peer).how;
     assert!(
         ending == "exited with code 5" || ending == "exited with code 6",
         "child after a reset: {ending}"
@@ -932,9 +887,9 @@ fn client_that_never_reads_ends_child_with_code_4_no_core_no_zombie() {
             }
         }
     });
-    let pid = server.child_pid_for(peer);
+    server.child_pid_for(peer);
     let started = Instant::now();
-    let ending = ending_of(&server, pid, peer);
+    let ending = server.wait_child_ending(peer).how;
     let took = started.elapsed();
     assert_eq!(
         ending, "exited with code 4",
@@ -983,16 +938,10 @@ fn slowloris_holding_max_children_next_client_served_once_idle_timeouts_fire() {
     for (i, s) in idle.iter_mut().enumerate() {
         assert_closed_by_server(s, &format!("idle session {i}"));
     }
-    server.wait_for_log("4 idle timeouts", WAIT, |lines| {
-        lines
-            .iter()
-            .filter(|l| l.contains("exited with code 3 "))
-            .count()
-            >= MAX
-    });
+    server.wait_for_lines("exited with code 3 ", MAX);
     assert_eq!(echo_roundtrip(&mut next, b"served\n"), b"served\n");
     drop(next);
-    server.wait_for_line(&format!("({next_peer}) exited with code 0 "));
+    server.wait_child_exit(next_peer, 0);
     assert_no_crash_no_zombie(&server);
     report(&format!(
         "slowloris: {MAX} idle sessions at max_children; the next client was served {waited:?} \
@@ -1009,32 +958,18 @@ fn fork_failure_leaves_the_queued_clients_in_the_backlog() {
         return;
     };
     let _held = [server.connect_greeted(), server.connect_greeted()];
-    server.signal(Signal::SIGSTOP);
-    assert!(wait_until(WAIT, || process_state(server.pid()) == Some('T')));
+    server.freeze();
     let _queued: Vec<TcpStream> = (0..10).map(|_| server.connect()).collect();
     server.signal(Signal::SIGCONT);
-    server.wait_for_log("three fork failures", WAIT, |lines| {
-        lines
-            .iter()
-            .filter(|l| l.contains("cannot fork for"))
-            .count()
-            >= 3
-    });
+    server.wait_for_lines("cannot fork for", 3);
     let times: Vec<f64> = server
         .log_lines()
         .iter()
         .filter(|l| l.contains("cannot fork for"))
-        .map(|l| seconds_of_day(l.split_whitespace().next().unwrap()))
+        .map(|l| LogLine::parse(l).expect("a whole line").seconds_of_day())
         .collect();
     for pair in times.windows(2).take(2) {
         let gap = pair[1] - pair[0];
         assert!(gap >= 0.09, "fork attempts {gap:.3} s apart: {times:?}");
     }
-}
-
-/// Seconds since midnight of a log line's RFC 3339 timestamp (`2026-11-26T09:40:01.123Z`).
-fn seconds_of_day(stamp: &str) -> f64 {
-    let time = stamp.split('T').nth(1).unwrap().trim_end_matches('Z');
-    let parts: Vec<f64> = time.split(':').map(|p| p.parse().unwrap()).collect();
-    parts[0] * 3600.0 + parts[1] * 60.0 + parts[2]
 }

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::Signal;
 use nix::sys::stat::{mknod, Mode, SFlag};
-use nix::unistd::{mkfifo, Pid};
+use nix::unistd::mkfifo;
 
 use crate::util::*;
 
@@ -32,7 +32,7 @@ fn refused_start(args: &[&str]) -> String {
 }
 
 /// A FIFO at the pid-file path is refused before anything is opened for writing, and is
-/// still there afterwards (it used to be opened, failed to truncate, and was unlinked).
+/// still there afterwards: never opened, truncated or unlinked.
 #[test]
 fn pid_file_that_is_a_fifo_is_refused_and_kept() {
     let dir = TempDir::new();
@@ -200,27 +200,6 @@ fn read_to_eof_in_background(mut pipe: impl Read + Send + 'static) -> mpsc::Rece
     rx
 }
 
-/// A guard that kills the daemon whose pid is in `path`.
-fn daemon_pid(path: &Path) -> KillOnDrop {
-    let pid: i32 = std::fs::read_to_string(path)
-        .expect("pid file written before the command returned")
-        .trim()
-        .parse()
-        .unwrap();
-    KillOnDrop(Pid::from_raw(pid))
-}
-
-/// The first `listening on` address in a log file.
-fn listening_address(log: &Path) -> std::net::SocketAddr {
-    let text = std::fs::read_to_string(log).unwrap();
-    text.split("listening on ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no `listening on` in the log: {text}"))
-        .parse()
-        .unwrap()
-}
-
 /// `--daemonize` closes what it inherited: a caller capturing its output
 /// (`out=$(forkecho --daemonize …)`), or holding any other pipe the daemon inherited, sees EOF
 /// once the command returns, not once the daemon dies, and the daemon goes on serving.
@@ -265,14 +244,14 @@ fn daemonize_does_not_keep_inherited_descriptors() {
     let finished = wait_until(WAIT, || starter.try_wait().unwrap().is_some());
     let status = starter.try_wait().unwrap();
     assert!(finished && status.unwrap().success(), "{status:?}");
-    let _daemon = daemon_pid(&pid_path);
+    let _daemon = KillOnDrop::daemon_in(&pid_path);
     for (name, pipe) in [("stdout", stdout), ("stderr", stderr), ("fd 9", extra)] {
         assert!(
             pipe.recv_timeout(WAIT).is_ok(),
             "no EOF on the starter's {name}: the daemon still holds it"
         );
     }
-    let mut client = connect(listening_address(&log_path));
+    let mut client = connect(listening_address_in(&log_path));
     expect_banner(&mut client);
     assert_eq!(echo_roundtrip(&mut client, b"detached\n"), b"detached\n");
 }
@@ -287,33 +266,16 @@ fn running_as_line_goes_to_the_log_file() {
     }
     let dir = TempDir::new();
     let log = dir.path().join("forkecho.log");
-    let mut server = Command::new(BIN)
-        .args([
-            "-l",
-            "127.0.0.1:0",
-            "--user",
-            "nobody",
-            "--log-file",
-            &text(&log),
-        ])
+    let (terminal, theirs) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let mut server = Server::builder()
+        .args(["--user", "nobody"])
+        .log_file(&log)
         .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let guard = KillOnDrop(Pid::from_raw(server.id() as i32));
-    let terminal = read_to_eof_in_background(server.stderr.take().unwrap());
-    assert!(
-        wait_until(WAIT, || std::fs::read_to_string(&log)
-            .is_ok_and(|t| t.contains("listening on "))),
-        "not listening: {:?}",
-        std::fs::read_to_string(&log)
-    );
-    kill(guard.0, Signal::SIGTERM).unwrap();
-    let status = server.wait().unwrap();
-    // Reaped: its pid may be reused, and must not be killed.
-    std::mem::forget(guard);
+        .stderr(theirs)
+        .start();
+    let terminal = read_to_eof_in_background(std::fs::File::from(terminal));
+    server.signal(Signal::SIGTERM);
+    let status = server.wait_exit(WAIT);
     assert!(status.success(), "{status:?}");
     let terminal = String::from_utf8(terminal.recv_timeout(WAIT).unwrap()).unwrap();
     assert_eq!(

@@ -1,54 +1,22 @@
 //! Limits and protection as a client sees them: `max_children` makes new clients wait in the
 //! backlog (nothing lost), `max_per_source`, access rules and the per-source rate refuse without
-//! forking (with the refusal message, if any), idle/write/session timeouts end a session with
-//! their exit codes, refusals leave no child behind and are counted in the SIGUSR1 status, and
-//! the same limits work from a config file.
+//! forking (with the refusal message, if any), `max_session_time` ends a session with its exit
+//! code (the idle timeout is in `echo`), refusals leave no child behind and are counted in the
+//! SIGUSR1 status, and the same limits work from a config file.
 //!
 //! Clients pick their loopback source address (127.0.0.2, ...) by binding before connecting.
 
 use crate::util::*;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use socket2::{Domain, Socket, Type};
 
 /// How long a client waits to be sure nothing arrives (a correctness check, not readiness).
 const QUIET: Duration = Duration::from_millis(300);
-
-/// Connects to `addr` from the loopback address `source` (e.g. "127.0.0.2"), optionally with a
-/// small receive buffer set before the connect, with read/write timeouts of `WAIT`.
-fn connect_from_with(addr: SocketAddr, source: &str, recv_buffer: Option<usize>) -> TcpStream {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    let local: SocketAddr = format!("{source}:0").parse().expect("source address");
-    socket
-        .bind(&local.into())
-        .unwrap_or_else(|e| panic!("bind {local}: {e}"));
-    if let Some(size) = recv_buffer {
-        socket.set_recv_buffer_size(size).expect("SO_RCVBUF");
-    }
-    socket
-        .connect_timeout(&addr.into(), WAIT)
-        .unwrap_or_else(|e| panic!("connect {addr} from {source}: {e}"));
-    let s: TcpStream = socket.into();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.set_write_timeout(Some(WAIT)).unwrap();
-    s
-}
-
-fn connect_from(addr: SocketAddr, source: &str) -> TcpStream {
-    connect_from_with(addr, source, None)
-}
-
-/// Connects from `source` and reads the default banner.
-fn connect_greeted_from(addr: SocketAddr, source: &str) -> TcpStream {
-    let mut s = connect_from(addr, source);
-    expect_banner(&mut s);
-    s
-}
 
 /// Reads until the whole default banner arrived (`Ok`: served, the stream stays open) or the
 /// server closed the connection first (`Err` with whatever came before the EOF: refused).
@@ -98,32 +66,9 @@ fn close_session(s: &mut TcpStream) {
     assert_eq!(send_and_drain(s, b""), b"", "bytes after half-close");
 }
 
-/// Waits for the parent's line that child `pid`-for-`s` exited with `code`.
-fn wait_exit_code(server: &Server, s: &TcpStream, code: i32) -> String {
-    let peer = s.local_addr().unwrap();
-    let pid = server.child_pid_for(peer);
-    server.wait_for_line(&format!("child {pid} ({peer}) exited with code {code} "))
-}
-
-/// Asserts the log has exactly `n` lines containing `needle`, waiting up to `WAIT` for them
-/// (a line the server wrote before the client saw its effect may still be on its way to us).
-fn assert_lines(server: &Server, needle: &str, n: usize, what: &str) {
-    server.wait_for_log(
-        &format!("{n} lines with {needle:?} ({what})"),
-        WAIT,
-        |lines| lines.iter().filter(|l| l.contains(needle)).count() >= n,
-    );
-    assert_eq!(
-        server.count_lines(needle),
-        n,
-        "{what}: lines with {needle:?}\n--- server log ---\n{}",
-        server.log_text()
-    );
-}
-
 /// Asserts the parent forked exactly `n` children (its `accepted <peer> -> child <pid>` lines).
 fn assert_forked(server: &Server, n: usize, what: &str) {
-    assert_lines(server, " -> child ", n, what);
+    server.assert_line_count(" -> child ", n, what);
 }
 
 /// At `max_children = 3` a 4th client's connect succeeds but it is not served while three
@@ -139,12 +84,7 @@ fn max_children_makes_clients_wait_then_serves_them_whole() {
     assert_quiet(&mut waiting, "4th client at max_children");
     assert_eq!(server.children().len(), 3, "children at the limit");
     assert_forked(&server, 3, "forks at the limit");
-    assert_lines(
-        &server,
-        "max_children reached",
-        1,
-        "logged once at the limit",
-    );
+    server.assert_line_count("max_children reached", 1, "logged once at the limit");
 
     let mut first = open.remove(0);
     close_session(&mut first);
@@ -157,11 +97,10 @@ fn max_children_makes_clients_wait_then_serves_them_whole() {
     assert_eq!(echo_roundtrip(&mut waiting, b"later\n"), b"later\n");
     server.wait_for_line("below max_children again (2 active)");
     assert_forked(&server, 4, "the waiting client got a child");
-    assert_lines(&server, "below max_children again", 1, "logged once");
+    server.assert_line_count("below max_children again", 1, "logged once");
     // Serving the 4th filled the 3 slots again, within seconds of the first time: that is
     // counted for the next report, not logged again.
-    assert_lines(
-        &server,
+    server.assert_line_count(
         "max_children reached",
         1,
         "reached again within the report interval",
@@ -263,7 +202,7 @@ fn rate_limit_serves_burst_refuses_rest_then_refills() {
     );
     assert!(refused >= 1, "no connection refused of 20 in {elapsed:.2}s");
     assert_eq!(served + refused, 20);
-    assert_lines(&server, "(max_rate_per_source)", refused, "rate refusals");
+    server.assert_line_count("(max_rate_per_source)", refused, "rate refusals");
     assert_forked(&server, served, "forks = served connections");
 
     // Refilling at 5/s, a token is back within 0.2 s of the last refusal.
@@ -310,7 +249,7 @@ fn max_session_time_bounds_a_blocked_write() {
     let server = Server::builder()
         .args(["--idle-timeout", "60", "--max-session-time", "2"])
         .start();
-    let s = connect_from_with(server.addr(), "127.0.0.1", Some(16 * 1024));
+    let s = connect_with_recv_buffer(server.addr(), 16 * 1024);
     let peer = s.local_addr().unwrap();
     let mut writer = s.try_clone().unwrap();
     let sender = thread::spawn(move || {
@@ -322,23 +261,14 @@ fn max_session_time_bounds_a_blocked_write() {
             }
         }
     });
-    let line = server.wait_for_line(&format!("({peer}) exited with code 8 "));
-    let lasted = seconds_after(&line);
+    let ending = server.wait_child_exit(peer, 8);
+    let lasted = ending.seconds;
     assert!(
         lasted < LIMIT_SECS * 1.5,
-        "the session lasted {lasted}s with a {LIMIT_SECS}s limit: {line}"
+        "the session lasted {lasted}s with a {LIMIT_SECS}s limit: {ending:?}"
     );
     assert_no_children(&server, "after the session limit");
     sender.join().expect("writer thread");
-}
-
-/// The `after 1.23s` at the end of a reap line, in seconds.
-fn seconds_after(line: &str) -> f64 {
-    let tail = line.rsplit("after ").next().unwrap_or_default();
-    tail.trim()
-        .trim_end_matches('s')
-        .parse()
-        .unwrap_or_else(|e| panic!("{line}: {e}"))
 }
 
 /// A refused client that had already sent data still reads the whole refusal message and a
@@ -373,23 +303,6 @@ fn ipv6_sources_are_counted_per_64() {
     assert_eq!(read_to_eof(&mut second), b"", "second session from one /64");
     let refusal = server.wait_for_line("refused [::1]:");
     assert!(refusal.contains("from ::/64"), "{refusal}");
-}
-
-/// `--idle-timeout 0.5`: a client that sends nothing gets EOF; the child exits with code 3 and
-/// is reaped.
-#[test]
-fn idle_client_is_closed_with_code_3() {
-    let server = Server::builder().args(["--idle-timeout", "0.5"]).start();
-    let start = Instant::now();
-    let mut s = server.connect_greeted();
-    assert_eq!(read_to_eof(&mut s), b"", "bytes before the idle close");
-    let idle = start.elapsed();
-    assert!(
-        idle >= Duration::from_millis(450),
-        "closed after {idle:?}, before the 0.5 s idle timeout"
-    );
-    wait_exit_code(&server, &s, 3);
-    assert_no_children(&server, "after the idle timeout");
 }
 
 /// `--max-session-time 1` ends a session that keeps echoing every 100 ms: the client sees the
@@ -434,7 +347,7 @@ fn max_session_time_ends_busy_session_with_code_8() {
         "session ended after {lasted:?}, before max_session_time 1 s"
     );
     assert!(rounds >= 3, "only {rounds} echoes before the end");
-    wait_exit_code(&server, &s, 8);
+    server.wait_child_exit(s.local_addr().unwrap(), 8);
     assert_no_children(&server, "after max_session_time");
 }
 
@@ -469,7 +382,7 @@ fn refusals_leave_no_child_and_are_counted_in_status() {
     // 127.0.0.3's one token goes to its first session; the next one within 10 s is refused.
     let mut short = connect_greeted_from(server.addr(), "127.0.0.3");
     close_session(&mut short);
-    wait_exit_code(&server, &short, 0);
+    server.wait_child_exit(short.local_addr().unwrap(), 0);
     let mut too_fast = connect_from(server.addr(), "127.0.0.3");
     assert_refused(&mut too_fast, b"", "2nd client from 127.0.0.3 within 10 s");
 
@@ -479,7 +392,7 @@ fn refusals_leave_no_child_and_are_counted_in_status() {
         "children with one session open after 4 refusals: {kids:?} (expected only {kept_pid})"
     );
     assert_forked(&server, 2, "forks for 2 served and 4 refused clients");
-    assert_lines(&server, "] refused ", 4, "refusals");
+    server.assert_line_count("] refused ", 4, "refusals");
 
     server.signal(Signal::SIGUSR1);
     let status = server.wait_for_line("status:");
@@ -498,7 +411,7 @@ fn refusals_leave_no_child_and_are_counted_in_status() {
     );
 
     close_session(&mut kept);
-    wait_exit_code(&server, &kept, 0);
+    server.wait_child_exit(kept.local_addr().unwrap(), 0);
     assert_no_children(&server, "after the last served session closed");
 }
 
@@ -691,12 +604,7 @@ fn a_long_episode_at_max_children_is_reported_late_rather_never() {
     server.wait_for_line("below max_children again");
     // Reached again at once: counted, not logged...
     let _held = server.connect_greeted();
-    assert_lines(
-        &server,
-        "max_children reached",
-        1,
-        "right after the first report",
-    );
+    server.assert_line_count("max_children reached", 1, "right after the first report");
     // ...until the report interval (10 s) has passed with the limit still reached.
     server.wait_for_log("the late report", Duration::from_secs(30), |lines| {
         lines

@@ -8,12 +8,11 @@ use std::io::{ErrorKind, Read};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use nix::fcntl::OFlag;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
 use crate::util::*;
 
@@ -34,11 +33,9 @@ enum LogKind {
     Socket,
 }
 
-/// A `forkecho` whose stderr is `log`, a pipe or socket end only this test reads. Dropping it
-/// kills the server and its children, by pid.
+/// A `forkecho` whose stderr is `log`, a pipe or socket end only this test reads.
 struct StalledLog {
-    child: KillServerOnDrop,
-    pid: Pid,
+    server: Server,
     log: File,
     addr: SocketAddr,
     /// Everything read from the log so far.
@@ -51,52 +48,40 @@ impl StalledLog {
     /// Starts the server at `log_level` info (children log nothing on a clean end) and reads
     /// its log up to the `listening on` line; from then on the log is not read.
     fn start(kind: LogKind) -> Self {
-        Self::start_with(kind, BIN.as_ref(), |_| {})
+        Self::start_with(kind, Server::builder())
     }
 
-    /// [`StalledLog::start`] of `program`, with `tweak` applied to the command (another uid).
-    fn start_with(
-        kind: LogKind,
-        program: &std::path::Path,
-        tweak: impl FnOnce(&mut Command),
-    ) -> Self {
+    /// [`StalledLog::start`] of what `builder` says (another program, another uid).
+    fn start_with(kind: LogKind, builder: ServerBuilder) -> Self {
         let (ours, theirs) = log_channel(kind);
-        let mut command = Command::new(program);
-        command
+        let server = builder
             .args(["-l", "127.0.0.1:0", "--log-level", "info"])
             .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(theirs));
-        tweak(&mut command);
-        let child = command.spawn().expect("start forkecho");
-        // Our copy of the server's end goes now, so that reading sees EOF once it exits.
-        drop(command);
-        let pid = Pid::from_raw(child.id() as i32);
-        let mut server = StalledLog {
-            child: KillServerOnDrop(child),
-            pid,
+            .stderr(theirs)
+            .spawn();
+        let mut stalled = StalledLog {
+            server,
             log: File::from(ours),
             addr: "127.0.0.1:0".parse().unwrap(),
             text: String::new(),
             clients: 0,
         };
-        while !server.text.contains("listening on ")
-            || !server
-                .text
-                .split("listening on ")
-                .nth(1)
-                .unwrap()
-                .contains('\n')
-        {
+        let addr = loop {
+            // Only lines whose newline is in: a line still on its way may hold half an address.
+            let whole = stalled.text.rfind('\n').map_or(0, |end| end + 1);
+            let listening = stalled.text[..whole]
+                .lines()
+                .find_map(|l| LogLine::parse(l)?.listening_on());
+            if let Some(addr) = listening {
+                break addr;
+            }
             let mut buf = [0u8; 512];
-            let n = server.log.read(&mut buf).expect("read the log");
-            assert!(n > 0, "forkecho exited: {}", server.text);
-            server.text.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-        let after = server.text.split("listening on ").nth(1).unwrap();
-        server.addr = after.split_whitespace().next().unwrap().parse().unwrap();
-        server
+            let n = stalled.log.read(&mut buf).expect("read the log");
+            assert!(n > 0, "forkecho exited: {}", stalled.text);
+            stalled.text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        };
+        stalled.addr = addr;
+        stalled
     }
 
     /// Connects, is greeted, closes: the parent logs two lines.
@@ -123,14 +108,6 @@ impl StalledLog {
         n as usize
     }
 
-    fn wait_no_children(&self, what: &str) {
-        assert!(
-            wait_until(WAIT, || children_of(self.pid).is_empty()),
-            "{what}: children left: {:?}",
-            children_of(self.pid)
-        );
-    }
-
     /// Reads what the log holds now, without waiting for more.
     fn read_available(&mut self) {
         set_nonblocking(self.log.as_raw_fd(), true);
@@ -148,40 +125,13 @@ impl StalledLog {
 
     /// SIGTERM, then the exit must follow within `EXIT_BOUND`; returns the rest of the log.
     fn terminate_and_read_to_end(&mut self) -> String {
-        kill(self.pid, Signal::SIGTERM).unwrap();
-        let mut status = None;
-        let exited = wait_until(EXIT_BOUND, || {
-            status = self.child.0.try_wait().unwrap();
-            status.is_some()
-        });
-        assert!(
-            exited,
-            "forkecho still running {EXIT_BOUND:?} after SIGTERM, state {:?}",
-            process_state(self.pid)
-        );
-        assert!(status.unwrap().success(), "{status:?}");
+        self.server.signal(Signal::SIGTERM);
+        let status = self.server.wait_exit(EXIT_BOUND);
+        assert!(status.success(), "{status:?}");
         let mut rest = Vec::new();
         self.log.read_to_end(&mut rest).unwrap();
         self.text.push_str(&String::from_utf8_lossy(&rest));
         self.text.clone()
-    }
-}
-
-/// A server process: dropped, it is killed with its children, by pid, and reaped.
-struct KillServerOnDrop(Child);
-
-impl Drop for KillServerOnDrop {
-    fn drop(&mut self) {
-        if self.0.try_wait().ok().flatten().is_none() {
-            let pid = Pid::from_raw(self.0.id() as i32);
-            // Stopped first, so that it cannot fork while its children are collected.
-            let _ = kill(pid, Signal::SIGSTOP);
-            for c in children_of(pid) {
-                let _ = kill(c.pid, Signal::SIGKILL);
-            }
-            let _ = kill(pid, Signal::SIGKILL);
-            let _ = self.0.wait();
-        }
     }
 }
 
@@ -258,25 +208,20 @@ fn assert_still_serves(server: &mut StalledLog) {
     assert_eq!(echo_roundtrip(&mut s, b"still here\n"), b"still here\n");
     drop(s);
     server.clients += 1;
-    server.wait_no_children("with the log stalled");
+    assert_no_children(&server.server, "with the log stalled");
 }
 
-/// Every line of `text` is whole: the timestamp, level and pid prefix through the newline.
-fn assert_whole_lines(text: &str) {
+/// Every line of `text` is one whole record, through its newline.
+fn assert_whole_log(text: &str) {
     assert!(text.ends_with('\n'), "{text}");
-    for line in text.lines() {
-        assert!(
-            line.starts_with("20") && line.contains(" forkecho["),
-            "not a whole line: {line:?}\n{text}"
-        );
-    }
+    assert_whole_lines(text.lines());
 }
 
 #[test]
 fn a_stalled_log_pipe_does_not_stop_serving_reaping_or_shutdown() {
     let mut server = assert_serves_with_a_stalled_log(LogKind::Pipe);
     let log = server.terminate_and_read_to_end();
-    assert_whole_lines(&log);
+    assert_whole_log(&log);
     // No line got through after the stall began, so there was no chance to report it.
     assert!(!log.contains("lines dropped"), "{log}");
 }
@@ -285,7 +230,7 @@ fn a_stalled_log_pipe_does_not_stop_serving_reaping_or_shutdown() {
 fn a_stalled_journal_socket_does_not_stop_serving_reaping_or_shutdown() {
     let mut server = assert_serves_with_a_stalled_log(LogKind::Socket);
     let log = server.terminate_and_read_to_end();
-    assert_whole_lines(&log);
+    assert_whole_log(&log);
 }
 
 /// When the reader resumes, the next line through is preceded by one report of how many lines
@@ -295,9 +240,9 @@ fn lines_dropped_while_the_log_stalled_are_reported_once_when_it_resumes() {
     let mut server = assert_serves_with_a_stalled_log(LogKind::Pipe);
     server.read_available();
     server.short_client();
-    server.wait_no_children("after the log resumed");
+    assert_no_children(&server.server, "after the log resumed");
     let log = server.terminate_and_read_to_end();
-    assert_whole_lines(&log);
+    assert_whole_log(&log);
 
     let reports: Vec<&str> = log.lines().filter(|l| l.contains("dropped")).collect();
     assert_eq!(reports.len(), 1, "{log}");
@@ -344,9 +289,10 @@ fn a_stalled_log_pipe_created_by_another_user_does_not_stop_serving() {
     let dir = TempDir::new();
     let program = dir.path().join("forkecho");
     std::fs::copy(BIN, &program).unwrap();
-    let mut server = StalledLog::start_with(LogKind::Pipe, &program, move |cmd| {
+    let builder = Server::builder().program(program).tweak(move |cmd| {
         cmd.uid(uid).gid(uid);
     });
+    let mut server = StalledLog::start_with(LogKind::Pipe, builder);
     assert!(!server.text.contains("without blocking"), "{}", server.text);
     let queued = fill_log_pipe(&mut server);
     // Each line the server moves into the pipe takes a slot of its own (one page).
@@ -358,9 +304,9 @@ fn a_stalled_log_pipe_created_by_another_user_does_not_stop_serving() {
     assert_still_serves(&mut server);
     server.read_available();
     server.short_client();
-    server.wait_no_children("after the log resumed");
+    assert_no_children(&server.server, "after the log resumed");
     let log = server.terminate_and_read_to_end();
-    assert_whole_lines(&log);
+    assert_whole_log(&log);
     assert_eq!(
         log.lines()
             .filter(|l| l.contains(" lines dropped "))
@@ -399,36 +345,14 @@ fn with_a_log_file_the_parents_lines_follow_stderr_to_the_file() {
     let dir = TempDir::new();
     let path = dir.path().join("forkecho.log");
     let (_ours, theirs) = log_channel(LogKind::Pipe);
-    let server = Command::new(BIN)
-        .args(["-l", "127.0.0.1:0", "--log-file", path.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(theirs))
-        .spawn()
-        .expect("start forkecho");
-    let _server = KillServerOnDrop(server);
-    let log = || std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(
-        wait_until(WAIT, || log().contains("listening on ")),
-        "log file: {:?}",
-        log()
-    );
-    let addr: SocketAddr = log()
-        .split("listening on ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap()
-        .parse()
-        .unwrap();
-    let mut s = connect(addr);
-    expect_banner(&mut s);
+    let server = Server::builder()
+        .log_file(&path)
+        .env_remove("RUST_LOG")
+        .stderr(theirs)
+        .start();
+    let mut s = server.connect_greeted();
     assert_eq!(echo_roundtrip(&mut s, b"to the file\n"), b"to the file\n");
-    let accepted = format!("accepted {}", s.local_addr().unwrap());
-    assert!(
-        wait_until(WAIT, || log().contains(&accepted)),
-        "log file: {:?}",
-        log()
-    );
+    server.wait_for_line(&format!("accepted {}", s.local_addr().unwrap()));
 }
 
 /// A log file that reaches the file-size limit (RLIMIT_FSIZE) would kill the parent with
@@ -439,44 +363,30 @@ fn a_log_file_at_the_file_size_limit_does_not_kill_the_server() {
     use std::os::unix::process::CommandExt;
     let dir = TempDir::new();
     let path = dir.path().join("forkecho.log");
-    let mut command = Command::new(BIN);
-    command
-        .args(["-l", "127.0.0.1:0", "--log-file", path.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // Safe: setrlimit is async-signal-safe; this runs just before exec.
-    unsafe {
-        command.pre_exec(|| {
-            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_FSIZE, 600, 600)?;
-            Ok(())
-        });
-    }
-    let mut server = KillServerOnDrop(command.spawn().expect("start forkecho"));
-    let log = || std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(
-        wait_until(WAIT, || log().contains("listening on ")),
-        "{:?}",
-        log()
-    );
-    let addr: SocketAddr = log()
-        .split("listening on ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let mut server = Server::builder()
+        .log_file(&path)
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::null())
+        .tweak(|cmd| {
+            // Safe: setrlimit is async-signal-safe; this runs just before exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    let fsize = nix::sys::resource::Resource::RLIMIT_FSIZE;
+                    nix::sys::resource::setrlimit(fsize, 600, 600)?;
+                    Ok(())
+                });
+            }
+        })
+        .start();
     // Each session logs two lines of about 100 bytes: the file is full after a few.
     for i in 0..20 {
-        let mut s = connect(addr);
-        expect_banner(&mut s);
+        let mut s = server.connect_greeted();
         let line = format!("session {i}\n");
         assert_eq!(echo_roundtrip(&mut s, line.as_bytes()), line.as_bytes());
     }
     assert!(std::fs::metadata(&path).unwrap().len() <= 600);
-    let pid = Pid::from_raw(server.0.id() as i32);
-    kill(pid, Signal::SIGTERM).unwrap();
-    let status = server.0.wait().unwrap();
+    server.signal(Signal::SIGTERM);
+    let status = server.wait_exit(WAIT);
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
 }
 
@@ -498,7 +408,7 @@ fn a_burst_larger_than_a_default_pipe_is_held_not_dropped() {
     for _ in 0..CLIENTS {
         server.short_client();
     }
-    server.wait_no_children("after the burst");
+    assert_no_children(&server.server, "after the burst");
     let log = server.terminate_and_read_to_end();
     assert!(!log.contains("lines dropped"), "{log}");
     assert_eq!(log.matches(" accepted ").count(), CLIENTS);

@@ -134,15 +134,6 @@ fn unwritable_pid_file_is_a_startup_error() {
     );
 }
 
-/// A port nobody listens on right now (bound then released; fine for a test on loopback).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// SIGHUP applies a changed banner, max_children and listen address to what comes next,
 /// without dropping the session in flight: the new address listens before the old one closes,
 /// and one log line says what changed.
@@ -205,13 +196,7 @@ fn broken_config_on_reload_is_refused_and_the_old_one_keeps_serving() {
     );
     server.rewrite_config("listen = [\"127.0.0.1:0\"]\nbogus = 1\n");
     server.signal(nix::sys::signal::Signal::SIGHUP);
-    server.wait_for_log("a second refusal", WAIT, |lines| {
-        lines
-            .iter()
-            .filter(|l| l.contains("reload refused:"))
-            .count()
-            == 2
-    });
+    server.assert_line_count("reload refused:", 2, "a second refusal");
     assert!(server.log_text().contains("key `bogus`: unknown key"));
     let mut s = connect(server.addr());
     assert_eq!(read_exactly(&mut s, 5), b"kept\n");
@@ -236,21 +221,9 @@ fn daemonize_returns_once_listening() {
         log_path.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{out:?}");
-    let pid: i32 = std::fs::read_to_string(&pid_path)
-        .expect("pid file written before the command returned")
-        .trim()
-        .parse()
-        .unwrap();
-    let pid = nix::unistd::Pid::from_raw(pid);
-    let _daemon = KillOnDrop(pid);
-    let log = std::fs::read_to_string(&log_path).unwrap();
-    let addr: std::net::SocketAddr = log
-        .split("listening on ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("`listening on` in the log file before the command returned")
-        .parse()
-        .unwrap();
+    let daemon = KillOnDrop::daemon_in(&pid_path);
+    let pid = daemon.0;
+    let addr = listening_address_in(&log_path);
     // No waiting: the command's exit is the readiness signal.
     let mut s = connect(addr);
     expect_banner(&mut s);
@@ -275,6 +248,12 @@ fn daemonize_returns_once_listening() {
     assert!(std::fs::read_to_string(&log_path)
         .unwrap()
         .contains("shutdown complete"));
+    // Once it is gone its pid may be reused by another test's process: no SIGKILL then.
+    assert!(
+        wait_until(WAIT, || process_state(pid).is_none_or(|s| s == 'Z')),
+        "the daemon did not exit on SIGTERM"
+    );
+    std::mem::forget(daemon);
 }
 
 /// `--daemonize` with a startup error (port in use) exits 1 with the daemon's message, so a
@@ -292,18 +271,6 @@ fn daemonize_reports_startup_errors() {
     );
 }
 
-/// The real, effective, saved and filesystem ids of a process, from /proc/<pid>/status.
-fn ids(pid: nix::unistd::Pid, field: &str) -> Vec<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .unwrap_or_else(|| panic!("no {field} in status"))
-        .split_whitespace()
-        .map(|n| n.parse().unwrap())
-        .collect()
-}
-
 /// `--user nobody` (as root): after binding, the parent and every child it forks run as
 /// nobody, with nobody's group and no supplementary root groups, and cannot become root again.
 #[test]
@@ -318,9 +285,9 @@ fn user_drops_privileges_for_parent_and_children() {
     let s = server.connect_greeted();
     let child = server.child_pid_for(s.local_addr().unwrap());
     for pid in [server.pid(), child] {
-        assert_eq!(ids(pid, "Uid:"), vec![uid; 4], "uids of {pid}");
-        assert_eq!(ids(pid, "Gid:"), vec![gid; 4], "gids of {pid}");
-        assert_eq!(ids(pid, "Groups:"), vec![gid], "groups of {pid}");
+        assert_eq!(status_numbers(pid, "Uid"), vec![uid; 4], "uids of {pid}");
+        assert_eq!(status_numbers(pid, "Gid"), vec![gid; 4], "gids of {pid}");
+        assert_eq!(status_numbers(pid, "Groups"), vec![gid], "groups of {pid}");
     }
 }
 
@@ -396,7 +363,7 @@ fn parent_maps_no_shared_library() {
 
 /// `(name, uid, gid)` of an account, asked of `getent` as forkecho does (the test binary is
 /// static too, and getpwnam in a static binary may crash on NSS modules).
-fn account(key: &str) -> (String, u32, u32) {
+fn account(key: &str) -> (String, u64, u64) {
     let out = std::process::Command::new("getent")
         .args(["passwd", key])
         .output()
@@ -404,7 +371,7 @@ fn account(key: &str) -> (String, u32, u32) {
     let line = String::from_utf8(out.stdout).expect("utf-8 passwd entry");
     let fields: Vec<&str> = line.trim_end().split(':').collect();
     assert!(fields.len() == 7, "no passwd entry for {key}: {line:?}");
-    let number = |i: usize| fields[i].parse::<u32>().expect("numeric id");
+    let number = |i: usize| fields[i].parse::<u64>().expect("numeric id");
     (fields[0].to_owned(), number(2), number(3))
 }
 
@@ -434,24 +401,6 @@ fn bad_user_settings_are_config_errors() {
     );
 }
 
-/// Stops a socket-activated forkecho (systemd-socket-activate execs it in place, so it keeps
-/// the activator's pid) and its children, by pid.
-struct ActivationGuard {
-    process: std::process::Child,
-}
-
-impl Drop for ActivationGuard {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.process.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP);
-        for session in children_of(pid) {
-            let _ = nix::sys::signal::kill(session.pid, nix::sys::signal::Signal::SIGKILL);
-        }
-        let _ = self.process.kill();
-        let _ = self.process.wait();
-    }
-}
-
 /// Socket activation for real, with systemd's `systemd-socket-activate`: the socket it passes
 /// (LISTEN_FDS) is used instead of `listen`, the client whose connection triggered the start
 /// is served, and so is the next.
@@ -470,22 +419,16 @@ fn socket_activation_with_systemd_socket_activate() {
     let log_path = dir.path().join("activated.log");
     let port = free_port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let activator = std::process::Command::new(activate)
+    // systemd-socket-activate execs forkecho in place: the server keeps the activator's pid.
+    let server = Server::builder()
+        .program(activate)
         .args(["-l", &addr.to_string(), "-E", "RUST_LOG=debug", BIN])
         // Had forkecho bound `listen` itself, it would fail: the port is systemd's.
-        .args([
-            "-l",
-            &addr.to_string(),
-            "--log-file",
-            log_path.to_str().unwrap(),
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
+        .args(["-l", &addr.to_string()])
+        .log_file(&log_path)
         .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start systemd-socket-activate");
-    let guard = ActivationGuard { process: activator };
-    let pid = nix::unistd::Pid::from_raw(guard.process.id() as i32);
+        .spawn();
+    let pid = server.pid();
 
     // The first connection wakes the activator, which starts forkecho on the passed socket.
     let mut first = None;
@@ -500,7 +443,7 @@ fn socket_activation_with_systemd_socket_activate() {
     let mut second = connect(addr);
     expect_banner(&mut second);
 
-    let log = std::fs::read_to_string(&log_path).unwrap();
+    let log = server.log_text();
     assert!(
         log.contains("using 1 listening socket(s) passed by systemd")
             && log.contains(&format!("listening on {addr}")),
@@ -509,8 +452,7 @@ fn socket_activation_with_systemd_socket_activate() {
     // The activator became forkecho (exec, same pid: LISTEN_PID), serving two sessions.
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
     assert_eq!(comm.trim(), "forkecho");
-    assert_eq!(children_of(pid).len(), 2, "{:?}", children_of(pid));
-    drop(guard);
+    assert_eq!(server.children().len(), 2, "{:?}", server.children());
 }
 
 /// `Type=notify`: with NOTIFY_SOCKET set, forkecho sends READY=1 once listening and
@@ -543,29 +485,18 @@ fn pid_file_appears_only_once_signals_are_safe() {
     let dir = TempDir::new();
     let path = dir.path().join("early.pid");
     let log = dir.path().join("early.log");
-    let mut child = std::process::Command::new(BIN)
+    // Not `start`: the pid file is what this test waits for, not the `listening on` line.
+    let mut server = Server::builder()
         .args(["-l", "127.0.0.1:0", "--pid-file", path.to_str().unwrap()])
-        .args(["--log-file", log.to_str().unwrap()])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
+        .log_file(&log)
+        .env_remove("RUST_LOG")
         .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let _guard = KillOnDrop(pid);
+        .spawn();
     assert!(wait_until(WAIT, || std::fs::read_to_string(&path)
         .is_ok_and(|t| t.ends_with('\n'))));
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
-    assert!(
-        wait_until(WAIT, || std::fs::read_to_string(&log)
-            .is_ok_and(|t| t.contains("reloaded configuration"))),
-        "no reload logged: {:?}",
-        std::fs::read_to_string(&log)
-    );
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "SIGHUP killed the server"
-    );
+    server.signal(nix::sys::signal::Signal::SIGHUP);
+    server.wait_for_line("reloaded configuration");
+    assert!(server.is_running(), "SIGHUP killed the server");
 }
 
 /// With `--log-file` (and no `--daemonize`) a startup error still reaches stderr.
@@ -613,13 +544,6 @@ fn reload_drain_respects_max_children_and_answers_the_rest() {
     assert_eq!(server.children().len(), 1);
 }
 
-/// Resident memory of a process in KiB (VmRSS).
-fn rss_kib(pid: nix::unistd::Pid) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// A reload to a 200,000-entry deny list and back: the reload line summarises the list
 /// instead of printing megabytes, and the parent gives the memory back (every fork copies the
 /// page tables of what stays resident).
@@ -650,13 +574,7 @@ fn reload_to_a_huge_deny_list_and_back_logs_a_short_line_and_returns_the_memory(
 
     server.rewrite_config(&format!("listen = [\"{addr}\"]\n"));
     server.signal(nix::sys::signal::Signal::SIGHUP);
-    server.wait_for_log("the second reload", WAIT, |lines| {
-        lines
-            .iter()
-            .filter(|l| l.contains("reloaded configuration:"))
-            .count()
-            == 2
-    });
+    server.assert_line_count("reloaded configuration:", 2, "the second reload");
     assert_serves(&server, b"after\n");
     let after = rss_kib(server.pid());
     assert!(
@@ -680,13 +598,7 @@ fn reload_moves_between_a_specific_address_and_the_wildcard_on_one_port() {
     for (step, ip) in ["0.0.0.0", "127.0.0.1"].into_iter().enumerate() {
         server.rewrite_config(&config(ip));
         server.signal(nix::sys::signal::Signal::SIGHUP);
-        server.wait_for_log("the reload line", WAIT, |lines| {
-            lines
-                .iter()
-                .filter(|l| l.contains("reloaded configuration:"))
-                .count()
-                == step + 1
-        });
+        server.assert_line_count("reloaded configuration:", step + 1, "the reload line");
         let line = server.wait_for_line(&format!("listen +{ip}:{port}"));
         assert!(line.contains("reloaded configuration:"), "{line}");
         let mut s = connect(addr);
@@ -712,13 +624,7 @@ fn unread_notify_socket_never_stops_the_loop() {
     const RELOADS: usize = 40;
     for i in 1..=RELOADS {
         server.signal(nix::sys::signal::Signal::SIGHUP);
-        server.wait_for_log(&format!("reload {i}"), WAIT, |lines| {
-            lines
-                .iter()
-                .filter(|l| l.contains("reloaded configuration"))
-                .count()
-                == i
-        });
+        server.assert_line_count("reloaded configuration", i, &format!("reload {i}"));
     }
     assert_serves(&server, b"still serving\n");
     server.signal(nix::sys::signal::Signal::SIGTERM);
@@ -740,33 +646,14 @@ fn shipped_logrotate_snippet_rotates_and_sighup_reopens_the_log() {
     let dir = TempDir::new();
     let log = dir.path().join("forkecho.log");
     let pid_file = dir.path().join("forkecho.pid");
-    let mut child = std::process::Command::new(BIN)
-        .args([
-            "-l",
-            "127.0.0.1:0",
-            "--pid-file",
-            pid_file.to_str().unwrap(),
-        ])
-        .args(["--log-file", log.to_str().unwrap()])
+    let mut server = Server::builder()
+        .args(["--pid-file", pid_file.to_str().unwrap()])
+        .log_file(&log)
         .env("RUST_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let _guard = KillOnDrop(pid);
-    let read = |path: &std::path::Path| std::fs::read_to_string(path).unwrap_or_default();
-    assert!(wait_until(WAIT, || read(&log).contains("listening on ")));
-    let addr: std::net::SocketAddr = read(&log)
-        .split("listening on ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap()
-        .parse()
-        .unwrap();
-    let mut before = connect(addr);
-    expect_banner(&mut before);
+        .start();
+    let addr = server.addr();
+    let mut before = server.connect_greeted();
 
     // The shipped snippet, pointed at this test's files; `create` without an owner (the
     // test's user may have no `adm` group).
@@ -793,22 +680,18 @@ fn shipped_logrotate_snippet_rotates_and_sighup_reopens_the_log() {
     assert!(out.status.success(), "logrotate: {out:?}");
 
     let rotated = dir.path().join("forkecho.log.1");
-    assert!(wait_until(WAIT, || read(&log).contains("log_file reopened")));
+    server.wait_for_line("log_file reopened");
     let mut after = connect(addr);
     expect_banner(&mut after);
     let after_peer = after.local_addr().unwrap();
-    assert!(wait_until(WAIT, || read(&log)
-        .contains(&format!("accepted {after_peer}"))));
-    let old = read(&rotated);
+    server.wait_for_line(&format!("accepted {after_peer}"));
+    let old = std::fs::read_to_string(&rotated).unwrap_or_default();
     assert!(old.contains("listening on "), "rotated file: {old}");
     assert!(!old.contains(&format!("accepted {after_peer}")), "{old}");
     // The session from before the rotation goes on.
     assert_eq!(echo_roundtrip(&mut before, b"on\n"), b"on\n");
     drop((before, after));
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "SIGHUP killed the server"
-    );
+    assert!(server.is_running(), "SIGHUP killed the server");
 }
 
 /// Swapping 127.0.0.1:P and 0.0.0.0:P back and forth while clients connect: a child forked
@@ -848,13 +731,7 @@ fn listener_swaps_under_load_always_bind() {
         };
         server.rewrite_config(&config(ip));
         server.signal(nix::sys::signal::Signal::SIGHUP);
-        server.wait_for_log("the reload line", WAIT, |lines| {
-            lines
-                .iter()
-                .filter(|l| l.contains("reloaded configuration:"))
-                .count()
-                == step + 1
-        });
+        server.assert_line_count("reloaded configuration:", step + 1, "the reload line");
     }
     stop.store(true, Ordering::Relaxed);
     clients.into_iter().for_each(|c| c.join().unwrap());
@@ -869,20 +746,15 @@ fn a_rotated_log_file_is_not_held_open_after_sighup() {
     let dir = TempDir::new();
     let path = dir.path().join("forkecho.log");
     let rotated = dir.path().join("forkecho.log.1");
-    let mut child = std::process::Command::new(BIN)
-        .args(["-l", "127.0.0.1:0", "--log-file", path.to_str().unwrap()])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
+    let mut server = Server::builder()
+        .log_file(&path)
+        .env_remove("RUST_LOG")
         .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start forkecho");
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let _guard = KillOnDrop(pid);
-    let log = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
-    assert!(wait_until(WAIT, || log(&path).contains("listening on ")));
+        .start();
+    let pid = server.pid();
     std::fs::rename(&path, &rotated).unwrap();
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
-    assert!(wait_until(WAIT, || log(&path).contains("log_file reopened")));
+    server.signal(nix::sys::signal::Signal::SIGHUP);
+    server.wait_for_line("log_file reopened");
     let holding: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .flatten()
@@ -893,6 +765,6 @@ fn a_rotated_log_file_is_not_held_open_after_sighup() {
         holding.is_empty(),
         "fds still on the rotated file: {holding:?}"
     );
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    assert!(child.wait().unwrap().success());
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(server.wait_exit(WAIT).success());
 }

@@ -13,9 +13,14 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-/// The parent's log line for a child that died of `sig`, up to the duration.
-fn killed_line(pid: Pid, peer: SocketAddr, sig: &str) -> String {
-    format!("child {pid} ({peer}) killed by signal {sig} ")
+/// Waits for the child serving `client` to end and asserts it was killed by `signal`.
+fn assert_killed_by(server: &Server, client: SocketAddr, signal: &str) {
+    let ending = server.wait_child_ending(client);
+    assert_eq!(
+        ending.how,
+        format!("killed by signal {signal}"),
+        "{ending:?}"
+    );
 }
 
 /// True if a TCP connect to `addr` is refused (nothing listening).
@@ -38,29 +43,9 @@ fn wait_connect_refused(addr: SocketAddr) -> bool {
     refused
 }
 
-/// The value of `field` (e.g. `Threads`) in /proc/<pid>/status.
-fn proc_status(pid: Pid, field: &str) -> String {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
-    let prefix = format!("{field}:");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status:\n{text}"))
-        .trim()
-        .to_string()
-}
-
-/// A signal mask (`SigBlk`, `SigCgt`, ...) from /proc/<pid>/status: bit n-1 is signal n.
-fn signal_mask(pid: Pid, field: &str) -> u64 {
-    let hex = proc_status(pid, field);
-    u64::from_str_radix(&hex, 16).unwrap_or_else(|e| panic!("{field} {hex:?}: {e}"))
-}
-
-/// True if `line` contains `<n> active` with `n` a whole number (not the tail of a longer one).
-fn says_active(line: &str, n: usize) -> bool {
-    let needle = format!("{n} active");
-    line.match_indices(&needle)
-        .any(|(i, _)| i == 0 || !line.as_bytes()[i - 1].is_ascii_digit())
+/// The number of active sessions a `status:` line reports.
+fn active_in(status: &str) -> Option<u64> {
+    LogLine::parse(status)?.number_before("active")
 }
 
 /// SIGKILL of a child mid-session: the parent logs it with pid and peer and reaps it, the
@@ -74,7 +59,7 @@ fn sigkilled_child_is_logged_and_reaped() {
     let pid = server.child_pid_for(peer);
 
     kill(pid, Signal::SIGKILL).unwrap();
-    server.wait_for_line(&killed_line(pid, peer, "SIGKILL"));
+    assert_killed_by(&server, peer, "SIGKILL");
     // The line is written after the child was reaped, so it is gone, not a zombie.
     let kids = server.children();
     assert!(
@@ -97,10 +82,10 @@ fn child_killed_by_realtime_signal_is_reaped_and_counted() {
     let pid = server.child_pid_for(peer);
     // Safe: sends a signal to the child this test just made.
     assert_eq!(unsafe { libc::kill(pid.as_raw(), libc::SIGRTMIN() + 2) }, 0);
-    server.wait_for_line(&killed_line(pid, peer, "SIGRTMIN+2"));
+    assert_killed_by(&server, peer, "SIGRTMIN+2");
     assert_closed_by_server(&mut s, "session of the killed child");
     let status = server.status_line();
-    assert!(says_active(&status, 0), "{status}");
+    assert_eq!(active_in(&status), Some(0), "{status}");
     assert!(status.contains("SIGRTMIN+2: 1"), "{status}");
     server.signal(Signal::SIGTERM);
     assert!(server.wait_exit(WAIT).success());
@@ -127,9 +112,7 @@ fn sigusr1_sighup_barrage_server_keeps_running() {
     // Still running and still answering signals after the barrage.
     let before = server.count_lines("status:");
     server.signal(Signal::SIGUSR1);
-    server.wait_for_log("one more `status:` line", WAIT, |lines| {
-        lines.iter().filter(|l| l.contains("status:")).count() > before
-    });
+    server.wait_for_lines("status:", before + 1);
     assert_eq!(server.count_lines("shutting down"), 0);
 }
 
@@ -176,7 +159,11 @@ fn child_fds_and_signal_state_are_clean() {
         );
     }
 
-    assert_eq!(proc_status(server.pid(), "Threads"), "1", "parent threads");
+    assert_eq!(
+        status_field(server.pid(), "Threads").as_deref(),
+        Some("1"),
+        "parent threads"
+    );
 
     assert_eq!(signal_mask(pid, "SigBlk"), 0, "child {pid} blocks signals");
     let caught = signal_mask(pid, "SigCgt");
@@ -237,7 +224,7 @@ fn sigterm_lets_active_session_finish_then_exits_0() {
 
     let status = server.wait_exit(WAIT);
     assert_eq!(status.code(), Some(0), "server exit status {status:?}");
-    server.wait_for_line(&format!("child {pid} ({peer}) exited with code 0 "));
+    server.wait_child_exit(peer, 0);
     server.wait_for_line("shutdown complete");
     assert!(
         wait_until(WAIT, || !process_exists(pid)),
@@ -264,7 +251,7 @@ fn shutdown_timeout_terminates_idle_session() {
 
     server.signal(Signal::SIGTERM);
     server.wait_for_line("shutting down on SIGTERM");
-    server.wait_for_line(&killed_line(pid, peer, "SIGTERM"));
+    assert_killed_by(&server, peer, "SIGTERM");
     let status = server.wait_exit(WAIT);
     assert_eq!(status.code(), Some(0), "server exit status {status:?}");
     server.wait_for_line("shutdown complete");
@@ -293,7 +280,7 @@ fn sigquit_kills_children_and_exits_0() {
     let status = server.wait_exit(WAIT);
     assert_eq!(status.code(), Some(0), "server exit status {status:?}");
     for &(pid, peer) in &targets {
-        server.wait_for_line(&killed_line(pid, peer, "SIGKILL"));
+        assert_killed_by(&server, peer, "SIGKILL");
         assert!(
             wait_until(WAIT, || !process_exists(pid)),
             "child {pid} still exists after the server exited"
@@ -312,30 +299,30 @@ fn sigusr1_status_counts_active_sessions() {
     let server = Server::start();
     let mut s = server.connect_greeted();
     let peer = s.local_addr().unwrap();
-    let pid = server.child_pid_for(peer);
+    server.child_pid_for(peer);
 
     server.signal(Signal::SIGUSR1);
     let line = server.wait_for_line("status:");
-    assert!(
-        says_active(&line, 1),
+    assert_eq!(
+        active_in(&line),
+        Some(1),
         "status with one open session: {line}"
     );
 
     s.shutdown(Shutdown::Write).unwrap();
     assert_eq!(read_to_eof(&mut s), b"");
-    server.wait_for_line(&format!("child {pid} ({peer}) exited with code 0 "));
+    server.wait_child_exit(peer, 0);
     server.signal(Signal::SIGUSR1);
-    server.wait_for_log("a second `status:` line", WAIT, |lines| {
-        lines.iter().filter(|l| l.contains("status:")).count() >= 2
-    });
+    server.wait_for_lines("status:", 2);
     let line = server
         .log_lines()
         .into_iter()
         .filter(|l| l.contains("status:"))
         .nth(1)
         .unwrap();
-    assert!(
-        says_active(&line, 0),
+    assert_eq!(
+        active_in(&line),
+        Some(0),
         "status after the session ended: {line}"
     );
 }
@@ -359,7 +346,8 @@ fn second_sigterm_escalates_shutdown() {
 
     let status = server.wait_exit(Duration::from_secs(15));
     assert_eq!(status.code(), Some(0), "server exit status {status:?}");
-    server.wait_for_line(&format!("child {pid} ({peer}) killed by signal SIG"));
+    let ending = server.wait_child_ending(peer);
+    assert!(ending.how.starts_with("killed by signal SIG"), "{ending:?}");
     server.wait_for_line("shutdown complete");
     assert!(
         wait_until(WAIT, || !process_exists(pid)),
@@ -408,14 +396,14 @@ fn process_group_signals_reach_only_the_parent() {
         .start();
     let mut s = server.connect_greeted();
     let peer = s.local_addr().unwrap();
-    let child = server.child_pid_for(peer);
+    server.child_pid_for(peer);
     nix::sys::signal::killpg(server.pid(), Signal::SIGUSR1).unwrap();
     server.wait_for_line("status: 1 active");
     assert_eq!(echo_roundtrip(&mut s, b"after USR1\n"), b"after USR1\n");
 
     nix::sys::signal::killpg(server.pid(), Signal::SIGINT).unwrap();
     server.wait_for_line("shutting down on SIGINT (fast)");
-    server.wait_for_line(&killed_line(child, peer, "SIGTERM"));
+    assert_killed_by(&server, peer, "SIGTERM");
     assert!(server.wait_exit(WAIT).success());
     assert_closed_by_server(&mut s, "session after a fast shutdown");
 }
@@ -429,13 +417,13 @@ fn signals_arriving_together_count_once() {
         .start();
     let s = server.connect_greeted();
     let peer = s.local_addr().unwrap();
-    let child = server.child_pid_for(peer);
+    server.child_pid_for(peer);
     // Both signals pend while the server is stopped, so it sees them in one batch.
     server.signal(Signal::SIGSTOP);
     server.signal(Signal::SIGTERM);
     server.signal(Signal::SIGINT);
     server.signal(Signal::SIGCONT);
-    server.wait_for_line(&killed_line(child, peer, "SIGTERM"));
+    assert_killed_by(&server, peer, "SIGTERM");
     assert!(server.wait_exit(WAIT).success());
     assert_eq!(server.count_lines("(fast)"), 1, "{}", server.log_text());
     assert_eq!(
@@ -455,14 +443,17 @@ fn fast_shutdown_kills_what_sigterm_left_after_kill_timeout() {
     let s = server.connect_greeted();
     let peer = s.local_addr().unwrap();
     let child = server.child_pid_for(peer);
-    let _guard = KillOnDrop(child);
+    // Kills the stopped child if the server does not.
+    let guard = KillOnDrop(child);
     kill(child, Signal::SIGSTOP).unwrap();
     assert!(wait_until(WAIT, || process_state(child) == Some('T')));
     server.signal(Signal::SIGINT);
     server.wait_for_line("shutting down on SIGINT (fast)");
-    server.wait_for_line(&killed_line(child, peer, "SIGKILL"));
+    assert_killed_by(&server, peer, "SIGKILL");
     assert!(server.wait_exit(WAIT).success());
     assert!(!process_exists(child), "child left behind");
+    // Reaped: its pid may be reused by another test's process, and must not be killed.
+    std::mem::forget(guard);
 }
 
 /// A launcher that leaves SIGCHLD and SIGTERM blocked (the mask survives exec) does not stop
@@ -488,7 +479,7 @@ fn signals_blocked_by_the_launcher_are_unblocked() {
     let peer = s.local_addr().unwrap();
     s.shutdown(Shutdown::Write).unwrap();
     assert_eq!(read_to_eof(&mut s), b"");
-    server.wait_for_line(&format!("({peer}) exited with code 0"));
+    server.wait_child_exit(peer, 0);
     assert!(server.children().is_empty(), "{:?}", server.children());
     server.signal(Signal::SIGTERM);
     assert!(server.wait_exit(WAIT).success());
@@ -508,8 +499,7 @@ fn smart_shutdown_serves_or_answers_every_queued_client_never_resets_one() {
     let mut held = server.connect_greeted();
     // Frozen, the parent accepts nothing: these clients wait in the kernel's backlog, and the
     // SIGTERM is seen before any of them.
-    server.signal(Signal::SIGSTOP);
-    assert!(wait_until(WAIT, || process_state(server.pid()) == Some('T')));
+    server.freeze();
     let mut queued: Vec<TcpStream> = (0..QUEUED).map(|_| connect(addr)).collect();
     for (i, s) in queued.iter_mut().enumerate() {
         s.write_all(format!("client {i}\n").as_bytes()).unwrap();
@@ -556,8 +546,7 @@ fn fast_shutdown_answers_queued_clients_instead_of_resetting_them() {
         .args(["--refusal-message", "bye\\n"])
         .start();
     let addr = server.addr();
-    server.signal(Signal::SIGSTOP);
-    assert!(wait_until(WAIT, || process_state(server.pid()) == Some('T')));
+    server.freeze();
     let mut queued: Vec<TcpStream> = (0..5).map(|_| connect(addr)).collect();
     server.signal(Signal::SIGINT);
     server.signal(Signal::SIGCONT);
@@ -578,8 +567,7 @@ fn a_full_backlog_is_answered_whole_at_shutdown() {
         .args(["--backlog", "4", "--refusal-message", "bye\\n"])
         .start();
     let addr = server.addr();
-    server.signal(Signal::SIGSTOP);
-    assert!(wait_until(WAIT, || process_state(server.pid()) == Some('T')));
+    server.freeze();
     let mut queued: Vec<TcpStream> = (0..BACKLOG + 1).map(|_| connect(addr)).collect();
     server.signal(Signal::SIGINT);
     server.signal(Signal::SIGCONT);

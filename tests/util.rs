@@ -1,12 +1,19 @@
-//! Shared helpers for the integration tests: start the real `forkecho` binary, wait for it by
-//! reading its log (never a fixed sleep), talk to it over loopback, and clean up every process
-//! it started by pid, even when a test fails.
-
-#![allow(dead_code)] // each test module uses a different subset
+//! The integration tests' small library:
+//!
+//! - [`Server`] and [`ServerBuilder`]: start the real `forkecho` binary, wait until it listens
+//!   (read from its log, never a fixed sleep), and kill it and every child it forked, by pid,
+//!   when the test ends, even by a panic;
+//! - [`LogLine`]: the one parser of forkecho's log lines, and [`ChildEnding`], the parent's
+//!   record of how a child ended;
+//! - client helpers: connect over loopback (from a chosen source address, with a small receive
+//!   buffer), read the banner, echo, drain;
+//! - /proc helpers: a process's children, state, status fields, descriptors, CPU time;
+//! - [`run`]: the binary run to completion, for command-line and startup errors;
+//! - [`Noise`], [`TempDir`], [`wait_until`] and [`report`] for the rest.
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -20,45 +27,240 @@ pub const BANNER: &[u8] = b"connect successful!\n";
 /// Upper bound for any single wait in a test; generous for a loaded 2-core CI machine.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// The server's stderr, collected line by line by a reader thread in the test process.
+// ---- The log ----
+
+/// One record of forkecho's log, `<time> <LEVEL> forkecho[<pid>] <message>`: every line a
+/// process of forkecho writes once logging is set up, whatever the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogLine<'a> {
+    /// RFC 3339 in UTC, e.g. `2026-11-26T09:40:01.123Z`.
+    pub time: &'a str,
+    pub level: &'a str,
+    /// The process that wrote the line: the parent, or a child about its own session.
+    pub pid: Pid,
+    pub message: &'a str,
+}
+
+impl<'a> LogLine<'a> {
+    /// The record `line` holds, or None if it is not one whole record (cut, mixed with another
+    /// process's line, or not from the logger at all, like a startup error on stderr).
+    pub fn parse(line: &'a str) -> Option<Self> {
+        const LEVELS: [&str; 5] = ["ERROR", "WARN", "INFO", "DEBUG", "TRACE"];
+        let (time, rest) = line.split_once(' ')?;
+        let (level, rest) = rest.trim_start().split_once(' ')?;
+        let (tag, message) = rest.trim_start().split_once(' ')?;
+        let pid: u32 = tag
+            .strip_prefix("forkecho[")?
+            .strip_suffix(']')?
+            .parse()
+            .ok()?;
+        let whole = time.ends_with('Z') && LEVELS.contains(&level) && !message.trim().is_empty();
+        whole.then_some(LogLine {
+            time,
+            level,
+            pid: Pid::from_raw(pid as i32),
+            message,
+        })
+    }
+
+    /// Seconds since midnight of the timestamp.
+    pub fn seconds_of_day(&self) -> f64 {
+        let time = self.time.split('T').nth(1).unwrap().trim_end_matches('Z');
+        let parts: Vec<f64> = time.split(':').map(|p| p.parse().unwrap()).collect();
+        parts[0] * 3600.0 + parts[1] * 60.0 + parts[2]
+    }
+
+    /// `listening on <addr>` → addr.
+    pub fn listening_on(&self) -> Option<SocketAddr> {
+        let (_, addr) = self.message.split_once("listening on ")?;
+        addr.trim().parse().ok()
+    }
+
+    /// `accepted <peer> -> child <pid> (...)` → (peer, pid).
+    pub fn accepted(&self) -> Option<(SocketAddr, Pid)> {
+        let rest = self.message.strip_prefix("accepted ")?;
+        let (peer, rest) = rest.split_once(" -> child ")?;
+        let pid = rest.split_whitespace().next()?.parse().ok()?;
+        Some((peer.parse().ok()?, Pid::from_raw(pid)))
+    }
+
+    /// `child <pid> (<peer>) <how> after <seconds>s`: how a child ended, once reaped.
+    pub fn child_ending(&self) -> Option<ChildEnding> {
+        let rest = self.message.strip_prefix("child ")?;
+        let (pid, rest) = rest.split_once(" (")?;
+        let (peer, rest) = rest.split_once(") ")?;
+        let (how, after) = rest.rsplit_once(" after ")?;
+        Some(ChildEnding {
+            pid: Pid::from_raw(pid.parse().ok()?),
+            peer: peer.parse().ok()?,
+            how: how.to_string(),
+            seconds: after.trim().strip_suffix('s')?.parse().ok()?,
+        })
+    }
+
+    /// The whole number right before ` <word>` in the message (`status: 0 active` → `active`
+    /// → 0), not the tail of a longer number.
+    pub fn number_before(&self, word: &str) -> Option<u64> {
+        let at = self.message.find(&format!(" {word}"))?;
+        let digits: String = self.message[..at]
+            .chars()
+            .rev()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.chars().rev().collect::<String>().parse().ok()
+    }
+}
+
+/// The first `listening on` address in a log file, read once: for a daemon, whose start
+/// returns only once it listens.
+pub fn listening_address_in(log: &Path) -> SocketAddr {
+    let text = std::fs::read_to_string(log).unwrap();
+    text.lines()
+        .find_map(|l| LogLine::parse(l)?.listening_on())
+        .unwrap_or_else(|| panic!("no `listening on` in the log: {text}"))
+}
+
+/// How the parent logged the end of one child.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChildEnding {
+    pub pid: Pid,
+    /// The client's address, as the parent saw it (the client's `local_addr`).
+    pub peer: SocketAddr,
+    /// `exited with code 0`, `killed by signal SIGKILL`, ...
+    pub how: String,
+    /// How long the session lasted.
+    pub seconds: f64,
+}
+
+/// Asserts every line is one whole record (see [`LogLine::parse`]): lines written by
+/// different processes at once were not cut into or mixed.
+pub fn assert_whole_lines<'a>(lines: impl IntoIterator<Item = &'a str>) {
+    for line in lines {
+        assert!(
+            LogLine::parse(line).is_some(),
+            "log line is not one whole record: {line:?}"
+        );
+    }
+}
+
+/// Lines a reader thread collects from a pipe (the server's stderr), until EOF.
 #[derive(Default)]
-struct Log {
-    lines: Mutex<Vec<String>>,
+struct LineBuffer {
+    state: Mutex<Lines>,
     grew: Condvar,
 }
 
-/// A running `forkecho`. Dropping it kills the server and every child it forked, by pid.
-pub struct Server {
-    child: Option<Child>,
-    pid: Pid,
-    log: Arc<Log>,
-    pub addrs: Vec<SocketAddr>,
-    _dir: Option<TempDir>,
+#[derive(Default)]
+struct Lines {
+    lines: Vec<String>,
+    closed: bool,
 }
 
-/// A change to the server's `Command` before it is spawned (user, limits, ...).
+impl LineBuffer {
+    /// Starts a thread that reads `pipe` line by line (invalid UTF-8 replaced) into the buffer.
+    fn collect(pipe: impl Read + Send + 'static) -> Arc<Self> {
+        let buffer = Arc::new(LineBuffer::default());
+        let sink = Arc::clone(&buffer);
+        thread::spawn(move || {
+            let mut reader = BufReader::new(pipe);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match reader.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let text = String::from_utf8_lossy(&line);
+                        let text = text.strip_suffix('\n').unwrap_or(&text).to_string();
+                        sink.state.lock().unwrap().lines.push(text);
+                        sink.grew.notify_all();
+                    }
+                }
+            }
+            sink.state.lock().unwrap().closed = true;
+            sink.grew.notify_all();
+        });
+        buffer
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.state.lock().unwrap().lines.clone()
+    }
+
+    /// Waits until `done(lines, closed)` holds; false if `timeout` passed first.
+    fn wait(&self, timeout: Duration, mut done: impl FnMut(&[String], bool) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.state.lock().unwrap();
+        loop {
+            if done(&state.lines, state.closed) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = self.grew.wait_timeout(state, deadline - now).unwrap().0;
+        }
+    }
+}
+
+/// Where a test reads the server's log.
+enum Log {
+    /// Its stderr, collected line by line.
+    Stderr(Arc<LineBuffer>),
+    /// A log file, read whole each time it is looked at: a rotation (rename, then a new file
+    /// at the path) is followed as the operator would follow it.
+    File(PathBuf),
+    /// Nowhere: the test holds the server's stderr itself.
+    Unread,
+}
+
+impl Log {
+    fn lines(&self) -> Vec<String> {
+        match self {
+            Log::Stderr(buffer) => buffer.lines(),
+            Log::File(path) => std::fs::read_to_string(path)
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_string)
+                .collect(),
+            Log::Unread => Vec::new(),
+        }
+    }
+
+    /// Waits until `done(lines)` holds; false if `timeout` passed first.
+    fn wait(&self, timeout: Duration, mut done: impl FnMut(&[String]) -> bool) -> bool {
+        match self {
+            Log::Stderr(buffer) => buffer.wait(timeout, |lines, _| done(lines)),
+            Log::File(_) => wait_until(timeout, || done(&self.lines())),
+            Log::Unread => panic!("this server's log is read by the test, not by `Server`"),
+        }
+    }
+}
+
+// ---- The server ----
+
+/// A change to the server's `Command` before it is spawned (user, limits, signal mask, ...).
 type CommandTweak = Box<dyn FnOnce(&mut Command)>;
 
-/// Builds the command line of a server under test.
+/// Builds the command line and surroundings of a server under test; [`ServerBuilder::start`]
+/// runs it.
 pub struct ServerBuilder {
+    program: Option<PathBuf>,
     args: Vec<String>,
     envs: Vec<(String, String)>,
+    env_removes: Vec<String>,
     config: Option<String>,
     listeners: usize,
-    program: Option<PathBuf>,
-    tweak: Option<CommandTweak>,
+    stderr: Option<Stdio>,
+    log_file: Option<PathBuf>,
+    tweaks: Vec<CommandTweak>,
 }
 
 impl ServerBuilder {
-    /// Runs this binary instead of `BIN` (e.g. a copy another user may execute).
-    pub fn program(mut self, path: PathBuf) -> Self {
-        self.program = Some(path);
-        self
-    }
-
-    /// Adjusts the command before it is spawned (user, limits, ...).
-    pub fn tweak(mut self, f: impl FnOnce(&mut Command) + 'static) -> Self {
-        self.tweak = Some(Box::new(f));
+    /// Runs this program instead of `BIN` (a copy another user may execute, or a launcher that
+    /// execs forkecho in place).
+    pub fn program(mut self, path: impl Into<PathBuf>) -> Self {
+        self.program = Some(path.into());
         self
     }
 
@@ -72,8 +274,15 @@ impl ServerBuilder {
         self
     }
 
+    /// Sets an environment variable; `RUST_LOG` is `debug` unless set here or removed.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.envs.push((key.into(), value.into()));
+        self
+    }
+
+    /// Removes an inherited environment variable (`RUST_LOG`: the server's own default level).
+    pub fn env_remove(mut self, key: &str) -> Self {
+        self.env_removes.push(key.into());
         self
     }
 
@@ -89,81 +298,146 @@ impl ServerBuilder {
         self
     }
 
-    /// Starts the server and waits until every listener is bound. When no `-l`/`--listen`
-    /// and no config is given, listens on 127.0.0.1 port 0 so tests never collide.
+    /// Gives the server this stderr instead of a pipe the harness reads (a pipe or socket the
+    /// test holds, `/dev/null`); its log is then read from [`Self::log_file`], or by the test.
+    pub fn stderr(mut self, stderr: impl Into<Stdio>) -> Self {
+        self.stderr = Some(stderr.into());
+        self
+    }
+
+    /// Passes `--log-file <path>` and reads the log from that file.
+    pub fn log_file(self, path: &Path) -> Self {
+        self.args(["--log-file", path.to_str().unwrap()])
+            .read_log_from(path)
+    }
+
+    /// Reads the log from `path`, a log file the server was told about some other way (its
+    /// config, or a flag given with [`Self::args`]).
+    pub fn read_log_from(mut self, path: &Path) -> Self {
+        self.log_file = Some(path.to_path_buf());
+        self
+    }
+
+    /// Adjusts the command before it is spawned (user, limits, `pre_exec`, working directory).
+    pub fn tweak(mut self, f: impl FnOnce(&mut Command) + 'static) -> Self {
+        self.tweaks.push(Box::new(f));
+        self
+    }
+
+    /// Starts the server and waits until every listener is bound; panics with the server's
+    /// output if it exits instead.
     pub fn start(self) -> Server {
+        self.try_start().unwrap_or_else(|(status, stderr)| {
+            panic!("forkecho exited at start: {status}\n{stderr}")
+        })
+    }
+
+    /// Starts the server and waits until every listener is bound (`Ok`) or it exits (`Err`
+    /// with its status and everything it wrote to stderr). The `listening on` lines are read
+    /// from the log: a server whose stderr the test holds, without a log file, is only
+    /// [`Self::spawn`]ed.
+    pub fn try_start(self) -> Result<Server, (ExitStatus, String)> {
+        let want = self.listeners;
+        let mut server = self.spawn();
+        let mut exited = None;
+        let settled = wait_until(WAIT, || {
+            exited = server.child.as_mut().unwrap().try_wait().unwrap();
+            exited.is_some() || server.listening_addresses().len() >= want
+        });
+        if let Some(status) = exited {
+            server.child = None;
+            return Err((status, server.stderr_after_exit()));
+        }
+        assert!(
+            settled,
+            "timed out after {WAIT:?} waiting for {want} `listening on` lines\n\
+             --- server log ---\n{}",
+            server.log_text()
+        );
+        server.addrs = server.listening_addresses();
+        Ok(server)
+    }
+
+    /// Spawns the server and returns at once, without waiting for it to listen (for a test
+    /// that waits for something else first, or reads the log itself). When no `-l`/`--listen`
+    /// and no config file is given, it listens on 127.0.0.1 port 0, so tests never collide.
+    pub fn spawn(self) -> Server {
         let mut args = self.args.clone();
         let mut dir = None;
         if let Some(text) = &self.config {
             let d = TempDir::new();
             let path = d.path().join("forkecho.toml");
             std::fs::write(&path, text).unwrap();
-            args.insert(0, path.display().to_string());
-            args.insert(0, "-c".into());
+            args.splice(0..0, ["-c".to_string(), path.display().to_string()]);
             dir = Some(d);
         }
-        let has_listen = args.iter().any(|a| a == "-l" || a.starts_with("--listen"))
-            || self.config.as_deref().is_some_and(|c| c.contains("listen"));
-        if !has_listen {
-            args.push("-l".into());
-            args.push("127.0.0.1:0".into());
+        let decides_listen = |a: &String| {
+            a == "-l" || a == "-c" || a.starts_with("--listen") || a.starts_with("--config")
+        };
+        if !args.iter().any(decides_listen) {
+            args.extend(["-l".to_string(), "127.0.0.1:0".to_string()]);
         }
         let mut cmd = Command::new(self.program.as_deref().unwrap_or(BIN.as_ref()));
-        cmd.args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::null());
+        let own_stderr = self.stderr.is_some();
+        cmd.stderr(self.stderr.unwrap_or_else(Stdio::piped));
         if !self.envs.iter().any(|(k, _)| k == "RUST_LOG") {
             cmd.env("RUST_LOG", "debug");
         }
         for (k, v) in &self.envs {
             cmd.env(k, v);
         }
-        if let Some(tweak) = self.tweak {
+        for k in &self.env_removes {
+            cmd.env_remove(k);
+        }
+        for tweak in self.tweaks {
             tweak(&mut cmd);
         }
         let mut child = cmd.spawn().expect("spawn forkecho");
-        let pid = Pid::from_raw(child.id() as i32);
-        let log = Arc::new(Log::default());
-        let stderr = child.stderr.take().unwrap();
-        let sink = Arc::clone(&log);
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lines.lock().unwrap().push(line);
-                sink.grew.notify_all();
-            }
-        });
-        let mut server = Server {
-            child: Some(child),
-            pid,
-            log,
-            addrs: Vec::new(),
-            _dir: dir,
+        // The server's end of a stderr the test holds must not stay open here too, or the
+        // test's reader would never see EOF.
+        drop(cmd);
+        let stderr = child.stderr.take().map(LineBuffer::collect);
+        let log = match (&self.log_file, &stderr) {
+            (Some(path), _) => Log::File(path.clone()),
+            (None, Some(buffer)) if !own_stderr => Log::Stderr(Arc::clone(buffer)),
+            _ => Log::Unread,
         };
-        let want = self.listeners;
-        server.wait_for_log(&format!("{want} `listening on` lines"), WAIT, |lines| {
-            lines.iter().filter(|l| l.contains("listening on ")).count() >= want
-        });
-        server.addrs = server
-            .log_lines()
-            .iter()
-            .filter_map(|l| l.split("listening on ").nth(1))
-            .map(|a| a.trim().parse().expect("address after `listening on`"))
-            .collect();
-        server
+        Server {
+            pid: Pid::from_raw(child.id() as i32),
+            child: Some(child),
+            log,
+            stderr,
+            addrs: Vec::new(),
+            config_dir: dir,
+        }
     }
+}
+
+/// A running `forkecho`. Dropping it kills the server and every child it forked, by pid.
+pub struct Server {
+    child: Option<Child>,
+    pid: Pid,
+    log: Log,
+    /// Its stderr, when the harness reads it.
+    stderr: Option<Arc<LineBuffer>>,
+    /// Every address it listens on, from its `listening on` lines.
+    pub addrs: Vec<SocketAddr>,
+    config_dir: Option<TempDir>,
 }
 
 impl Server {
     pub fn builder() -> ServerBuilder {
         ServerBuilder {
+            program: None,
             args: Vec::new(),
             envs: Vec::new(),
+            env_removes: Vec::new(),
             config: None,
             listeners: 1,
-            program: None,
-            tweak: None,
+            stderr: None,
+            log_file: None,
+            tweaks: Vec::new(),
         }
     }
 
@@ -180,18 +454,19 @@ impl Server {
         self.pid
     }
 
-    /// Replaces the text of the config file the server was started with (see `config`), for
-    /// a reload test.
+    /// Replaces the text of the config file the server was started with (see
+    /// [`ServerBuilder::config`]), for a reload test.
     pub fn rewrite_config(&self, text: &str) {
         let dir = self
-            ._dir
+            .config_dir
             .as_ref()
             .expect("server started without .config(...)");
         std::fs::write(dir.path().join("forkecho.toml"), text).unwrap();
     }
 
-    /// Connects to the first listener, with read/write timeouts so a broken server fails the
-    /// test instead of hanging it.
+    // -- Clients --
+
+    /// Connects to the first listener (see [`connect`]).
     pub fn connect(&self) -> TcpStream {
         connect(self.addr())
     }
@@ -203,8 +478,10 @@ impl Server {
         s
     }
 
+    // -- The log --
+
     pub fn log_lines(&self) -> Vec<String> {
-        self.log.lines.lock().unwrap().clone()
+        self.log.lines()
     }
 
     pub fn log_text(&self) -> String {
@@ -212,27 +489,12 @@ impl Server {
     }
 
     /// Waits until `done(lines)` holds, or panics (printing the log) after `timeout`.
-    pub fn wait_for_log(
-        &self,
-        what: &str,
-        timeout: Duration,
-        mut done: impl FnMut(&[String]) -> bool,
-    ) {
-        let deadline = Instant::now() + timeout;
-        let mut lines = self.log.lines.lock().unwrap();
-        loop {
-            if done(&lines) {
-                return;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                drop(lines);
-                panic!(
-                    "timed out after {timeout:?} waiting for {what}\n--- server log ---\n{}",
-                    self.log_text()
-                );
-            }
-            lines = self.log.grew.wait_timeout(lines, deadline - now).unwrap().0;
+    pub fn wait_for_log(&self, what: &str, timeout: Duration, done: impl FnMut(&[String]) -> bool) {
+        if !self.log.wait(timeout, done) {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n--- server log ---\n{}",
+                self.log_text()
+            );
         }
     }
 
@@ -246,20 +508,23 @@ impl Server {
         found.unwrap()
     }
 
-    /// Asserts every log line is one whole record, `<time> <LEVEL> forkecho[<pid>] <message>`:
-    /// lines written by different processes at once were not cut into or mixed.
-    pub fn assert_whole_lines(&self) {
-        for line in self.log_lines() {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let whole = fields.len() >= 4
-                && fields[0].ends_with('Z')
-                && ["ERROR", "WARN", "INFO", "DEBUG", "TRACE"].contains(&fields[1])
-                && fields[2]
-                    .strip_prefix("forkecho[")
-                    .and_then(|r| r.strip_suffix(']'))
-                    .is_some_and(|pid| pid.parse::<u32>().is_ok());
-            assert!(whole, "log line is not one whole record: {line:?}");
-        }
+    /// Waits until at least `n` log lines contain `needle`.
+    pub fn wait_for_lines(&self, needle: &str, n: usize) {
+        self.wait_for_log(&format!("{n} lines with {needle:?}"), WAIT, |lines| {
+            lines.iter().filter(|l| l.contains(needle)).count() >= n
+        });
+    }
+
+    /// Asserts the log has exactly `n` lines containing `needle`, waiting up to `WAIT` for them
+    /// (a line the server wrote before the test saw its effect may still be on its way).
+    pub fn assert_line_count(&self, needle: &str, n: usize, what: &str) {
+        self.wait_for_lines(needle, n);
+        assert_eq!(
+            self.count_lines(needle),
+            n,
+            "{what}: lines with {needle:?}\n--- server log ---\n{}",
+            self.log_text()
+        );
     }
 
     /// Number of log lines containing `needle`.
@@ -270,15 +535,81 @@ impl Server {
             .count()
     }
 
+    /// Asserts every log line so far is one whole record (see [`assert_whole_lines`]).
+    pub fn assert_whole_lines(&self) {
+        assert_whole_lines(self.log_lines().iter().map(String::as_str));
+    }
+
+    /// The addresses of the `listening on` lines so far.
+    fn listening_addresses(&self) -> Vec<SocketAddr> {
+        self.log_lines()
+            .iter()
+            .filter_map(|l| LogLine::parse(l)?.listening_on())
+            .collect()
+    }
+
     /// The pid of the child serving the client whose local address is `client`, read from the
     /// parent's `accepted <peer> -> child <pid>` line.
     pub fn child_pid_for(&self, client: SocketAddr) -> Pid {
-        let needle = format!("accepted {client} -> child ");
-        let line = self.wait_for_line(&needle);
-        let rest = line.split(&needle).nth(1).unwrap();
-        let pid = rest.split_whitespace().next().unwrap();
-        Pid::from_raw(pid.parse().expect("child pid"))
+        let mut pid = None;
+        self.wait_for_log(&format!("`accepted {client}`"), WAIT, |lines| {
+            pid = lines
+                .iter()
+                .filter_map(|l| LogLine::parse(l)?.accepted())
+                .find_map(|(peer, pid)| (peer == client).then_some(pid));
+            pid.is_some()
+        });
+        pid.unwrap()
     }
+
+    /// How the child serving `client` ended, from the line the parent logs once it reaped it.
+    pub fn wait_child_ending(&self, client: SocketAddr) -> ChildEnding {
+        let pid = self.child_pid_for(client);
+        let mut ending = None;
+        self.wait_for_log(
+            &format!("the end of child {pid} ({client})"),
+            WAIT,
+            |lines| {
+                ending = lines
+                    .iter()
+                    .filter_map(|l| LogLine::parse(l)?.child_ending())
+                    .find(|e| e.pid == pid && e.peer == client);
+                ending.is_some()
+            },
+        );
+        ending.unwrap()
+    }
+
+    /// Waits for the child serving `client` to end and asserts it exited with `code`.
+    pub fn wait_child_exit(&self, client: SocketAddr, code: i32) -> ChildEnding {
+        let ending = self.wait_child_ending(client);
+        assert_eq!(
+            ending.how,
+            format!("exited with code {code}"),
+            "child {} ({client})",
+            ending.pid
+        );
+        ending
+    }
+
+    /// Sends SIGUSR1 and returns the `status:` line it produced (the first one logged after
+    /// the signal).
+    pub fn status_line(&self) -> String {
+        let before = self.count_lines("status:");
+        self.signal(Signal::SIGUSR1);
+        let mut found = None;
+        self.wait_for_log("a `status:` line after SIGUSR1", WAIT, |lines| {
+            found = lines
+                .iter()
+                .filter(|l| l.contains("status:"))
+                .nth(before)
+                .cloned();
+            found.is_some()
+        });
+        found.unwrap()
+    }
+
+    // -- The process --
 
     /// Live (and zombie) children of the server, from /proc.
     pub fn children(&self) -> Vec<ProcInfo> {
@@ -289,22 +620,47 @@ impl Server {
         kill(self.pid, sig).expect("signal server");
     }
 
+    /// SIGSTOPs the server and waits until it is stopped: what arrives now (clients, signals)
+    /// waits until SIGCONT.
+    pub fn freeze(&self) {
+        self.signal(Signal::SIGSTOP);
+        assert!(
+            wait_until(WAIT, || process_state(self.pid) == Some('T')),
+            "server not stopped after SIGSTOP"
+        );
+    }
+
+    /// True until the server has exited.
+    pub fn is_running(&mut self) -> bool {
+        let child = self.child.as_mut().expect("server already reaped");
+        child.try_wait().unwrap().is_none()
+    }
+
     /// Waits for the server to exit by itself and returns its status.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
         let child = self.child.as_mut().expect("server already reaped");
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "server did not exit within {timeout:?}\n--- server log ---\n{}",
-                    self.log_text()
-                );
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
+        let mut status = None;
+        wait_until(timeout, || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        });
+        status.unwrap_or_else(|| {
+            panic!(
+                "server did not exit within {timeout:?} (state {:?})\n--- server log ---\n{}",
+                process_state(self.pid),
+                self.log_text()
+            )
+        })
+    }
+
+    /// Everything the server wrote to its stderr, once it has exited (and closed it).
+    fn stderr_after_exit(&self) -> String {
+        let Some(buffer) = &self.stderr else {
+            return String::new();
+        };
+        // Bounded: a child the server left running would hold the pipe open.
+        buffer.wait(WAIT, |_, closed| closed);
+        buffer.lines().join("\n")
     }
 }
 
@@ -333,14 +689,162 @@ impl Drop for Server {
 }
 
 /// SIGKILLs one process by pid when dropped: for a process no `Server` guards (an orphaned
-/// child, a daemon that detached).
+/// child, a daemon that detached, a helper).
 pub struct KillOnDrop(pub Pid);
+
+impl KillOnDrop {
+    /// Guards the daemon whose pid is in the pid file at `path`, which `--daemonize` writes
+    /// before the starting command returns.
+    pub fn daemon_in(path: &Path) -> Self {
+        let pid: i32 = std::fs::read_to_string(path)
+            .expect("pid file written before the command returned")
+            .trim()
+            .parse()
+            .unwrap();
+        KillOnDrop(Pid::from_raw(pid))
+    }
+}
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = kill(self.0, Signal::SIGKILL);
     }
 }
+
+/// Asserts no child of the server is left (live or zombie), waiting up to `WAIT` for the
+/// reaper, and returns how long that took.
+pub fn assert_no_children(server: &Server, what: &str) -> Duration {
+    let start = Instant::now();
+    let empty = wait_until(WAIT, || server.children().is_empty());
+    assert!(
+        empty,
+        "{what}: children left: {:?}\n--- server log ---\n{}",
+        server.children(),
+        server.log_text()
+    );
+    start.elapsed()
+}
+
+// ---- Clients ----
+
+/// Connects to `addr` with read/write timeouts of `WAIT`, so a broken server fails the test
+/// instead of hanging it.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    open_client(addr, None, None)
+}
+
+/// Connects from the loopback address `source` (e.g. "127.0.0.2"), bound before connecting.
+pub fn connect_from(addr: SocketAddr, source: &str) -> TcpStream {
+    open_client(addr, Some(source), None)
+}
+
+/// Connects from `source` and reads the default banner.
+pub fn connect_greeted_from(addr: SocketAddr, source: &str) -> TcpStream {
+    let mut s = connect_from(addr, source);
+    expect_banner(&mut s);
+    s
+}
+
+/// Connects with a receive buffer of `recv_buffer` bytes, set before the handshake so the
+/// window is small from the start: the kernel cannot absorb a large echo for a client that
+/// does not read.
+pub fn connect_with_recv_buffer(addr: SocketAddr, recv_buffer: usize) -> TcpStream {
+    open_client(addr, None, Some(recv_buffer))
+}
+
+fn open_client(addr: SocketAddr, source: Option<&str>, recv_buffer: Option<usize>) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).expect("socket");
+    if let Some(source) = source {
+        let local: SocketAddr = format!("{source}:0").parse().expect("source address");
+        socket
+            .bind(&local.into())
+            .unwrap_or_else(|e| panic!("bind {local}: {e}"));
+    }
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size).expect("SO_RCVBUF");
+    }
+    socket
+        .connect_timeout(&addr.into(), WAIT)
+        .unwrap_or_else(|e| panic!("connect {addr} from {source:?}: {e}"));
+    let s: TcpStream = socket.into();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.set_write_timeout(Some(WAIT)).unwrap();
+    s
+}
+
+pub fn expect_banner(s: &mut TcpStream) {
+    assert_eq!(read_exactly(s, BANNER.len()), BANNER, "banner");
+}
+
+/// Sends `data` and reads back exactly as many bytes.
+pub fn echo_roundtrip(s: &mut TcpStream, data: &[u8]) -> Vec<u8> {
+    s.write_all(data).unwrap();
+    read_exactly(s, data.len())
+}
+
+/// Asserts that a new client is greeted and gets `data` echoed.
+pub fn assert_serves(server: &Server, data: &[u8]) {
+    let mut s = server.connect_greeted();
+    assert_eq!(echo_roundtrip(&mut s, data), data, "echo from a new client");
+}
+
+/// Reads exactly `n` bytes.
+pub fn read_exactly(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0; n];
+    s.read_exact(&mut buf).expect("read");
+    buf
+}
+
+/// Sends `data`, half-closes, and returns everything the server sends until EOF.
+pub fn send_and_drain(s: &mut TcpStream, data: &[u8]) -> Vec<u8> {
+    s.write_all(data).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    read_to_eof(s)
+}
+
+/// Reads until EOF.
+pub fn read_to_eof(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("read to EOF");
+    out
+}
+
+/// Asserts the server closed this connection: the next read gives EOF or a reset, no data.
+pub fn assert_closed_by_server(s: &mut TcpStream, what: &str) {
+    let mut buf = [0; 64];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("{what}: got {n} unexpected bytes {:?}", &buf[..n]),
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("{what}: expected EOF or reset, got {e}"),
+    }
+}
+
+/// A port nobody listens on right now (bound then released; fine for a test on loopback).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Raises this test process's soft RLIMIT_NOFILE to at least `n` (up to the hard limit), for
+/// tests that hold many client sockets at once.
+pub fn raise_own_nofile(n: u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    assert!(
+        hard >= n,
+        "RLIMIT_NOFILE hard limit {hard} is below the {n} descriptors this test needs"
+    );
+    if soft < n {
+        setrlimit(Resource::RLIMIT_NOFILE, n, hard).expect("raise RLIMIT_NOFILE");
+    }
+}
+
+// ---- /proc ----
 
 /// One process as seen in /proc/<pid>/stat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -351,13 +855,8 @@ pub struct ProcInfo {
 
 /// Every process whose parent is `parent`, with its state (`Z` = zombie).
 pub fn children_of(parent: Pid) -> Vec<ProcInfo> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
     let parent = parent.to_string();
-    dir.flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
-        .map(Pid::from_raw)
+    all_pids()
         .filter(|&pid| stat_field(pid, 4).as_deref() == Some(parent.as_str()))
         .filter_map(|pid| {
             Some(ProcInfo {
@@ -366,6 +865,16 @@ pub fn children_of(parent: Pid) -> Vec<ProcInfo> {
             })
         })
         .collect()
+}
+
+/// Every pid in /proc now.
+fn all_pids() -> impl Iterator<Item = Pid> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .map(Pid::from_raw)
 }
 
 /// Field `n` (1-based, as numbered in proc(5)) of /proc/<pid>/stat, or None if the process is
@@ -385,8 +894,188 @@ pub fn process_state(pid: Pid) -> Option<char> {
 
 /// True if a process with this pid exists (zombies included).
 pub fn process_exists(pid: Pid) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
+    Path::new(&format!("/proc/{pid}")).exists()
 }
+
+/// A field of /proc/<pid>/status (e.g. `VmRSS`, `Threads`), without the name, trimmed; None
+/// if the process or the field does not exist.
+pub fn status_field(pid: Pid, field: &str) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let prefix = format!("{field}:");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().to_string())
+}
+
+/// The whole numbers of a status field (`Uid` → real, effective, saved, filesystem uid).
+pub fn status_numbers(pid: Pid, field: &str) -> Vec<u64> {
+    let value = status_field(pid, field).unwrap_or_else(|| panic!("no {field} for {pid}"));
+    value
+        .split_whitespace()
+        .map(|n| {
+            n.parse()
+                .unwrap_or_else(|e| panic!("{field} {value:?}: {e}"))
+        })
+        .collect()
+}
+
+/// A signal mask (`SigBlk`, `SigCgt`, `SigIgn`) from /proc/<pid>/status: bit n-1 is signal n.
+pub fn signal_mask(pid: Pid, field: &str) -> u64 {
+    let hex = status_field(pid, field).unwrap_or_else(|| panic!("no {field} for {pid}"));
+    u64::from_str_radix(&hex, 16).unwrap_or_else(|e| panic!("{field} {hex:?}: {e}"))
+}
+
+/// Resident set size of a process in KiB (`VmRSS`).
+pub fn rss_kib(pid: Pid) -> u64 {
+    let value = status_field(pid, "VmRSS").unwrap_or_else(|| panic!("no VmRSS for {pid}"));
+    value
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("VmRSS {value:?}: {e}"))
+}
+
+/// The descriptor numbers a process holds, sorted, from /proc/<pid>/fd.
+pub fn fds_of(pid: Pid) -> Vec<u64> {
+    let mut fds: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/fd: {e}"))
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort_unstable();
+    fds
+}
+
+/// User + system CPU time of a process, in clock ticks (fields 14 and 15 of its stat).
+pub fn cpu_ticks_of(pid: Pid) -> u64 {
+    let field = |n| {
+        stat_field(pid, n)
+            .unwrap_or_else(|| panic!("process {pid} is gone"))
+            .parse::<u64>()
+            .unwrap()
+    };
+    field(14) + field(15)
+}
+
+/// Clock ticks per second, the unit of `cpu_ticks_of`.
+pub fn ticks_per_second() -> u64 {
+    // Safe: sysconf only reads a constant.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as u64 }
+}
+
+/// Sets the soft RLIMIT_NOFILE of another process (what `prlimit --pid PID --nofile=N:` does;
+/// lowering or restoring the soft limit needs no privilege), returning the previous
+/// (soft, hard) pair.
+pub fn set_soft_nofile_of(pid: Pid, soft: u64) -> (u64, u64) {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // Safe: prlimit writes the old limit into `old` and reads nothing else.
+    let rc = unsafe {
+        libc::prlimit(
+            pid.as_raw(),
+            libc::RLIMIT_NOFILE,
+            std::ptr::null(),
+            &mut old,
+        )
+    };
+    assert_eq!(rc, 0, "prlimit read: {}", std::io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // Safe: prlimit reads `new` and writes nothing.
+    let rc = unsafe {
+        libc::prlimit(
+            pid.as_raw(),
+            libc::RLIMIT_NOFILE,
+            &new,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit set: {}", std::io::Error::last_os_error());
+    (old.rlim_cur, old.rlim_max)
+}
+
+/// A uid that no process uses now, so RLIMIT_NPROC counts only the server under test (a shared
+/// user such as `nobody` may have other processes, which come and go: another test drops
+/// root to `nobody`). Varies with our pid so that two suites running at once pick different
+/// ones.
+pub fn unused_uid() -> u32 {
+    let start = 40_000 + std::process::id() % 20_000;
+    (start..start + 1000)
+        .find(|&uid| tasks_of_uid(uid) == 0)
+        .expect("a free uid")
+}
+
+/// Tasks (threads count too, as RLIMIT_NPROC counts them) whose real uid is `uid`.
+fn tasks_of_uid(uid: u32) -> u64 {
+    let first_number = |pid, field| {
+        status_field(pid, field)?
+            .split_whitespace()
+            .next()?
+            .parse::<u64>()
+            .ok()
+    };
+    all_pids()
+        .filter(|&pid| first_number(pid, "Uid") == Some(uid as u64))
+        .map(|pid| first_number(pid, "Threads").unwrap_or(1))
+        .sum()
+}
+
+// ---- The binary run to completion ----
+
+/// Runs the binary to completion with stdin on /dev/null (for config and startup-error tests).
+pub fn run(args: &[&str]) -> Output {
+    run_with_stdin(args, None)
+}
+
+/// Runs the binary to completion, with `input` on a pipe as its stdin if given. A binary that
+/// does not exit (one that unexpectedly starts serving) is killed after `WAIT`.
+pub fn run_with_stdin(args: &[&str], input: Option<&str>) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(input.map_or_else(Stdio::null, |_| Stdio::piped()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn forkecho");
+    if let Some(input) = input {
+        // Small enough for the pipe's buffer: written at once. A forkecho that refuses the
+        // pipe may have exited already (EPIPE): that is no error here.
+        let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
+    }
+    let finished = wait_until(WAIT, || child.try_wait().unwrap().is_some());
+    if !finished {
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(finished, "forkecho {args:?} did not exit: {out:?}");
+    out
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts the process exited with `code` and returns its stderr.
+pub fn expect_exit(out: &Output, code: i32) -> String {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "exit status\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        stdout(out),
+        stderr(out)
+    );
+    stderr(out)
+}
+
+// ---- The rest ----
 
 /// Polls `cond` every few milliseconds until it holds or `timeout` passes; returns whether it held.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
@@ -402,72 +1091,11 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-pub fn connect(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect_timeout(&addr, WAIT).expect("connect");
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.set_write_timeout(Some(WAIT)).unwrap();
-    s
-}
-
-pub fn expect_banner(s: &mut TcpStream) {
-    let mut got = vec![0; BANNER.len()];
-    s.read_exact(&mut got).expect("read banner");
-    assert_eq!(got, BANNER, "banner");
-}
-
-/// Sends `data` and reads back exactly as many bytes.
-pub fn echo_roundtrip(s: &mut TcpStream, data: &[u8]) -> Vec<u8> {
-    s.write_all(data).unwrap();
-    let mut back = vec![0; data.len()];
-    s.read_exact(&mut back).expect("read echo");
-    back
-}
-
-/// Asserts that a new client is greeted and gets `data` echoed.
-pub fn assert_serves(server: &Server, data: &[u8]) {
-    let mut s = server.connect_greeted();
-    assert_eq!(echo_roundtrip(&mut s, data), data, "echo from a new client");
-}
-
-/// Reads exactly `n` bytes.
-pub fn read_exactly(s: &mut TcpStream, n: usize) -> Vec<u8> {
-    let mut buf = vec![0; n];
-    s.read_exact(&mut buf).expect("read");
-    buf
-}
-
-/// Sends `data`, half-closes, and returns everything the server sends until EOF.
-pub fn send_and_drain(s: &mut TcpStream, data: &[u8]) -> Vec<u8> {
-    s.write_all(data).unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    read_to_eof(s)
-}
-
-/// Reads until EOF.
-pub fn read_to_eof(s: &mut TcpStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).expect("read to EOF");
-    out
-}
-
-/// Runs the binary to completion (for config and startup-error tests).
-pub fn run(args: &[&str]) -> Output {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn forkecho");
-    let pid = Pid::from_raw(child.id() as i32);
-    // Guard: a server that unexpectedly starts serving is killed after WAIT.
-    let finished = wait_until(WAIT, || child.try_wait().unwrap().is_some());
-    if !finished {
-        let _ = kill(pid, Signal::SIGKILL);
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(finished, "forkecho {args:?} did not exit: {out:?}");
-    out
+/// Prints a figure a test measured, tagged with the test's name; shown with `--nocapture`
+/// (and with the output of a failed test).
+pub fn report(what: &str) {
+    let current = thread::current();
+    eprintln!("[{}] {what}", current.name().unwrap_or("test"));
 }
 
 /// A deterministic stream of pseudo-random bytes (xorshift64*), so a reader can check what a
@@ -506,6 +1134,18 @@ impl Noise {
         self.fill(&mut v);
         v
     }
+
+    /// The next 8 bytes of the stream as a number.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut b = [0; 8];
+        self.fill(&mut b);
+        u64::from_le_bytes(b)
+    }
+
+    /// A number in `0..n` (n > 0); the tiny modulo bias does not matter for tests.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
 }
 
 /// A temporary directory removed on drop.
@@ -524,7 +1164,7 @@ impl TempDir {
         TempDir(path)
     }
 
-    pub fn path(&self) -> &std::path::Path {
+    pub fn path(&self) -> &Path {
         &self.0
     }
 }
@@ -533,238 +1173,4 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-// ---- Helpers for the fault-injection suite (tests/faults.rs); usable by any module. ----
-
-impl Server {
-    /// Sends SIGUSR1 and returns the `status:` line it produced (the first one logged after
-    /// the signal).
-    pub fn status_line(&self) -> String {
-        let before = self.count_lines("status:");
-        self.signal(Signal::SIGUSR1);
-        let mut found = None;
-        self.wait_for_log("a `status:` line after SIGUSR1", WAIT, |lines| {
-            found = lines
-                .iter()
-                .filter(|l| l.contains("status:"))
-                .nth(before)
-                .cloned();
-            found.is_some()
-        });
-        found.unwrap()
-    }
-}
-
-/// The number in `line` right before ` <word>` (e.g. `status: 0 active` → `active` → 0), as a
-/// whole number, not the tail of a longer one.
-pub fn count_before(line: &str, word: &str) -> Option<u64> {
-    let at = line.find(&format!(" {word}"))?;
-    let digits: String = line[..at]
-        .chars()
-        .rev()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.chars().rev().collect::<String>().parse().ok()
-}
-
-/// Raises this test process's soft RLIMIT_NOFILE to at least `n` (up to the hard limit), for
-/// tests that hold many client sockets at once.
-pub fn raise_own_nofile(n: u64) {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
-    assert!(
-        hard >= n,
-        "RLIMIT_NOFILE hard limit {hard} is below the {n} descriptors this test needs"
-    );
-    if soft < n {
-        setrlimit(Resource::RLIMIT_NOFILE, n, hard).expect("raise RLIMIT_NOFILE");
-    }
-}
-
-/// Sets the soft RLIMIT_NOFILE of another process (what `prlimit --pid PID --nofile=N:` does;
-/// lowering or restoring the soft limit needs no privilege), returning the previous
-/// (soft, hard) pair.
-pub fn set_soft_nofile_of(pid: Pid, soft: u64) -> (u64, u64) {
-    let mut old = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // Safe: prlimit writes the old limit into `old` and reads nothing else.
-    let rc = unsafe {
-        libc::prlimit(
-            pid.as_raw(),
-            libc::RLIMIT_NOFILE,
-            std::ptr::null(),
-            &mut old,
-        )
-    };
-    assert_eq!(rc, 0, "prlimit read: {}", std::io::Error::last_os_error());
-    let new = libc::rlimit {
-        rlim_cur: soft,
-        rlim_max: old.rlim_max,
-    };
-    // Safe: prlimit reads `new` and writes nothing.
-    let rc = unsafe {
-        libc::prlimit(
-            pid.as_raw(),
-            libc::RLIMIT_NOFILE,
-            &new,
-            std::ptr::null_mut(),
-        )
-    };
-    assert_eq!(rc, 0, "prlimit set: {}", std::io::Error::last_os_error());
-    (old.rlim_cur, old.rlim_max)
-}
-
-/// The descriptor numbers a process holds, sorted, from /proc/<pid>/fd.
-pub fn fds_of(pid: Pid) -> Vec<u64> {
-    let mut fds: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap_or_else(|e| panic!("read /proc/{pid}/fd: {e}"))
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect();
-    fds.sort_unstable();
-    fds
-}
-
-/// User + system CPU time of a process, in clock ticks (fields 14 and 15 of its stat).
-pub fn cpu_ticks_of(pid: Pid) -> u64 {
-    let field = |n| {
-        stat_field(pid, n)
-            .unwrap_or_else(|| panic!("process {pid} is gone"))
-            .parse::<u64>()
-            .unwrap()
-    };
-    field(14) + field(15)
-}
-
-/// Clock ticks per second, the unit of `cpu_ticks_of`.
-pub fn ticks_per_second() -> u64 {
-    // Safe: sysconf only reads a constant.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as u64 }
-}
-
-/// A field of /proc/<pid>/status (e.g. `VmRSS`), without the name, trimmed; None if the
-/// process or the field does not exist.
-pub fn status_field(pid: Pid, field: &str) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let prefix = format!("{field}:");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map(|v| v.trim().to_string())
-}
-
-/// Resident set size of a process in KiB (`VmRSS`).
-pub fn rss_kib(pid: Pid) -> u64 {
-    let value = status_field(pid, "VmRSS").unwrap_or_else(|| panic!("no VmRSS for {pid}"));
-    value
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .unwrap_or_else(|e| panic!("VmRSS {value:?}: {e}"))
-}
-
-/// A uid that no process uses now, so RLIMIT_NPROC counts only the server under test (a shared
-/// user such as `nobody` may have other processes, which come and go: another test drops
-/// root to `nobody`). Varies with our pid so that two suites running at once pick different
-/// ones.
-pub fn unused_uid() -> u32 {
-    let start = 40_000 + std::process::id() % 20_000;
-    (start..start + 1000)
-        .find(|&uid| tasks_of_uid(uid) == 0)
-        .expect("a free uid")
-}
-
-/// Tasks (threads count too, as RLIMIT_NPROC counts them) whose real uid is `uid`.
-pub fn tasks_of_uid(uid: u32) -> u64 {
-    let mut n = 0;
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
-            continue;
-        };
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        };
-        if field("Uid:") == Some(uid as u64) {
-            n += field("Threads:").unwrap_or(1);
-        }
-    }
-    n
-}
-
-/// Connects to `addr` with a receive buffer of `recv_buffer` bytes, set before the handshake
-/// so the window is small from the start: the kernel cannot absorb a large echo for a client
-/// that does not read.
-pub fn connect_with_recv_buffer(addr: SocketAddr, recv_buffer: usize) -> TcpStream {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).expect("socket");
-    socket.set_recv_buffer_size(recv_buffer).expect("SO_RCVBUF");
-    socket.connect_timeout(&addr.into(), WAIT).expect("connect");
-    let s: TcpStream = socket.into();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.set_write_timeout(Some(WAIT)).unwrap();
-    s
-}
-
-impl Noise {
-    /// The next 8 bytes of the stream as a number.
-    pub fn next_u64(&mut self) -> u64 {
-        let mut b = [0; 8];
-        self.fill(&mut b);
-        u64::from_le_bytes(b)
-    }
-
-    /// A number in `0..n` (n > 0); the tiny modulo bias does not matter for tests.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-}
-
-/// Asserts the server closed this connection: the next read gives EOF or a reset, no data.
-pub fn assert_closed_by_server(s: &mut TcpStream, what: &str) {
-    let mut buf = [0; 64];
-    match s.read(&mut buf) {
-        Ok(0) => {}
-        Ok(n) => panic!("{what}: got {n} unexpected bytes {:?}", &buf[..n]),
-        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
-        Err(e) => panic!("{what}: expected EOF or reset, got {e}"),
-    }
-}
-
-/// Asserts no child of the server is left (live or zombie), waiting up to `WAIT` for the
-/// reaper, and returns how long that took.
-pub fn assert_no_children(server: &Server, what: &str) -> Duration {
-    let start = Instant::now();
-    let empty = wait_until(WAIT, || server.children().is_empty());
-    assert!(
-        empty,
-        "{what}: children left: {:?}\n--- server log ---\n{}",
-        server.children(),
-        server.log_text()
-    );
-    start.elapsed()
-}
-
-pub fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-pub fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Asserts the process exited with `code` and returns its stderr.
-pub fn expect_exit(out: &Output, code: i32) -> String {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "exit status\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        stdout(out),
-        stderr(out)
-    );
-    stderr(out)
 }
