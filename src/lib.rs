@@ -24,6 +24,7 @@
 //! - `parent_memory`: where that table lives: memory the children do not inherit.
 //! - `pending`: accepted connections waiting for a decision (a source at `max_per_source`
 //!   whose session may be ending), with a deadline each.
+//! - [`preflight`]: `--check-config`'s look at the host (addresses, log and pid file paths).
 //! - [`pidfile`]: the locked pid file that keeps a second instance from starting.
 //! - [`systemd`]: readiness and status for `Type=notify` (sockets come through [`listen`]).
 //! - [`privileges`]: dropping root after binding (setgroups, setgid, setuid).
@@ -47,6 +48,7 @@ pub mod logging;
 mod parent_memory;
 mod pending;
 pub mod pidfile;
+pub mod preflight;
 pub mod privileges;
 pub mod server;
 mod signals;

@@ -1,0 +1,152 @@
+//! `--check-config`'s look at the host, beyond what the configuration says: what can be known
+//! without disturbing a running instance, which operators check before every reload while the
+//! daemon holds its ports, its pid file's lock and its log. A listen address must be one of
+//! this host's, and the log and pid files must be regular files that can be written, or be
+//! creatable. Whether a port is in use is not checked: the running instance is what uses it.
+
+use std::ffi::CString;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use socket2::{Domain, Socket, Type};
+
+use crate::config::Config;
+
+/// Something the host will refuse when forkecho starts with this configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: &'static str,
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "key `{}`: {}", self.key, self.reason)
+    }
+}
+
+/// The first problem found, in the order of the keys' documentation.
+pub fn check(config: &Config) -> Result<(), Problem> {
+    for addr in &config.listen {
+        check_address(*addr).map_err(|reason| Problem {
+            key: "listen",
+            reason,
+        })?;
+    }
+    // The pid file is never followed through a symlink; the log file may be one.
+    let files = [
+        ("pid_file", &config.pid_file, false),
+        ("log_file", &config.log_file, true),
+    ];
+    for (key, path, follow) in files {
+        if let Some(path) = path {
+            check_writable(path, follow).map_err(|reason| Problem { key, reason })?;
+        }
+    }
+    Ok(())
+}
+
+/// `addr`'s IP is one this host can bind: binding it with port 0 (any free port, so a port the
+/// running instance holds does not matter) succeeds. Wildcards always can.
+fn check_address(addr: SocketAddr) -> Result<(), String> {
+    if addr.ip().is_unspecified() {
+        return Ok(());
+    }
+    let probe = || -> io::Result<()> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.bind(&SocketAddr::new(addr.ip(), 0).into())
+    };
+    match probe() {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+            Err(format!("{addr}: {} is not an address of this host", addr.ip()))
+        }
+        Err(e) => Err(format!("{addr}: {}", crate::os_error_text(&e))),
+    }
+}
+
+/// `path` is a regular file this process may write, or may be created in an existing
+/// directory it may write. Nothing is opened or created.
+fn check_writable(path: &Path, follow: bool) -> Result<(), String> {
+    let shown = path.display();
+    let metadata = if follow {
+        std::fs::metadata(path)
+    } else {
+        std::fs::symlink_metadata(path)
+    };
+    match metadata {
+        Ok(m) if !m.is_file() => Err(format!(
+            "{shown} is {}, not a regular file",
+            crate::pidfile::kind_name(m.file_type())
+        )),
+        Ok(_) if !may_write(path, libc::W_OK) => Err(format!("{shown} cannot be written (permission denied)")),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            let dir = dir.unwrap_or(Path::new("."));
+            match std::fs::metadata(dir) {
+                // Creating a file needs to write the directory and to enter it.
+                Ok(m) if m.is_dir() && may_write(dir, libc::W_OK | libc::X_OK) => Ok(()),
+                Ok(m) if m.is_dir() => Err(format!(
+                    "{shown} cannot be created: {} is not writable",
+                    dir.display()
+                )),
+                Ok(_) => Err(format!(
+                    "{shown} cannot be created: {} is not a directory",
+                    dir.display()
+                )),
+                Err(_) => Err(format!(
+                    "{shown} cannot be created: {} does not exist",
+                    dir.display()
+                )),
+            }
+        }
+        Err(e) => Err(format!("{shown}: {}", crate::os_error_text(&e))),
+    }
+}
+
+/// access(2) with `mode`, as this process's real ids (who the start will run as: the files
+/// are opened before root is dropped).
+fn may_write(path: &Path, mode: libc::c_int) -> bool {
+    let Ok(path) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // Safe: access only reads a NUL-terminated path.
+    unsafe { libc::access(path.as_ptr(), mode) == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_not_on_this_host_are_found_without_binding_their_port() {
+        assert!(check_address("127.0.0.1:1".parse().unwrap()).is_ok());
+        assert!(check_address("0.0.0.0:2333".parse().unwrap()).is_ok());
+        // TEST-NET-1 (RFC 5737): never a local address.
+        let e = check_address("192.0.2.1:2333".parse().unwrap()).unwrap_err();
+        assert_eq!(e, "192.0.2.1:2333: 192.0.2.1 is not an address of this host");
+    }
+
+    #[test]
+    fn files_must_be_regular_and_writable_or_creatable() {
+        let dir = std::env::temp_dir().join(format!("forkecho-preflight-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(check_writable(&dir.join("new.log"), true).is_ok());
+        let e = check_writable(&dir.join("missing/new.log"), true).unwrap_err();
+        assert!(e.ends_with("missing does not exist"), "{e}");
+        let e = check_writable(&dir, true).unwrap_err();
+        assert!(e.ends_with("is a directory, not a regular file"), "{e}");
+        let fifo = dir.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = check_writable(&fifo, false).unwrap_err();
+        assert!(e.ends_with("is a FIFO, not a regular file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
