@@ -69,10 +69,8 @@ fn with_absolute_paths(mut cli: Cli) -> Cli {
 fn start_and_serve(cli: Cli, readiness: &mut Readiness) -> Result<(), Failure> {
     let config = Config::load(&cli).map_err(|e| Failure::Config(e.to_string()))?;
     if cli.check_config {
-        if let Err(problem) = forkecho::preflight::check(&config) {
-            eprintln!("forkecho: {problem}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        // What the host would refuse at start, found without disturbing a running instance.
+        forkecho::preflight::check(&config).map_err(|p| Failure::Config(p.to_string()))?;
         println!("configuration OK");
         return Ok(());
     }

@@ -64,9 +64,10 @@ fn check_address(addr: SocketAddr) -> Result<(), String> {
     };
     match probe() {
         Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
-            Err(format!("{addr}: {} is not an address of this host", addr.ip()))
-        }
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Err(format!(
+            "{addr}: {} is not an address of this host",
+            addr.ip()
+        )),
         Err(e) => Err(format!("{addr}: {}", crate::os_error_text(&e))),
     }
 }
@@ -85,7 +86,9 @@ fn check_writable(path: &Path, follow: bool) -> Result<(), String> {
             "{shown} is {}, not a regular file",
             crate::pidfile::kind_name(m.file_type())
         )),
-        Ok(_) if !may_write(path, libc::W_OK) => Err(format!("{shown} cannot be written (permission denied)")),
+        Ok(_) if !may_write(path, libc::W_OK) => {
+            Err(format!("{shown} cannot be written (permission denied)"))
+        }
         Ok(_) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
@@ -131,7 +134,10 @@ mod tests {
         assert!(check_address("0.0.0.0:2333".parse().unwrap()).is_ok());
         // TEST-NET-1 (RFC 5737): never a local address.
         let e = check_address("192.0.2.1:2333".parse().unwrap()).unwrap_err();
-        assert_eq!(e, "192.0.2.1:2333: 192.0.2.1 is not an address of this host");
+        assert_eq!(
+            e,
+            "192.0.2.1:2333: 192.0.2.1 is not an address of this host"
+        );
     }
 
     #[test]

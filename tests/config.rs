@@ -426,3 +426,44 @@ fn a_config_with_too_many_values_is_refused_before_parsing() {
     assert!(line.contains("more than the 500000"), "{line}");
     assert_serves(&server, b"still\n");
 }
+
+/// `--check-config` looks at the host too, without disturbing a running instance: an address
+/// not on this host, or a log or pid file that cannot be created, is exit 2 naming the key;
+/// a port in use (by the running instance, say) is not a problem.
+#[test]
+fn check_config_finds_what_the_host_would_refuse_but_not_a_port_in_use() {
+    let dir = TempDir::new();
+    let refused = |args: &[&str], key: &str, reason: &str| {
+        let out = run(&[args, &["--check-config"]].concat());
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&format!("key `{key}`")), "{stderr}");
+        assert!(stderr.contains(reason), "{stderr}");
+    };
+    refused(
+        &["-l", "192.0.2.1:2333"],
+        "listen",
+        "not an address of this host",
+    );
+    let missing = dir.path().join("missing/forkecho.log");
+    refused(
+        &["--log-file", missing.to_str().unwrap()],
+        "log_file",
+        "does not exist",
+    );
+    let pid_dir = dir.path().to_str().unwrap();
+    refused(&["--pid-file", pid_dir], "pid_file", "is a directory");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let log = dir.path().join("new.log");
+    let out = run(&[
+        "-l",
+        &addr,
+        "--log-file",
+        log.to_str().unwrap(),
+        "--check-config",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(!log.exists(), "--check-config created the log file");
+}

@@ -560,6 +560,15 @@ impl Case {
     }
 
     /// True if a setting in force cannot work on this host (exit 1 at start).
+    /// The keys in force that this host cannot give (`--check-config` names them).
+    fn host_culprits(&self) -> Vec<String> {
+        ["listen", "pid_file", "log_file"]
+            .iter()
+            .filter(|key| self.effective(key).is_some_and(|s| s.os_fail))
+            .map(|key| format!("key `{key}`"))
+            .collect()
+    }
+
     fn fails_to_start(&self) -> bool {
         ["listen", "pid_file", "log_file"]
             .iter()
@@ -608,18 +617,25 @@ fn run_without_panic<S: AsRef<str>>(args: &[S]) -> (Option<i32>, String, String)
     (out.status.code(), out_text, err_text)
 }
 
-/// Runs `--check-config` on the case and checks the verdict; returns the culprits.
+/// Runs `--check-config` on the case and checks the verdict; returns the configuration's
+/// culprits (those a real start also reports with exit 2).
+///
+/// `--check-config` also looks at the host: a setting this host cannot give (an address not
+/// on it, a file in a missing directory) is exit 2 naming its key there, where a real start
+/// reports it with exit 1 when it tries.
 fn check_config_verdict(case: &Case, dir: &TempDir) -> Vec<String> {
     let mut args = case.args(dir);
     args.push("--check-config".into());
     let (code, stdout, stderr) = run_without_panic(&args);
     let file = dir.path().join("forkecho.toml").display().to_string();
     let culprits = case.culprits(&file);
-    if culprits.is_empty() {
+    let mut checked = culprits.clone();
+    checked.extend(case.host_culprits());
+    if checked.is_empty() {
         assert_eq!(code, Some(0), "valid case rejected: {stderr}");
         assert!(stdout.contains("configuration OK"), "{stdout}");
     } else {
-        assert_exit_2_naming(code, &stdout, &stderr, &culprits);
+        assert_exit_2_naming(code, &stdout, &stderr, &checked);
     }
     culprits
 }
