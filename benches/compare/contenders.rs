@@ -2,6 +2,7 @@
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -81,15 +82,17 @@ impl Spec {
 /// its strings; all when empty), in table order, and waits until each accepts connections.
 pub fn start_contenders(only: &[String]) -> Vec<Contender> {
     let selected = |name: &str| only.is_empty() || only.iter().any(|o| name.contains(o.as_str()));
+    let this_build = fresh_copy(env!("CARGO_BIN_EXE_forkecho"), "forkecho");
     let mut specs = vec![
-        Spec::new("forkecho", BANNER.len(), |port| {
-            forkecho_command(env!("CARGO_BIN_EXE_forkecho"), port)
+        Spec::new("forkecho", BANNER.len(), move |port| {
+            forkecho_command(&this_build, port)
         }),
         Spec::new(floors::MIO_FLOOR, BANNER.len(), floors::mio_echo_command),
     ];
     // For A/B profiling: another build of forkecho (say, other link flags) measured beside
     // this one in the same interleaved run.
     if let Ok(alt) = std::env::var("FORKECHO_BENCH_ALT") {
+        let alt = fresh_copy(&alt, "forkecho-alt");
         specs.push(Spec::new(
             "forkecho (FORKECHO_BENCH_ALT)",
             BANNER.len(),
@@ -114,8 +117,28 @@ pub fn start_contenders(only: &[String]) -> Vec<Contender> {
         .collect()
 }
 
+/// A copy of `program` made now (in cargo's temporary directory for benches), to run instead
+/// of the file itself.
+///
+/// Why: the same forkecho binary ran 5–9 % slower from the linker's output file than from a
+/// fresh copy of it, on the same filesystem (measured here with `FORKECHO_BENCH_ALT` pointing
+/// at the same build: 1.00× from the same path, 1.05–1.17× from a copy), presumably from how
+/// the file's pages sit in the page cache. Running both builds of an A/B from fresh copies
+/// compares the builds, not their files.
+fn fresh_copy(program: &str, name: &str) -> PathBuf {
+    let copy = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-bench"));
+    let _ = std::fs::remove_file(&copy);
+    match std::fs::copy(program, &copy) {
+        Ok(_) => copy,
+        Err(e) => {
+            eprintln!("note: cannot copy {program} ({e}); running it in place");
+            PathBuf::from(program)
+        }
+    }
+}
+
 /// forkecho on `port`, without the limits that would refuse a load generator on one address.
-fn forkecho_command(program: &str, port: u16) -> Command {
+fn forkecho_command(program: &Path, port: u16) -> Command {
     let mut c = Command::new(program);
     c.args(["-l", &format!("127.0.0.1:{port}")]).args([
         "--max-per-source",
