@@ -118,7 +118,7 @@ pub fn run(conn: Conn, settings: &Settings) -> Outcome {
     outcome
 }
 
-/// The rest of a session's end line: `connection #12 to 127.0.0.1:2333, 1 of 1 from
+/// The rest of a session's end line: `connection #12 to 127.0.0.1:2333, 1 live from
 /// 127.0.0.1/32`. Formatted only when the line is written (the local address of a wildcard
 /// listener costs a system call).
 struct Described<'a>(&'a Conn);

@@ -1,8 +1,13 @@
 //! What a child does with its connection, once `spawn` has cleaned up what it inherited
-//! (descriptors, process group, signal mask). A handler owns its settings, the meaning of its
-//! exit codes and the signal dispositions it wants beyond the defaults; `spawn` owns only what
-//! every child needs, and ends the child with `_exit` and the handler's exit code, so a
-//! handler never returns into the parent's code.
+//! (descriptors, process group, signal mask, the parent's hooked signals back to default). A
+//! handler owns its settings, the meaning of its exit codes and its signal policy; `spawn`
+//! owns only what every child needs, and ends the child with `_exit` and the handler's exit
+//! code, so a handler never returns into the parent's code.
+//!
+//! Every child starts with SIGPIPE, SIGTTOU and SIGXFSZ ignored, as the parent has them (the
+//! Rust runtime ignores SIGPIPE; `signals::hook` the other two). The echo keeps that policy;
+//! a handler that runs another program must restore them to the default before `exec`, since
+//! an ignored disposition survives it.
 
 use crate::conn::Conn;
 use crate::echo;

@@ -112,6 +112,29 @@ pub fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
+/// The first port anyone may bind (`net.ipv4.ip_unprivileged_port_start`, 1024 unless
+/// changed). A procfs file: reading it never waits.
+pub fn unprivileged_port_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(1024)
+}
+
+/// True if this process holds CAP_NET_BIND_SERVICE (root usually does, a dropped user not).
+pub fn can_bind_privileged_ports() -> bool {
+    const CAP_NET_BIND_SERVICE: u32 = 10;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok());
+    match effective {
+        Some(caps) => caps & (1 << CAP_NET_BIND_SERVICE) != 0,
+        None => nix::unistd::geteuid().is_root(),
+    }
+}
+
 fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<Listener> {
     // socket2 creates the socket with SOCK_CLOEXEC; children never exec, and they close it anyway.
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;

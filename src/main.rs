@@ -67,13 +67,14 @@ fn with_absolute_paths(mut cli: Cli) -> Cli {
 /// Everything from the configuration to the end of the loop. `readiness` becomes the report
 /// channel once detached; it is handed to the loop, which reports `ok` once serving.
 fn start_and_serve(cli: Cli, readiness: &mut Readiness) -> Result<(), Failure> {
-    let config = Config::load(&cli).map_err(|e| Failure::Config(e.to_string()))?;
     if cli.check_config {
-        // What the host would refuse at start, found without disturbing a running instance.
-        forkecho::preflight::check(&config).map_err(|p| Failure::Config(p.to_string()))?;
+        // Also what the host would refuse at start, found without disturbing a running
+        // instance.
+        Config::check(&cli).map_err(|e| Failure::Config(e.to_string()))?;
         println!("configuration OK");
         return Ok(());
     }
+    let config = Config::load(&cli).map_err(|e| Failure::Config(e.to_string()))?;
     // The pid-file lock comes first; see `PidFile::lock`. Its fd survives daemonizing.
     let pid_file = config.pid_file.as_deref().map(PidFile::lock).transpose();
     let mut pid_file = pid_file.map_err(|e| Failure::Start(e.to_string()))?;

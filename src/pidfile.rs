@@ -128,6 +128,32 @@ impl std::fmt::Display for PidFileError {
 
 impl std::error::Error for PidFileError {}
 
+/// What [`PidFile::lock`] would refuse in the file now at `path`, found without creating,
+/// locking or changing anything (for `--check-config`): a file that is not regular, holds
+/// something other than a pid, or names a running program other than forkecho. A missing
+/// file is fine. (A lock held by a running forkecho is not a problem here: the check runs
+/// beside the instance it is about to reload.)
+pub fn inspect(path: &Path) -> Result<(), PidFileError> {
+    refuse_unless_regular(path, std::fs::symlink_metadata(path))?;
+    let opened = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path);
+    let file = match opened {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_error(path, e)),
+    };
+    let metadata = file.metadata().map_err(|e| io_error(path, e))?;
+    if !metadata.is_file() {
+        return Err(PidFileError::NotRegular {
+            path: path.to_path_buf(),
+            kind: kind_name(metadata.file_type()),
+        });
+    }
+    refuse_unless_pid(&file, path)
+}
+
 impl PidFile {
     /// Locks `path` (creating it if needed), before anything is bound: a second instance must
     /// be told about the pid file, not about a port conflict, and with `reuse_port` it must

@@ -1,8 +1,10 @@
 //! `--check-config`'s look at the host, beyond what the configuration says: what can be known
 //! without disturbing a running instance, which operators check before every reload while the
 //! daemon holds its ports, its pid file's lock and its log. A listen address must be one of
-//! this host's, and the log and pid files must be regular files that can be written, or be
-//! creatable. Whether a port is in use is not checked: the running instance is what uses it.
+//! this host's, on a port this process may bind; the log and pid files must be regular files
+//! that can be written (a pid file also read, and holding nothing but a pid, as the start
+//! requires), or be creatable. Whether a port is in use is not checked: the running instance
+//! is what uses it.
 
 use std::ffi::CString;
 use std::fmt;
@@ -36,15 +38,20 @@ pub fn check(config: &Config) -> Result<(), Problem> {
             reason,
         })?;
     }
-    // The pid file is never followed through a symlink; the log file may be one.
-    let files = [
-        ("pid_file", &config.pid_file, false),
-        ("log_file", &config.log_file, true),
-    ];
-    for (key, path, follow) in files {
-        if let Some(path) = path {
-            check_writable(path, follow).map_err(|reason| Problem { key, reason })?;
-        }
+    if let Some(path) = &config.pid_file {
+        let problem = |reason| Problem {
+            key: "pid_file",
+            reason,
+        };
+        // Never followed through a symlink, opened for reading and writing.
+        check_writable(path, false, libc::R_OK | libc::W_OK).map_err(problem)?;
+        crate::pidfile::inspect(path).map_err(|e| problem(e.to_string()))?;
+    }
+    if let Some(path) = &config.log_file {
+        check_writable(path, true, libc::W_OK).map_err(|reason| Problem {
+            key: "log_file",
+            reason,
+        })?;
     }
     Ok(())
 }
@@ -55,12 +62,21 @@ fn check_address(addr: SocketAddr) -> Result<(), String> {
     if addr.ip().is_unspecified() {
         return Ok(());
     }
+    let start = crate::listen::unprivileged_port_start();
+    if addr.port() != 0 && addr.port() < start && !crate::listen::can_bind_privileged_ports() {
+        return Err(format!(
+            "{addr}: a port below {start} needs root or CAP_NET_BIND_SERVICE"
+        ));
+    }
+    // The address as given, scope id (`%ifindex` of a link-local address) included.
+    let mut probe_addr = addr;
+    probe_addr.set_port(0);
     let probe = || -> io::Result<()> {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
         if addr.is_ipv6() {
             socket.set_only_v6(true)?;
         }
-        socket.bind(&SocketAddr::new(addr.ip(), 0).into())
+        socket.bind(&probe_addr.into())
     };
     match probe() {
         Ok(()) => Ok(()),
@@ -72,9 +88,15 @@ fn check_address(addr: SocketAddr) -> Result<(), String> {
     }
 }
 
-/// `path` is a regular file this process may write, or may be created in an existing
-/// directory it may write. Nothing is opened or created.
-fn check_writable(path: &Path, follow: bool) -> Result<(), String> {
+/// `path` is a regular file this process may access with `mode`, or may be created in an
+/// existing directory it may write. With `follow`, a symlink is followed, to where the file
+/// would be created if it is dangling. Nothing is opened or created.
+fn check_writable(path: &Path, follow: bool, mode: libc::c_int) -> Result<(), String> {
+    if follow {
+        if let Some(target) = dangling_symlink_target(path) {
+            return check_writable(&target, false, mode);
+        }
+    }
     let shown = path.display();
     let metadata = if follow {
         std::fs::metadata(path)
@@ -86,7 +108,7 @@ fn check_writable(path: &Path, follow: bool) -> Result<(), String> {
             "{shown} is {}, not a regular file",
             crate::pidfile::kind_name(m.file_type())
         )),
-        Ok(_) if !may_write(path, libc::W_OK) => {
+        Ok(_) if !may_write(path, mode) => {
             Err(format!("{shown} cannot be written (permission denied)"))
         }
         Ok(_) => Ok(()),
@@ -112,6 +134,19 @@ fn check_writable(path: &Path, follow: bool) -> Result<(), String> {
         }
         Err(e) => Err(format!("{shown}: {}", crate::os_error_text(&e))),
     }
+}
+
+/// Where a symlink at `path` points, if it does and its target does not exist (opening it to
+/// create would create the target).
+fn dangling_symlink_target(path: &Path) -> Option<std::path::PathBuf> {
+    let link = std::fs::read_link(path).ok()?;
+    if std::fs::metadata(path).is_ok() {
+        return None;
+    }
+    Some(match path.parent() {
+        Some(dir) if link.is_relative() => dir.join(link),
+        _ => link,
+    })
 }
 
 /// access(2) with `mode`, as this process's real ids (who the start will run as: the files
@@ -144,14 +179,19 @@ mod tests {
     fn files_must_be_regular_and_writable_or_creatable() {
         let dir = std::env::temp_dir().join(format!("forkecho-preflight-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        assert!(check_writable(&dir.join("new.log"), true).is_ok());
-        let e = check_writable(&dir.join("missing/new.log"), true).unwrap_err();
+        let w = libc::W_OK;
+        assert!(check_writable(&dir.join("new.log"), true, w).is_ok());
+        let e = check_writable(&dir.join("missing/new.log"), true, w).unwrap_err();
         assert!(e.ends_with("missing does not exist"), "{e}");
-        let e = check_writable(&dir, true).unwrap_err();
+        let e = check_writable(&dir, true, w).unwrap_err();
         assert!(e.ends_with("is a directory, not a regular file"), "{e}");
+        let dangling = dir.join("dangling.log");
+        std::os::unix::fs::symlink(dir.join("gone/x.log"), &dangling).unwrap();
+        let e = check_writable(&dangling, true, w).unwrap_err();
+        assert!(e.ends_with("gone does not exist"), "{e}");
         let fifo = dir.join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
-        let e = check_writable(&fifo, false).unwrap_err();
+        let e = check_writable(&fifo, false, w).unwrap_err();
         assert!(e.ends_with("is a FIFO, not a regular file"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -38,6 +38,13 @@ pub struct LookupError {
 pub fn resolve(user: &str, group: Option<&str>) -> Result<Identity, LookupError> {
     let failed = |key| move |reason| LookupError { key, reason };
     if let (Ok(uid), Some(Ok(gid))) = (user.parse::<u32>(), group.map(str::parse::<u32>)) {
+        // (uid_t)-1 means "leave unchanged" to setuid and setgid: not an identity.
+        if uid == u32::MAX {
+            return Err(failed("user")(format!("{uid} is not a valid uid")));
+        }
+        if gid == u32::MAX {
+            return Err(failed("group")(format!("{gid} is not a valid gid")));
+        }
         return Ok(Identity {
             user: user.to_string(),
             uid: Uid::from_raw(uid),
@@ -224,6 +231,8 @@ mod tests {
         let who = resolve("4000123", Some("4000124")).unwrap();
         assert_eq!((who.uid.as_raw(), who.gid.as_raw()), (4000123, 4000124));
         assert_eq!(who.user, "4000123");
+        assert_eq!(resolve("4294967295", Some("1")).unwrap_err().key, "user");
+        assert_eq!(resolve("1", Some("4294967295")).unwrap_err().key, "group");
         let err = resolve("4000123", None).unwrap_err();
         assert_eq!(err.key, "user");
         let err = resolve("root", Some("no-such-group-here")).unwrap_err();

@@ -70,7 +70,7 @@ pub fn hook() -> io::Result<Signals> {
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&hooked), None)?;
     // Why: a log file that reaches RLIMIT_FSIZE would otherwise kill the parent (and orphan
     // every session) with SIGXFSZ; ignored, the write fails with EFBIG and the logger counts
-    // the line as dropped, as on a full disk. Children restore the default.
+    // the line as dropped, as on a full disk.
     let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
     // Safe: installs SIG_IGN, no handler code.
     unsafe { sigaction(Signal::SIGXFSZ, &ignore) }?;

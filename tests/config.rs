@@ -467,3 +467,76 @@ fn check_config_finds_what_the_host_would_refuse_but_not_a_port_in_use() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(!log.exists(), "--check-config created the log file");
 }
+
+/// A link-local IPv6 address is bound with its scope (`%ifindex`); the check's probe must keep
+/// the scope too, or it says "invalid argument" for an address the start binds.
+#[test]
+fn check_config_accepts_a_link_local_address_with_its_scope() {
+    let inet6 = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+    let Some((addr, index)) = inet6.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let hex = fields.first()?;
+        if !hex.starts_with("fe80") {
+            return None;
+        }
+        let groups: Vec<&str> = (0..8).map(|i| &hex[4 * i..4 * i + 4]).collect();
+        let addr: std::net::Ipv6Addr = groups.join(":").parse().ok()?;
+        Some((addr, u32::from_str_radix(fields.get(1)?, 16).ok()?))
+    }) else {
+        eprintln!("no link-local IPv6 address on this host: nothing to check");
+        return;
+    };
+    let listen = format!("[{addr}%{index}]:0");
+    let out = run(&["-l", &listen, "--check-config"]);
+    assert_eq!(out.status.code(), Some(0), "{listen}: {out:?}");
+}
+
+/// A pid file that holds something other than a pid is refused at start ("not a pid; not
+/// starting"), and by the check too, which leaves it untouched.
+#[test]
+fn check_config_refuses_a_pid_file_the_start_refuses() {
+    let dir = TempDir::new();
+    let pid_file = dir.path().join("forkecho.pid");
+    std::fs::write(&pid_file, "not a pid\n").unwrap();
+    let out = run(&[
+        "-l",
+        "127.0.0.1:0",
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        "--check-config",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(std::fs::read_to_string(&pid_file).unwrap(), "not a pid\n");
+}
+
+/// A log file that is a dangling symlink is created where the link points, so the directory
+/// that matters is the target's: here it does not exist, and the start fails.
+#[test]
+fn check_config_follows_a_dangling_log_symlink_to_its_directory() {
+    let dir = TempDir::new();
+    let log = dir.path().join("forkecho.log");
+    std::os::unix::fs::symlink(dir.path().join("missing/forkecho.log"), &log).unwrap();
+    let out = run(&[
+        "-l",
+        "127.0.0.1:0",
+        "--log-file",
+        log.to_str().unwrap(),
+        "--check-config",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+/// Like every configuration error, a host check names the file that set the key.
+#[test]
+fn check_config_names_the_file_that_set_the_key() {
+    let dir = TempDir::new();
+    let pid_dir = dir.path().display().to_string();
+    let path = write_config(
+        &dir,
+        &format!("listen = [\"127.0.0.1:0\"]\npid_file = \"{pid_dir}\"\n"),
+    );
+    let out = run(&["-c", &path, "--check-config"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&path), "{stderr}");
+}

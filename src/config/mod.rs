@@ -282,6 +282,15 @@ impl Config {
         Ok(config)
     }
 
+    /// For `--check-config`: [`Config::load`], then what this host would refuse at start (see
+    /// `preflight`), named with the file or flag that set the key, like every other error.
+    pub fn check(cli: &Cli) -> Result<Config, ConfigError> {
+        let (mut config, origins) = Config::merge(cli)?;
+        config.run_as = config.resolve_identity(&origins)?;
+        crate::preflight::check(&config).map_err(|p| origins.error(p.key, p.reason))?;
+        Ok(config)
+    }
+
     /// For a reload: the same layers and checks as [`Config::load`], but `run_as` is kept from
     /// `running` and no name is looked up. Root is gone once serving, so user and group cannot
     /// change anyway, and a lookup (getent, up to 10 s per name) would stall the loop, which

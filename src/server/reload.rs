@@ -209,36 +209,13 @@ impl Server {
 /// cannot be bound: a privileged port once the privilege is gone (the old address could not
 /// be bound again either).
 fn check_swaps_possible(swapped: &[SocketAddr]) -> Result<(), String> {
-    let start = unprivileged_port_start();
+    let start = crate::listen::unprivileged_port_start();
     let privileged = swapped.iter().find(|a| a.port() < start);
     match privileged {
-        Some(addr) if !can_bind_privileged_ports() => Err(format!(
+        Some(addr) if !crate::listen::can_bind_privileged_ports() => Err(format!(
             "{addr} replaces an overlapping address on a port below {start}, which this \
              process may no longer bind (no CAP_NET_BIND_SERVICE)"
         )),
         _ => Ok(()),
-    }
-}
-
-/// The first port anyone may bind (`net.ipv4.ip_unprivileged_port_start`, 1024 unless
-/// changed). A procfs file: reading it never waits.
-fn unprivileged_port_start() -> u16 {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
-        .ok()
-        .and_then(|text| text.trim().parse().ok())
-        .unwrap_or(1024)
-}
-
-/// True if this process holds CAP_NET_BIND_SERVICE (root usually does, a dropped user not).
-fn can_bind_privileged_ports() -> bool {
-    const CAP_NET_BIND_SERVICE: u32 = 10;
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let effective = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok());
-    match effective {
-        Some(caps) => caps & (1 << CAP_NET_BIND_SERVICE) != 0,
-        None => nix::unistd::geteuid().is_root(),
     }
 }
