@@ -1,5 +1,5 @@
 //! The children table and the reaper: which pid serves which peer, since when, and what became
-//! of every child that ended. Every count changes in exactly two places: `add` when a child is
+//! of every child that ended (the handler says what an exit code means). Every count changes in exactly two places: `add` when a child is
 //! forked and `end_child` when one is reaped.
 
 use std::fmt;
@@ -14,6 +14,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::WaitPidFlag;
 use nix::unistd::Pid;
 
+use crate::handler::Handler;
 use crate::parent_memory::ParentOnly;
 use crate::spawn::EXIT_PANIC;
 
@@ -161,18 +162,19 @@ impl Children {
         self.totals.forked += 1;
     }
 
-    /// Reaps every child that has ended, then returns. SIGCHLD coalesces, so one signal may stand
-    /// for many children: loop until the kernel says none is left to collect (`StillAlive`) or
-    /// there are no children at all (ECHILD).
-    pub fn reap(&mut self) {
-        while self.collect_one(Some(WaitPidFlag::WNOHANG)) {}
+    /// Reaps every child that has ended, then returns; `handler` (the one in force) says what
+    /// their exit codes mean. SIGCHLD coalesces, so one signal may stand for many children: loop until the
+    /// kernel says none is left to collect (`StillAlive`) or there are no children at all
+    /// (ECHILD).
+    pub fn reap(&mut self, handler: &Handler) {
+        while self.collect_one(Some(WaitPidFlag::WNOHANG), handler) {}
     }
 
     /// Last resort when the loop cannot go on: SIGKILL every child and wait for each one, so
     /// that none outlives the parent.
-    pub fn kill_and_reap_all(&mut self) {
+    pub fn kill_and_reap_all(&mut self, handler: &Handler) {
         self.signal_all(Signal::SIGKILL);
-        while !self.live.is_empty() && self.collect_one(None) {}
+        while !self.live.is_empty() && self.collect_one(None, handler) {}
     }
 
     /// One `waitpid(-1, flags)`, accounted for. False when there is nothing (more) to collect.
@@ -180,7 +182,7 @@ impl Children {
     /// libc's `waitpid`, not nix's: nix cannot represent a child killed by a real-time signal
     /// and reports EINVAL *after* the kernel has reaped it, which would leave a ghost in the
     /// table holding its slot forever (and a shutdown waiting for it).
-    fn collect_one(&mut self, flags: Option<WaitPidFlag>) -> bool {
+    fn collect_one(&mut self, flags: Option<WaitPidFlag>, handler: &Handler) -> bool {
         let mut status = 0;
         let flags = flags.map_or(0, |f| f.bits());
         // Safe: `status` is a valid place for the kernel to write the status.
@@ -197,7 +199,7 @@ impl Children {
             },
             pid => {
                 if let Some(ending) = Ending::from_status(status) {
-                    self.end_child(Pid::from_raw(pid), ending);
+                    self.end_child(Pid::from_raw(pid), ending, handler);
                 }
                 // Else a stop or continue report; not asked for (no WUNTRACED), so ignored.
             }
@@ -206,7 +208,7 @@ impl Children {
     }
 
     /// The one place a reaped child is accounted for: table, totals, log line.
-    fn end_child(&mut self, pid: Pid, ending: Ending) {
+    fn end_child(&mut self, pid: Pid, ending: Ending, handler: &Handler) {
         let Some(child) = self.live.remove(&pid) else {
             // Not ours (e.g. a process this one inherited); reaping it is still right.
             debug!("reaped unknown process {pid}: {ending}");
@@ -226,10 +228,15 @@ impl Children {
             } => Level::Warn,
             _ => Level::Info,
         };
+        let meaning = match ending {
+            Ending::Exited(code) => handler.meaning(code),
+            Ending::Killed { .. } => None,
+        };
         log!(
             level,
-            "child {pid} ({}) {ending} after {}",
+            "child {pid} ({}) {ending}{} after {}",
             child.peer,
+            Parenthesised(meaning),
             seconds(child.started.elapsed())
         );
     }
@@ -257,6 +264,18 @@ impl Ending {
             })
         } else {
             None
+        }
+    }
+}
+
+/// ` (text)`, or nothing: formatted in place, so the reap line allocates nothing.
+struct Parenthesised(Option<&'static str>);
+
+impl fmt::Display for Parenthesised {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(text) => write!(f, " ({text})"),
+            None => Ok(()),
         }
     }
 }

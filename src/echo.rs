@@ -40,6 +40,21 @@ pub const EXIT_BROKEN_PIPE: i32 = 6;
 pub const EXIT_IO_ERROR: i32 = 7;
 pub const EXIT_SESSION_TIME: i32 = 8;
 
+/// What an exit code of the echo means, for the parent's line when it reaps the child (the
+/// table above, in a few words).
+pub fn meaning(code: i32) -> Option<&'static str> {
+    Some(match code {
+        EXIT_CLIENT_CLOSED => "client closed",
+        EXIT_IDLE_TIMEOUT => "idle timeout",
+        EXIT_WRITE_TIMEOUT => "write timeout",
+        EXIT_PEER_RESET => "reset by the client",
+        EXIT_BROKEN_PIPE => "client gone while writing",
+        EXIT_IO_ERROR => "I/O error",
+        EXIT_SESSION_TIME => "max_session_time",
+        _ => return None,
+    })
+}
+
 /// Buffer size of the fallback echo (when splice is refused): the kernel's default socket
 /// buffer scale, so a bulk transfer moves in few system calls.
 const BUFFER_SIZE: usize = 64 * 1024;

@@ -11,6 +11,7 @@
 
 use crate::conn::Conn;
 use crate::echo;
+use crate::spawn::EXIT_PANIC;
 
 /// The handlers forkecho has.
 #[derive(Debug, Clone)]
@@ -23,6 +24,17 @@ impl Handler {
     /// The handler a configuration asks for.
     pub fn from_config(config: &crate::config::Config) -> Handler {
         Handler::Echo(echo::Settings::from(config))
+    }
+
+    /// What exit `code` of one of this handler's children means, in a few words, for the line
+    /// the parent logs when it reaps the child; `None` for a code it does not define.
+    pub fn meaning(&self, code: i32) -> Option<&'static str> {
+        if code == EXIT_PANIC {
+            return Some("internal error");
+        }
+        match self {
+            Handler::Echo(_) => echo::meaning(code),
+        }
     }
 
     /// Serves `conn` in the child and returns the exit code that says how the session ended

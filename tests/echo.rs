@@ -184,7 +184,13 @@ fn idle_client_is_closed_with_code_3() {
         idle >= Duration::from_millis(450),
         "closed after {idle:?}, before the 0.5 s idle timeout"
     );
-    server.wait_child_exit(s.local_addr().unwrap(), 3);
+    let ending = server.wait_child_exit(s.local_addr().unwrap(), 3);
+    // The parent's line says what code 3 means.
+    assert_eq!(
+        ending.meaning.as_deref(),
+        Some("idle timeout"),
+        "{ending:?}"
+    );
     assert_no_children(&server, "after the idle timeout");
 }
 

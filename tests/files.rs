@@ -343,6 +343,10 @@ fn pid_file_of_another_running_program_is_refused_untouched() {
         .spawn()
         .unwrap();
     let _guard = KillOnDrop(nix::unistd::Pid::from_raw(helper.id() as i32));
+    // The pid names `sleep` once it has exec'd (before, it is this test binary's copy).
+    let comm = format!("/proc/{}/comm", helper.id());
+    assert!(wait_until(WAIT, || std::fs::read_to_string(&comm)
+        .is_ok_and(|c| c.trim_end() == "sleep")));
     let dir = TempDir::new();
     let path = dir.path().join("sleep.pid");
     let content = format!("{}\n", helper.id());

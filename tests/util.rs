@@ -89,11 +89,16 @@ impl<'a> LogLine<'a> {
         let rest = self.message.strip_prefix("child ")?;
         let (pid, rest) = rest.split_once(" (")?;
         let (peer, rest) = rest.split_once(") ")?;
-        let (how, after) = rest.rsplit_once(" after ")?;
+        let (ending, after) = rest.rsplit_once(" after ")?;
+        let (how, meaning) = match ending.strip_suffix(')').and_then(|e| e.split_once(" (")) {
+            Some((how, meaning)) => (how, Some(meaning.to_string())),
+            None => (ending, None),
+        };
         Some(ChildEnding {
             pid: Pid::from_raw(pid.parse().ok()?),
             peer: peer.parse().ok()?,
             how: how.to_string(),
+            meaning,
             seconds: after.trim().strip_suffix('s')?.parse().ok()?,
         })
     }
@@ -128,6 +133,8 @@ pub struct ChildEnding {
     pub peer: SocketAddr,
     /// `exited with code 0`, `killed by signal SIGKILL`, ...
     pub how: String,
+    /// What the handler says the exit code means (`client closed`, `idle timeout`), if any.
+    pub meaning: Option<String>,
     /// How long the session lasted.
     pub seconds: f64,
 }

@@ -172,7 +172,7 @@ impl Server {
                     continue;
                 }
                 // Without the loop nobody would reap or stop the children: take them along.
-                self.children.kill_and_reap_all();
+                self.children.kill_and_reap_all(&self.handler);
                 return Err(e);
             }
             let mut signalled = false;
@@ -230,7 +230,7 @@ impl Server {
         // Reap first, so status lines and shutdown decisions see the current table.
         if requests.reap {
             let before = self.children.len();
-            self.children.reap();
+            self.children.reap(&self.handler);
             if self.fork_failure_run > 0 && self.children.len() < before {
                 // A child's exit is what frees a process slot: try forking again now.
                 self.paused_until = None;
