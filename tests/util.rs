@@ -852,67 +852,13 @@ pub fn raise_own_nofile(n: u64) {
 }
 
 // ---- /proc ----
+//
+// What the bench reads too lives in `support/procfs` (the `forkecho-procfs` dev-dependency):
+// processes, their states and parents, status fields, memory.
 
-/// One process as seen in /proc/<pid>/stat.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProcInfo {
-    pub pid: Pid,
-    pub state: char,
-}
-
-/// Every process whose parent is `parent`, with its state (`Z` = zombie).
-pub fn children_of(parent: Pid) -> Vec<ProcInfo> {
-    let parent = parent.to_string();
-    all_pids()
-        .filter(|&pid| stat_field(pid, 4).as_deref() == Some(parent.as_str()))
-        .filter_map(|pid| {
-            Some(ProcInfo {
-                pid,
-                state: process_state(pid)?,
-            })
-        })
-        .collect()
-}
-
-/// Every pid in /proc now.
-fn all_pids() -> impl Iterator<Item = Pid> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
-        .map(Pid::from_raw)
-}
-
-/// Field `n` (1-based, as numbered in proc(5)) of /proc/<pid>/stat, or None if the process is
-/// gone. Fields 1 and 2 are the pid and "(comm)"; the command name may contain spaces and
-/// parentheses, so the rest is read after the last ')'.
-pub fn stat_field(pid: Pid, n: usize) -> Option<String> {
-    assert!(n >= 3, "fields 1 and 2 are not split out");
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    rest.split_whitespace().nth(n - 3).map(str::to_string)
-}
-
-/// The state letter of a process (`R`, `S`, `T`, `Z`, ...), or None if it does not exist.
-pub fn process_state(pid: Pid) -> Option<char> {
-    stat_field(pid, 3)?.chars().next()
-}
-
-/// True if a process with this pid exists (zombies included).
-pub fn process_exists(pid: Pid) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// A field of /proc/<pid>/status (e.g. `VmRSS`, `Threads`), without the name, trimmed; None
-/// if the process or the field does not exist.
-pub fn status_field(pid: Pid, field: &str) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let prefix = format!("{field}:");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map(|v| v.trim().to_string())
-}
+pub use forkecho_procfs::{
+    all_pids, children_of, process_exists, process_state, stat_field, status_field, ProcInfo,
+};
 
 /// The whole numbers of a status field (`Uid` → real, effective, saved, filesystem uid).
 pub fn status_numbers(pid: Pid, field: &str) -> Vec<u64> {
@@ -932,14 +878,9 @@ pub fn signal_mask(pid: Pid, field: &str) -> u64 {
     u64::from_str_radix(&hex, 16).unwrap_or_else(|e| panic!("{field} {hex:?}: {e}"))
 }
 
-/// Resident set size of a process in KiB (`VmRSS`).
+/// Resident set size of a process in KiB (`VmRSS`); the process must exist.
 pub fn rss_kib(pid: Pid) -> u64 {
-    let value = status_field(pid, "VmRSS").unwrap_or_else(|| panic!("no VmRSS for {pid}"));
-    value
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .unwrap_or_else(|e| panic!("VmRSS {value:?}: {e}"))
+    forkecho_procfs::rss_kib(pid).unwrap_or_else(|| panic!("no VmRSS for {pid}"))
 }
 
 /// The descriptor numbers a process holds, sorted, from /proc/<pid>/fd.

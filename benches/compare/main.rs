@@ -36,8 +36,10 @@
 mod contenders;
 mod floors;
 mod phases;
-mod procfs;
 mod report;
+
+// What the bench reads from /proc, shared with the tests (support/procfs).
+use forkecho_procfs as procfs;
 
 use std::time::Duration;
 

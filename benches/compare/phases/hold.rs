@@ -42,7 +42,7 @@ pub fn hold_sessions(c: &Contender, n: usize) -> Held {
     };
     let held = Held {
         failures: opened.failed + echo_failures,
-        parent_rss_kib: procfs::vm_rss_kib(c.pid()),
+        parent_rss_kib: procfs::rss_kib(c.pid()),
         median_child_uss_kib: median_child_uss_kib(c.pid()),
     };
     eprintln!(

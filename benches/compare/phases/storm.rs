@@ -128,7 +128,7 @@ fn probe_until(c: &Contender, stop: &AtomicBool, started: &AtomicBool) -> Vec<Pr
 /// The victims are checked in order and the poll stays on the first one still there, so each
 /// poll costs one /proc read while waiting and the whole wait reads each victim's entry about
 /// once more than needed.
-fn wait_reaped(server: Pid, victims: &[procfs::Proc], since: Instant) -> Option<Duration> {
+fn wait_reaped(server: Pid, victims: &[procfs::ProcInfo], since: Instant) -> Option<Duration> {
     let mut next = 0;
     loop {
         while next < victims.len() && !victims[next].is_child_of(server) {
