@@ -121,7 +121,10 @@ mod tests {
         assert!(rss_kib(me).is_some_and(|kib| kib > 0));
         assert!(uss_kib(me).is_some_and(|kib| kib > 0));
         let parent = nix::unistd::getppid();
-        let me_seen = children_of(parent).into_iter().find(|p| p.pid == me).unwrap();
+        let me_seen = children_of(parent)
+            .into_iter()
+            .find(|p| p.pid == me)
+            .unwrap();
         assert!(me_seen.is_child_of(parent));
         assert!(!me_seen.is_child_of(me));
     }
