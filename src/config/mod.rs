@@ -45,32 +45,256 @@ const MAX_CONFIG_BYTES: u64 = MAX_CONFIG_MIB * 1024 * 1024;
 /// What errors about a value given by a flag name as its origin.
 const COMMAND_LINE: &str = "command line";
 
-/// The keys a config file may hold, in the order the documentation lists them.
-pub const KEYS: [&str; 23] = [
-    "listen",
-    "banner",
-    "backlog",
-    "idle_timeout",
-    "shutdown_timeout",
-    "kill_timeout",
-    "max_session_time",
-    "max_children",
-    "max_per_source",
-    "source_prefix_v4",
-    "source_prefix_v6",
-    "allow",
-    "deny",
-    "max_rate_per_source",
-    "rate_burst",
-    "refusal_message",
-    "reuse_port",
-    "pid_file",
-    "log_level",
-    "log_file",
-    "daemonize",
-    "user",
-    "group",
+/// The keys a config file may hold, in the order the documentation lists them (the names of
+/// [`TABLE`]'s rows).
+pub const KEYS: [&str; TABLE.len()] = {
+    let mut keys = [""; TABLE.len()];
+    let mut i = 0;
+    while i < TABLE.len() {
+        keys[i] = TABLE[i].name;
+        i += 1;
+    }
+    keys
+};
+
+/// One configuration key: how a file's value sets it and how its flag does. Every key is one
+/// row of [`TABLE`], which the file's parser, the flags' merge and the errors' origins all
+/// read; adding a key is a row here, a field in [`Cli`] and [`Config`], and the docs.
+struct Key {
+    /// The file's key; the flag is the same in kebab-case.
+    name: &'static str,
+    /// Sets the key from a file's `value`; `written` is the value as the file spells it,
+    /// quoted in errors (a number read as f64 could otherwise come back rounded).
+    from_file: fn(&mut Config, &toml::Value, &str) -> Result<(), String>,
+    /// Sets the key from its flag if the command line gives it (clap's value parsers ran the
+    /// same checks as the file's); true if it did.
+    from_flag: fn(&mut Config, &Cli) -> bool,
+}
+
+impl Key {
+    /// Whether the command line gives this key (and so overrides the file's).
+    fn flag_given(&self, cli: &Cli) -> bool {
+        (self.from_flag)(&mut Config::default(), cli)
+    }
+}
+
+/// `Some(x)` from a flag: applies it and says so.
+fn set<T>(from: Option<T>, to: impl FnOnce(T)) -> bool {
+    from.map(to).is_some()
+}
+
+/// Every key, in the order the documentation lists them.
+const TABLE: [Key; 23] = [
+    Key {
+        name: "listen",
+        from_file: |c, v, w| {
+            c.listen = listen_from_toml(v, w)?;
+            Ok(())
+        },
+        from_flag: |c, cli| {
+            set((!cli.listen.is_empty()).then(|| cli.listen.clone()), |x| {
+                c.listen = x
+            })
+        },
+    },
+    Key {
+        name: "banner",
+        from_file: |c, v, w| {
+            c.banner = expect_str(v, w)?.as_bytes().to_vec();
+            Ok(())
+        },
+        from_flag: |c, cli| set(cli.banner.as_ref(), |x| c.banner = x.as_bytes().to_vec()),
+    },
+    Key {
+        name: "backlog",
+        from_file: |c, v, w| {
+            c.backlog = check_backlog(expect_int(v, w)?, w)?;
+            Ok(())
+        },
+        from_flag: |c, cli| set(cli.backlog, |x| c.backlog = x),
+    },
+    Key {
+        name: "idle_timeout",
+        from_file: |c, v, w| {
+            c.idle_timeout = never_if_zero(check_seconds(number(v, w)?, w, NEVER)?);
+            Ok(())
+        },
+        from_flag: |c, cli| set(cli.idle_timeout, |x| c.idle_timeout = never_if_zero(x)),
+    },
+    Key {
+        name: "shutdown_timeout",
+        from_file: |c, v, w| {
+            c.shutdown_timeout = check_seconds(number(v, w)?, w, AT_ONCE)?;
+            Ok(())
+        },
+        from_flag: |c, cli| set(cli.shutdown_timeout, |x| c.shutdown_timeout = x),
+    },
+    Key {
+        name: "kill_timeout",
+        from_file: |c, v, w| {
+            c.kill_timeout = check_seconds(number(v, w)?, w, AT_ONCE)?;
+            Ok(())
+        },
+        from_flag: |c, cli| set(cli.kill_timeout, |x| c.kill_timeout = x),
+    },
+    Key {
+        name: "max_session_time",
+        from_file: |c, v, w| {
+            c.max_session_time = never_if_zero(check_seconds(number(v, w)?, w, NEVER)?);
+            Ok(())
+        },
+        from_flag: |c, cli| {
+            set(cli.max_session_time, |x| {
+                c.max_session_time = never_if_zero(x)
+            })
+        },
+    },
+    Key {
+        name: "max_children",
+        from_file: |c, v, w| {
+            c.limits.max_children = check_max_children(expect_int(v, w)?, w)?;
+            Ok(())
+        },
+        from_flag: |c, cli| set(cli.max_children, |x| c.limits.max_children = x),
+    },
+    Key {
+        name: "max_per_source",
+        from_file: |c, v, w| {
+            c.limits.max_per_source = check_count(expect_int(v, w)?, w)?;
+            Ok(())
+        },
+        from_flag: |c, cli| set(cli.max_per_source, |x| c.limits.max_per_source = x),
+    },
+    Key {
+        name: "source_prefix_v4",
+        from_file: |c, v, w| {
+            c.limits.source_prefix_v4 = check_prefix_len(expect_int(v, w)?, w, 32)?;
+            Ok(())
+        },
+        from_flag: |c, cli| set(cli.source_prefix_v4, |x| c.limits.source_prefix_v4 = x),
+    },
+    Key {
+        name: "source_prefix_v6",
+        from_file: |c, v, w| {
+            c.limits.source_prefix_v6 = check_prefix_len(expect_int(v, w)?, w, 128)?;
+            Ok(())
+        },
+        from_flag: |c, cli| set(cli.source_prefix_v6, |x| c.limits.source_prefix_v6 = x),
+    },
+    Key {
+        name: "allow",
+        from_file: |c, v, w| {
+            c.limits.allow = prefixes_from_toml(v, w)?;
+            Ok(())
+        },
+        from_flag: |c, cli| {
+            set((!cli.allow.is_empty()).then(|| cli.allow.clone()), |x| {
+                c.limits.allow = x
+            })
+        },
+    },
+    Key {
+        name: "deny",
+        from_file: |c, v, w| {
+            c.limits.deny = prefixes_from_toml(v, w)?;
+            Ok(())
+        },
+        from_flag: |c, cli| {
+            set((!cli.deny.is_empty()).then(|| cli.deny.clone()), |x| {
+                c.limits.deny = x
+            })
+        },
+    },
+    Key {
+        name: "max_rate_per_source",
+        from_file: |c, v, w| {
+            c.rate_per_second = check_rate(number(v, w)?, w)?;
+            Ok(())
+        },
+        from_flag: |c, cli| set(cli.max_rate_per_source, |x| c.rate_per_second = x),
+    },
+    Key {
+        name: "rate_burst",
+        from_file: |c, v, w| {
+            c.rate_burst = Some(check_burst(expect_int(v, w)?, w)?);
+            Ok(())
+        },
+        from_flag: |c, cli| set(cli.rate_burst, |x| c.rate_burst = Some(x)),
+    },
+    Key {
+        name: "refusal_message",
+        from_file: |c, v, w| {
+            c.limits.refusal_message = check_refusal_message(expect_str(v, w)?)?.into();
+            Ok(())
+        },
+        from_flag: |c, cli| {
+            set(cli.refusal_message.as_ref(), |x| {
+                c.limits.refusal_message = x.as_bytes().to_vec()
+            })
+        },
+    },
+    Key {
+        name: "reuse_port",
+        from_file: |c, v, w| {
+            c.reuse_port = expect_bool(v, w)?;
+            Ok(())
+        },
+        from_flag: |c, cli| set(cli.reuse_port.then_some(true), |x| c.reuse_port = x),
+    },
+    Key {
+        name: "pid_file",
+        from_file: |c, v, w| {
+            c.pid_file = Some(PathBuf::from(expect_name(v, w)?));
+            Ok(())
+        },
+        from_flag: |c, cli| set(cli.pid_file.as_ref(), |x| c.pid_file = Some(x.clone())),
+    },
+    Key {
+        name: "log_level",
+        from_file: |c, v, w| {
+            c.log_level = parse_log_level(expect_str(v, w)?)?;
+            Ok(())
+        },
+        from_flag: |c, cli| set(cli.log_level, |x| c.log_level = x),
+    },
+    Key {
+        name: "log_file",
+        from_file: |c, v, w| {
+            c.log_file = Some(PathBuf::from(expect_name(v, w)?));
+            Ok(())
+        },
+        from_flag: |c, cli| set(cli.log_file.as_ref(), |x| c.log_file = Some(x.clone())),
+    },
+    Key {
+        name: "daemonize",
+        from_file: |c, v, w| {
+            c.daemonize = expect_bool(v, w)?;
+            Ok(())
+        },
+        from_flag: |c, cli| set(cli.daemonize.then_some(true), |x| c.daemonize = x),
+    },
+    Key {
+        name: "user",
+        from_file: |c, v, w| {
+            c.user = Some(expect_name(v, w)?.to_string());
+            Ok(())
+        },
+        from_flag: |c, cli| set(cli.user.as_ref(), |x| c.user = Some(x.clone())),
+    },
+    Key {
+        name: "group",
+        from_file: |c, v, w| {
+            c.group = Some(expect_name(v, w)?.to_string());
+            Ok(())
+        },
+        from_flag: |c, cli| set(cli.group.as_ref(), |x| c.group = Some(x.clone())),
+    },
 ];
+
+/// The row of `name`, if it is a key.
+fn key(name: &str) -> Option<&'static Key> {
+    TABLE.iter().find(|k| k.name == name)
+}
 
 /// Longest refusal message: it is written once to a non-blocking socket, so it must fit
 /// in an empty send buffer with room to spare.
@@ -392,127 +616,27 @@ impl Config {
         Ok(keys)
     }
 
-    /// Applies one key; `written` is its value as the file spells it, quoted in errors (a
-    /// number read as f64 could otherwise come back rounded).
-    fn apply_key(&mut self, key: &str, value: &toml::Value, written: &str) -> Result<(), String> {
-        let int = || expect_int(value, written);
-        let num = || number(value, written);
-        match key {
-            "listen" => self.listen = listen_from_toml(value, written)?,
-            "banner" => self.banner = expect_str(value, written)?.as_bytes().to_vec(),
-            "backlog" => self.backlog = check_backlog(int()?, written)?,
-            "reuse_port" => self.reuse_port = expect_bool(value, written)?,
-            "pid_file" => self.pid_file = Some(PathBuf::from(expect_name(value, written)?)),
-            "log_level" => self.log_level = parse_log_level(expect_str(value, written)?)?,
-            "log_file" => self.log_file = Some(PathBuf::from(expect_name(value, written)?)),
-            "daemonize" => self.daemonize = expect_bool(value, written)?,
-            "user" => self.user = Some(expect_name(value, written)?.to_string()),
-            "group" => self.group = Some(expect_name(value, written)?.to_string()),
-            "idle_timeout" => {
-                self.idle_timeout = never_if_zero(check_seconds(num()?, written, NEVER)?)
-            }
-            "shutdown_timeout" => self.shutdown_timeout = check_seconds(num()?, written, AT_ONCE)?,
-            "kill_timeout" => self.kill_timeout = check_seconds(num()?, written, AT_ONCE)?,
-            "max_session_time" => {
-                self.max_session_time = never_if_zero(check_seconds(num()?, written, NEVER)?)
-            }
-            "max_children" => self.limits.max_children = check_max_children(int()?, written)?,
-            "max_per_source" => self.limits.max_per_source = check_count(int()?, written)?,
-            "source_prefix_v4" => {
-                self.limits.source_prefix_v4 = check_prefix_len(int()?, written, 32)?
-            }
-            "source_prefix_v6" => {
-                self.limits.source_prefix_v6 = check_prefix_len(int()?, written, 128)?
-            }
-            "allow" => self.limits.allow = prefixes_from_toml(value, written)?,
-            "deny" => self.limits.deny = prefixes_from_toml(value, written)?,
-            "max_rate_per_source" => self.rate_per_second = check_rate(num()?, written)?,
-            "rate_burst" => self.rate_burst = Some(check_burst(int()?, written)?),
-            "refusal_message" => {
-                self.limits.refusal_message =
-                    check_refusal_message(expect_str(value, written)?)?.into()
-            }
-            _ => {
-                return Err(format!(
-                    "unknown key (expected one of: {})",
-                    KEYS.join(", ")
-                ))
-            }
+    /// Applies one key of the file; `written` is its value as the file spells it, quoted in
+    /// errors.
+    fn apply_key(
+        &mut self,
+        key_name: &str,
+        value: &toml::Value,
+        written: &str,
+    ) -> Result<(), String> {
+        match key(key_name) {
+            Some(key) => (key.from_file)(self, value, written),
+            None => Err(format!(
+                "unknown key (expected one of: {})",
+                KEYS.join(", ")
+            )),
         }
-        Ok(())
     }
 
-    /// Flags were validated by clap's value parsers (the same checks as the file's).
+    /// Applies every flag the command line gives, over the file's values.
     fn apply_flags(&mut self, cli: &Cli) {
-        if !cli.listen.is_empty() {
-            self.listen = cli.listen.clone();
-        }
-        if let Some(banner) = &cli.banner {
-            self.banner = banner.as_bytes().to_vec();
-        }
-        if let Some(backlog) = cli.backlog {
-            self.backlog = backlog;
-        }
-        if cli.reuse_port {
-            self.reuse_port = true;
-        }
-        if let Some(path) = &cli.pid_file {
-            self.pid_file = Some(path.clone());
-        }
-        if let Some(level) = cli.log_level {
-            self.log_level = level;
-        }
-        if let Some(path) = &cli.log_file {
-            self.log_file = Some(path.clone());
-        }
-        if cli.daemonize {
-            self.daemonize = true;
-        }
-        if let Some(user) = &cli.user {
-            self.user = Some(user.clone());
-        }
-        if let Some(group) = &cli.group {
-            self.group = Some(group.clone());
-        }
-        if let Some(idle) = cli.idle_timeout {
-            self.idle_timeout = never_if_zero(idle);
-        }
-        if let Some(grace) = cli.shutdown_timeout {
-            self.shutdown_timeout = grace;
-        }
-        if let Some(grace) = cli.kill_timeout {
-            self.kill_timeout = grace;
-        }
-        if let Some(limit) = cli.max_session_time {
-            self.max_session_time = never_if_zero(limit);
-        }
-        let limits = &mut self.limits;
-        if let Some(n) = cli.max_children {
-            limits.max_children = n;
-        }
-        if let Some(n) = cli.max_per_source {
-            limits.max_per_source = n;
-        }
-        if let Some(len) = cli.source_prefix_v4 {
-            limits.source_prefix_v4 = len;
-        }
-        if let Some(len) = cli.source_prefix_v6 {
-            limits.source_prefix_v6 = len;
-        }
-        if !cli.allow.is_empty() {
-            limits.allow = cli.allow.clone();
-        }
-        if !cli.deny.is_empty() {
-            limits.deny = cli.deny.clone();
-        }
-        if let Some(message) = &cli.refusal_message {
-            limits.refusal_message = message.as_bytes().to_vec();
-        }
-        if let Some(per_second) = cli.max_rate_per_source {
-            self.rate_per_second = per_second;
-        }
-        if let Some(burst) = cli.rate_burst {
-            self.rate_burst = Some(burst);
+        for key in &TABLE {
+            (key.from_flag)(self, cli);
         }
     }
 }
@@ -546,33 +670,8 @@ impl Origins<'_> {
 }
 
 /// Whether the command line sets `key` (and so overrides the file's).
-fn flag_given(cli: &Cli, key: &str) -> bool {
-    match key {
-        "listen" => !cli.listen.is_empty(),
-        "banner" => cli.banner.is_some(),
-        "backlog" => cli.backlog.is_some(),
-        "idle_timeout" => cli.idle_timeout.is_some(),
-        "shutdown_timeout" => cli.shutdown_timeout.is_some(),
-        "kill_timeout" => cli.kill_timeout.is_some(),
-        "max_session_time" => cli.max_session_time.is_some(),
-        "max_children" => cli.max_children.is_some(),
-        "max_per_source" => cli.max_per_source.is_some(),
-        "source_prefix_v4" => cli.source_prefix_v4.is_some(),
-        "source_prefix_v6" => cli.source_prefix_v6.is_some(),
-        "allow" => !cli.allow.is_empty(),
-        "deny" => !cli.deny.is_empty(),
-        "max_rate_per_source" => cli.max_rate_per_source.is_some(),
-        "rate_burst" => cli.rate_burst.is_some(),
-        "refusal_message" => cli.refusal_message.is_some(),
-        "reuse_port" => cli.reuse_port,
-        "pid_file" => cli.pid_file.is_some(),
-        "log_level" => cli.log_level.is_some(),
-        "log_file" => cli.log_file.is_some(),
-        "daemonize" => cli.daemonize,
-        "user" => cli.user.is_some(),
-        "group" => cli.group.is_some(),
-        _ => false,
-    }
+fn flag_given(cli: &Cli, name: &str) -> bool {
+    key(name).is_some_and(|key| key.flag_given(cli))
 }
 
 /// Reads a config file without ever waiting on it or holding more than `MAX_CONFIG_BYTES`:
