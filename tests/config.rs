@@ -5,6 +5,7 @@ use crate::util::*;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use nix::sys::signal::Signal;
 
@@ -539,4 +540,37 @@ fn check_config_names_the_file_that_set_the_key() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&path), "{stderr}");
+}
+
+/// A port below 1024 needs root (or CAP_NET_BIND_SERVICE): `--check-config` run by another
+/// user says so, as the start would fail; run as root it passes. (It binds nothing.)
+#[test]
+fn check_config_refuses_a_privileged_port_it_could_not_bind() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping: only root can run the check as another user");
+        return;
+    }
+    assert_eq!(
+        run(&["-l", "127.0.0.1:81", "--check-config"]).status.code(),
+        Some(0)
+    );
+    // A copy another user may execute wherever the tree is.
+    let dir = TempDir::new();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let program = dir.path().join("forkecho");
+    std::fs::copy(BIN, &program).unwrap();
+    let out = Command::new(&program)
+        .args(["-l", "127.0.0.1:81", "--check-config"])
+        .uid(65534)
+        .gid(65534)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("command line: key `listen`"), "{stderr}");
+    assert!(stderr.contains("a port below 1024 needs root"), "{stderr}");
 }

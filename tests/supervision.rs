@@ -226,11 +226,13 @@ fn sigterm_lets_active_session_finish_then_exits_0() {
     assert_eq!(status.code(), Some(0), "server exit status {status:?}");
     server.wait_child_exit(peer, 0);
     server.wait_for_line("shutdown complete");
+    // With the parent gone and its only child gone, no process holds the listener. (A connect
+    // to the address now proves nothing: in a parallel suite another test's server may
+    // already have been given the freed port.)
     assert!(
         wait_until(WAIT, || !process_exists(pid)),
         "child {pid} still exists after the server exited"
     );
-    assert!(connect_refused(addr), "connect to {addr} after exit");
     assert_eq!(
         server.count_lines("accepted "),
         1,
