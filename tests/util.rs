@@ -883,6 +883,45 @@ pub fn rss_kib(pid: Pid) -> u64 {
     forkecho_procfs::rss_kib(pid).unwrap_or_else(|| panic!("no VmRSS for {pid}"))
 }
 
+/// The TCP ports `pid` listens on (IPv4 and IPv6): its sockets (from /proc/<pid>/fd) that
+/// /proc/net/tcp{,6} shows in state LISTEN.
+pub fn listening_ports_of(pid: Pid) -> Vec<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_str()?;
+            Some(
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            // sl local_address rem_address st ... inode: state 0A is LISTEN.
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            if *state == "0A" && inodes.iter().any(|i| i == inode) {
+                let port = local.rsplit(':').next().unwrap_or("");
+                ports.extend(u16::from_str_radix(port, 16));
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports
+}
+
 /// The descriptor numbers a process holds, sorted, from /proc/<pid>/fd.
 pub fn fds_of(pid: Pid) -> Vec<u64> {
     let mut fds: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
