@@ -216,7 +216,7 @@ fn refuse_unless_regular(path: &Path, found: &std::fs::Metadata) -> Result<(), S
     if found.is_file() {
         return Ok(());
     }
-    let kind = crate::pidfile::kind_name(found.file_type());
+    let kind = crate::file_kind(found.file_type());
     Err(format!(
         "log file {} is {kind}, not a regular file",
         path.display()

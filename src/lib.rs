@@ -70,3 +70,23 @@ pub fn os_error_text(e: &std::io::Error) -> String {
         None => e.to_string(),
     }
 }
+
+/// What a file that is not a regular file is, as every refusal of one says it ("is a FIFO").
+pub fn file_kind(file_type: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if file_type.is_symlink() {
+        "a symbolic link"
+    } else if file_type.is_dir() {
+        "a directory"
+    } else if file_type.is_fifo() {
+        "a FIFO"
+    } else if file_type.is_char_device() {
+        "a character device"
+    } else if file_type.is_block_device() {
+        "a block device"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else {
+        "something other than a file"
+    }
+}

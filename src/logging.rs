@@ -976,8 +976,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn after_a_short_write_to_a_terminal_the_report_starts_on_a_fresh_line() {
+    /// A new pseudo-terminal: (master, slave).
+    fn pty() -> (OwnedFd, OwnedFd) {
         let (mut master, mut slave) = (0, 0);
         // Safe: openpty fills two descriptors we then own.
         let rc = unsafe {
@@ -990,8 +990,13 @@ mod tests {
             )
         };
         assert_eq!(rc, 0);
-        let (master, slave) =
-            unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        // Safe: both were just opened by openpty and belong to nobody else.
+        unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
+    }
+
+    #[test]
+    fn after_a_short_write_to_a_terminal_the_report_starts_on_a_fresh_line() {
+        let (master, slave) = pty();
         // Raw: no "\n" -> "\r\n", so what is read is what was written.
         let mut termios = std::mem::MaybeUninit::uninit();
         unsafe {
@@ -1039,20 +1044,7 @@ mod tests {
             eprintln!("skipping: only root can become another user");
             return;
         }
-        let (mut master, mut slave) = (0, 0);
-        // Safe: openpty fills two descriptors we then own.
-        let rc = unsafe {
-            libc::openpty(
-                &mut master,
-                &mut slave,
-                std::ptr::null_mut(),
-                std::ptr::null(),
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(rc, 0);
-        let (_master, slave) =
-            unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        let (_master, slave) = pty();
         // Safe: the child makes system calls only and ends with _exit.
         let child = unsafe { libc::fork() };
         if child == 0 {

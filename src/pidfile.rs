@@ -23,10 +23,10 @@
 //! pid is emptied through the held descriptor, and the path is removed only if it still names
 //! that same file (device and inode), and, after a failed start, only if this process created it.
 
-use std::fs::{File, FileType, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -148,7 +148,7 @@ pub fn inspect(path: &Path) -> Result<(), PidFileError> {
     if !metadata.is_file() {
         return Err(PidFileError::NotRegular {
             path: path.to_path_buf(),
-            kind: kind_name(metadata.file_type()),
+            kind: crate::file_kind(metadata.file_type()),
         });
     }
     refuse_unless_pid(&file, path)
@@ -198,7 +198,7 @@ impl PidFile {
         if !opened.is_file() {
             return Err(PidFileError::NotRegular {
                 path: path.to_path_buf(),
-                kind: kind_name(opened.file_type()),
+                kind: crate::file_kind(opened.file_type()),
             });
         }
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
@@ -298,7 +298,7 @@ fn refuse_unless_regular(
     match metadata {
         Ok(m) if !m.is_file() => Err(PidFileError::NotRegular {
             path: path.to_path_buf(),
-            kind: kind_name(m.file_type()),
+            kind: crate::file_kind(m.file_type()),
         }),
         _ => Ok(()),
     }
@@ -395,25 +395,6 @@ fn quoted_start(text: &[u8]) -> String {
         ""
     };
     format!("{}{more}", start.escape_ascii())
-}
-
-/// What a file that is not a regular file is, as a refusal says it ("is a FIFO").
-pub fn kind_name(file_type: FileType) -> &'static str {
-    if file_type.is_symlink() {
-        "a symbolic link"
-    } else if file_type.is_dir() {
-        "a directory"
-    } else if file_type.is_fifo() {
-        "a FIFO"
-    } else if file_type.is_char_device() {
-        "a character device"
-    } else if file_type.is_block_device() {
-        "a block device"
-    } else if file_type.is_socket() {
-        "a socket"
-    } else {
-        "not a regular file"
-    }
 }
 
 /// True if `file` is the file `path` names now (same device and inode).

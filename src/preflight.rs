@@ -106,7 +106,7 @@ fn check_writable(path: &Path, follow: bool, mode: libc::c_int) -> Result<(), St
     match metadata {
         Ok(m) if !m.is_file() => Err(format!(
             "{shown} is {}, not a regular file",
-            crate::pidfile::kind_name(m.file_type())
+            crate::file_kind(m.file_type())
         )),
         Ok(_) if !may_write(path, mode) => {
             Err(format!("{shown} cannot be written (permission denied)"))

@@ -549,8 +549,7 @@ fn check_config_refuses_a_privileged_port_it_could_not_bind() {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
 
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping: only root can run the check as another user");
+    if !is_root_or_skip("only root can run the check as another user") {
         return;
     }
     assert_eq!(

@@ -634,8 +634,7 @@ fn fd_exhaustion_under_5_percent_cpu_then_waiting_clients_served_within_2s() {
 fn server_with_two_process_slots() -> Option<(Server, MutexGuard<'static, ()>)> {
     use std::os::unix::process::CommandExt;
 
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping the fork failure test: only root can start the server as another user");
+    if !is_root_or_skip("the fork failure test: only root can start the server as another user") {
         return None;
     }
     let heavy = heavy();

@@ -163,8 +163,7 @@ fn exit_leaves_a_pid_file_that_is_no_longer_ours() {
 /// removed at exit: it is emptied instead, and `kill $(cat …)` finds no stale pid.
 #[test]
 fn pid_file_that_cannot_be_removed_is_emptied() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping pid_file_that_cannot_be_removed: only root can switch users");
+    if !is_root_or_skip("pid_file_that_cannot_be_removed: only root can switch users") {
         return;
     }
     let dir = TempDir::new();
@@ -260,8 +259,7 @@ fn daemonize_does_not_keep_inherited_descriptors() {
 /// (logged once root is dropped) included; the terminal gets nothing.
 #[test]
 fn running_as_line_goes_to_the_log_file() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping running_as_line_goes_to_the_log_file: only root can switch users");
+    if !is_root_or_skip("running_as_line_goes_to_the_log_file: only root can switch users") {
         return;
     }
     let dir = TempDir::new();

@@ -280,8 +280,7 @@ fn lines_dropped_while_the_log_stalled_are_reported_once_when_it_resumes() {
 #[test]
 fn a_stalled_log_pipe_created_by_another_user_does_not_stop_serving() {
     use std::os::unix::process::CommandExt;
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping: only root can start the server as another user");
+    if !is_root_or_skip("only root can start the server as another user") {
         return;
     }
     let uid = unused_uid();

@@ -282,8 +282,7 @@ fn daemonize_reports_startup_errors() {
 /// nobody, with nobody's group and no supplementary root groups, and cannot become root again.
 #[test]
 fn user_drops_privileges_for_parent_and_children() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping user_drops_privileges: only root can switch users");
+    if !is_root_or_skip("user_drops_privileges: only root can switch users") {
         return;
     }
     let (_, uid, gid) = account("nobody");
@@ -303,8 +302,7 @@ fn user_drops_privileges_for_parent_and_children() {
 /// reloaded with a warning that it takes effect at the next start, not refused.
 #[test]
 fn reload_runs_no_user_lookup_and_says_when_a_user_change_applies() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping reload_runs_no_user_lookup: only root can switch users");
+    if !is_root_or_skip("reload_runs_no_user_lookup: only root can switch users") {
         return;
     }
     let server = Server::builder()
@@ -330,8 +328,7 @@ fn reload_runs_no_user_lookup_and_says_when_a_user_change_applies() {
 /// account it resolved to.
 #[test]
 fn numeric_user_resolves_to_its_account() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping numeric_user_resolves: only root can switch users");
+    if !is_root_or_skip("numeric_user_resolves: only root can switch users") {
         return;
     }
     let server = Server::builder().args(["--user", "65534"]).start();

@@ -883,6 +883,15 @@ pub fn rss_kib(pid: Pid) -> u64 {
     forkecho_procfs::rss_kib(pid).unwrap_or_else(|| panic!("no VmRSS for {pid}"))
 }
 
+/// True when running as root; otherwise says that the test is skipped and why (`what`).
+pub fn is_root_or_skip(what: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        eprintln!("skipping: {what} (needs root)");
+    }
+    root
+}
+
 /// The TCP ports `pid` listens on (IPv4 and IPv6): its sockets (from /proc/<pid>/fd) that
 /// /proc/net/tcp{,6} shows in state LISTEN.
 pub fn listening_ports_of(pid: Pid) -> Vec<u16> {

@@ -735,27 +735,17 @@ fn check_item_count(bytes: &[u8]) -> Result<(), String> {
 /// `Ok` for a regular file, else what it is instead.
 fn require_regular(meta: &std::fs::Metadata) -> Result<(), String> {
     let kind = meta.file_type();
-    let what = if kind.is_file() {
-        return Ok(());
+    if kind.is_file() {
+        Ok(())
     } else if kind.is_fifo() {
-        return Err(
-            "is a FIFO, not a regular file: forkecho must be able to read its \
-                    configuration again on reload (a pipe reads as empty the second time); \
-                    give a file"
+        Err(
+            "is a FIFO, not a regular file: forkecho must be able to read its configuration \
+             again on reload (a pipe reads as empty the second time); give a file"
                 .into(),
-        );
-    } else if kind.is_dir() {
-        "a directory"
-    } else if kind.is_char_device() {
-        "a character device"
-    } else if kind.is_block_device() {
-        "a block device"
-    } else if kind.is_socket() {
-        "a socket"
+        )
     } else {
-        "something else"
-    };
-    Err(format!("is {what}, not a regular file"))
+        Err(format!("is {}, not a regular file", crate::file_kind(kind)))
+    }
 }
 
 /// The file's bytes as text; the first byte that is not UTF-8 is reported where it is.

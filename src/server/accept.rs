@@ -80,7 +80,7 @@ impl Server {
     /// same error or giving up on the listener. One warning per run of failures.
     #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
     fn pause_accepting(&mut self, i: usize, e: &io::Error) {
-        if self.accept_failures == 0 {
+        if self.accept_failures.record() {
             warn!(
                 "accept on {} failed: {}; retrying every {} until it succeeds",
                 self.listeners[i].listener.local,
@@ -88,17 +88,12 @@ impl Server {
                 seconds(ACCEPT_BACKOFF)
             );
         }
-        self.accept_failures += 1;
         self.paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
     }
 
     fn accept_recovered(&mut self) {
-        if self.accept_failures > 0 {
-            info!(
-                "accepting again after {} failed attempts",
-                self.accept_failures
-            );
-            self.accept_failures = 0;
+        if let Some(failed) = self.accept_failures.end() {
+            info!("accepting again after {failed} failed attempts");
         }
     }
 
@@ -210,8 +205,7 @@ impl Server {
     #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
     fn fork_failed(&mut self, stream: TcpStream, peer: SocketAddr, e: &io::Error) {
         self.fork_failures += 1;
-        self.fork_failure_run += 1;
-        if self.fork_failure_run == 1 {
+        if self.fork_failure_run.record() {
             warn!(
                 "cannot fork for {peer}: {}; refused it; accepting pauses until a session \
                  ends, or for {} growing to 5s, until a fork succeeds",
@@ -226,17 +220,14 @@ impl Server {
         }
         self.send_refusal(stream);
         if self.phase == Phase::Serving {
-            self.paused_until = Some(Instant::now() + fork_backoff(self.fork_failure_run));
+            let pause = fork_backoff(self.fork_failure_run.len());
+            self.paused_until = Some(Instant::now() + pause);
         }
     }
 
     fn fork_recovered(&mut self) {
-        if self.fork_failure_run > 0 {
-            info!(
-                "forking again after {} failed attempts",
-                self.fork_failure_run
-            );
-            self.fork_failure_run = 0;
+        if let Some(failed) = self.fork_failure_run.end() {
+            info!("forking again after {failed} failed attempts");
         }
     }
 
@@ -290,6 +281,29 @@ impl MayWait {
             MayWait::Until(until) => Some(until),
             MayWait::No => None,
         }
+    }
+}
+
+/// Failures of one kind in a row (accept, fork): the first of a run gets the warning, the
+/// end of a run one line saying how long it was.
+#[derive(Debug, Default)]
+pub(super) struct FailureRun(u64);
+
+impl FailureRun {
+    /// Counts a failure; true if it starts a run (the one to warn about).
+    fn record(&mut self) -> bool {
+        self.0 += 1;
+        self.0 == 1
+    }
+
+    /// Failures in the current run; 0 when there is none.
+    pub(super) fn len(&self) -> u64 {
+        self.0
+    }
+
+    /// Ends the run: how many failed, if any did.
+    fn end(&mut self) -> Option<u64> {
+        (self.0 > 0).then(|| std::mem::take(&mut self.0))
     }
 }
 

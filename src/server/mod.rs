@@ -43,6 +43,7 @@ mod reload;
 mod shutdown;
 mod token;
 
+use accept::FailureRun;
 use capacity::CapacityReports;
 use listeners::Listeners;
 use shutdown::Phase;
@@ -85,10 +86,10 @@ pub struct Server {
     /// Accepting is paused until then, after running out of descriptors or memory.
     paused_until: Option<Instant>,
     /// Accept failures since the last successful accept; a warning is logged only for the first.
-    accept_failures: u64,
+    accept_failures: FailureRun,
     fork_failures: u64,
     /// Fork failures since the last successful fork; a warning is logged only for the first.
-    fork_failure_run: u64,
+    fork_failure_run: FailureRun,
     /// Connections waiting for a session of their source to end (see `pending`).
     pending: Pending,
     /// Which `max_children` state changes get a log line.
@@ -142,9 +143,9 @@ impl Server {
             kill_timeout: config.kill_timeout,
             phase: Phase::Serving,
             paused_until: None,
-            accept_failures: 0,
+            accept_failures: FailureRun::default(),
             fork_failures: 0,
-            fork_failure_run: 0,
+            fork_failure_run: FailureRun::default(),
             pending: Pending::default(),
             capacity_reports: CapacityReports::default(),
             started: Instant::now(),
@@ -231,7 +232,7 @@ impl Server {
         if requests.reap {
             let before = self.children.len();
             self.children.reap(&self.handler);
-            if self.fork_failure_run > 0 && self.children.len() < before {
+            if self.fork_failure_run.len() > 0 && self.children.len() < before {
                 // A child's exit is what frees a process slot: try forking again now.
                 self.paused_until = None;
             }
