@@ -53,8 +53,10 @@
 //!
 //! Children write to fd 2 itself, blocking, as every process inherits it: the parent's own
 //! description is close-on-exec and closed in every child anyway (see `spawn`). A stalled log
-//! thus holds up only the session whose child is writing (at `debug`, or on an error), which
-//! shutdown's SIGTERM still ends; it never holds up the parent or other sessions.
+//! thus holds up only the child that is writing (at `debug`, or on an error), and for at most
+//! a second per line (`write_in_child`): a child that waited for ever would keep its place
+//! under `max_children` and `max_per_source` after its session ended, and enough of them would
+//! shut new clients out. It never holds up the parent.
 //!
 //! # Why our own writer
 //! Filtering is env_logger's (the `RUST_LOG` grammar, per-module directives); formatting and
@@ -434,7 +436,7 @@ impl Log {
     fn write(&self, pid: u32, line: &[u8]) {
         if !self.in_parent(pid) {
             // Nowhere to report a failure: the line is lost.
-            let _ = write_whole(Sink::Stderr, self.stderr, line);
+            write_in_child(self.stderr, line);
             return;
         }
         let sink = Sink::from_u8(self.sink.load(Ordering::Relaxed));
@@ -549,8 +551,48 @@ fn grow_pipe(fd: RawFd) {
         .ok()
         .and_then(|t| t.trim().parse::<libc::c_int>().ok())
         .unwrap_or(BURST_BUFFER);
-    // Safe: F_SETPIPE_SZ only resizes the pipe's buffer; it never drops what it holds.
-    unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, BURST_BUFFER.min(max)) };
+    // Safe: F_GETPIPE_SZ only reads the pipe's size.
+    let now = unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) };
+    // Only ever grown: a supervisor may have made it larger still.
+    if now < BURST_BUFFER.min(max) {
+        // Safe: F_SETPIPE_SZ only resizes the pipe's buffer; it never drops what it holds.
+        unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, BURST_BUFFER.min(max)) };
+    }
+}
+
+/// Longest a child waits for room in the log for one line before dropping it.
+const CHILD_LOG_DEADLINE_SECS: libc::c_uint = 1;
+
+/// A child's line: written to fd 2 itself, blocking, but for at most
+/// [`CHILD_LOG_DEADLINE_SECS`]. Why a deadline: a child whose session is over but that waits
+/// forever on a stalled log keeps its place under `max_children` and `max_per_source`, and
+/// enough of them shut new clients out. SIGALRM, caught by a handler that does nothing and
+/// installed without SA_RESTART, ends the wait with EINTR; a write of at most `PIPE_BUF` to a
+/// pipe is all or nothing, so the line is then dropped whole. Only the child's own state
+/// changes (its handler, its timer): it `_exit`s soon after.
+fn write_in_child(stderr: RawFd, line: &[u8]) {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    extern "C" fn interrupt(_: libc::c_int) {}
+    let action = SigAction::new(
+        SigHandler::Handler(interrupt),
+        SaFlags::empty(), // no SA_RESTART: the write must end with EINTR
+        SigSet::empty(),
+    );
+    // Safe: the handler does nothing, so it is async-signal-safe.
+    let _ = unsafe { sigaction(Signal::SIGALRM, &action) };
+    // Safe: alarm only arms this process's timer.
+    unsafe { libc::alarm(CHILD_LOG_DEADLINE_SECS) };
+    let mut rest = line;
+    while !rest.is_empty() {
+        // Safe: writes bytes from a valid slice.
+        let n = unsafe { libc::write(stderr, rest.as_ptr().cast(), rest.len()) };
+        if n <= 0 {
+            break; // EINTR (the deadline) or an error: the line is lost
+        }
+        rest = &rest[n as usize..];
+    }
+    // Safe: disarms the timer.
+    unsafe { libc::alarm(0) };
 }
 
 /// A new open file description of the object behind `fd` (the same pipe or terminal), with

@@ -53,9 +53,14 @@ impl StalledLog {
 
     /// [`StalledLog::start`] of what `builder` says (another program, another uid).
     fn start_with(kind: LogKind, builder: ServerBuilder) -> Self {
+        Self::start_at(kind, builder, "info")
+    }
+
+    /// [`StalledLog::start_with`] at `level`.
+    fn start_at(kind: LogKind, builder: ServerBuilder, level: &str) -> Self {
         let (ours, theirs) = log_channel(kind);
         let server = builder
-            .args(["-l", "127.0.0.1:0", "--log-level", "info"])
+            .args(["-l", "127.0.0.1:0", "--log-level", level])
             .env_remove("RUST_LOG")
             .stderr(theirs)
             .spawn();
@@ -313,6 +318,40 @@ fn a_stalled_log_pipe_created_by_another_user_does_not_stop_serving() {
         1,
         "{log}"
     );
+}
+
+/// At `debug` every child logs how its session ended. With the log stalled, a child whose
+/// session is over must not keep a place under `max_children` (or `max_per_source`) for as
+/// long as nobody reads the log: new clients must still be served, and SIGTERM must not wait
+/// out `shutdown_timeout` for sessions that already ended.
+#[test]
+fn children_stuck_writing_a_stalled_log_do_not_lock_out_new_clients() {
+    let builder = Server::builder().args(["--max-children", "8"]);
+    let mut server = StalledLog::start_at(LogKind::Pipe, builder, "debug");
+    // Until the log has been full for 20 clients in a row.
+    let (mut full_for, mut queued) = (0, server.queued());
+    for i in 0..MAX_FILL {
+        if full_for == 20 {
+            break;
+        }
+        let mut s = connect(server.addr);
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut greeting = [0u8; 1];
+        let greeted = s.read(&mut greeting).is_ok_and(|n| n == 1);
+        let pid = server.server.pid();
+        let live = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"));
+        assert!(
+            greeted,
+            "client {i} not served once the log filled ({queued} bytes queued); live \
+             children: {}",
+            live.unwrap_or_default()
+        );
+        let now = server.queued();
+        full_for = if now == queued { full_for + 1 } else { 0 };
+        queued = now;
+    }
+    let log = server.terminate_and_read_to_end();
+    assert_whole_log(&log);
 }
 
 /// One event per line: a value quoted in a reload error (here a newline inside a TOML string)

@@ -772,3 +772,30 @@ fn a_rotated_log_file_is_not_held_open_after_sighup() {
     server.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(server.wait_exit(WAIT).success());
 }
+
+/// Port 0 picked a port; a reload that names that port (the operator pinning what it got)
+/// keeps the listener and its queued clients, instead of refusing the reload because the
+/// address is in use, by this very process.
+#[test]
+fn reload_naming_the_port_that_port_0_picked_keeps_listening_there() {
+    let server = Server::builder()
+        .config("listen = [\"127.0.0.1:0\"]\n")
+        .start();
+    let addr = server.addr();
+    let mut session = connect(addr);
+    expect_banner(&mut session);
+    server.rewrite_config(&format!("listen = [\"{addr}\"]\n"));
+    server.signal(nix::sys::signal::Signal::SIGHUP);
+    server.wait_for_log("reload", WAIT, |lines| {
+        lines.iter().any(|l| l.contains("reload"))
+    });
+    assert_eq!(
+        server.count_lines("reload refused"),
+        0,
+        "{}",
+        server.log_text()
+    );
+    assert_eq!(echo_roundtrip(&mut session, b"kept\n"), b"kept\n");
+    let mut s = connect(addr);
+    expect_banner(&mut s);
+}

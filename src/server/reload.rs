@@ -97,10 +97,12 @@ impl Server {
     /// listener this reload removes (same port, one of them a wildcard), which can be bound
     /// only after it closes, and the rest.
     fn addresses_to_add(&self, listen: &[SocketAddr]) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+        // A listener counts under its configured address and the one it got (port 0 picks a
+        // port, which a later configuration may name).
         let current: HashSet<SocketAddr> = self
             .listeners
             .iter()
-            .map(|s| s.listener.configured)
+            .flat_map(|s| [s.listener.configured, s.listener.local])
             .collect();
         let wanted: HashSet<SocketAddr> = listen.iter().copied().collect();
         let removed: Vec<SocketAddr> = current.difference(&wanted).copied().collect();
@@ -144,11 +146,16 @@ impl Server {
         // Tokens are indexes into `listeners`: take every listener out of the poll set and
         // put the survivors and the new ones back under their new tokens.
         self.set_polling(false);
-        let (kept, dropped): (Vec<Listener>, Vec<Listener>) = self
-            .listeners
-            .take_all()
-            .into_iter()
-            .partition(|l| new.listen.contains(&l.configured));
+        let wanted =
+            |l: &Listener| new.listen.contains(&l.configured) || new.listen.contains(&l.local);
+        let (mut kept, dropped): (Vec<Listener>, Vec<Listener>) =
+            self.listeners.take_all().into_iter().partition(wanted);
+        for listener in &mut kept {
+            // Kept by the address port 0 gave it: that is its configured address from now on.
+            if !new.listen.contains(&listener.configured) {
+                listener.configured = listener.local;
+            }
+        }
         let mut changes = Vec::new();
         let mut closed = Vec::new();
         for listener in dropped {
