@@ -4,8 +4,10 @@
 //! # Layout
 //! The modules follow the data, from the command line to a client's bytes:
 //!
-//! - [`config`]: defaults, the TOML file and the flags, merged and validated once; `diff.rs`:
-//!   what a reload changes, for its log line.
+//! - [`config`]: defaults, the TOML file and the flags, merged and validated once. `keys.rs`
+//!   defines every key in one row (name, help, default, flag, check, what a reload does with
+//!   it); `flags.rs` makes the command line's flags from those rows; `diff.rs` says what a
+//!   reload changes, for its log line.
 //! - [`logging`]: one whole line per event, tagged with the writing process's pid.
 //! - [`listen`]: binding the listening sockets (SO_REUSEADDR, backlog, IPv6-only).
 //! - [`server`]: the parent's `mio::Poll` loop: signals first, then accept → admit → fork

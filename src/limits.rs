@@ -30,18 +30,14 @@ use std::time::{Duration, Instant};
 use hashbrown::hash_table::{Entry, HashTable};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-pub const DEFAULT_MAX_CHILDREN: usize = 1024;
-pub const DEFAULT_MAX_PER_SOURCE: usize = 32;
-pub const DEFAULT_SOURCE_PREFIX_V4: u8 = 32;
-pub const DEFAULT_SOURCE_PREFIX_V6: u8 = 64;
-
 /// Most token buckets kept at once; see [`Admission::take_token`].
 const MAX_BUCKETS: usize = 100_000;
 /// How often idle buckets are swept out at most.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The limits in force. Validated at load (see `config`), replaced whole on reload.
-#[derive(Debug, Clone, PartialEq)]
+/// The limits in force. Validated at load (see `config`, which gives the defaults), replaced
+/// whole on reload.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Limits {
     /// Most live children; at the limit accepting pauses.
     pub max_children: usize,
@@ -63,22 +59,6 @@ pub struct Limits {
     pub refusal_message: Vec<u8>,
     /// `deny` and `allow` indexed for lookup; derived from them, so it takes no part in `==`.
     rules: RulesCell,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_children: DEFAULT_MAX_CHILDREN,
-            max_per_source: DEFAULT_MAX_PER_SOURCE,
-            source_prefix_v4: DEFAULT_SOURCE_PREFIX_V4,
-            source_prefix_v6: DEFAULT_SOURCE_PREFIX_V6,
-            deny: Vec::new(),
-            allow: Vec::new(),
-            rate: None,
-            refusal_message: Vec::new(),
-            rules: RulesCell::default(),
-        }
-    }
 }
 
 impl Limits {
@@ -651,6 +631,11 @@ pub fn parse_prefix(s: &str) -> Result<IpNet, String> {
 mod tests {
     use super::*;
 
+    /// The limits forkecho runs with when nothing is configured.
+    fn defaults() -> Limits {
+        crate::config::Config::built_in().limits
+    }
+
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
@@ -662,7 +647,7 @@ mod tests {
 
     #[test]
     fn sources_group_ipv6_by_64() {
-        let l = Limits::default();
+        let l = defaults();
         assert_eq!(
             source_of(ip("2001:db8::1"), &l),
             source_of(ip("2001:db8::ffff:1"), &l)
@@ -682,7 +667,7 @@ mod tests {
         let limits = Limits {
             allow: vec![parse_prefix("127.0.0.0/8").unwrap()],
             deny: vec![parse_prefix("127.0.0.2").unwrap()],
-            ..Limits::default()
+            ..defaults()
         };
         let mut adm = Admission::default();
         let now = Instant::now();
@@ -706,7 +691,7 @@ mod tests {
     fn per_source_limit_counts_live_sessions() {
         let limits = Limits {
             max_per_source: 2,
-            ..Limits::default()
+            ..defaults()
         };
         let mut adm = Admission::default();
         let now = Instant::now();
@@ -722,7 +707,7 @@ mod tests {
                 per_second: 5.0,
                 burst: 5.0,
             }),
-            ..Limits::default()
+            ..defaults()
         };
         let mut adm = Admission::default();
         let t0 = Instant::now();
@@ -754,7 +739,7 @@ mod tests {
                 per_second: 10.0,
                 burst: 2.0,
             }),
-            ..Limits::default()
+            ..defaults()
         };
         let mut adm = Admission::default();
         let t0 = Instant::now();
@@ -779,7 +764,7 @@ mod tests {
         Limits {
             deny: parse(deny),
             allow: parse(allow),
-            ..Limits::default()
+            ..defaults()
         }
     }
 
@@ -859,7 +844,7 @@ mod tests {
         let limits = Limits {
             deny: big_deny_list(),
             allow: vec![parse_prefix("0.0.0.0/0").unwrap()],
-            ..Limits::default()
+            ..defaults()
         };
         limits.index_rules();
         assert_eq!(
@@ -947,7 +932,7 @@ mod tests {
             let mut limits = Limits {
                 deny: rules(&deny),
                 allow: rules(&allow),
-                ..Limits::default()
+                ..defaults()
             };
             if deny_everything.0 {
                 limits.deny.push(parse_prefix("0.0.0.0/0").unwrap());
@@ -998,7 +983,7 @@ mod tests {
         for rules in [10, 200_000] {
             let limits = Limits {
                 deny: big[..rules].to_vec(),
-                ..Limits::default()
+                ..defaults()
             };
             let started = Instant::now();
             limits.index_rules();

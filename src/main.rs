@@ -50,13 +50,11 @@ fn main() -> ExitCode {
     ExitCode::from(failure.exit_code())
 }
 
-/// Paths given on the command line are relative to where forkecho was started; a daemon
-/// works from /, and a reload must find the same config file.
+/// The config file's path is relative to where forkecho was started; a daemon works from /,
+/// and a reload must find the same file. (Path keys given as flags are made absolute as they
+/// are parsed: see `config::flags`.)
 fn with_absolute_paths(mut cli: Cli) -> Cli {
-    for path in [&mut cli.config, &mut cli.pid_file, &mut cli.log_file]
-        .into_iter()
-        .flatten()
-    {
+    if let Some(path) = &mut cli.config {
         if let Ok(absolute) = std::path::absolute(&*path) {
             *path = absolute;
         }
@@ -82,7 +80,7 @@ fn start_and_serve(cli: Cli, readiness: &mut Readiness) -> Result<(), Failure> {
     let keep: Vec<_> = pid_file.iter().map(AsFd::as_fd).collect();
     let log_on_ready;
     (*readiness, log_on_ready) = detach(&config, &keep).map_err(Failure::Start)?;
-    logging::init(config.log_level);
+    logging::init(config.log_level.filter());
     let (listeners, from_systemd) = listeners(&config)?;
     let passed = if from_systemd { listeners.len() } else { 0 };
     // SIGHUP re-runs exactly this load: the same file, the same command-line overrides.

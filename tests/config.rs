@@ -59,6 +59,20 @@ fn unknown_key_rejected() {
     }
 }
 
+/// A misspelt key is answered with the key it is closest to, at the line it is on.
+#[test]
+fn a_misspelt_key_is_answered_with_the_nearest_key() {
+    let dir = TempDir::new();
+    let path = write_config(&dir, "listen = [\"127.0.0.1:0\"]\nmax_childern = 5\n");
+    let err = expect_exit(&run(&["-c", path.as_str(), "--check-config"]), 2);
+    assert!(
+        err.contains(&format!(
+            "{path}: key `max_childern`: unknown key; did you mean `max_children`?"
+        )),
+        "stderr: {err}"
+    );
+}
+
 /// A value of the wrong type (`backlog = "many"`) exits 2 naming the file and the key.
 #[test]
 fn wrong_type_rejected() {
@@ -572,4 +586,46 @@ fn check_config_refuses_a_privileged_port_it_could_not_bind() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("command line: key `listen`"), "{stderr}");
     assert!(stderr.contains("a port below 1024 needs root"), "{stderr}");
+}
+
+/// The documented config file (`config/forkecho.toml`) lists every key, and the values it
+/// sets are the built-in defaults: loading it changes nothing.
+#[test]
+fn the_documented_config_lists_every_key_at_its_default() {
+    use clap::Parser;
+    use forkecho::config::{Cli, Config};
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/forkecho.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    for key in forkecho::config::KEYS {
+        let listed = text.lines().any(|line| {
+            let line = line.trim_start_matches(['#', ' ']);
+            line.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        });
+        assert!(listed, "config/forkecho.toml does not list `{key}`");
+    }
+    let with_file = Config::load(&Cli::parse_from(["forkecho", "-c", path])).unwrap();
+    let without = Config::load(&Cli::parse_from(["forkecho"])).unwrap();
+    assert_eq!(with_file, without);
+}
+
+/// `--help` has a flag for every key, with the key's built-in default.
+#[test]
+fn help_has_a_flag_for_every_key() {
+    let out = run(&["--help"]);
+    let help = stdout(&out);
+    for key in forkecho::config::KEYS {
+        let flag = format!("--{}", key.replace('_', "-"));
+        assert!(help.contains(&flag), "--help lacks {flag}:\n{help}");
+    }
+    for line in [
+        "--listen <ADDR>",
+        "[default: 127.0.0.1:2333]",
+        "--backlog <N>",
+        "[default: 1024]",
+        "--log-level <LEVEL>",
+        "[default: info]",
+    ] {
+        assert!(help.contains(line), "--help lacks {line}:\n{help}");
+    }
 }

@@ -1,85 +1,67 @@
-//! What a reload changes, for its one log line: `key old -> new`, long values summarised.
+//! What a reload changes, from each key's `on_reload` in `keys::TABLE`: `key old -> new` items
+//! for the reload line, long values summarised, and warnings for changes that wait for the
+//! next start.
 
 use std::fmt;
-use std::time::Duration;
 
+use super::keys::{OnReload, Shown, TABLE};
 use super::Config;
-use crate::children::seconds;
 
-/// What a reload changes, as `key old -> new` items for one log line (listen addresses are
-/// reported by `install_listeners`).
-pub fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
-    let mut changes = Vec::new();
-    let mut compare = |key: &str, a: &dyn fmt::Display, b: &dyn fmt::Display| {
-        let (a, b) = (a.to_string(), b.to_string());
-        if a != b {
-            changes.push(format!("{key} {a} -> {b}"));
+/// What a reload changes.
+#[derive(Debug, Default, PartialEq)]
+pub struct Changes {
+    /// `key old -> new` for each key that applies now.
+    pub applied: Vec<String>,
+    /// One warning per kind of change that takes effect only at the next start.
+    pub at_next_start: Vec<&'static str>,
+}
+
+/// What changes from `old` to `new` (listen addresses are reported by the code that installs
+/// the listeners).
+pub fn describe_changes(old: &Config, new: &Config) -> Changes {
+    let mut changes = Changes::default();
+    for key in &TABLE {
+        match key.on_reload {
+            OnReload::Applies(show) => {
+                if let Some(change) = change(key.name, show(old), show(new)) {
+                    changes.applied.push(change);
+                }
+            }
+            OnReload::NewAddressesOnly(show) => {
+                let label = format!("{} (new addresses only)", key.name);
+                if let Some(change) = change(&label, show(old), show(new)) {
+                    changes.applied.push(change);
+                }
+            }
+            OnReload::NextStart(show, warning) => {
+                if show(old) != show(new) && !changes.at_next_start.contains(&warning) {
+                    changes.at_next_start.push(warning);
+                }
+            }
+            OnReload::Reported => {}
         }
-    };
-    let secs = |d: Option<Duration>| d.map_or("never".to_string(), |d| seconds(d).to_string());
-    let (o, n) = (&old.limits, &new.limits);
-    // Both are socket options set at bind: kept listeners keep theirs, new addresses get these.
-    compare("backlog (new addresses only)", &old.backlog, &new.backlog);
-    compare(
-        "idle_timeout",
-        &secs(old.idle_timeout),
-        &secs(new.idle_timeout),
-    );
-    compare(
-        "max_session_time",
-        &secs(old.max_session_time),
-        &secs(new.max_session_time),
-    );
-    compare(
-        "shutdown_timeout",
-        &seconds(old.shutdown_timeout),
-        &seconds(new.shutdown_timeout),
-    );
-    compare(
-        "kill_timeout",
-        &seconds(old.kill_timeout),
-        &seconds(new.kill_timeout),
-    );
-    compare("log_level", &old.log_level, &new.log_level);
-    compare("max_children", &o.max_children, &n.max_children);
-    compare("max_per_source", &o.max_per_source, &n.max_per_source);
-    compare("source_prefix_v4", &o.source_prefix_v4, &n.source_prefix_v4);
-    compare("source_prefix_v6", &o.source_prefix_v6, &n.source_prefix_v6);
-    compare("rate", &format!("{:?}", o.rate), &format!("{:?}", n.rate));
-    compare(
-        "reuse_port (new addresses only)",
-        &old.reuse_port,
-        &new.reuse_port,
-    );
-    // Values that may be long: compared whole, shown summarised.
-    let mut compare_long = |key: &str, changed: bool, a: String, b: String| {
-        if changed {
-            changes.push(format!("{key} {a} -> {b}"));
-        }
-    };
-    let text = |bytes: &[u8]| summarise_text(bytes);
-    let (banner, message) = (&new.banner, &n.refusal_message);
-    compare_long(
-        "banner",
-        old.banner != *banner,
-        text(&old.banner),
-        text(banner),
-    );
-    compare_long(
-        "refusal_message",
-        o.refusal_message != *message,
-        text(&o.refusal_message),
-        text(message),
-    );
-    let list = |l: &[ipnet::IpNet]| summarise_list(l);
-    compare_long("allow", o.allow != n.allow, list(&o.allow), list(&n.allow));
-    compare_long("deny", o.deny != n.deny, list(&o.deny), list(&n.deny));
+    }
     changes
+}
+
+/// `label old -> new`, if the values differ.
+fn change(label: &str, old: Shown, new: Shown) -> Option<String> {
+    (old != new).then(|| format!("{label} {old} -> {new}"))
 }
 
 /// Longest value a reload line shows whole; a longer one is summarised, so that a 1 MiB
 /// banner or a 200,000-entry deny list cannot make a multi-megabyte log line.
 const MAX_SHOWN_VALUE: usize = 120;
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Shown::Plain(text) => f.write_str(text),
+            Shown::Bytes(bytes) => f.write_str(&summarise_text(bytes)),
+            Shown::Prefixes(list) => f.write_str(&summarise_list(list)),
+        }
+    }
+}
 
 /// A text value for the reload line: quoted and escaped, or, when long, its start and its
 /// size.
@@ -104,4 +86,36 @@ fn summarise_list(list: &[ipnet::IpNet]) -> String {
     }
     let first: Vec<String> = list.iter().take(3).map(|p| p.to_string()).collect();
     format!("[{}, ... ({} prefixes)]", first.join(", "), list.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_line_names_each_changed_key_and_summarises_long_values() {
+        let old = Config::built_in();
+        let mut new = old.clone();
+        new.backlog = 5;
+        new.banner = vec![b'x'; 1 << 20];
+        new.idle_timeout = None;
+        new.limits.max_children = 7;
+        new.daemonize = true;
+        let changes = describe_changes(&old, &new);
+        assert_eq!(
+            changes.applied,
+            [
+                "banner \"connect successful!\\n\" -> \"xxxxxxxxxxxxxxxxxxxxxxxx\"... \
+                 (1048576 bytes)",
+                "backlog (new addresses only) 1024 -> 5",
+                "idle_timeout 300.00s -> never",
+                "max_children 1024 -> 7",
+            ]
+        );
+        assert_eq!(
+            changes.at_next_start,
+            ["daemonize changes take effect at the next start"]
+        );
+        assert_eq!(describe_changes(&old, &old), Changes::default());
+    }
 }

@@ -50,27 +50,19 @@ impl Server {
         } else {
             (Vec::new(), Vec::new())
         };
-        let mut changes = describe_changes(&self.config, &new);
+        let described = describe_changes(&self.config, &new);
+        for warning in described.at_next_start {
+            warn!("{warning}");
+        }
+        let mut changes = described.applied;
         changes.extend(log_reopened.map(str::to_string));
-        if new.pid_file != self.config.pid_file {
-            warn!("pid_file changes take effect at the next start");
-        }
-        if new.log_file != self.config.log_file {
-            warn!("log_file changes take effect at the next start; SIGHUP reopens the one in use");
-        }
-        if new.daemonize != self.config.daemonize {
-            warn!("daemonize changes take effect at the next start");
-        }
-        if new.identity_changed(&self.config) {
-            warn!("user and group changes take effect at the next start (root is gone)");
-        }
         self.handler = Handler::from_config(&new);
         self.limits = new.limits.clone();
         // Built here, in the copy the loop reads, not in the configuration's copy.
         self.limits.index_rules();
         self.shutdown_timeout = new.shutdown_timeout;
         self.kill_timeout = new.kill_timeout;
-        crate::logging::set_level(new.log_level);
+        crate::logging::set_level(new.log_level.filter());
         if serving {
             changes.extend(self.install_listeners(&new, fresh, &swapped));
         }
