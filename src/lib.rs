@@ -43,6 +43,7 @@ pub mod config;
 mod conn;
 pub mod daemon;
 mod echo;
+mod exec;
 mod handler;
 mod limits;
 pub mod listen;

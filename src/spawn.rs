@@ -42,6 +42,19 @@ pub const EXIT_PANIC: i32 = 70;
 /// connection is closed before this returns (rule 5). If the fork fails, the connection comes
 /// back with the error, so the caller can still answer the client. The child never returns.
 pub fn spawn_session(conn: Conn, handler: &Handler) -> Result<Pid, (Conn, io::Error)> {
+    if let Some(program) = handler.program_to_clone() {
+        // A program with nothing to write first: no copy of the parent (see `exec`).
+        let peer = conn.peer;
+        let (pid, failure) = program.spawn(conn)?;
+        if let Some(failure) = failure {
+            log::error!(
+                "session {peer}: cannot run {}: {failure}; child {pid} exits {}",
+                program.name(),
+                crate::exec::EXIT_CANNOT_RUN
+            );
+        }
+        return Ok(pid);
+    }
     // Rule 2: nothing buffered may be inherited and written twice. (stderr is unbuffered, and
     // the logger writes whole lines, but stdout is line-buffered.)
     let _ = io::stdout().flush();

@@ -132,7 +132,7 @@ impl Server {
             listeners: Listeners::new(listeners, true),
             children: Children::with_capacity(16),
             events,
-            handler: Handler::from_config(config),
+            handler: Handler::from_config(config)?,
             admitted: 0,
             config: config.clone(),
             reload,
@@ -173,7 +173,7 @@ impl Server {
                     continue;
                 }
                 // Without the loop nobody would reap or stop the children: take them along.
-                self.children.kill_and_reap_all(&self.handler);
+                self.children.kill_and_reap_all();
                 return Err(e);
             }
             let mut signalled = false;
@@ -222,7 +222,8 @@ impl Server {
                     .filter(|_| self.at_capacity),
             ),
             Phase::Killing => None,
-        }?;
+        };
+        let deadline = earliest(deadline, self.children.next_deadline())?;
         Some(deadline.saturating_duration_since(Instant::now()))
     }
 
@@ -231,7 +232,7 @@ impl Server {
         // Reap first, so status lines and shutdown decisions see the current table.
         if requests.reap {
             let before = self.children.len();
-            self.children.reap(&self.handler);
+            self.children.reap();
             if self.fork_failure_run.len() > 0 && self.children.len() < before {
                 // A child's exit is what frees a process slot: try forking again now.
                 self.paused_until = None;
@@ -257,6 +258,10 @@ impl Server {
 
     fn handle_deadlines(&mut self) {
         let now = Instant::now();
+        if self.children.next_deadline().is_some_and(|t| t <= now) {
+            self.children
+                .end_sessions_past_deadline(now, self.kill_timeout);
+        }
         if self.paused_until.is_some_and(|t| t <= now) {
             self.paused_until = None;
             if self.phase == Phase::Serving && !self.at_capacity {
