@@ -22,9 +22,9 @@
 //! 4. Reaping is unchanged (`children`).
 //! 5. The parent closes its copy of the connection right after `clone` returns.
 //!
-//! With a `banner`, the child must write to the client before `execve`, and a client that does
-//! not read could make that write wait; the parent must never wait with it, so such a child is
-//! forked instead (`spawn`), and takes the same steps after writing the banner.
+//! A `banner` is written by the parent before the `clone`, with MSG_DONTWAIT: at most
+//! [`MAX_BANNER`] bytes, it fits whole in a fresh connection's empty send buffer (the kernel's
+//! smallest is 4,608 bytes), so the parent never waits on a client that does not read.
 
 use std::ffi::{CString, OsStr};
 use std::fmt;
@@ -39,6 +39,9 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use nix::unistd::Pid;
 
 use crate::conn::Conn;
+
+/// Largest banner in exec mode: see the module doc.
+pub const MAX_BANNER: usize = 1024;
 
 /// Exit code of a child whose program could not be started (DJB's "temporary failure", as
 /// tcpserver and s6 use it).
@@ -322,26 +325,6 @@ impl Program {
         drop(conn);
         Ok((Pid::from_raw(pid), prepared.failure()))
     }
-
-    /// In a forked child (a banner was written first): the same steps as a `clone`d child,
-    /// then `execve`. Returns only if they fail, with what failed.
-    pub fn exec_in_forked_child(&self, conn: &Conn) -> Failure {
-        match Prepared::new(self, conn) {
-            Ok(prepared) => {
-                // Safe: a forked child owns its memory; `become_program` only makes system
-                // calls on `prepared`.
-                unsafe { become_program(&prepared) };
-                prepared.failure().unwrap_or(Failure {
-                    step: Step::Exec,
-                    errno: 0,
-                })
-            }
-            Err(e) => Failure {
-                step: Step::Prepare,
-                errno: e.raw_os_error().unwrap_or(0),
-            },
-        }
-    }
 }
 
 /// The signals whose disposition is not the default in the parent: those it handles and those
@@ -364,7 +347,6 @@ fn signals_to_reset() -> Vec<libc::c_int> {
 /// Which step before the program failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
-    Prepare,
     Descriptors,
     Signals,
     Limits,
@@ -383,7 +365,6 @@ pub struct Failure {
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let what = match self.step {
-            Step::Prepare => "preparing its arguments",
             Step::Descriptors => "setting up its descriptors",
             Step::Signals => "resetting its signals",
             Step::Limits => "setting session_limits",
@@ -458,7 +439,7 @@ impl<'a> Prepared<'a> {
     /// Called in the child: records the failed step and errno for the parent.
     fn report(&self, step: Step) {
         let code = match step {
-            Step::Prepare | Step::Descriptors => 1,
+            Step::Descriptors => 1,
             Step::Signals => 2,
             Step::Limits => 3,
             Step::Nice => 4,

@@ -1,7 +1,7 @@
 //! What a child does with its connection. A handler owns its settings, the meaning of its
-//! exit codes and its signal policy; `spawn` owns only what every child needs, and ends a
-//! forked child with `_exit` and the handler's exit code, so a handler never returns into the
-//! parent's code.
+//! exit codes and its signal policy; `spawn` owns only what every child needs: it forks the
+//! echo's child and ends it with `_exit` and the echo's exit code, so a handler never returns
+//! into the parent's code, and hands a program to `exec`, which starts it without a fork.
 //!
 //! Every forked child starts with SIGPIPE, SIGTTOU and SIGXFSZ ignored, as the parent has them
 //! (the Rust runtime ignores SIGPIPE; `signals::hook` the other two). The echo keeps that
@@ -10,7 +10,6 @@
 
 use std::io;
 
-use crate::conn::Conn;
 use crate::echo;
 use crate::exec::{self, Program};
 use crate::spawn::EXIT_PANIC;
@@ -20,7 +19,8 @@ use crate::spawn::EXIT_PANIC;
 pub enum Handler {
     /// The built-in echo (`echo`): banner, then every byte back, until the client's EOF.
     Echo(echo::Settings),
-    /// A program per connection (`exec`), after the banner if there is one.
+    /// A program per connection (`exec`), after the banner if there is one (at most
+    /// [`exec::MAX_BANNER`] bytes, written by the parent).
     Exec { program: Program, banner: Vec<u8> },
 }
 
@@ -75,37 +75,6 @@ impl Handler {
         match self {
             Handler::Echo(_) => Kind::Echo,
             Handler::Exec { .. } => Kind::Program,
-        }
-    }
-
-    /// The program to start with `clone(CLONE_VM | CLONE_VFORK)` instead of `fork`: one with
-    /// nothing to write first (see `exec`).
-    pub fn program_to_clone(&self) -> Option<&Program> {
-        match self {
-            Handler::Exec { program, banner } if banner.is_empty() => Some(program),
-            _ => None,
-        }
-    }
-
-    /// Serves `conn` in a forked child and returns the exit code that says how the session
-    /// ended (each handler documents its codes). Called only in a child, by `spawn`.
-    pub fn serve(&self, conn: Conn) -> i32 {
-        match self {
-            Handler::Echo(settings) => echo::run(conn, settings).exit_code(),
-            Handler::Exec { program, banner } => {
-                use std::io::Write;
-                if let Err(e) = (&conn.stream).write_all(banner) {
-                    log::info!("session {}: cannot write the banner: {e}", conn.peer);
-                    return exec::EXIT_CANNOT_RUN;
-                }
-                let failure = program.exec_in_forked_child(&conn);
-                log::error!(
-                    "session {}: cannot run {}: {failure}",
-                    conn.peer,
-                    program.name()
-                );
-                exec::EXIT_CANNOT_RUN
-            }
         }
     }
 }

@@ -277,6 +277,16 @@ impl Config {
         if !origins.sets("banner") {
             self.banner.clear();
         }
+        if self.banner.len() > crate::exec::MAX_BANNER {
+            let reason = format!(
+                "must be at most {} bytes with a program, not {}: forkecho writes it before \
+                 the program starts, without waiting, so it must fit a fresh connection's \
+                 send buffer",
+                crate::exec::MAX_BANNER,
+                self.banner.len()
+            );
+            return Err(origins.error("banner", reason));
+        }
         Ok(())
     }
 

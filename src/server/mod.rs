@@ -7,7 +7,8 @@
 //! `max_per_source` but one of its sessions may be ending), or fork its child. At
 //! `max_children` the listeners are taken out of the poll set, so clients wait in the kernel's
 //! backlog until a child is reaped. The parent never reads or writes a client's bytes (but a
-//! refusal message) and waits nowhere but in `poll`: its log, its notifications to systemd and
+//! refusal message, and a program's banner: both small enough for an empty send buffer, written
+//! with MSG_DONTWAIT) and waits nowhere but in `poll`: its log, its notifications to systemd and
 //! the files it opens on reload (configuration, log) are written and opened without waiting.
 //!
 //! Shutdown is a small state machine driven by signals and the poll timeout, with PostgreSQL's
