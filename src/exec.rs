@@ -332,7 +332,7 @@ impl Program {
 /// whatever forkecho's own launcher left ignored, such as `nohup`'s SIGHUP). Read once per
 /// configuration, after the handlers are installed.
 fn signals_to_reset() -> Vec<libc::c_int> {
-    (1..libc::SIGRTMAX())
+    (1..=libc::SIGRTMAX())
         .filter(|&sig| sig != libc::SIGKILL && sig != libc::SIGSTOP)
         .filter(|&sig| {
             let mut current = std::mem::MaybeUninit::<libc::sigaction>::zeroed();

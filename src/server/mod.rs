@@ -161,6 +161,9 @@ impl Server {
         for slot in self.listeners.iter() {
             info!("listening on {}", slot.listener.local);
         }
+        if let Handler::Exec { program, .. } = &self.handler {
+            info!("each connection runs {program}");
+        }
         ready();
         release_startup_memory();
         self.serve()
