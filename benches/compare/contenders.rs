@@ -18,6 +18,8 @@ pub struct Contender {
     pub addr: SocketAddr,
     /// Bytes it sends before echoing (the seed's greeting carries a stray NUL: 21).
     pub banner: usize,
+    /// The file it logs to, when the bench chose one.
+    pub log: Option<PathBuf>,
     process: Child,
 }
 
@@ -46,6 +48,8 @@ struct Spec {
     name: &'static str,
     /// Bytes it sends before echoing.
     banner: usize,
+    /// The file its command line makes it log to, if any.
+    log: Option<PathBuf>,
     /// Its command line, serving on 127.0.0.1 at the given port.
     command: Box<dyn Fn(u16) -> Command>,
 }
@@ -55,8 +59,14 @@ impl Spec {
         Spec {
             name,
             banner,
+            log: None,
             command: Box::new(command),
         }
+    }
+
+    fn logging_to(mut self, log: PathBuf) -> Self {
+        self.log = Some(log);
+        self
     }
 
     /// Starts it on a free port and waits until it serves; Err (the process killed) when it
@@ -73,6 +83,7 @@ impl Spec {
             name: self.name,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             banner: self.banner,
+            log: self.log,
             process,
         };
         wait_serving(&mut contender)?;
@@ -135,17 +146,19 @@ pub fn start_exec_contenders(only: &[String]) -> Vec<Contender> {
     };
     let mut specs = Vec::new();
     let this_build = fresh_copy(env!("CARGO_BIN_EXE_forkecho"), "forkecho");
-    let program = cat.clone();
-    specs.push(Spec::new(FORKECHO_EXEC, 0, move |port| {
-        forkecho_exec_command(&this_build, "forkecho", &program, port)
-    }));
-    if let Some(alt) = alt_build() {
-        let program = cat.clone();
-        specs.push(Spec::new(
-            "forkecho (FORKECHO_BENCH_ALT) -- cat",
-            0,
-            move |port| forkecho_exec_command(&alt, "forkecho-alt", &program, port),
-        ));
+    let builds = [Some(this_build), alt_build()];
+    let names = [FORKECHO_EXEC, "forkecho (FORKECHO_BENCH_ALT) -- cat"];
+    let logs = ["forkecho-exec-bench.log", "forkecho-alt-exec-bench.log"];
+    for ((build, name), log) in builds.into_iter().zip(names).zip(logs) {
+        let Some(build) = build else { continue };
+        let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(log);
+        let (program, log_arg) = (cat.clone(), log.clone());
+        specs.push(
+            Spec::new(name, 0, move |port| {
+                forkecho_exec_command(&build, &log_arg, &program, port)
+            })
+            .logging_to(log),
+        );
     }
     let floors_selected = [floors::VFORK_EXEC_FLOOR, floors::FORK_EXEC_FLOOR]
         .iter()
@@ -221,14 +234,12 @@ fn forkecho_command(program: &Path, port: u16) -> Command {
 
 /// forkecho on `port` running `program` per connection, limits lifted as in
 /// `forkecho_command`, with its log (two lines per connection: accept and reap, plus anything
-/// the program writes to fd 2) appended to a real file, `NAME-exec-bench.log` in cargo's
-/// temporary directory for benches, emptied first: the cost of logging to a file is part of
-/// what is measured.
-fn forkecho_exec_command(forkecho: &Path, name: &str, program: &Path, port: u16) -> Command {
-    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-exec-bench.log"));
-    let _ = std::fs::remove_file(&log);
+/// the program writes to fd 2) appended to `log`, a real file, emptied first: the cost of
+/// logging to a file is part of what is measured.
+fn forkecho_exec_command(forkecho: &Path, log: &Path, program: &Path, port: u16) -> Command {
+    let _ = std::fs::remove_file(log);
     let mut c = forkecho_command(forkecho, port);
-    c.arg("--log-file").arg(&log).arg("--").arg(program);
+    c.arg("--log-file").arg(log).arg("--").arg(program);
     c
 }
 

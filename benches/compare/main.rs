@@ -202,6 +202,17 @@ fn exec_phase(
         &results,
     ));
     *targets = report::exec_targets(contenders, &results);
+    for c in contenders {
+        if let Some(log) = &c.log {
+            let lines =
+                std::fs::read(log).map_or(0, |text| text.split(|&b| b == b'\n').count() - 1);
+            eprintln!(
+                "phase 5: {} logged {lines} lines to {}",
+                c.name,
+                log.display()
+            );
+        }
+    }
 }
 
 fn announce(what: &str, flags: &Flags, plan: &Plan, contenders: &[Contender]) {
