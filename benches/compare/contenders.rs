@@ -124,7 +124,7 @@ pub fn start_contenders(only: &[String]) -> Vec<Contender> {
     specs
         .into_iter()
         .filter(|spec| selected(only, spec.name))
-        // forkecho not starting is the bench's failure, not a note.
+        // The echo servers are the bench's record: one that does not start stops it.
         .map(|spec| spec.start().unwrap_or_else(|e| panic!("{e}")))
         .collect()
 }

@@ -278,7 +278,7 @@ pub fn render(rows: &[Row], targets: &[Target], quick: bool) -> String {
     let mut out = format!(
         "# forkecho benchmarks\n\nMeasured by `cargo bench`{} on {cores} cores, Linux {}; \
          contenders interleaved in the same run. Ratio = value / forkecho's value \
-         (for latencies, memory and reap time, lower is better; - = not applicable).\n\n| metric | contender | value | ratio to forkecho |\n|---|---|---:|---:|\n",
+         (in exec mode, phase 5: `forkecho -- cat`'s; for latencies, memory and reap time, lower is better; - = not applicable).\n\n| metric | contender | value | ratio to forkecho |\n|---|---|---:|---:|\n",
         if quick { " -- --quick (smoke run, not for comparison)" } else { "" },
         kernel.trim()
     );
