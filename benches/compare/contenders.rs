@@ -289,8 +289,9 @@ fn peers() -> Vec<Spec> {
 /// machine, with `program` (`cat`'s absolute path).
 ///
 /// tcpserver runs as in phases 1 to 4: without the DNS and ident lookups it makes by default
-/// (`-R -H -l 0`: forkecho makes none), with forkecho's backlog (`-b 1024`), and its limit of
-/// 40 sessions at once (`-c`) raised out of the way.
+/// (`-R -H -l 0`: forkecho makes none; with them, `tcpserver -q -c 1000 127.0.0.1 PORT cat`
+/// served 9.5 connections/s here against 1,437 without), with forkecho's backlog (`-b 1024`),
+/// and its limit of 40 sessions at once (`-c`) raised out of the way.
 fn exec_peers(program: &Path) -> Vec<Spec> {
     let mut specs = Vec::new();
     if installed("tcpserver") {
