@@ -1,6 +1,7 @@
-//! The servers under test: which can run here, their command lines, and starting them.
+//! The servers under test: which can run here, their command lines, and starting them. Phases
+//! 1 to 4 measure echo servers, phase 5 servers that run `cat` for each connection.
 
-use std::io::Read;
+use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,6 +18,8 @@ pub struct Contender {
     pub addr: SocketAddr,
     /// Bytes it sends before echoing (the seed's greeting carries a stray NUL: 21).
     pub banner: usize,
+    /// The file it logs to, when the bench chose one.
+    pub log: Option<PathBuf>,
     process: Child,
 }
 
@@ -45,6 +48,8 @@ struct Spec {
     name: &'static str,
     /// Bytes it sends before echoing.
     banner: usize,
+    /// The file its command line makes it log to, if any.
+    log: Option<PathBuf>,
     /// Its command line, serving on 127.0.0.1 at the given port.
     command: Box<dyn Fn(u16) -> Command>,
 }
@@ -54,34 +59,41 @@ impl Spec {
         Spec {
             name,
             banner,
+            log: None,
             command: Box::new(command),
         }
     }
 
-    /// Starts it on a free port and waits until it accepts connections.
-    fn start(self) -> Contender {
+    fn logging_to(mut self, log: PathBuf) -> Self {
+        self.log = Some(log);
+        self
+    }
+
+    /// Starts it on a free port and waits until it serves; Err (the process killed) when it
+    /// exits or answers wrongly first.
+    fn start(self) -> Result<Contender, String> {
         let port = free_port();
         let process = (self.command)(port)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", self.name));
-        let contender = Contender {
+            .map_err(|e| format!("cannot start {}: {e}", self.name))?;
+        let mut contender = Contender {
             name: self.name,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             banner: self.banner,
+            log: self.log,
             process,
         };
-        wait_accepting(&contender);
-        contender
+        wait_serving(&mut contender)?;
+        Ok(contender)
     }
 }
 
-/// Starts every contender that can run here and that `only` selects (a name containing one of
-/// its strings; all when empty), in table order, and waits until each accepts connections.
+/// Starts every contender of phases 1 to 4 that can run here and that `only` selects (a name
+/// containing one of its strings; all when empty), in table order, and waits until each serves.
 pub fn start_contenders(only: &[String]) -> Vec<Contender> {
-    let selected = |name: &str| only.is_empty() || only.iter().any(|o| name.contains(o.as_str()));
     let this_build = fresh_copy(env!("CARGO_BIN_EXE_forkecho"), "forkecho");
     let mut specs = vec![
         Spec::new("forkecho", BANNER.len(), move |port| {
@@ -91,8 +103,7 @@ pub fn start_contenders(only: &[String]) -> Vec<Contender> {
     ];
     // For A/B profiling: another build of forkecho (say, other link flags) measured beside
     // this one in the same interleaved run.
-    if let Ok(alt) = std::env::var("FORKECHO_BENCH_ALT") {
-        let alt = fresh_copy(&alt, "forkecho-alt");
+    if let Some(alt) = alt_build() {
         specs.push(Spec::new(
             "forkecho (FORKECHO_BENCH_ALT)",
             BANNER.len(),
@@ -100,7 +111,7 @@ pub fn start_contenders(only: &[String]) -> Vec<Contender> {
         ));
     }
     // Compiled only when selected: a run that leaves it out needs no C compiler.
-    if selected(floors::FORK_FLOOR) {
+    if selected(only, floors::FORK_FLOOR) {
         if let Some(program) = floors::build_fork_loop() {
             specs.push(Spec::new(floors::FORK_FLOOR, BANNER.len(), move |port| {
                 let mut c = Command::new(&program);
@@ -112,9 +123,81 @@ pub fn start_contenders(only: &[String]) -> Vec<Contender> {
     specs.extend(peers());
     specs
         .into_iter()
-        .filter(|spec| selected(spec.name))
-        .map(Spec::start)
+        .filter(|spec| selected(only, spec.name))
+        // The echo servers are the bench's record: one that does not start stops it.
+        .map(|spec| spec.start().unwrap_or_else(|e| panic!("{e}")))
         .collect()
+}
+
+/// Table name of forkecho running `cat` (exec mode), the base of phase 5's ratios.
+pub const FORKECHO_EXEC: &str = "forkecho -- cat";
+/// Table names of the peers running `cat` in phase 5.
+pub const TCPSERVER_EXEC: &str = "tcpserver + cat";
+pub const SOCAT_EXEC: &str = "socat fork EXEC:cat";
+
+/// Starts the contenders of phase 5 (exec mode: each runs `cat` per connection) that can run
+/// here and that `only` selects, in table order, and waits until each serves. One that cannot
+/// run is left out with a note: forkecho too, so that the phase measures its peers and floors
+/// with a forkecho build that has no exec mode.
+pub fn start_exec_contenders(only: &[String]) -> Vec<Contender> {
+    let Some(cat) = find_in_path("cat") else {
+        eprintln!("note: no `cat` in PATH; phase 5 (exec) is left out");
+        return Vec::new();
+    };
+    let mut specs = Vec::new();
+    let this_build = fresh_copy(env!("CARGO_BIN_EXE_forkecho"), "forkecho");
+    let builds = [Some(this_build), alt_build()];
+    let names = [FORKECHO_EXEC, "forkecho (FORKECHO_BENCH_ALT) -- cat"];
+    let logs = ["forkecho-exec-bench.log", "forkecho-alt-exec-bench.log"];
+    for ((build, name), log) in builds.into_iter().zip(names).zip(logs) {
+        let Some(build) = build else { continue };
+        let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(log);
+        let (program, log_arg) = (cat.clone(), log.clone());
+        specs.push(
+            Spec::new(name, 0, move |port| {
+                forkecho_exec_command(&build, &log_arg, &program, port)
+            })
+            .logging_to(log),
+        );
+    }
+    let floors_selected = [floors::VFORK_EXEC_FLOOR, floors::FORK_EXEC_FLOOR]
+        .iter()
+        .any(|name| selected(only, name));
+    if floors_selected {
+        if let Some(floor) = floors::build_exec_loop() {
+            for (name, vfork) in [
+                (floors::VFORK_EXEC_FLOOR, true),
+                (floors::FORK_EXEC_FLOOR, false),
+            ] {
+                let (floor, program) = (floor.clone(), cat.clone());
+                specs.push(Spec::new(name, 0, move |port| {
+                    floors::exec_loop_command(&floor, vfork, &program, port)
+                }));
+            }
+        }
+    }
+    specs.extend(exec_peers(&cat));
+    specs
+        .into_iter()
+        .filter(|spec| selected(only, spec.name))
+        .filter_map(|spec| {
+            spec.start()
+                .map_err(|e| eprintln!("note: {e}; left out of phase 5"))
+                .ok()
+        })
+        .collect()
+}
+
+/// Whether `only` selects the contender `name` (a name containing one of its strings; all
+/// when empty).
+fn selected(only: &[String], name: &str) -> bool {
+    only.is_empty() || only.iter().any(|o| name.contains(o.as_str()))
+}
+
+/// The other forkecho build of an A/B (`FORKECHO_BENCH_ALT`), copied; None when not set.
+fn alt_build() -> Option<PathBuf> {
+    let alt = std::env::var("FORKECHO_BENCH_ALT").ok()?;
+    Some(fresh_copy(&alt, "forkecho-alt"))
 }
 
 /// A copy of `program` made now (in cargo's temporary directory for benches), to run instead
@@ -146,6 +229,17 @@ fn forkecho_command(program: &Path, port: u16) -> Command {
         "--max-children",
         "20000",
     ]);
+    c
+}
+
+/// forkecho on `port` running `program` per connection, limits lifted as in
+/// `forkecho_command`, with its log (two lines per connection: accept and reap, plus anything
+/// the program writes to fd 2) appended to `log`, a real file, emptied first: the cost of
+/// logging to a file is part of what is measured.
+fn forkecho_exec_command(forkecho: &Path, log: &Path, program: &Path, port: u16) -> Command {
+    let _ = std::fs::remove_file(log);
+    let mut c = forkecho_command(forkecho, port);
+    c.arg("--log-file").arg(log).arg("--").arg(program);
     c
 }
 
@@ -191,6 +285,43 @@ fn peers() -> Vec<Spec> {
     specs
 }
 
+/// The programs a user would run `cat` with instead of forkecho, those present on this
+/// machine, with `program` (`cat`'s absolute path).
+///
+/// tcpserver runs as in phases 1 to 4: without the DNS and ident lookups it makes by default
+/// (`-R -H -l 0`: forkecho makes none; with them, `tcpserver -q -c 1000 127.0.0.1 PORT cat`
+/// served 9.5 connections/s here against 1,437 without), with forkecho's backlog (`-b 1024`),
+/// and its limit of 40 sessions at once (`-c`) raised out of the way.
+fn exec_peers(program: &Path) -> Vec<Spec> {
+    let mut specs = Vec::new();
+    if installed("tcpserver") {
+        let program = program.to_path_buf();
+        specs.push(Spec::new(TCPSERVER_EXEC, 0, move |port| {
+            let mut c = Command::new("tcpserver");
+            c.args(["-q", "-R", "-H", "-l", "0", "-c", "1000", "-b", "1024"])
+                .args(["127.0.0.1", &port.to_string()])
+                .arg(&program);
+            c
+        }));
+    } else {
+        eprintln!("note: tcpserver (ucspi-tcp) not installed; left out of phase 5");
+    }
+    if installed("socat") {
+        let program = program.to_path_buf();
+        specs.push(Spec::new(SOCAT_EXEC, 0, move |port| {
+            let mut c = Command::new("socat");
+            c.arg(format!(
+                "TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=1024"
+            ))
+            .arg(format!("EXEC:{}", program.display()));
+            c
+        }));
+    } else {
+        eprintln!("note: socat not installed; left out of phase 5");
+    }
+    specs
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -200,24 +331,62 @@ fn free_port() -> u16 {
 }
 
 fn installed(program: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    find_in_path(program).is_some()
 }
 
-/// Readiness by connecting (the seed's build may take a few seconds the first time).
-fn wait_accepting(c: &Contender) {
+/// `program`'s absolute path: the first executable file of that name in a PATH directory.
+fn find_in_path(program: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .filter(|dir| dir.is_absolute())
+        .map(|dir| dir.join(program))
+        .find(|file| {
+            std::fs::metadata(file)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// What a contender must echo before it counts as serving.
+const READY_PROBE: &[u8] = b"ready?\n";
+
+/// Readiness by a whole session, connect → banner → echo of READY_PROBE, retried for up to a
+/// minute (the seed's build may take a few seconds the first time). Err at once when the
+/// process exits or echoes something else (a forkecho without exec mode would send its banner).
+fn wait_serving(c: &mut Contender) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        if let Ok(mut s) = TcpStream::connect(c.addr) {
-            let mut banner = vec![0; c.banner];
-            if s.read_exact(&mut banner).is_ok() {
-                return;
-            }
+        if let Ok(Some(status)) = c.process.try_wait() {
+            return Err(format!("{} exited before serving ({status})", c.name));
         }
-        thread::sleep(Duration::from_millis(20));
+        match probe_session(c) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::InvalidData => {
+                return Err(format!("{} does not echo: {e}", c.name));
+            }
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
     }
-    panic!("{} did not start accepting on {}", c.name, c.addr);
+    Err(format!("{} did not start serving on {}", c.name, c.addr))
+}
+
+fn probe_session(c: &Contender) -> io::Result<()> {
+    let mut s = TcpStream::connect(c.addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut banner = vec![0; c.banner];
+    s.read_exact(&mut banner)?;
+    s.write_all(READY_PROBE)?;
+    let mut back = [0; READY_PROBE.len()];
+    s.read_exact(&mut back)?;
+    if back != READY_PROBE {
+        let (sent, got) = (
+            String::from_utf8_lossy(READY_PROBE),
+            String::from_utf8_lossy(&back),
+        );
+        return Err(io::Error::new(
+            ErrorKind::InvalidData,
+            format!("sent {sent:?}, got back {got:?}"),
+        ));
+    }
+    Ok(())
 }

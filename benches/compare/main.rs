@@ -4,15 +4,19 @@
 //!
 //! The bench by role:
 //! - `contenders`: the servers under test, each a separate process on its own loopback port,
-//!   killed by pid at the end: forkecho (the release binary) with limits lifted so the load
-//!   itself is not refused; the seed's C++ server (`../shared/peers/seed-server PORT`), when that
-//!   script exists; `tcpserver … cat` (ucspi-tcp) and `socat …,fork PIPE`, when installed; and
-//!   the two floors;
+//!   killed by pid at the end. Phases 1 to 4 measure echo servers: forkecho (the release binary)
+//!   with limits lifted so the load itself is not refused; the seed's C++ server
+//!   (`../shared/peers/seed-server PORT`), when that script exists; `tcpserver … cat`
+//!   (ucspi-tcp) and `socat …,fork PIPE`, when installed; and the two echo floors. Phase 5
+//!   measures servers that run `cat` per connection: `forkecho -- cat` (its log going to a real
+//!   file), `tcpserver … cat`, `socat …,fork EXEC:cat` and the two exec floors; those start
+//!   after the echo servers are gone;
 //! - `floors`: what the machine does with no supervision at all: an in-process mio echo (no fork;
-//!   a re-execution of this binary, so the bench never forks while it has threads) and a minimal
-//!   C fork loop (`floors/fork_loop.c`, compiled here with the system `cc`);
-//! - `phases`: the four measurements;
-//! - `report`: the table rows and the Markdown;
+//!   a re-execution of this binary, so the bench never forks while it has threads), a minimal
+//!   C fork loop (`floors/fork_loop.c`) and a minimal C loop running a program with vfork or
+//!   fork (`floors/vfork_exec_loop.c`), both compiled here with the system `cc`;
+//! - `phases`: the five measurements;
+//! - `report`: the table rows, exec mode's targets and the Markdown;
 //! - `procfs`: what phases 3 and 4 read from /proc about a server and its children.
 //!
 //! Phases:
@@ -25,13 +29,17 @@
 //!    taken while the sessions are held;
 //! 4. reap storm: 1,000 sessions, every child SIGKILLed at once, time until the last one is
 //!    reaped, while one more client keeps connecting (sessions served during the storm and
-//!    their worst latency show that the parent still accepts).
+//!    their worst latency show that the parent still accepts);
+//! 5. exec mode: connection rate at 4 clients (connect → 64-byte echo → close, no banner) of
+//!    the servers running `cat`, with forkecho's ratios to the vfork+exec floor (target
+//!    ≥ 0.95×) and to socat (target ≥ 1.8×) listed under the table.
 //!
 //! Phases 3 and 4 run one round (they are heavy) and one contender at a time: each waits until
 //! the previous contender's children are gone. The bench lifts its soft RLIMIT_NOFILE to the
 //! hard limit first, before any contender starts, so the floors inherit it too.
 //! `--quick` shrinks every count for a smoke run; `--only NAME` and `--phase N` (both
 //! repeatable) select contenders and phases, and such a partial run does not write BENCHMARKS.md.
+//! Nor does a full run in which `forkecho -- cat` could not run (a build without exec mode).
 
 mod contenders;
 mod floors;
@@ -45,7 +53,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use contenders::start_contenders;
+use contenders::{start_contenders, start_exec_contenders, Contender, FORKECHO_EXEC};
 use phases::interleave;
 
 /// What every contender sends before echoing (forkecho's default banner).
@@ -62,8 +70,8 @@ struct Flags {
     /// the base of the ratios. A partial run writes nothing.
     #[arg(long, value_name = "NAME")]
     only: Vec<String>,
-    /// Run only phase N, 1 to 4 (repeatable). A partial run writes nothing.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4))]
+    /// Run only phase N, 1 to 5 (repeatable). A partial run writes nothing.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=5))]
     phase: Vec<u32>,
     /// Added by `cargo bench` to every bench target's arguments.
     #[arg(long, hide = true)]
@@ -102,56 +110,118 @@ fn main() {
             plan.sessions
         );
     }
-    let contenders = start_contenders(&flags.only);
-    if contenders.is_empty() {
+    let mut table = Vec::new();
+    let mut measured = 0;
+    if (1..=4).any(|phase| flags.runs(phase)) {
+        let contenders = start_contenders(&flags.only);
+        measured += contenders.len();
+        echo_phases(&flags, &plan, &contenders, &mut table);
+    }
+    let mut targets = Vec::new();
+    let mut exec_complete = true;
+    if flags.runs(5) {
+        // The echo servers are gone by now: only the ones under test run.
+        let contenders = start_exec_contenders(&flags.only);
+        measured += contenders.len();
+        exec_complete = contenders.iter().any(|c| c.name == FORKECHO_EXEC);
+        if !contenders.is_empty() {
+            exec_phase(&flags, &plan, &contenders, &mut table, &mut targets);
+        }
+    }
+    if measured == 0 {
         eprintln!("no contender to measure (see --only and the notes above)");
         std::process::exit(2);
     }
-    println!(
-        "forkecho bench ({}): {} contenders, {} round(s)",
-        if flags.quick { "quick" } else { "full" },
-        contenders.len(),
-        plan.rounds
-    );
-    let mut table = Vec::new();
-    for clients in [1, 4, 16].into_iter().filter(|_| flags.runs(1)) {
-        eprintln!("phase 1: connection rate, {clients} client(s)");
-        let results = interleave(&contenders, plan.rounds, |c| {
-            phases::connection_rate(c, clients, plan.rate_trial)
-        });
-        table.extend(report::rate_rows(&contenders, clients, &results));
-    }
-    if flags.runs(2) {
-        eprintln!("phase 2: one-stream echo, {} MiB", plan.stream_bytes >> 20);
-        let results = interleave(&contenders, plan.rounds, |c| {
-            phases::stream(c, plan.stream_bytes)
-        });
-        table.extend(report::stream_rows(
-            &contenders,
-            plan.stream_bytes,
-            &results,
-        ));
-    }
-    if flags.runs(3) {
-        eprintln!("phase 3: {} sessions held at once", plan.sessions);
-        let results = interleave(&contenders, 1, |c| phases::hold_sessions(c, plan.sessions));
-        table.extend(report::hold_rows(&contenders, plan.sessions, &results));
-    }
-    if flags.runs(4) {
-        eprintln!("phase 4: reap storm, {} children", plan.storm);
-        // A server without children has nothing to reap.
-        let results = interleave(&contenders, 1, |c| {
-            c.forks().then(|| phases::reap_storm(c, plan.storm))
-        });
-        table.extend(report::storm_rows(&contenders, plan.storm, &results));
-    }
-    let markdown = report::render(&table, flags.quick);
+    let markdown = report::render(&table, &targets, flags.quick);
     println!("{markdown}");
-    if flags.writes_record() {
+    if flags.writes_record() && !exec_complete {
+        println!("not written to BENCHMARKS.md: `{FORKECHO_EXEC}` did not run (see the notes)");
+    } else if flags.writes_record() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/BENCHMARKS.md");
         std::fs::write(path, &markdown).expect("write BENCHMARKS.md");
         println!("written to {path}");
     }
+}
+
+/// Phases 1 to 4, on the echo servers.
+fn echo_phases(flags: &Flags, plan: &Plan, contenders: &[Contender], table: &mut Vec<report::Row>) {
+    if contenders.is_empty() {
+        return;
+    }
+    announce("echo servers", flags, plan, contenders);
+    for clients in [1, 4, 16].into_iter().filter(|_| flags.runs(1)) {
+        eprintln!("phase 1: connection rate, {clients} client(s)");
+        let results = interleave(contenders, plan.rounds, |c| {
+            phases::connection_rate(c, clients, plan.rate_trial)
+        });
+        table.extend(report::rate_rows(
+            contenders,
+            &format!("{clients} client(s)"),
+            &results,
+        ));
+    }
+    if flags.runs(2) {
+        eprintln!("phase 2: one-stream echo, {} MiB", plan.stream_bytes >> 20);
+        let results = interleave(contenders, plan.rounds, |c| {
+            phases::stream(c, plan.stream_bytes)
+        });
+        table.extend(report::stream_rows(contenders, plan.stream_bytes, &results));
+    }
+    if flags.runs(3) {
+        eprintln!("phase 3: {} sessions held at once", plan.sessions);
+        let results = interleave(contenders, 1, |c| phases::hold_sessions(c, plan.sessions));
+        table.extend(report::hold_rows(contenders, plan.sessions, &results));
+    }
+    if flags.runs(4) {
+        eprintln!("phase 4: reap storm, {} children", plan.storm);
+        // A server without children has nothing to reap.
+        let results = interleave(contenders, 1, |c| {
+            c.forks().then(|| phases::reap_storm(c, plan.storm))
+        });
+        table.extend(report::storm_rows(contenders, plan.storm, &results));
+    }
+}
+
+/// Phase 5, on the servers that run `cat` for each connection.
+fn exec_phase(
+    flags: &Flags,
+    plan: &Plan,
+    contenders: &[Contender],
+    table: &mut Vec<report::Row>,
+    targets: &mut Vec<report::Target>,
+) {
+    announce("servers running `cat`", flags, plan, contenders);
+    let clients = phases::EXEC_CLIENTS;
+    eprintln!("phase 5: exec `cat`, connection rate, {clients} client(s)");
+    let results = interleave(contenders, plan.rounds, |c| {
+        phases::exec_rate(c, plan.rate_trial)
+    });
+    table.extend(report::rate_rows(
+        contenders,
+        &format!("exec `cat`, {clients} client(s)"),
+        &results,
+    ));
+    *targets = report::exec_targets(contenders, &results);
+    for c in contenders {
+        if let Some(log) = &c.log {
+            let lines =
+                std::fs::read(log).map_or(0, |text| text.split(|&b| b == b'\n').count() - 1);
+            eprintln!(
+                "phase 5: {} logged {lines} lines to {}",
+                c.name,
+                log.display()
+            );
+        }
+    }
+}
+
+fn announce(what: &str, flags: &Flags, plan: &Plan, contenders: &[Contender]) {
+    println!(
+        "forkecho bench ({}), {what}: {} contenders, {} round(s)",
+        if flags.quick { "quick" } else { "full" },
+        contenders.len(),
+        plan.rounds
+    );
 }
 
 /// How much to measure.

@@ -1,10 +1,11 @@
 //! The table: one row per figure and contender, with its ratio to the first contender
-//! (forkecho), rendered as Markdown.
+//! (forkecho), rendered as Markdown; then exec mode's speed targets (phase 5).
 
 use std::thread;
 use std::time::Duration;
 
-use crate::contenders::Contender;
+use crate::contenders::{Contender, FORKECHO_EXEC, SOCAT_EXEC, TCPSERVER_EXEC};
+use crate::floors;
 use crate::phases::{Held, RateTrial, Storm, CHILDREN_WAIT};
 
 /// A table row: metric, contender, value, and the value's ratio to forkecho's.
@@ -57,7 +58,8 @@ impl RateSummary {
     }
 }
 
-pub fn rate_rows(contenders: &[Contender], clients: usize, results: &[Vec<RateTrial>]) -> Vec<Row> {
+/// Rows of a connection-rate phase; `load` names the trial in each metric ("4 client(s)").
+pub fn rate_rows(contenders: &[Contender], load: &str, results: &[Vec<RateTrial>]) -> Vec<Row> {
     let per: Vec<RateSummary> = contenders
         .iter()
         .zip(results)
@@ -69,21 +71,21 @@ pub fn rate_rows(contenders: &[Contender], clients: usize, results: &[Vec<RateTr
     let mut rows = Vec::new();
     for s in &per {
         rows.push(Row {
-            metric: format!("conn/s, {clients} client(s)"),
+            metric: format!("conn/s, {load}"),
             contender: s.name,
             value: s.per_sec,
             unit: "/s",
             ratio: s.per_sec / base.per_sec,
         });
         rows.push(Row {
-            metric: format!("p50 latency, {clients} client(s)"),
+            metric: format!("p50 latency, {load}"),
             contender: s.name,
             value: s.p50.as_secs_f64() * 1e6,
             unit: "µs",
             ratio: latency_ratio(s.p50, base.p50),
         });
         rows.push(Row {
-            metric: format!("p99 latency, {clients} client(s)"),
+            metric: format!("p99 latency, {load}"),
             contender: s.name,
             value: s.p99.as_secs_f64() * 1e6,
             unit: "µs",
@@ -91,7 +93,7 @@ pub fn rate_rows(contenders: &[Contender], clients: usize, results: &[Vec<RateTr
         });
         if s.failures > 0 {
             rows.push(Row {
-                metric: format!("failed sessions, {clients} client(s)"),
+                metric: format!("failed sessions, {load}"),
                 contender: s.name,
                 value: s.failures as f64,
                 unit: "",
@@ -211,14 +213,72 @@ pub fn storm_rows(contenders: &[Contender], n: usize, results: &[Vec<Option<Stor
     rows
 }
 
-/// The table, as Markdown, with the machine it was measured on.
-pub fn render(rows: &[Row], quick: bool) -> String {
+/// One of exec mode's speed targets: forkecho running `cat` against another contender.
+pub struct Target {
+    /// The contender forkecho is compared with.
+    other: &'static str,
+    /// The least forkecho's rate / the other's should be; None for a figure given for reference.
+    at_least: Option<f64>,
+    /// forkecho's rate / the other's, NaN when either was not measured.
+    ratio: f64,
+}
+
+/// Exec mode's targets in phase 5: forkecho's connection rate running `cat` at least 0.95× the
+/// minimal vfork+exec loop's and 1.8× socat's; its ratios to the fork+exec loop and tcpserver
+/// for reference.
+pub fn exec_targets(contenders: &[Contender], results: &[Vec<RateTrial>]) -> Vec<Target> {
+    let rate = |name: &str| {
+        contenders
+            .iter()
+            .zip(results)
+            .find(|(c, _)| c.name == name)
+            .map_or(f64::NAN, |(c, trials)| RateSummary::of(c, trials).per_sec)
+    };
+    let forkecho = rate(FORKECHO_EXEC);
+    [
+        (floors::VFORK_EXEC_FLOOR, Some(0.95)),
+        (SOCAT_EXEC, Some(1.8)),
+        (TCPSERVER_EXEC, None),
+        (floors::FORK_EXEC_FLOOR, None),
+    ]
+    .into_iter()
+    .map(|(other, at_least)| Target {
+        other,
+        at_least,
+        ratio: ratio(forkecho, rate(other)),
+    })
+    .collect()
+}
+
+/// The targets as a Markdown list.
+fn render_targets(targets: &[Target]) -> String {
+    let mut out = format!(
+        "
+Exec mode (phase 5), `{FORKECHO_EXEC}` against:
+
+"
+    );
+    for t in targets {
+        let line = match t.at_least {
+            _ if t.ratio.is_nan() => "not measured".to_string(),
+            Some(min) if t.ratio >= min => format!("{:.2}× (target ≥ {min:.2}×: met)", t.ratio),
+            Some(min) => format!("{:.2}× (target ≥ {min:.2}×: NOT met)", t.ratio),
+            None => format!("{:.2}× (for reference)", t.ratio),
+        };
+        out.push_str(&format!("- {}: {line}\n", t.other));
+    }
+    out
+}
+
+/// The table, as Markdown, with the machine it was measured on, then exec mode's targets when
+/// phase 5 ran.
+pub fn render(rows: &[Row], targets: &[Target], quick: bool) -> String {
     let cores = thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut out = format!(
         "# forkecho benchmarks\n\nMeasured by `cargo bench`{} on {cores} cores, Linux {}; \
          contenders interleaved in the same run. Ratio = value / forkecho's value \
-         (for latencies, memory and reap time, lower is better; - = not applicable).\n\n| metric | contender | value | ratio to forkecho |\n|---|---|---:|---:|\n",
+         (in exec mode, phase 5: `forkecho -- cat`'s; for latencies, memory and reap time, lower is better; - = not applicable).\n\n| metric | contender | value | ratio to forkecho |\n|---|---|---:|---:|\n",
         if quick { " -- --quick (smoke run, not for comparison)" } else { "" },
         kernel.trim()
     );
@@ -230,6 +290,9 @@ pub fn render(rows: &[Row], quick: bool) -> String {
             value_text(r),
             ratio_text(r.ratio)
         ));
+    }
+    if !targets.is_empty() {
+        out.push_str(&render_targets(targets));
     }
     out
 }

@@ -1,12 +1,14 @@
-//! The four measurements, each a trial on one contender; `interleave` runs a trial across all
+//! The five measurements, each a trial on one contender; `interleave` runs a trial across all
 //! contenders, round by round.
 
+mod exec;
 mod hold;
 mod rate;
 mod sessions;
 mod storm;
 mod stream;
 
+pub use exec::{exec_rate, CLIENTS as EXEC_CLIENTS};
 pub use hold::{hold_sessions, Held};
 pub use rate::{connection_rate, RateTrial};
 pub use sessions::CHILDREN_WAIT;
