@@ -1,20 +1,24 @@
 //! The children table and the reaper: which pid serves which peer, since when, and what became
-//! of every child that ended (the handler says what an exit code means). Every count changes in exactly two places: `add` when a child is
+//! of every child that ended (its handler's kind says what an exit code means), and the
+//! deadlines the parent enforces (`max_session_time` of a program). Every count changes in
+//! exactly two places: `add` when a child is
 //! forked and `end_child` when one is reaped.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::fmt;
 use std::hash::RandomState;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use log::{debug, log, warn, Level};
+use log::{debug, info, log, warn, Level};
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::WaitPidFlag;
 use nix::unistd::Pid;
 
-use crate::handler::Handler;
+use crate::handler::Kind;
 use crate::parent_memory::ParentOnly;
 use crate::spawn::EXIT_PANIC;
 
@@ -28,6 +32,20 @@ struct Child {
     /// The source it counts under for `max_per_source` (kept, so a reload that changes the
     /// prefix lengths still releases the count it took).
     source: IpNet,
+    /// What it runs: what its exit code means.
+    kind: Kind,
+}
+
+/// A moment the parent must act on a child: end a program at `max_session_time` (SIGTERM to
+/// its process group), then, `kill_timeout` later, SIGKILL. Ordered by time; `started`
+/// identifies the child, so an entry left for a reaped child whose pid was reused is ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Deadline {
+    at: Instant,
+    pid: libc::pid_t,
+    started: Instant,
+    /// SIGKILL (the second step) rather than SIGTERM.
+    kill: bool,
 }
 
 /// How a reaped child ended.
@@ -107,6 +125,11 @@ pub struct Children {
     /// the set of sources that have sessions now.
     per_source: ParentTable<IpNet, usize>,
     pub totals: allocator_api2::boxed::Box<Totals, ParentOnly>,
+    /// Deadlines of live children, nearest first: O(log n) to add or take one. Entries of
+    /// children reaped before their deadline stay until their time comes and are skipped
+    /// then. Only programs have deadlines, and they are started without `fork` (see `exec`),
+    /// so this heap on the ordinary heap costs no copy-on-write fault.
+    deadlines: BinaryHeap<Reverse<Deadline>>,
 }
 
 impl Default for Children {
@@ -122,6 +145,7 @@ impl Children {
             live: parent_table(n),
             per_source: parent_table(n),
             totals: allocator_api2::boxed::Box::new_in(Totals::default(), ParentOnly),
+            deadlines: BinaryHeap::new(),
         }
     }
 
@@ -146,35 +170,92 @@ impl Children {
         all
     }
 
-    /// Records a child the parent has just forked.
-    pub fn add(&mut self, pid: Pid, peer: SocketAddr, source: IpNet) {
+    /// Records a child the parent has just forked; `end_by` is the time the parent must end
+    /// its session, if the parent enforces one.
+    pub fn add(
+        &mut self,
+        pid: Pid,
+        peer: SocketAddr,
+        source: IpNet,
+        kind: Kind,
+        end_by: Option<Duration>,
+    ) {
         // A child sees this table zero-filled (see `parent_memory`): it must never touch it.
         debug_assert!(crate::spawn::in_parent(), "children table used in a child");
+        let started = Instant::now();
         self.live.insert(
             pid,
             Child {
                 peer,
-                started: Instant::now(),
+                started,
                 source,
+                kind,
             },
         );
+        if let Some(limit) = end_by {
+            self.deadlines.push(Reverse(Deadline {
+                at: started + limit,
+                pid: pid.as_raw(),
+                started,
+                kill: false,
+            }));
+        }
         *self.per_source.entry(source).or_default() += 1;
         self.totals.forked += 1;
     }
 
-    /// Reaps every child that has ended, then returns; `handler` (the one in force) says what
-    /// their exit codes mean. SIGCHLD coalesces, so one signal may stand for many children: loop until the
-    /// kernel says none is left to collect (`StillAlive`) or there are no children at all
-    /// (ECHILD).
-    pub fn reap(&mut self, handler: &Handler) {
-        while self.collect_one(Some(WaitPidFlag::WNOHANG), handler) {}
+    /// Reaps every child that has ended, then returns. SIGCHLD coalesces, so one signal may
+    /// stand for many children: loop until the kernel says none is left to collect
+    /// (`StillAlive`) or there are no children at all (ECHILD).
+    pub fn reap(&mut self) {
+        while self.collect_one(Some(WaitPidFlag::WNOHANG)) {}
+    }
+
+    /// The nearest deadline the parent must act on, if any (perhaps one of a child already
+    /// reaped: acting on it then does nothing).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.peek().map(|Reverse(d)| d.at)
+    }
+
+    /// Acts on every deadline that has come by `now`: a program at `max_session_time` gets
+    /// SIGTERM to its process group, and SIGKILL `kill_timeout` later if it is still there.
+    pub fn end_sessions_past_deadline(&mut self, now: Instant, kill_timeout: Duration) {
+        while let Some(&Reverse(due)) = self.deadlines.peek().filter(|Reverse(d)| d.at <= now) {
+            self.deadlines.pop();
+            let pid = Pid::from_raw(due.pid);
+            let Some(child) = self.live.get(&pid).filter(|c| c.started == due.started) else {
+                continue; // reaped already
+            };
+            if due.kill {
+                warn!(
+                    "child {pid} ({}) still running {} after SIGTERM; sending SIGKILL to its \
+                     process group",
+                    child.peer,
+                    seconds(kill_timeout)
+                );
+                signal_group(pid, Signal::SIGKILL);
+            } else {
+                info!(
+                    "child {pid} ({}) reached max_session_time after {}; sending SIGTERM to its \
+                     process group",
+                    child.peer,
+                    seconds(now - child.started)
+                );
+                signal_group(pid, Signal::SIGTERM);
+                self.deadlines.push(Reverse(Deadline {
+                    at: now + kill_timeout,
+                    kill: true,
+                    ..due
+                }));
+            }
+        }
     }
 
     /// Last resort when the loop cannot go on: SIGKILL every child and wait for each one, so
     /// that none outlives the parent.
-    pub fn kill_and_reap_all(&mut self, handler: &Handler) {
+    pub fn kill_and_reap_all(&mut self) {
         self.signal_all(Signal::SIGKILL);
-        while !self.live.is_empty() && self.collect_one(None, handler) {}
+        while !self.live.is_empty() && self.collect_one(None) {}
     }
 
     /// One `waitpid(-1, flags)`, accounted for. False when there is nothing (more) to collect.
@@ -182,7 +263,7 @@ impl Children {
     /// libc's `waitpid`, not nix's: nix cannot represent a child killed by a real-time signal
     /// and reports EINVAL *after* the kernel has reaped it, which would leave a ghost in the
     /// table holding its slot forever (and a shutdown waiting for it).
-    fn collect_one(&mut self, flags: Option<WaitPidFlag>, handler: &Handler) -> bool {
+    fn collect_one(&mut self, flags: Option<WaitPidFlag>) -> bool {
         let mut status = 0;
         let flags = flags.map_or(0, |f| f.bits());
         // Safe: `status` is a valid place for the kernel to write the status.
@@ -199,7 +280,7 @@ impl Children {
             },
             pid => {
                 if let Some(ending) = Ending::from_status(status) {
-                    self.end_child(Pid::from_raw(pid), ending, handler);
+                    self.end_child(Pid::from_raw(pid), ending);
                 }
                 // Else a stop or continue report; not asked for (no WUNTRACED), so ignored.
             }
@@ -208,7 +289,7 @@ impl Children {
     }
 
     /// The one place a reaped child is accounted for: table, totals, log line.
-    fn end_child(&mut self, pid: Pid, ending: Ending, handler: &Handler) {
+    fn end_child(&mut self, pid: Pid, ending: Ending) {
         let Some(child) = self.live.remove(&pid) else {
             // Not ours (e.g. a process this one inherited); reaping it is still right.
             debug!("reaped unknown process {pid}: {ending}");
@@ -222,14 +303,14 @@ impl Children {
         }
         self.totals.record(ending);
         let level = match ending {
-            Ending::Exited(EXIT_PANIC)
-            | Ending::Killed {
+            Ending::Exited(EXIT_PANIC) if child.kind == Kind::Echo => Level::Warn,
+            Ending::Killed {
                 core_dumped: true, ..
             } => Level::Warn,
             _ => Level::Info,
         };
         let meaning = match ending {
-            Ending::Exited(code) => handler.meaning(code),
+            Ending::Exited(code) => child.kind.meaning(code),
             Ending::Killed { .. } => None,
         };
         log!(
@@ -241,14 +322,25 @@ impl Children {
         );
     }
 
-    /// Sends `signal` to every live child (shutdown). A child that has already exited but is not
-    /// yet reaped is a zombie, and signalling it is harmless.
+    /// Sends `signal` to every live child's process group (shutdown), so that whatever a
+    /// program started is reached too. A child that has already exited but is not yet reaped
+    /// is a zombie, and signalling it is harmless.
     pub fn signal_all(&self, signal: Signal) {
         for pid in self.live.keys() {
-            if let Err(e) = kill(*pid, signal) {
-                debug!("cannot send {signal} to child {pid}: {e}");
-            }
+            signal_group(*pid, signal);
         }
+    }
+}
+
+/// Sends `signal` to the process group a child leads; to the child alone if it has no group
+/// yet (a forked child that has not reached its `setpgid`).
+fn signal_group(pid: Pid, signal: Signal) {
+    let sent = match nix::sys::signal::killpg(pid, signal) {
+        Err(Errno::ESRCH) => kill(pid, signal),
+        other => other,
+    };
+    if let Err(e) = sent {
+        debug!("cannot send {signal} to child {pid}: {e}");
     }
 }
 

@@ -1,47 +1,80 @@
-//! What a child does with its connection, once `spawn` has cleaned up what it inherited
-//! (descriptors, process group, signal mask, the parent's hooked signals back to default). A
-//! handler owns its settings, the meaning of its exit codes and its signal policy; `spawn`
-//! owns only what every child needs, and ends the child with `_exit` and the handler's exit
-//! code, so a handler never returns into the parent's code.
+//! What a child does with its connection. A handler owns its settings, the meaning of its
+//! exit codes and its signal policy; `spawn` owns only what every child needs: it forks the
+//! echo's child and ends it with `_exit` and the echo's exit code, so a handler never returns
+//! into the parent's code, and hands a program to `exec`, which starts it without a fork.
 //!
-//! Every child starts with SIGPIPE, SIGTTOU and SIGXFSZ ignored, as the parent has them (the
-//! Rust runtime ignores SIGPIPE; `signals::hook` the other two). The echo keeps that policy;
-//! a handler that runs another program must restore them to the default before `exec`, since
-//! an ignored disposition survives it.
+//! Every forked child starts with SIGPIPE, SIGTTOU and SIGXFSZ ignored, as the parent has them
+//! (the Rust runtime ignores SIGPIPE; `signals::hook` the other two). The echo keeps that
+//! policy; a program gets every disposition back to the default before `execve` (see `exec`),
+//! since an ignored disposition survives it.
 
-use crate::conn::Conn;
+use std::io;
+
 use crate::echo;
+use crate::exec::{self, Program};
 use crate::spawn::EXIT_PANIC;
 
 /// The handlers forkecho has.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Handler {
     /// The built-in echo (`echo`): banner, then every byte back, until the client's EOF.
     Echo(echo::Settings),
+    /// A program per connection (`exec`), after the banner if there is one (at most
+    /// [`exec::MAX_BANNER`] bytes, written by the parent).
+    Exec { program: Program, banner: Vec<u8> },
+}
+
+/// What kind of handler a child was forked with: what its exit codes mean, and who enforces
+/// `max_session_time` (the echo itself; the parent for a program).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Echo,
+    Program,
+}
+
+impl Kind {
+    /// What exit `code` of a child of this kind means, in a few words, for the line the parent
+    /// logs when it reaps the child; `None` for a code it does not define (a program's codes
+    /// are its own).
+    pub fn meaning(self, code: i32) -> Option<&'static str> {
+        match self {
+            Kind::Echo if code == EXIT_PANIC => Some("internal error"),
+            Kind::Echo => echo::meaning(code),
+            Kind::Program => None,
+        }
+    }
 }
 
 impl Handler {
-    /// The handler a configuration asks for.
-    pub fn from_config(config: &crate::config::Config) -> Handler {
-        Handler::Echo(echo::Settings::from(config))
+    /// The handler a configuration asks for. A program's setup (its environment, /dev/null,
+    /// the stack its children start on) can fail; the echo's cannot.
+    pub fn from_config(config: &crate::config::Config) -> io::Result<Handler> {
+        let Some(argv) = &config.exec else {
+            return Ok(Handler::Echo(echo::Settings::from(config)));
+        };
+        let program = Program::new(exec::Settings {
+            path: config
+                .program
+                .as_deref()
+                .expect("`exec` is resolved at load"),
+            argv,
+            env: &config.env,
+            clear_env: config.clear_env,
+            stderr: config.session_stderr,
+            limits: &config.session_limits,
+            nice: config.nice,
+            working_directory: config.working_directory.as_deref(),
+        })?;
+        Ok(Handler::Exec {
+            program,
+            banner: config.banner.clone(),
+        })
     }
 
-    /// What exit `code` of one of this handler's children means, in a few words, for the line
-    /// the parent logs when it reaps the child; `None` for a code it does not define.
-    pub fn meaning(&self, code: i32) -> Option<&'static str> {
-        if code == EXIT_PANIC {
-            return Some("internal error");
-        }
+    pub fn kind(&self) -> Kind {
         match self {
-            Handler::Echo(_) => echo::meaning(code),
-        }
-    }
-
-    /// Serves `conn` in the child and returns the exit code that says how the session ended
-    /// (each handler documents its codes). Called only in a child, by `spawn`.
-    pub fn serve(&self, conn: Conn) -> i32 {
-        match self {
-            Handler::Echo(settings) => echo::run(conn, settings).exit_code(),
+            Handler::Echo(_) => Kind::Echo,
+            Handler::Exec { .. } => Kind::Program,
         }
     }
 }

@@ -22,7 +22,10 @@
 //! - `handler`: what a child does with its connection; owns its settings, exit codes and
 //!   signal policy.
 //! - `echo`: the built-in handler, a blocking echo, and the exit code that says how it ended.
-//! - `children`: the table of live children, the reaper, and the totals.
+//! - `exec`: the other handler, a program per connection (UCSPI-style), started with
+//!   `clone(CLONE_VM | CLONE_VFORK)`: its environment, limits, and the steps before `execve`.
+//! - `children`: the table of live children, the reaper, the totals, and the deadlines the
+//!   parent enforces (a program's `max_session_time`).
 //! - `parent_memory`: where that table lives: memory the children do not inherit.
 //! - `pending`: accepted connections waiting for a decision (a source at `max_per_source`
 //!   whose session may be ending), with a deadline each.
@@ -43,6 +46,7 @@ pub mod config;
 mod conn;
 pub mod daemon;
 mod echo;
+mod exec;
 mod handler;
 mod limits;
 pub mod listen;

@@ -136,7 +136,7 @@ pub fn can_bind_privileged_ports() -> bool {
 }
 
 fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<Listener> {
-    // socket2 creates the socket with SOCK_CLOEXEC; children never exec, and they close it anyway.
+    // socket2 creates the socket with SOCK_CLOEXEC; every child closes it anyway.
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // Why: a restarted server must bind while sessions of the old one still hold the port.
     socket.set_reuse_address(true)?;

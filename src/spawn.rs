@@ -31,6 +31,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use nix::unistd::{fork, setpgid, ForkResult, Pid};
 
 use crate::conn::Conn;
+use crate::echo;
+use crate::exec::Program;
 use crate::handler::Handler;
 use crate::signals;
 
@@ -38,10 +40,61 @@ use crate::signals;
 /// be made ready to serve: EX_SOFTWARE from sysexits.h. Every handler's codes leave it free.
 pub const EXIT_PANIC: i32 = 70;
 
-/// Forks a child in which `handler` serves `conn`, and returns its pid. In the parent the
-/// connection is closed before this returns (rule 5). If the fork fails, the connection comes
-/// back with the error, so the caller can still answer the client. The child never returns.
+/// Starts the child that serves `conn` as `handler` says, and returns its pid: the echo in a
+/// forked child, a program with `clone` (see `exec`). In the parent the connection is closed
+/// before this returns (rule 5). If the child cannot be created, the connection comes back
+/// with the error, so the caller can still answer the client. The child never returns.
 pub fn spawn_session(conn: Conn, handler: &Handler) -> Result<Pid, (Conn, io::Error)> {
+    match handler {
+        Handler::Echo(settings) => fork_session(conn, |conn| echo::run(conn, settings).exit_code()),
+        Handler::Exec { program, banner } => spawn_program(conn, program, banner),
+    }
+}
+
+/// A program: the banner first, written by the parent without waiting (`exec` keeps it small
+/// enough for an empty send buffer), then the program, started without a copy of the parent.
+fn spawn_program(conn: Conn, program: &Program, banner: &[u8]) -> Result<Pid, (Conn, io::Error)> {
+    if !banner.is_empty() {
+        write_banner_without_waiting(&conn, banner);
+    }
+    let peer = conn.peer;
+    let (pid, failure) = program.spawn(conn)?;
+    if let Some(failure) = failure {
+        log::error!(
+            "session {peer}: cannot run {}: {failure}; child {pid} exits {}",
+            program.name(),
+            crate::exec::EXIT_CANNOT_RUN
+        );
+    }
+    Ok(pid)
+}
+
+/// Writes `banner` to a fresh connection with MSG_DONTWAIT: it fits in the empty send buffer,
+/// so it goes whole or (the client is gone already) not at all, and the program then finds
+/// the connection closed, as it would have a moment later.
+fn write_banner_without_waiting(conn: &Conn, banner: &[u8]) {
+    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+    // Safe: sends from a live buffer of the given length on a socket we own.
+    let sent = unsafe {
+        libc::send(
+            conn.stream.as_raw_fd(),
+            banner.as_ptr().cast(),
+            banner.len(),
+            flags,
+        )
+    };
+    if sent != banner.len() as isize {
+        let error = io::Error::last_os_error();
+        log::debug!(
+            "session {}: banner not sent whole ({sent} of {} bytes): {error}",
+            conn.peer,
+            banner.len()
+        );
+    }
+}
+
+/// Forks a child in which `serve` serves `conn`; its result is the child's exit code.
+fn fork_session(conn: Conn, serve: impl FnOnce(Conn) -> i32) -> Result<Pid, (Conn, io::Error)> {
     // Rule 2: nothing buffered may be inherited and written twice. (stderr is unbuffered, and
     // the logger writes whole lines, but stdout is line-buffered.)
     let _ = io::stdout().flush();
@@ -54,7 +107,7 @@ pub fn spawn_session(conn: Conn, handler: &Handler) -> Result<Pid, (Conn, io::Er
     // would not exist in the child; the child only runs `child_main`, which never returns.
     let forked = unsafe { fork() };
     if let Ok(ForkResult::Child) = forked {
-        child_main(conn, handler);
+        child_main(conn, serve);
     }
     if let Err(e) = signals::restore_mask(&parent_mask) {
         // Not a reason to lose track of a child that now exists: report it and carry on.
@@ -72,9 +125,9 @@ pub fn spawn_session(conn: Conn, handler: &Handler) -> Result<Pid, (Conn, io::Er
     }
 }
 
-/// Everything the child does: clean up what it inherited, hand the connection to the handler,
+/// Everything the child does: clean up what it inherited, hand the connection to `serve`,
 /// exit with its code. Never returns.
-fn child_main(conn: Conn, handler: &Handler) -> ! {
+fn child_main(conn: Conn, serve: impl FnOnce(Conn) -> i32) -> ! {
     // Rule 2: no panic may unwind out of here into the parent's accept loop, from the cleanup
     // or from the session.
     let code = panic::catch_unwind(AssertUnwindSafe(|| {
@@ -89,7 +142,7 @@ fn child_main(conn: Conn, handler: &Handler) -> ! {
             log::error!("session {}: cannot reset signal handling: {e}", conn.peer);
             return EXIT_PANIC;
         }
-        handler.serve(conn)
+        serve(conn)
     }))
     .unwrap_or(EXIT_PANIC);
     exit_child(code)

@@ -615,7 +615,11 @@ fn help_has_a_flag_for_every_key() {
     let out = run(&["--help"]);
     let help = stdout(&out);
     for key in forkecho::config::KEYS {
-        let flag = format!("--{}", key.replace('_', "-"));
+        // `exec` is the words after `--`.
+        let flag = match key {
+            "exec" => "[-- <PROGRAM>...]".to_string(),
+            _ => format!("--{}", key.replace('_', "-")),
+        };
         assert!(help.contains(&flag), "--help lacks {flag}:\n{help}");
     }
     for line in [

@@ -31,6 +31,8 @@ enum Val {
     List(Vec<String>),
     /// Written as is, in the file and on the command line: integers beyond i64.
     Raw(&'static str),
+    /// A table: each name with its value as TOML and as a flag's `NAME=VALUE` writes it.
+    Pairs(Vec<(&'static str, &'static str, &'static str)>),
 }
 
 impl Val {
@@ -48,6 +50,13 @@ impl Val {
                     .to_string()
             }
             Val::Raw(text) => text.to_string(),
+            Val::Pairs(pairs) => {
+                let items: Vec<String> = pairs
+                    .iter()
+                    .map(|(name, toml, _)| format!("{name} = {toml}"))
+                    .collect();
+                format!("{{ {} }}", items.join(", "))
+            }
         }
     }
 
@@ -59,6 +68,13 @@ impl Val {
             Val::Bool(b) => b.to_string(),
             Val::List(items) => items.join(","),
             Val::Raw(text) => text.to_string(),
+            Val::Pairs(pairs) => {
+                let items: Vec<String> = pairs
+                    .iter()
+                    .map(|(name, _, flag)| format!("{name}={flag}"))
+                    .collect();
+                items.join(",")
+            }
         }
     }
 }
@@ -92,13 +108,25 @@ impl Setting {
         format!("--{}", self.key.replace('_', "-"))
     }
 
-    /// The command-line form: a boolean flag alone or not at all, one flag per list item.
+    /// The command-line form: a boolean flag alone or not at all, one flag per list item or
+    /// pair; `exec` as the words after `--` (see `Case::args`, which puts them last).
     fn cli_args(&self) -> Vec<String> {
         let flag = self.flag();
         match &self.val {
+            Val::List(items) if self.key == "exec" && items.is_empty() => vec![],
+            Val::List(items) if self.key == "exec" => std::iter::once("--".to_string())
+                .chain(items.iter().cloned())
+                .collect(),
+            other if self.key == "exec" => vec!["--".into(), other.text()],
             Val::Bool(true) => vec![flag],
-            Val::Bool(false) if matches!(self.key, "reuse_port" | "daemonize") => vec![],
+            Val::Bool(false) if matches!(self.key, "reuse_port" | "daemonize" | "clear_env") => {
+                vec![]
+            }
             Val::List(items) => items.iter().map(|i| format!("{flag}={i}")).collect(),
+            Val::Pairs(pairs) => pairs
+                .iter()
+                .map(|(name, _, value)| format!("{flag}={name}={value}"))
+                .collect(),
             other => vec![format!("{flag}={}", other.text())],
         }
     }
@@ -359,6 +387,91 @@ fn identity_key(key: &'static str, known: &[&str], missing: &str) -> BoxedStrate
     pick(key, choices)
 }
 
+/// `exec`: programs that exist (in PATH or by path), one that does not, and wrong shapes.
+fn exec_key() -> BoxedStrategy<Setting> {
+    let list = |items: &[&str]| Val::List(items.iter().map(|s| s.to_string()).collect());
+    pick(
+        "exec",
+        vec![
+            (list(&["cat"]), true, true),
+            (list(&["/bin/sh", "-c", "exec cat"]), true, true),
+            (list(&["no-such-program-forkecho"]), false, false),
+            (list(&["/nonexistent-forkecho-test-dir/prog"]), false, false),
+            (list(&["/tmp"]), false, false),
+            (list(&[]), false, true),
+            (Val::Str("cat".into()), false, true),
+            (Val::Int(3), false, false),
+        ],
+    )
+}
+
+/// `env` and `session_limits`: tables (a flag per pair).
+fn env_key() -> BoxedStrategy<Setting> {
+    pick(
+        "env",
+        vec![
+            (Val::Pairs(vec![("FOO", "\"bar\"", "bar")]), true, true),
+            (
+                Val::Pairs(vec![("A", "\"1\"", "1"), ("B_2", "\"x y\"", "x y")]),
+                true,
+                true,
+            ),
+            (Val::Pairs(vec![("N", "3", "3")]), false, true),
+            (Val::Str("FOO=bar".into()), false, true),
+            (Val::Int(3), false, false),
+        ],
+    )
+}
+
+fn session_limits_key() -> BoxedStrategy<Setting> {
+    pick(
+        "session_limits",
+        vec![
+            (Val::Pairs(vec![("open_files", "64", "64")]), true, true),
+            (
+                Val::Pairs(vec![("cpu", "10", "10"), ("core", "0", "0")]),
+                true,
+                true,
+            ),
+            (
+                Val::Pairs(vec![("file_size", "\"unlimited\"", "unlimited")]),
+                true,
+                true,
+            ),
+            (Val::Pairs(vec![("bogus", "1", "1")]), false, false),
+            (Val::Pairs(vec![("cpu", "-1", "-1")]), false, false),
+            (Val::Pairs(vec![("cpu", "\"lots\"", "lots")]), false, false),
+            (Val::Int(3), false, false),
+        ],
+    )
+}
+
+fn session_stderr_key() -> BoxedStrategy<Setting> {
+    pick(
+        "session_stderr",
+        vec![
+            (Val::Str("log".into()), true, true),
+            (Val::Str("null".into()), true, true),
+            (Val::Str("file".into()), false, false),
+            (Val::Int(1), false, false),
+        ],
+    )
+}
+
+/// `working_directory`: one that exists, one that does not, a file, wrong types.
+fn working_directory_key() -> BoxedStrategy<Setting> {
+    pick(
+        "working_directory",
+        vec![
+            (Val::Str("/tmp".into()), true, true),
+            (Val::Str(MISSING_DIR.into()), false, false),
+            (Val::Str("/etc/passwd".into()), false, false),
+            (Val::Str("a\0b".into()), false, false),
+            (Val::Int(7), false, false),
+        ],
+    )
+}
+
 /// The generator of each config key (plus an unknown one), by name. `start_safe` leaves out
 /// what must not run for real: `daemonize` (a detached daemon is out of our hands) and a
 /// fixed port.
@@ -410,6 +523,13 @@ fn generators(start_safe: bool) -> Vec<(&'static str, BoxedStrategy<Setting>)> {
             "group",
             identity_key("group", &KNOWN_GROUPS, "no-such-group-forkecho"),
         ),
+        ("exec", exec_key()),
+        ("session_stderr", session_stderr_key()),
+        ("env", env_key()),
+        ("clear_env", bool_key("clear_env")),
+        ("session_limits", session_limits_key()),
+        ("nice", int_key("nice", -20..=19, &[20, -21, 100])),
+        ("working_directory", working_directory_key()),
         (
             "bogus_key",
             pick(
@@ -497,7 +617,10 @@ impl Case {
             args.push("-c".to_string());
             args.push(path.display().to_string());
         }
-        args.extend(self.cli.iter().flat_map(Setting::cli_args));
+        // `exec`'s words come last, after `--`.
+        let (exec, flags): (Vec<&Setting>, Vec<&Setting>) =
+            self.cli.iter().partition(|s| s.key == "exec");
+        args.extend(flags.into_iter().chain(exec).flat_map(Setting::cli_args));
         args
     }
 
@@ -520,11 +643,13 @@ impl Case {
                 .filter(|s| !s.file_ok)
                 .map(|s| format!("key `{}`", s.key)),
         );
+        // A flag is checked as clap parses it ('--flag) or, for what needs the merged
+        // command line (the program, a directory), as its key.
         culprits.extend(
             self.cli
                 .iter()
                 .filter(|s| !s.cli_ok)
-                .map(|s| format!("'{}", s.flag())),
+                .flat_map(|s| [format!("'{}", s.flag()), format!("key `{}`", s.key)]),
         );
         if self.junk.is_some() {
             culprits.push(file.to_string());
@@ -542,6 +667,27 @@ impl Case {
             .is_none_or(|s| s.val.text().parse::<f64>() == Ok(0.0));
         if self.effective("rate_burst").is_some() && rate_is_off {
             culprits.push("key `rate_burst`".into());
+        }
+        // A program per connection: `idle_timeout` cannot apply (0 may be said); without
+        // one, the keys only a program uses cannot.
+        if self.effective("exec").is_some() {
+            let idle = self.effective("idle_timeout");
+            if idle.is_some_and(|s| s.val.text().parse::<f64>() != Ok(0.0)) {
+                culprits.push("key `idle_timeout`".into());
+            }
+        } else {
+            for key in [
+                "session_stderr",
+                "env",
+                "clear_env",
+                "session_limits",
+                "nice",
+                "working_directory",
+            ] {
+                if self.effective(key).is_some() {
+                    culprits.push(format!("key `{key}`"));
+                }
+            }
         }
         let name = |key| self.effective(key).map(|s| s.val.text());
         match (name("user"), name("group")) {
@@ -625,7 +771,8 @@ fn run_without_panic<S: AsRef<str>>(args: &[S]) -> (Option<i32>, String, String)
 /// reports it with exit 1 when it tries.
 fn check_config_verdict(case: &Case, dir: &TempDir) -> Vec<String> {
     let mut args = case.args(dir);
-    args.push("--check-config".into());
+    // First: after `--`, it would be an argument of the program.
+    args.insert(0, "--check-config".into());
     let (code, stdout, stderr) = run_without_panic(&args);
     let file = dir.path().join("forkecho.toml").display().to_string();
     let culprits = case.culprits(&file);

@@ -56,7 +56,11 @@ fn arg(key: &'static Key) -> Arg {
         Some(default) => format!("{} [default: {}]", key.help, shown_default(default)),
         None => key.help.to_string(),
     };
-    let arg = Arg::new(key.name).long(flag_name(key)).help(help);
+    let arg = match key.flag {
+        // Positional: the words after `--`.
+        Flag::Trailing(_) => Arg::new(key.name).help(help),
+        _ => Arg::new(key.name).long(flag_name(key)).help(help),
+    };
     let parse = move |s: &str| parse_flag(key, s);
     match key.flag {
         Flag::Switch => arg.action(ArgAction::SetTrue),
@@ -70,6 +74,23 @@ fn arg(key: &'static Key) -> Arg {
                 None => arg,
             }
         }
+        Flag::Trailing(value_name) => arg
+            .value_name(value_name)
+            .num_args(1..)
+            .last(true)
+            .action(ArgAction::Append)
+            .value_parser(move |s: &str| -> Result<Parsed, String> {
+                // Checked whole once the command line is merged: the first word is the
+                // program (looked up in PATH), the others are its arguments.
+                Ok(Parsed {
+                    value: toml::Value::String(s.to_string()),
+                    written: s.to_string(),
+                })
+            }),
+        Flag::Pairs { value_name, .. } => arg
+            .value_name(value_name)
+            .action(ArgAction::Append)
+            .value_parser(parse),
         Flag::Integer(value_name)
         | Flag::Number { value_name, .. }
         | Flag::Text(value_name)
@@ -112,6 +133,8 @@ fn parse_flag(key: &'static Key, s: &str) -> Result<Parsed, String> {
         Flag::Path(_) => toml::Value::String(absolute(s)),
         Flag::Text(_) | Flag::List { .. } => toml::Value::String(s.to_string()),
         Flag::Switch => toml::Value::Boolean(true),
+        Flag::Pairs { numbers, .. } => pair(s, numbers)?,
+        Flag::Trailing(_) => unreachable!("trailing words are parsed whole"),
     };
     // A list item is checked as a list of one: `set` takes the whole list.
     let checked = match key.flag {
@@ -123,6 +146,21 @@ fn parse_flag(key: &'static Key, s: &str) -> Result<Parsed, String> {
         value,
         written: s.to_string(),
     })
+}
+
+/// `NAME=VALUE` as a table of one; with `numbers`, an integer value is an integer.
+fn pair(s: &str, numbers: bool) -> Result<toml::Value, String> {
+    let (name, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not of the form NAME=VALUE"))?;
+    let value = match value.trim().parse::<i64>() {
+        Ok(n) if numbers => toml::Value::Integer(n),
+        _ => toml::Value::String(value.to_string()),
+    };
+    Ok(toml::Value::Table(toml::map::Map::from_iter([(
+        name.to_string(),
+        value,
+    )])))
 }
 
 /// An integer flag; one beyond i64 becomes the nearest i64, which every key's range check
@@ -211,14 +249,29 @@ fn given(key: &'static Key, matches: &ArgMatches) -> Option<Given> {
     }
     let parsed: Vec<&Parsed> = matches.get_many::<Parsed>(key.name)?.collect();
     let last = parsed.last()?;
+    let all_written = || {
+        parsed
+            .iter()
+            .map(|p| p.written.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     let (value, written) = match key.flag {
         Flag::List { .. } => (
             toml::Value::Array(parsed.iter().map(|p| p.value.clone()).collect()),
-            parsed
-                .iter()
-                .map(|p| p.written.as_str())
-                .collect::<Vec<_>>()
-                .join(" "),
+            all_written(),
+        ),
+        Flag::Trailing(_) => (trailing_words(&parsed), all_written()),
+        // Later pairs win over earlier ones with the same name, as later flags do.
+        Flag::Pairs { .. } => (
+            toml::Value::Table(
+                parsed
+                    .iter()
+                    .filter_map(|p| p.value.as_table())
+                    .flat_map(|t| t.clone())
+                    .collect(),
+            ),
+            all_written(),
         ),
         _ => (last.value.clone(), last.written.clone()),
     };
@@ -227,6 +280,18 @@ fn given(key: &'static Key, matches: &ArgMatches) -> Option<Given> {
         value,
         written,
     })
+}
+
+/// The words after `--` as an array; a program named by a relative path with a slash is
+/// made absolute now, like every path given on the command line (a daemon works from /).
+fn trailing_words(parsed: &[&Parsed]) -> toml::Value {
+    let mut words: Vec<toml::Value> = parsed.iter().map(|p| p.value.clone()).collect();
+    if let Some(toml::Value::String(program)) = words.first_mut() {
+        if program.contains('/') && !program.starts_with('/') {
+            *program = absolute(program);
+        }
+    }
+    toml::Value::Array(words)
 }
 
 #[cfg(test)]

@@ -64,6 +64,14 @@ pub(super) enum Flag {
     },
     /// `--key` alone: `true`.
     Switch,
+    /// The words after `--`, last on the command line: the file's array.
+    Trailing(&'static str),
+    /// `--key NAME=VALUE`, repeatable: the file's table. With `numbers`, a value that is an
+    /// integer is one (else it stays a string, such as `unlimited`).
+    Pairs {
+        value_name: &'static str,
+        numbers: bool,
+    },
 }
 
 /// What a reload does when a key's value changes.
@@ -103,7 +111,7 @@ fn plain_or_none<T: ToString>(value: Option<T>) -> Shown<'static> {
 }
 
 /// Every key, in the order `--help` and the documentation list them.
-pub(super) const TABLE: [Key; 23] = [
+pub(super) const TABLE: [Key; 30] = [
     Key {
         name: "listen",
         help: "Address to listen on, IP:PORT (`[::1]:PORT` for IPv6); repeatable; port 0 picks \
@@ -378,6 +386,102 @@ pub(super) const TABLE: [Key; 23] = [
         },
         on_reload: OnReload::Applies(|c| plain(c.log_level)),
     },
+    Key {
+        name: "exec",
+        help: "Run this program per connection instead of the echo, UCSPI-style: the \
+               connection on fds 0 and 1 (on the command line: `-- PROGRAM [ARGS...]`, last)",
+        default: None,
+        flag: Flag::Trailing("PROGRAM"),
+        set: |c, v, w| {
+            c.exec = Some(argv_from_toml(v, w)?);
+            Ok(())
+        },
+        on_reload: OnReload::Applies(|c| plain_or_none(c.exec.as_ref().map(|a| a.join(" ")))),
+    },
+    Key {
+        name: "session_stderr",
+        help: "Where a program's stderr goes: log (forkecho's log, bytes unchanged) or null",
+        default: Some(r#""log""#),
+        flag: Flag::Text("WHERE"),
+        set: |c, v, w| {
+            c.session_stderr = crate::exec::Stderr::parse(expect_str(v, w)?)?;
+            Ok(())
+        },
+        on_reload: OnReload::Applies(|c| plain(c.session_stderr)),
+    },
+    Key {
+        name: "env",
+        help: "Add this variable to a program's environment; repeatable",
+        default: None,
+        flag: Flag::Pairs {
+            value_name: "NAME=VALUE",
+            numbers: false,
+        },
+        set: |c, v, w| {
+            c.env = env_from_toml(v, w)?;
+            Ok(())
+        },
+        on_reload: OnReload::Applies(|c| {
+            let vars: Vec<String> = c.env.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+            Shown::Plain(format!("{{{}}}", vars.join(", ")))
+        }),
+    },
+    Key {
+        name: "clear_env",
+        help: "Start a program's environment empty instead of from forkecho's (the \
+               connection's variables and --env are still set)",
+        default: None,
+        flag: Flag::Switch,
+        set: |c, v, w| {
+            c.clear_env = expect_bool(v, w)?;
+            Ok(())
+        },
+        on_reload: OnReload::Applies(|c| plain(c.clear_env)),
+    },
+    Key {
+        name: "session_limits",
+        help: "A resource limit a program starts with, NAME=VALUE (cpu seconds, address_space, \
+               open_files, processes, core, file_size; bytes or a count; or unlimited); \
+               repeatable",
+        default: None,
+        flag: Flag::Pairs {
+            value_name: "NAME=VALUE",
+            numbers: true,
+        },
+        set: |c, v, w| {
+            c.session_limits = limits_from_toml(v, w)?;
+            Ok(())
+        },
+        on_reload: OnReload::Applies(|c| {
+            let limits: Vec<String> = c.session_limits.iter().map(|l| l.to_string()).collect();
+            Shown::Plain(format!("{{{}}}", limits.join(", ")))
+        }),
+    },
+    Key {
+        name: "nice",
+        help: "A program's nice value, -20 (first) to 19 (last); below forkecho's own needs \
+               CAP_SYS_NICE [default: forkecho's]",
+        default: None,
+        flag: Flag::Integer("N"),
+        set: |c, v, w| {
+            c.nice = Some(in_range(expect_int(v, w)?, w, -20..=19, "")? as i32);
+            Ok(())
+        },
+        on_reload: OnReload::Applies(|c| plain_or_none(c.nice)),
+    },
+    Key {
+        name: "working_directory",
+        help: "Directory a program starts in [default: forkecho's]",
+        default: None,
+        flag: Flag::Path("DIR"),
+        set: |c, v, w| {
+            c.working_directory = Some(PathBuf::from(expect_name(v, w)?));
+            Ok(())
+        },
+        on_reload: OnReload::Applies(|c| {
+            plain_or_none(c.working_directory.as_ref().map(|p| p.display()))
+        }),
+    },
 ];
 
 /// The flag of every timeout.
@@ -447,11 +551,7 @@ fn expect_str<'a>(value: &'a toml::Value, written: &str) -> Result<&'a str, Stri
 
 /// A string that will be a file name or an account name, which no NUL can be part of.
 fn expect_name<'a>(value: &'a toml::Value, written: &str) -> Result<&'a str, String> {
-    let s = expect_str(value, written)?;
-    match s.contains('\0') {
-        true => Err(format!("{s:?} contains a NUL byte")),
-        false => Ok(s),
-    }
+    without_nul(expect_str(value, written)?)
 }
 
 fn expect_bool(value: &toml::Value, written: &str) -> Result<bool, String> {
@@ -514,6 +614,83 @@ fn listen_from_toml(value: &toml::Value, written: &str) -> Result<Vec<SocketAddr
         .iter()
         .map(|item| parse_addr(expect_item_str(item)?))
         .collect()
+}
+
+/// `exec`: a program and its arguments.
+fn argv_from_toml(value: &toml::Value, written: &str) -> Result<Vec<String>, String> {
+    let items = value.as_array().ok_or_else(|| {
+        format!(
+            "expected an array such as [\"/usr/bin/cat\"] (a program and its arguments), \
+             found {}",
+            describe_value(value, written)
+        )
+    })?;
+    let argv: Vec<String> = items
+        .iter()
+        .map(|item| Ok(without_nul(expect_item_str(item)?)?.to_string()))
+        .collect::<Result<_, String>>()?;
+    match argv.first() {
+        None => Err("expected a program (and its arguments), found an empty array".into()),
+        Some(program) if program.is_empty() => Err("the program name is empty".into()),
+        Some(_) => Ok(argv),
+    }
+}
+
+/// `env`: variable names and their values, as strings.
+fn env_from_toml(value: &toml::Value, written: &str) -> Result<Vec<(String, String)>, String> {
+    let table = value.as_table().ok_or_else(|| {
+        format!(
+            "expected a table such as {{ LANG = \"C.UTF-8\" }}, found {}",
+            describe_value(value, written)
+        )
+    })?;
+    table
+        .iter()
+        .map(|(name, value)| {
+            if name.is_empty() || name.contains(['=', '\0']) {
+                return Err(format!(
+                    "{name:?} cannot be a variable name (empty, or with `=` or NUL)"
+                ));
+            }
+            let value = expect_str(value, &value.to_string())
+                .map_err(|e| format!("variable `{name}`: {e}"))?;
+            Ok((name.clone(), without_nul(value)?.to_string()))
+        })
+        .collect()
+}
+
+/// `session_limits`: resource names and their limits.
+fn limits_from_toml(value: &toml::Value, written: &str) -> Result<Vec<crate::exec::Limit>, String> {
+    let table = value.as_table().ok_or_else(|| {
+        format!(
+            "expected a table such as {{ open_files = 64, cpu = 10 }}, found {}",
+            describe_value(value, written)
+        )
+    })?;
+    table
+        .iter()
+        .map(|(name, value)| {
+            let resource = crate::exec::resource(name)?;
+            let value = match value {
+                toml::Value::Integer(n) if *n >= 0 => Some(*n as u64),
+                toml::Value::String(s) if s == "unlimited" => None,
+                other => {
+                    return Err(format!(
+                        "`{name}`: expected a number from 0 or \"unlimited\", found {}",
+                        describe_value(other, &other.to_string())
+                    ))
+                }
+            };
+            Ok(crate::exec::Limit { resource, value })
+        })
+        .collect()
+}
+
+fn without_nul(s: &str) -> Result<&str, String> {
+    match s.contains('\0') {
+        true => Err(format!("{s:?} contains a NUL byte")),
+        false => Ok(s),
+    }
 }
 
 fn prefixes_from_toml(value: &toml::Value, written: &str) -> Result<Vec<IpNet>, String> {

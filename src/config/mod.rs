@@ -108,6 +108,22 @@ pub struct Config {
     rate_per_second: f64,
     /// `rate_burst` as given, if it was.
     rate_burst: Option<u32>,
+    /// `exec`: the program and its arguments as written; none = the built-in echo.
+    pub exec: Option<Vec<String>>,
+    /// The file `exec` names, found at load (in PATH for a bare name).
+    pub program: Option<PathBuf>,
+    /// Where a program's fd 2 goes.
+    pub session_stderr: crate::exec::Stderr,
+    /// Variables added to a program's environment.
+    pub env: Vec<(String, String)>,
+    /// A program's environment starts empty instead of from forkecho's.
+    pub clear_env: bool,
+    /// Resource limits a program starts with.
+    pub session_limits: Vec<crate::exec::Limit>,
+    /// A program's nice value; none = forkecho's.
+    pub nice: Option<i32>,
+    /// Where a program starts; none = forkecho's working directory.
+    pub working_directory: Option<PathBuf>,
 }
 
 /// `log_level`'s value: a level filter that can start unset (off), so [`Config`] has a
@@ -204,6 +220,7 @@ impl Config {
             .map_err(|(key, reason)| origins.error(key, reason))?;
         config.check_across_keys(&origins)?;
         config.limits.rate = rate(config.rate_per_second, config.rate_burst);
+        config.settle_exec_mode(&origins)?;
         Ok((config, origins))
     }
 
@@ -220,6 +237,76 @@ impl Config {
             return Err(origins.error("group", "needs `user` too".into()));
         }
         Ok(())
+    }
+
+    /// In exec mode: finds the program (in PATH for a bare name), and applies what a program
+    /// changes in the other keys: the banner is empty unless set, and `idle_timeout` cannot
+    /// apply (a program owns its socket; forkecho never sees whether it is idle), so setting
+    /// it is an error rather than a limit silently not enforced. Outside exec mode, the keys
+    /// only a program uses are refused when set, for the same reason.
+    fn settle_exec_mode(&mut self, origins: &Origins) -> Result<(), ConfigError> {
+        let Some(argv) = &self.exec else {
+            return self.refuse_program_keys_without_exec(origins);
+        };
+        let program =
+            crate::exec::find_program(&argv[0]).map_err(|reason| origins.error("exec", reason))?;
+        self.program = Some(program);
+        if let Some(dir) = &self.working_directory {
+            match std::fs::metadata(dir) {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(meta) => {
+                    let reason = format!(
+                        "`{}` is {}, not a directory",
+                        dir.display(),
+                        crate::file_kind(meta.file_type())
+                    );
+                    return Err(origins.error("working_directory", reason));
+                }
+                Err(e) => {
+                    let reason = format!("`{}`: {}", dir.display(), crate::os_error_text(&e));
+                    return Err(origins.error("working_directory", reason));
+                }
+            }
+        }
+        if origins.sets("idle_timeout") && self.idle_timeout.is_some() {
+            let reason = "cannot apply to a program, which owns its socket (forkecho never \
+                          sees whether it is idle); remove it, or use max_session_time";
+            return Err(origins.error("idle_timeout", reason.into()));
+        }
+        self.idle_timeout = None;
+        if !origins.sets("banner") {
+            self.banner.clear();
+        }
+        if self.banner.len() > crate::exec::MAX_BANNER {
+            let reason = format!(
+                "must be at most {} bytes with a program, not {}: forkecho writes it before \
+                 the program starts, without waiting, so it must fit a fresh connection's \
+                 send buffer",
+                crate::exec::MAX_BANNER,
+                self.banner.len()
+            );
+            return Err(origins.error("banner", reason));
+        }
+        Ok(())
+    }
+
+    /// Outside exec mode, a key only a program uses would be silently ignored: refuse it.
+    fn refuse_program_keys_without_exec(&self, origins: &Origins) -> Result<(), ConfigError> {
+        let program_keys = [
+            "session_stderr",
+            "env",
+            "clear_env",
+            "session_limits",
+            "nice",
+            "working_directory",
+        ];
+        match program_keys.into_iter().find(|key| origins.sets(key)) {
+            Some(key) => Err(origins.error(
+                key,
+                "applies only to a program run per connection (`exec`, or `-- PROGRAM`)".into(),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Looks `user` and `group` up (getent): only at start, see [`Config::reload`].
@@ -248,12 +335,22 @@ impl Config {
         // Relative paths in a file mean relative to that file, whatever the working directory
         // is (a daemon's is /), so a reload finds the same files as the start did.
         let dir = path.parent().unwrap_or(Path::new("."));
-        for file in [&mut self.pid_file, &mut self.log_file]
-            .into_iter()
-            .flatten()
+        for file in [
+            &mut self.pid_file,
+            &mut self.log_file,
+            &mut self.working_directory,
+        ]
+        .into_iter()
+        .flatten()
         {
             if file.is_relative() {
                 *file = dir.join(&*file);
+            }
+        }
+        // So is a program named with a slash: `./bin/serve` beside the file.
+        if let Some(name) = self.exec.as_mut().and_then(|argv| argv.first_mut()) {
+            if name.contains('/') && !name.starts_with('/') && keys.contains("exec") {
+                *name = dir.join(&*name).to_string_lossy().into_owned();
             }
         }
         Ok(keys)
@@ -296,6 +393,11 @@ struct Origins<'a> {
 }
 
 impl Origins<'_> {
+    /// Whether the file or the command line sets `key` (rather than its default).
+    fn sets(&self, key: &str) -> bool {
+        self.of(key) != BUILT_IN
+    }
+
     fn of(&self, key: &str) -> String {
         if self.cli.keys.gives(key) {
             return COMMAND_LINE.into();
@@ -490,10 +592,27 @@ fn integer_beyond_i64(literal: &str) -> Option<bool> {
 }
 
 /// The top-level key whose value holds `span`, and whether the value is exactly `span`:
-/// found by parsing again with `0` in its place (`None` if the rest does not parse either).
+/// found by parsing again with `0` in its place, and in the place of every other integer
+/// beyond i64 the parser meets (`None` if the rest does not parse for another reason). Each
+/// `0` is padded with spaces to the literal's length, so that every offset stays where it was.
 fn key_holding(text: &str, span: std::ops::Range<usize>) -> Option<(String, bool)> {
-    let patched = format!("{}0{}", &text[..span.start], &text[span.end..]);
-    let document: Document = toml::from_str(&patched).ok()?;
+    let zero = |text: &mut String, span: std::ops::Range<usize>| {
+        let padded = format!("0{}", " ".repeat(span.len() - 1));
+        text.replace_range(span, &padded);
+    };
+    let mut patched = text.to_string();
+    zero(&mut patched, span.clone());
+    // Each round removes one literal; the text cannot hold more than its length of them.
+    let document: Document = loop {
+        match toml::from_str(&patched) {
+            Ok(document) => break document,
+            Err(e) => {
+                let other = e.span()?;
+                integer_beyond_i64(patched.get(other.clone())?)?;
+                zero(&mut patched, other);
+            }
+        }
+    };
     document
         .into_iter()
         .find(|(_, value)| value.span().contains(&span.start))
@@ -658,6 +777,11 @@ mod tests {
              (integers go up to 9223372036854775807)"
         );
         assert!(reason("max_children = 99999999999").ends_with("not 99999999999"));
+        // Two of them: the one the parser reports is named with its key.
+        assert_eq!(
+            reason("source_prefix_v4 = 99999999999999999999\nbacklog = 99999999999999999999"),
+            "test.toml: key `backlog`: must be from 1 to 65535, not 99999999999999999999"
+        );
         // Exact as written, not as the f64 it becomes (which is 9007199254740992).
         assert!(reason("idle_timeout = 9007199254740993").ends_with("not 9007199254740993"));
         assert!(reason("kill_timeout = 1e300").ends_with("not 1e300"));

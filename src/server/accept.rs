@@ -15,6 +15,7 @@ use socket2::SockRef;
 use super::{Phase, Server};
 use crate::children::seconds;
 use crate::conn::{Accepted, Conn};
+use crate::handler::Kind;
 use crate::limits::{self, Refusal};
 use crate::pending;
 use crate::spawn;
@@ -131,7 +132,13 @@ impl Server {
         let conn = Conn::admitted(accepted, source, live + 1, self.admitted);
         match spawn::spawn_session(conn, &self.handler) {
             Ok(pid) => {
-                self.children.add(pid, peer, source);
+                let kind = self.handler.kind();
+                // The echo ends its own session on time; a program is ended by the parent.
+                let end_by = match kind {
+                    Kind::Program => self.config.max_session_time,
+                    Kind::Echo => None,
+                };
+                self.children.add(pid, peer, source, kind, end_by);
                 info!(
                     "accepted {peer} -> child {pid} ({} active)",
                     self.children.len()

@@ -105,7 +105,7 @@ impl Server {
     /// that the limit counts live sessions: under a burst of short sessions, finished ones
     /// would otherwise be counted and clients refused for sessions that no longer exist.
     pub(super) fn reap_before_limiting(&mut self) {
-        self.children.reap(&self.handler);
+        self.children.reap();
     }
 
     /// True when `max_children` children are live, counting only live ones.

@@ -7,7 +7,8 @@
 //! `max_per_source` but one of its sessions may be ending), or fork its child. At
 //! `max_children` the listeners are taken out of the poll set, so clients wait in the kernel's
 //! backlog until a child is reaped. The parent never reads or writes a client's bytes (but a
-//! refusal message) and waits nowhere but in `poll`: its log, its notifications to systemd and
+//! refusal message, and a program's banner: both small enough for an empty send buffer, written
+//! with MSG_DONTWAIT) and waits nowhere but in `poll`: its log, its notifications to systemd and
 //! the files it opens on reload (configuration, log) are written and opened without waiting.
 //!
 //! Shutdown is a small state machine driven by signals and the poll timeout, with PostgreSQL's
@@ -132,7 +133,7 @@ impl Server {
             listeners: Listeners::new(listeners, true),
             children: Children::with_capacity(16),
             events,
-            handler: Handler::from_config(config),
+            handler: Handler::from_config(config)?,
             admitted: 0,
             config: config.clone(),
             reload,
@@ -160,6 +161,9 @@ impl Server {
         for slot in self.listeners.iter() {
             info!("listening on {}", slot.listener.local);
         }
+        if let Handler::Exec { program, .. } = &self.handler {
+            info!("each connection runs {program}");
+        }
         ready();
         release_startup_memory();
         self.serve()
@@ -173,7 +177,7 @@ impl Server {
                     continue;
                 }
                 // Without the loop nobody would reap or stop the children: take them along.
-                self.children.kill_and_reap_all(&self.handler);
+                self.children.kill_and_reap_all();
                 return Err(e);
             }
             let mut signalled = false;
@@ -222,7 +226,8 @@ impl Server {
                     .filter(|_| self.at_capacity),
             ),
             Phase::Killing => None,
-        }?;
+        };
+        let deadline = earliest(deadline, self.children.next_deadline())?;
         Some(deadline.saturating_duration_since(Instant::now()))
     }
 
@@ -231,7 +236,7 @@ impl Server {
         // Reap first, so status lines and shutdown decisions see the current table.
         if requests.reap {
             let before = self.children.len();
-            self.children.reap(&self.handler);
+            self.children.reap();
             if self.fork_failure_run.len() > 0 && self.children.len() < before {
                 // A child's exit is what frees a process slot: try forking again now.
                 self.paused_until = None;
@@ -257,6 +262,10 @@ impl Server {
 
     fn handle_deadlines(&mut self) {
         let now = Instant::now();
+        if self.children.next_deadline().is_some_and(|t| t <= now) {
+            self.children
+                .end_sessions_past_deadline(now, self.kill_timeout);
+        }
         if self.paused_until.is_some_and(|t| t <= now) {
             self.paused_until = None;
             if self.phase == Phase::Serving && !self.at_capacity {

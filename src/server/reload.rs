@@ -20,11 +20,21 @@ impl Server {
     /// the running configuration stays, listeners included.
     #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
     pub(super) fn reload(&mut self, log_reopened: Option<&'static str>) {
+        let also = log_reopened.map_or(String::new(), |r| format!(" ({r})"));
         let new = match (self.reload)(&self.config) {
             Ok(new) => new,
             Err(e) => {
-                let also = log_reopened.map_or(String::new(), |r| format!(" ({r})"));
                 error!("reload refused: {e}; the running configuration stays{also}");
+                return;
+            }
+        };
+        let handler = match Handler::from_config(&new) {
+            Ok(handler) => handler,
+            Err(e) => {
+                error!(
+                    "reload refused: cannot set up the program to run: {e}; the running \
+                     configuration stays{also}"
+                );
                 return;
             }
         };
@@ -56,7 +66,7 @@ impl Server {
         }
         let mut changes = described.applied;
         changes.extend(log_reopened.map(str::to_string));
-        self.handler = Handler::from_config(&new);
+        self.handler = handler;
         self.limits = new.limits.clone();
         // Built here, in the copy the loop reads, not in the configuration's copy.
         self.limits.index_rules();
