@@ -42,20 +42,6 @@ const MANAGER_VARIABLES: [&str; 6] = [
 /// Never set: forkecho does no DNS and no ident lookups.
 const LOOKUP_VARIABLES: [&str; 3] = ["TCPREMOTEHOST", "TCPLOCALHOST", "TCPREMOTEINFO"];
 
-/// A server that runs `program` per connection: `options` go before the `--`, and it listens
-/// on 127.0.0.1 port 0 unless `options` says where (the harness's own default would land
-/// after the program, as its arguments).
-fn exec_server(options: &[&str], program: &[&str]) -> ServerBuilder {
-    let decides_listen = |a: &&str| matches!(*a, "-l" | "--listen" | "-c" | "--config");
-    let mut args: Vec<&str> = options.to_vec();
-    if !options.iter().any(decides_listen) {
-        args.extend(["-l", "127.0.0.1:0"]);
-    }
-    args.push("--");
-    args.extend(program);
-    Server::builder().args(args)
-}
-
 /// Reads what [`PRINT_ENV`] prints, through its `END` marker (or everything to EOF, for a
 /// program that prints and exits).
 fn read_printed_environment(s: &mut TcpStream) -> Vec<u8> {
@@ -188,6 +174,51 @@ fn descriptor_of(pid: Pid, fd: i32) -> std::io::Result<OwnedFd> {
         }
         Ok(OwnedFd::from_raw_fd(copy as i32))
     }
+}
+
+/// Sets signals 32 and 33 to SIG_IGN in this process, as a launcher may leave them (`cargo
+/// test` does here): glibc reserves them and its `sigaction` refuses them, so this is the raw
+/// system call. Async-signal-safe, for `pre_exec`. Where the kernel's `struct sigaction` is
+/// laid out otherwise, it does nothing.
+fn ignore_glibc_reserved_signals() -> std::io::Result<()> {
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    {
+        /// The kernel's `struct sigaction` on these architectures.
+        #[repr(C)]
+        struct KernelSigaction {
+            handler: usize,
+            flags: u64,
+            restorer: usize,
+            mask: u64,
+        }
+        let ignore = KernelSigaction {
+            handler: libc::SIG_IGN,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        };
+        for sig in [32, 33] {
+            // Safe: the kernel reads `ignore` and writes nothing (no old action asked for).
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    &ignore,
+                    std::ptr::null_mut::<KernelSigaction>(),
+                    8,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The signal numbers in a /proc signal mask (bit n-1 is signal n).
+fn signals_in(mask: u64) -> Vec<u32> {
+    (1..=64).filter(|n| mask & (1 << (n - 1)) != 0).collect()
 }
 
 /// The soft and hard value of each limit in /proc/<pid>/limits, by its name there
@@ -471,6 +502,7 @@ fn program_starts_clean_with_its_limits_group_and_nice() {
                     for sig in [Signal::SIGPIPE, Signal::SIGTTOU, Signal::SIGUSR2] {
                         signal(sig, SigHandler::SigIgn)?;
                     }
+                    ignore_glibc_reserved_signals()?;
                     let mut set = SigSet::empty();
                     set.add(Signal::SIGUSR2);
                     set.add(Signal::SIGWINCH);
@@ -485,7 +517,14 @@ fn program_starts_clean_with_its_limits_group_and_nice() {
     let pid = server.child_pid_for(peer);
     wait_exec(pid, "sleep");
 
-    assert_eq!(fds_of(pid), [0, 1, 2], "the program's descriptors");
+    // The dynamic loader and libc open and close files while `sleep` starts: wait until only
+    // what it keeps is left (a descriptor it was handed would stay, and fail this).
+    let settled = wait_until(WAIT, || fds_of(pid) == [0, 1, 2]);
+    let table: Vec<(u64, String)> = fds_of(pid)
+        .into_iter()
+        .map(|fd| (fd, fd_target(pid, fd)))
+        .collect();
+    assert!(settled, "the program's descriptors: {table:?}");
     let socket = fd_target(pid, 0);
     assert_eq!(fd_target(pid, 1), socket, "fd 0 and fd 1 are one socket");
     assert_eq!(
@@ -514,8 +553,10 @@ fn program_starts_clean_with_its_limits_group_and_nice() {
         Err(e) => eprintln!("not checking the socket's timeouts: pidfd_getfd: {e}"),
     }
 
-    assert_eq!(signal_mask(pid, "SigIgn"), 0, "ignored signals");
-    assert_eq!(signal_mask(pid, "SigBlk"), 0, "blocked signals");
+    for field in ["SigIgn", "SigBlk"] {
+        let mask = signal_mask(pid, field);
+        assert_eq!(mask, 0, "{field}: signals {:?}", signals_in(mask));
+    }
     assert_eq!(stat_field(pid, 5), Some(pid.to_string()), "process group");
     assert_eq!(stat_field(pid, 19).as_deref(), Some("5"), "nice");
     let limits = limits_of(pid);

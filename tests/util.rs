@@ -1173,6 +1173,20 @@ impl Drop for TempDir {
 
 // ---- A session's program (exec mode) ----
 
+/// A server that runs `program` per connection: `options` go before the `--`, and it listens
+/// on 127.0.0.1 port 0 unless `options` says where (the harness's own default would land
+/// after the program, as its arguments).
+pub fn exec_server(options: &[&str], program: &[&str]) -> ServerBuilder {
+    let decides_listen = |a: &&str| matches!(*a, "-l" | "--listen" | "-c" | "--config");
+    let mut args: Vec<&str> = options.to_vec();
+    if !options.iter().any(decides_listen) {
+        args.extend(["-l", "127.0.0.1:0"]);
+    }
+    args.push("--");
+    args.extend(program);
+    Server::builder().args(args)
+}
+
 /// The live processes of process group `pgid`: a session's program and whatever it started
 /// (zombies left out: they hold no descriptor and run nothing, and an orphan's zombie waits
 /// for whatever reaps orphans here).
