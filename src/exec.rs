@@ -456,7 +456,8 @@ impl<'a> Prepared<'a> {
 
 /// The variables of one connection: tcp-environ(5)'s, as s6-networking writes them for IPv6
 /// too (`PROTO=TCP`, an address without brackets), and systemd's `Accept=yes` names.
-/// `TCPCONNNUM` counts the live sessions from the connection's source, this one included.
+/// `TCPCONNNUM` counts the other live sessions from the connection's source (0 for the first),
+/// as s6-tcpserver counts those from the address: `s6-connlimit` compares it with its maximum.
 fn connection_env(conn: &Conn, program: &Program) -> io::Result<Vec<CString>> {
     let local: SocketAddr = conn.local_addr()?;
     let peer = conn.peer;
@@ -466,7 +467,7 @@ fn connection_env(conn: &Conn, program: &Program) -> io::Result<Vec<CString>> {
         ("TCPLOCALPORT", local.port().to_string()),
         ("TCPREMOTEIP", peer.ip().to_string()),
         ("TCPREMOTEPORT", peer.port().to_string()),
-        ("TCPCONNNUM", conn.from_source.to_string()),
+        ("TCPCONNNUM", (conn.from_source - 1).to_string()),
         ("REMOTE_ADDR", peer.ip().to_string()),
         ("REMOTE_PORT", peer.port().to_string()),
     ];
