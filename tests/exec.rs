@@ -74,7 +74,8 @@ fn parse_environment(printed: &[u8]) -> BTreeMap<String, String> {
 }
 
 /// Asserts the tcp-environ(5) and systemd variables describe `client`'s connection as the
-/// client sees it, with `connnum` live sessions from its source, and no lookup results.
+/// client sees it, with `connnum` other live sessions from its source (s6-tcpserver's
+/// TCPCONNNUM, 0 for the first), and no lookup results.
 fn assert_connection_environment(env: &BTreeMap<String, String>, client: &TcpStream, connnum: u32) {
     let (remote, local) = (client.local_addr().unwrap(), client.peer_addr().unwrap());
     let expected = [
@@ -291,8 +292,8 @@ fn cat_round_trips_64_mib_byte_exact() {
 }
 
 /// On an IPv4 wildcard listener the program's environment names both ends as each client
-/// sees them (TCPLOCALIP is the address the client reached), counts the source's live sessions
-/// in TCPCONNNUM, adds `--env` over what forkecho inherited, and drops what belongs to the
+/// sees them (TCPLOCALIP is the address the client reached), counts the source's other live
+/// sessions in TCPCONNNUM, adds `--env` over what forkecho inherited, and drops what belongs to the
 /// service manager and any stale PROTO/TCP*/REMOTE_* forkecho inherited; no banner precedes it.
 #[test]
 fn environment_describes_each_connection_on_ipv4() {
@@ -334,7 +335,7 @@ fn environment_describes_each_connection_on_ipv4() {
         "exec mode sent the echo's banner"
     );
     let env = parse_environment(&printed);
-    assert_connection_environment(&env, &first, 1);
+    assert_connection_environment(&env, &first, 0);
     assert_eq!(env.get("TCPLOCALIP").map(String::as_str), Some("127.0.0.1"));
     assert_eq!(env.get("FOO").map(String::as_str), Some("bar"), "{env:#?}");
     assert_eq!(
@@ -354,7 +355,7 @@ fn environment_describes_each_connection_on_ipv4() {
     // A second live session from the same source, to another local address of the wildcard.
     let mut second = connect_from(SocketAddr::from(([127, 0, 0, 2], port)), "127.0.0.1");
     let env = parse_environment(&read_printed_environment(&mut second));
-    assert_connection_environment(&env, &second, 2);
+    assert_connection_environment(&env, &second, 1);
     assert_eq!(env.get("TCPLOCALIP").map(String::as_str), Some("127.0.0.2"));
 
     for mut s in [first, second] {
@@ -375,7 +376,7 @@ fn environment_describes_the_connection_on_ipv6() {
     let server = exec_server(&["-l", "[::1]:0"], PRINT_ENV).start();
     let mut s = server.connect();
     let env = parse_environment(&read_printed_environment(&mut s));
-    assert_connection_environment(&env, &s, 1);
+    assert_connection_environment(&env, &s, 0);
     assert_eq!(env.get("TCPLOCALIP").map(String::as_str), Some("::1"));
     assert_eq!(env.get("TCPREMOTEIP").map(String::as_str), Some("::1"));
     let peer = s.local_addr().unwrap();
@@ -407,7 +408,7 @@ fn config_file_clear_env_env_and_banner() {
             .strip_prefix(b"hello\n")
             .unwrap_or_else(|| panic!("the banner does not come first: {printed:?}")),
     );
-    assert_connection_environment(&env, &s, 1);
+    assert_connection_environment(&env, &s, 0);
     let keys: Vec<&str> = env.keys().map(String::as_str).collect();
     assert_eq!(
         keys,
@@ -585,7 +586,7 @@ fn program_starts_clean_with_its_limits_group_and_nice() {
     assert_eq!(ending.how, "killed by signal SIGTERM");
 }
 
-/// The flags `--session-limit NAME=VALUE` and `--nice N` set the program's limits and nice;
+/// The flags `--session-limits NAME=VALUE` and `--nice N` set the program's limits and nice;
 /// a limit not named stays what forkecho has.
 #[test]
 fn session_limit_and_nice_flags_apply() {
@@ -593,9 +594,9 @@ fn session_limit_and_nice_flags_apply() {
     let (soft_cpu, _) = getrlimit(Resource::RLIMIT_CPU).unwrap();
     let server = exec_server(
         &[
-            "--session-limit",
+            "--session-limits",
             "open_files=32",
-            "--session-limit",
+            "--session-limits",
             "processes=50",
             "--nice",
             "3",
@@ -833,6 +834,43 @@ fn idle_timeout_and_missing_working_directory_are_config_errors() {
         2,
     );
     assert!(err.contains("key `working_directory`"), "{err}");
+}
+
+/// In exec mode a banner over 1 KiB is a config error naming `banner` (the parent writes it
+/// whole without waiting); keys only a program uses, set without one, are config errors naming
+/// the key.
+#[test]
+fn long_banner_and_program_keys_without_a_program_are_config_errors() {
+    let long = "b".repeat(1025);
+    let err = expect_exit(
+        &run(&["-l", "127.0.0.1:0", "--banner", &long, "--", "cat"]),
+        2,
+    );
+    assert!(err.contains("key `banner`"), "{err}");
+    let ok = "b".repeat(1024);
+    let out = run(&[
+        "--check-config",
+        "-l",
+        "127.0.0.1:0",
+        "--banner",
+        &ok,
+        "--",
+        "cat",
+    ]);
+    expect_exit(&out, 0);
+    for (flag, key) in [
+        (&["--session-stderr", "null"][..], "session_stderr"),
+        (&["--env", "FOO=bar"][..], "env"),
+        (&["--clear-env"][..], "clear_env"),
+        (&["--session-limits", "cpu=10"][..], "session_limits"),
+        (&["--nice", "5"][..], "nice"),
+        (&["--working-directory", "/"][..], "working_directory"),
+    ] {
+        let mut args = vec!["--check-config", "-l", "127.0.0.1:0"];
+        args.extend(flag);
+        let err = expect_exit(&run(&args), 2);
+        assert!(err.contains(&format!("key `{key}`")), "{args:?}: {err}");
+    }
 }
 
 /// A reload naming a missing program is refused (the log says why, naming `exec`) and the old
