@@ -6,6 +6,7 @@ mod util;
 mod config;
 mod config_fuzz;
 mod echo;
+mod exec;
 mod faults;
 mod files;
 mod limits;

@@ -1170,3 +1170,75 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+// ---- A session's program (exec mode) ----
+
+/// A server that runs `program` per connection: `options` go before the `--`, and it listens
+/// on 127.0.0.1 port 0 unless `options` says where (the harness's own default would land
+/// after the program, as its arguments).
+pub fn exec_server(options: &[&str], program: &[&str]) -> ServerBuilder {
+    let decides_listen = |a: &&str| matches!(*a, "-l" | "--listen" | "-c" | "--config");
+    let mut args: Vec<&str> = options.to_vec();
+    if !options.iter().any(decides_listen) {
+        args.extend(["-l", "127.0.0.1:0"]);
+    }
+    args.push("--");
+    args.extend(program);
+    Server::builder().args(args)
+}
+
+/// The live processes of process group `pgid`: a session's program and whatever it started
+/// (zombies left out: they hold no descriptor and run nothing, and an orphan's zombie waits
+/// for whatever reaps orphans here).
+pub fn processes_in_group(pgid: Pid) -> Vec<Pid> {
+    let pgid = pgid.to_string();
+    all_pids()
+        .filter(|&pid| stat_field(pid, 5).as_deref() == Some(pgid.as_str()))
+        .filter(|&pid| process_state(pid).is_some_and(|s| s != 'Z'))
+        .collect()
+}
+
+/// Where descriptor `fd` of process `pid` points (`socket:[123]`, `pipe:[45]`, `/dev/null`).
+pub fn fd_target(pid: Pid, fd: u64) -> String {
+    std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .unwrap_or_else(|e| panic!("readlink fd {fd} of {pid}: {e}"))
+        .display()
+        .to_string()
+}
+
+/// The descriptor target (`socket:[<inode>]`) of the TCP socket whose own end is `local` and
+/// whose peer is `remote`, from /proc/net/tcp (or tcp6): which process holds which end of a
+/// connection.
+pub fn tcp_socket_target(local: SocketAddr, remote: SocketAddr) -> Option<String> {
+    let (table, local, remote) = (
+        if local.is_ipv4() {
+            "/proc/net/tcp"
+        } else {
+            "/proc/net/tcp6"
+        },
+        proc_net_address(local),
+        proc_net_address(remote),
+    );
+    let text = std::fs::read_to_string(table).ok()?;
+    text.lines().skip(1).find_map(|line| {
+        // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode ...
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let matches = fields.get(1)?.eq_ignore_ascii_case(&local)
+            && fields.get(2)?.eq_ignore_ascii_case(&remote);
+        matches.then(|| format!("socket:[{}]", fields.get(9).unwrap_or(&"?")))
+    })
+}
+
+/// An address as /proc/net/tcp{,6} prints it: each 32-bit word of the address in host byte
+/// order as 8 hex digits, then `:` and the port as 4.
+fn proc_net_address(addr: SocketAddr) -> String {
+    let octets = match addr.ip() {
+        std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
+        std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
+    };
+    let words: String = octets
+        .chunks(4)
+        .map(|w| format!("{:08X}", u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
+        .collect();
+    format!("{words}:{:04X}", addr.port())
+}
