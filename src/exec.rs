@@ -531,6 +531,9 @@ unsafe fn become_program(prepared: &Prepared) {
             return prepared.report(Step::Signals);
         }
     }
+    if !reset_glibc_reserved_signals() {
+        return prepared.report(Step::Signals);
+    }
     let mut empty: libc::sigset_t = std::mem::zeroed();
     libc::sigemptyset(&mut empty);
     if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
@@ -562,6 +565,29 @@ unsafe fn become_program(prepared: &Prepared) {
         prepared.envp.as_ptr(),
     );
     prepared.report(Step::Exec)
+}
+
+/// Sets signals 32 and 33 to the default with the raw system call: glibc reserves them for its
+/// threads and refuses them in `sigaction`, so `signals_to_reset` cannot see them, but an
+/// ignored disposition inherited from forkecho's launcher survives `execve` like any other.
+/// An all-zero kernel `sigaction` is SIG_DFL with no flags and an empty mask on every
+/// architecture; 32 bytes cover the largest of them.
+///
+/// # Safety
+/// Only in a child, with every signal blocked.
+unsafe fn reset_glibc_reserved_signals() -> bool {
+    let default = [0u64; 4];
+    // The kernel's signal set: 64 signals, 8 bytes.
+    let set_size = 8usize;
+    [32, 33].into_iter().all(|sig| {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            sig,
+            default.as_ptr(),
+            std::ptr::null_mut::<u64>(),
+            set_size,
+        ) == 0
+    })
 }
 
 /// Closes every descriptor from 3 up: `close_range`, or, on kernels without it (before 5.9),
