@@ -12,4 +12,5 @@ mod files;
 mod limits;
 mod logs;
 mod operations;
+mod review_exec;
 mod supervision;
