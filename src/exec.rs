@@ -151,9 +151,12 @@ pub fn find_program(name: &str) -> Result<PathBuf, String> {
         return check_executable(Path::new(name)).map(|()| PathBuf::from(name));
     }
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    // Absolute: a relative PATH entry (or an empty one, the current directory) means the
+    // directory forkecho started in, not the one a program starts in or a daemon works from.
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
         .find(|candidate| check_executable(candidate).is_ok())
+        .and_then(|found| std::path::absolute(found).ok())
         .ok_or_else(|| {
             format!(
                 "no program `{name}` in PATH ({})",
@@ -180,9 +183,10 @@ fn check_executable(path: &Path) -> Result<(), String> {
 }
 
 /// Variables of forkecho's own environment that a program must not inherit: systemd's
-/// messages to forkecho, and what forkecho sets per connection (had forkecho itself been
-/// started by a UCSPI server, they would describe the wrong connection).
-const NOT_INHERITED: [&str; 13] = [
+/// messages to forkecho, and what a UCSPI server sets per connection (had forkecho itself been
+/// started by one, they would describe the wrong connection): these and every `TCP*`
+/// (tcp-environ(5)'s, ucspi-tcp6's `TCP6*`, rules' `TCPSTALE`...).
+const NOT_INHERITED: [&str; 9] = [
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
@@ -190,19 +194,13 @@ const NOT_INHERITED: [&str; 13] = [
     "WATCHDOG_PID",
     "WATCHDOG_USEC",
     "PROTO",
-    "TCPLOCALHOST",
-    "TCPREMOTEHOST",
-    "TCPREMOTEINFO",
-    "TCPCONNNUM",
     "REMOTE_ADDR",
     "REMOTE_PORT",
 ];
 
 fn inherited(name: &OsStr) -> bool {
     let name = name.as_bytes();
-    !(NOT_INHERITED.iter().any(|n| n.as_bytes() == name)
-        || name.starts_with(b"TCPLOCAL")
-        || name.starts_with(b"TCPREMOTE"))
+    !(NOT_INHERITED.iter().any(|n| n.as_bytes() == name) || name.starts_with(b"TCP"))
 }
 
 /// What every session of one configuration runs, prepared once (at start and on reload) so
@@ -258,7 +256,13 @@ impl Program {
             env.push(c(format!("{name}={value}").as_bytes())?);
         }
         let null = match s.stderr {
-            Stderr::Null => Some(OwnedFd::from(std::fs::File::open("/dev/null")?)),
+            // Writable: it stands for the program's stderr.
+            Stderr::Null => Some(OwnedFd::from(
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/null")?,
+            )),
             Stderr::Log => None,
         };
         Ok(Program {
@@ -459,16 +463,19 @@ impl<'a> Prepared<'a> {
 /// `TCPCONNNUM` counts the other live sessions from the connection's source (0 for the first),
 /// as s6-tcpserver counts those from the address: `s6-connlimit` compares it with its maximum.
 fn connection_env(conn: &Conn, program: &Program) -> io::Result<Vec<CString>> {
+    // An IPv4 client of a dual-stack socket (one systemd passed) as IPv4, as systemd and s6
+    // name it, not as `::ffff:127.0.0.1`.
     let local: SocketAddr = conn.local_addr()?;
+    let (local_ip, peer_ip) = (local.ip().to_canonical(), conn.peer.ip().to_canonical());
     let peer = conn.peer;
     let vars = [
         ("PROTO", "TCP".to_string()),
-        ("TCPLOCALIP", local.ip().to_string()),
+        ("TCPLOCALIP", local_ip.to_string()),
         ("TCPLOCALPORT", local.port().to_string()),
-        ("TCPREMOTEIP", peer.ip().to_string()),
+        ("TCPREMOTEIP", peer_ip.to_string()),
         ("TCPREMOTEPORT", peer.port().to_string()),
         ("TCPCONNNUM", (conn.from_source - 1).to_string()),
-        ("REMOTE_ADDR", peer.ip().to_string()),
+        ("REMOTE_ADDR", peer_ip.to_string()),
         ("REMOTE_PORT", peer.port().to_string()),
     ];
     // `env` wins over these too: an operator who sets one means it.
@@ -531,7 +538,7 @@ unsafe fn become_program(prepared: &Prepared) {
             return prepared.report(Step::Signals);
         }
     }
-    if !reset_glibc_reserved_signals() {
+    if !discard_pending_meant_for_parent() || !reset_glibc_reserved_signals() {
         return prepared.report(Step::Signals);
     }
     let mut empty: libc::sigset_t = std::mem::zeroed();
@@ -565,6 +572,26 @@ unsafe fn become_program(prepared: &Prepared) {
         prepared.envp.as_ptr(),
     );
     prepared.report(Step::Exec)
+}
+
+/// Discards SIGINT, SIGQUIT, SIGHUP and SIGUSR1 if one is pending: it reached the child while
+/// it was still in the parent's process group (a Ctrl-C between `clone` and `setpgid`) and was
+/// meant for the parent, which sends its children only SIGTERM and SIGKILL. Setting SIG_IGN
+/// discards a pending signal; the reset that follows restores the default.
+///
+/// # Safety
+/// Only in a child, with every signal blocked.
+unsafe fn discard_pending_meant_for_parent() -> bool {
+    let mut pending: libc::sigset_t = std::mem::zeroed();
+    if libc::sigpending(&mut pending) != 0 {
+        return false;
+    }
+    let mut ignore: libc::sigaction = std::mem::zeroed();
+    ignore.sa_sigaction = libc::SIG_IGN;
+    [libc::SIGINT, libc::SIGQUIT, libc::SIGHUP, libc::SIGUSR1]
+        .into_iter()
+        .filter(|&sig| libc::sigismember(&pending, sig) == 1)
+        .all(|sig| libc::sigaction(sig, &ignore, std::ptr::null_mut()) == 0)
 }
 
 /// Sets signals 32 and 33 to the default with the raw system call: glibc reserves them for its

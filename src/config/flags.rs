@@ -91,11 +91,13 @@ fn arg(key: &'static Key) -> Arg {
             .value_name(value_name)
             .action(ArgAction::Append)
             .value_parser(parse),
-        Flag::Integer(value_name)
-        | Flag::Number { value_name, .. }
-        | Flag::Text(value_name)
-        | Flag::Escaped(value_name)
-        | Flag::Path(value_name) => arg
+        // `--nice -5`: a negative number is a value, not a flag.
+        Flag::Integer(value_name) | Flag::Number { value_name, .. } => arg
+            .value_name(value_name)
+            .action(ArgAction::Set)
+            .allow_negative_numbers(true)
+            .value_parser(parse),
+        Flag::Text(value_name) | Flag::Escaped(value_name) | Flag::Path(value_name) => arg
             .value_name(value_name)
             .action(ArgAction::Set)
             .value_parser(parse),
