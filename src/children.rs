@@ -34,6 +34,21 @@ struct Child {
     source: IpNet,
     /// What it runs: what its exit code means.
     kind: Kind,
+    /// When its process group gets SIGKILL, once the parent has sent it SIGTERM (at
+    /// `max_session_time` or on shutdown): kept so that what the program started and left
+    /// behind in the group still gets it after the program itself is reaped.
+    kill_at: Option<Instant>,
+}
+
+/// The process group of a program the parent had told to end (SIGTERM), reaped while members
+/// of its group (what the program started) still ran: they get SIGKILL at `kill_at`. The group
+/// id cannot be reused while the group has members, and forkecho is their subreaper (see
+/// `Children::become_subreaper`), so it reaps the last of them and forgets the group then.
+#[derive(Debug, Clone, Copy)]
+struct Lingering {
+    pgid: Pid,
+    peer: SocketAddr,
+    kill_at: Instant,
 }
 
 /// A moment the parent must act on a child: end a program at `max_session_time` (SIGTERM to
@@ -130,6 +145,8 @@ pub struct Children {
     /// then. Only programs have deadlines, and they are started without `fork` (see `exec`),
     /// so this heap on the ordinary heap costs no copy-on-write fault.
     deadlines: BinaryHeap<Reverse<Deadline>>,
+    /// Groups of programs reaped after a SIGTERM from the parent, with members left.
+    lingering: Vec<Lingering>,
 }
 
 impl Default for Children {
@@ -146,7 +163,25 @@ impl Children {
             per_source: parent_table(n),
             totals: allocator_api2::boxed::Box::new_in(Totals::default(), ParentOnly),
             deadlines: BinaryHeap::new(),
+            lingering: Vec::new(),
         }
+    }
+
+    /// Makes this process the reaper of its children's orphans (PR_SET_CHILD_SUBREAPER):
+    /// what a program starts and leaves behind becomes forkecho's child when the program
+    /// ends, so its exit is seen and reaped here (and a group it belongs to is known to be
+    /// gone), rather than by init.
+    pub fn become_subreaper() -> std::io::Result<()> {
+        // Safe: sets a flag of this process; no memory is passed.
+        match unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        }
+    }
+
+    /// Whether groups of ended programs still wait for their SIGKILL (a shutdown waits too).
+    pub fn has_lingering_groups(&self) -> bool {
+        !self.lingering.is_empty()
     }
 
     pub fn len(&self) -> usize {
@@ -190,6 +225,7 @@ impl Children {
                 started,
                 source,
                 kind,
+                kill_at: None,
             },
         );
         if let Some(limit) = end_by {
@@ -209,22 +245,31 @@ impl Children {
     /// (`StillAlive`) or there are no children at all (ECHILD).
     pub fn reap(&mut self) {
         while self.collect_one(Some(WaitPidFlag::WNOHANG)) {}
+        if !self.lingering.is_empty() {
+            self.lingering.retain(|group| group_has_members(group.pgid));
+        }
     }
 
     /// The nearest deadline the parent must act on, if any (perhaps one of a child already
     /// reaped: acting on it then does nothing).
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.deadlines.peek().map(|Reverse(d)| d.at)
+        let lingering = self.lingering.iter().map(|g| g.kill_at).min();
+        let deadline = self.deadlines.peek().map(|Reverse(d)| d.at);
+        match (deadline, lingering) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Acts on every deadline that has come by `now`: a program at `max_session_time` gets
     /// SIGTERM to its process group, and SIGKILL `kill_timeout` later if it is still there.
     pub fn end_sessions_past_deadline(&mut self, now: Instant, kill_timeout: Duration) {
+        self.kill_lingering_groups_due(now);
         while let Some(&Reverse(due)) = self.deadlines.peek().filter(|Reverse(d)| d.at <= now) {
             self.deadlines.pop();
             let pid = Pid::from_raw(due.pid);
-            let Some(child) = self.live.get(&pid).filter(|c| c.started == due.started) else {
-                continue; // reaped already
+            let Some(child) = self.live.get_mut(&pid).filter(|c| c.started == due.started) else {
+                continue; // reaped already (its group, if it lingers, is in `lingering`)
             };
             if due.kill {
                 warn!(
@@ -242,6 +287,7 @@ impl Children {
                     seconds(now - child.started)
                 );
                 signal_group(pid, Signal::SIGTERM);
+                child.kill_at = Some(now + kill_timeout);
                 self.deadlines.push(Reverse(Deadline {
                     at: now + kill_timeout,
                     kill: true,
@@ -254,7 +300,7 @@ impl Children {
     /// Last resort when the loop cannot go on: SIGKILL every child and wait for each one, so
     /// that none outlives the parent.
     pub fn kill_and_reap_all(&mut self) {
-        self.signal_all(Signal::SIGKILL);
+        self.kill_all();
         while !self.live.is_empty() && self.collect_one(None) {}
     }
 
@@ -291,10 +337,19 @@ impl Children {
     /// The one place a reaped child is accounted for: table, totals, log line.
     fn end_child(&mut self, pid: Pid, ending: Ending) {
         let Some(child) = self.live.remove(&pid) else {
-            // Not ours (e.g. a process this one inherited); reaping it is still right.
+            // Not a session: an orphan a program left (we are its subreaper), or a process
+            // this one inherited; reaping it is still right.
             debug!("reaped unknown process {pid}: {ending}");
             return;
         };
+        if let Some(kill_at) = child.kill_at.filter(|_| group_has_members(pid)) {
+            self.lingering.push(Lingering {
+                pgid: pid,
+                peer: child.peer,
+                kill_at,
+            });
+        }
+        self.forget_deadlines_of_ended_children();
         if let Some(count) = self.per_source.get_mut(&child.source) {
             *count -= 1;
             if *count == 0 {
@@ -322,14 +377,65 @@ impl Children {
         );
     }
 
-    /// Sends `signal` to every live child's process group (shutdown), so that whatever a
-    /// program started is reached too. A child that has already exited but is not yet reaped
-    /// is a zombie, and signalling it is harmless.
-    pub fn signal_all(&self, signal: Signal) {
-        for pid in self.live.keys() {
-            signal_group(*pid, signal);
+    /// Shutdown: SIGTERM to every live child's process group, so that whatever a program
+    /// started is reached too, with SIGKILL due at `kill_at` for what is left of each group
+    /// (see [`Children::kill_all`] and `Lingering`). A child that has already exited but is
+    /// not yet reaped is a zombie, and signalling it is harmless.
+    pub fn terminate_all(&mut self, kill_at: Instant) {
+        for (pid, child) in self.live.iter_mut() {
+            signal_group(*pid, Signal::SIGTERM);
+            child.kill_at = Some(child.kill_at.map_or(kill_at, |t| t.min(kill_at)));
+        }
+        for group in &self.lingering {
+            signal_group(group.pgid, Signal::SIGTERM);
         }
     }
+
+    /// Shutdown: SIGKILL to every live child's process group and to the groups of ended
+    /// programs that still had members.
+    pub fn kill_all(&mut self) {
+        for pid in self.live.keys() {
+            signal_group(*pid, Signal::SIGKILL);
+        }
+        for group in self.lingering.drain(..) {
+            signal_group(group.pgid, Signal::SIGKILL);
+        }
+    }
+
+    /// SIGKILL to each group of an ended program whose time has come.
+    fn kill_lingering_groups_due(&mut self, now: Instant) {
+        self.lingering.retain(|group| {
+            if group.kill_at > now {
+                return true;
+            }
+            warn!(
+                "process group {} of an ended session ({}) still running after SIGTERM; \
+                 sending it SIGKILL",
+                group.pgid, group.peer
+            );
+            signal_group(group.pgid, Signal::SIGKILL);
+            false
+        });
+    }
+
+    /// Drops the deadlines of children already reaped once they outnumber the live ones: each
+    /// would otherwise stay until its time came (a day's `max_session_time` at a thousand
+    /// sessions a second is 86 million entries). Amortised O(1) per reaped child.
+    fn forget_deadlines_of_ended_children(&mut self) {
+        if self.deadlines.len() <= 2 * self.live.len() + 1024 {
+            return;
+        }
+        let live = &self.live;
+        self.deadlines.retain(|Reverse(d)| {
+            live.get(&Pid::from_raw(d.pid))
+                .is_some_and(|c| c.started == d.started)
+        });
+    }
+}
+
+/// Whether the process group `pgid` still has a member (signal 0 checks without sending).
+fn group_has_members(pgid: Pid) -> bool {
+    nix::sys::signal::killpg(pgid, None).is_ok()
 }
 
 /// Sends `signal` to the process group a child leads; to the child alone if it has no group

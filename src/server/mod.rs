@@ -115,6 +115,9 @@ impl Server {
         let limits = config.limits.clone();
         limits.index_rules();
         let poll = Poll::new()?;
+        if let Err(e) = Children::become_subreaper() {
+            debug!("cannot become the subreaper of the sessions' orphans: {e}");
+        }
         let mut signals = signals::hook()?;
         let events = Events::with_capacity(64);
         poll.registry()
@@ -198,9 +201,12 @@ impl Server {
         Ok(())
     }
 
-    /// True once shutting down and every child has been reaped.
+    /// True once shutting down, every child has been reaped, and what programs left behind in
+    /// their process groups has been killed.
     fn finished(&self) -> bool {
-        self.phase != Phase::Serving && self.children.is_empty()
+        self.phase != Phase::Serving
+            && self.children.is_empty()
+            && !self.children.has_lingering_groups()
     }
 
     fn accepting(&self) -> bool {

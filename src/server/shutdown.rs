@@ -74,14 +74,13 @@ impl Server {
     }
 
     pub(super) fn terminate_children(&mut self) {
-        self.children.signal_all(Signal::SIGTERM);
-        self.phase = Phase::Terminating {
-            until: Instant::now() + self.kill_timeout,
-        };
+        let until = Instant::now() + self.kill_timeout;
+        self.children.terminate_all(until);
+        self.phase = Phase::Terminating { until };
     }
 
     pub(super) fn kill_children(&mut self) {
-        self.children.signal_all(Signal::SIGKILL);
+        self.children.kill_all();
         self.phase = Phase::Killing;
     }
 
