@@ -705,3 +705,132 @@ impl fmt::Display for Program {
         write!(f, "{}", args.join(" "))
     }
 }
+
+/// What a session's program needs from the identity it runs as, checked with that identity
+/// (see [`check_runnable_as`]): the program executable and the working directory enterable
+/// (`access(2)`, so ACLs and mounts count), a `nice` below forkecho's own allowed by
+/// RLIMIT_NICE or root, and no `session_limits` value above the hard limit in force without
+/// root. Without these every session would exit 111; with them the configuration is refused
+/// (exit 2, or a refused reload) naming the key. Returns the key at fault and why.
+pub fn check_runnable(s: &Settings) -> Result<(), (&'static str, String)> {
+    let who = format!("the sessions' user (uid {})", nix::unistd::geteuid());
+    let may = |path: &Path, what: &str| -> Result<(), String> {
+        match nix::unistd::access(path, nix::unistd::AccessFlags::X_OK) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(format!(
+                "`{}` cannot be {what} by {who}: {}",
+                path.display(),
+                crate::os_error_text(&io::Error::from(e))
+            )),
+        }
+    };
+    may(s.path, "executed").map_err(|e| ("exec", e))?;
+    if let Some(dir) = s.working_directory {
+        may(dir, "entered").map_err(|e| ("working_directory", e))?;
+    }
+    let root = nix::unistd::geteuid().is_root();
+    if let Some(nice) = s.nice.filter(|_| !root) {
+        check_nice_allowed(nice).map_err(|e| ("nice", format!("{e}, which {who} lacks")))?;
+    }
+    for limit in s.limits.iter().filter(|_| !root) {
+        let hard = nix::sys::resource::getrlimit(resource_of(limit.resource.resource))
+            .map(|(_, hard)| hard)
+            .unwrap_or(libc::RLIM_INFINITY);
+        let wanted = limit.value.unwrap_or(libc::RLIM_INFINITY);
+        if wanted > hard {
+            return Err((
+                "session_limits",
+                format!(
+                    "`{limit}` is above the hard limit in force ({hard}), which only root may \
+                     raise; {who} is not root"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `Ok` if this process may set its nice value to `nice`: raising it always, lowering it below
+/// the current one only down to what RLIMIT_NICE allows (20 - limit).
+fn check_nice_allowed(nice: i32) -> Result<(), String> {
+    // Safe: reads this process's priority; errno is cleared first, as -1 is a valid result.
+    let current = unsafe {
+        *libc::__errno_location() = 0;
+        libc::getpriority(libc::PRIO_PROCESS, 0)
+    };
+    let floor = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NICE)
+        .map(|(soft, _)| 20 - soft.min(40) as i32)
+        .unwrap_or(20);
+    if nice >= current || nice >= floor {
+        Ok(())
+    } else {
+        Err(format!(
+            "{nice} is below forkecho's own nice value ({current}); that needs CAP_SYS_NICE or \
+             an RLIMIT_NICE of at least {}",
+            20 - nice
+        ))
+    }
+}
+
+fn resource_of(resource: libc::__rlimit_resource_t) -> nix::sys::resource::Resource {
+    use nix::sys::resource::Resource as R;
+    match resource {
+        libc::RLIMIT_CPU => R::RLIMIT_CPU,
+        libc::RLIMIT_AS => R::RLIMIT_AS,
+        libc::RLIMIT_NOFILE => R::RLIMIT_NOFILE,
+        libc::RLIMIT_NPROC => R::RLIMIT_NPROC,
+        libc::RLIMIT_CORE => R::RLIMIT_CORE,
+        _ => R::RLIMIT_FSIZE,
+    }
+}
+
+/// [`check_runnable`] as `who` would see it: in a child that drops to `who` first, so that the
+/// parent keeps its privileges (at start, and for `--check-config`, both before any loop or
+/// thread exists). The child reports `key\treason` through a pipe, or nothing if all is well.
+pub fn check_runnable_as(
+    who: &crate::privileges::Identity,
+    s: &Settings,
+) -> Result<(), (&'static str, String)> {
+    use std::io::{Read, Write};
+    let failed = |e: io::Error| ("user", format!("cannot check as {}: {e}", who.user));
+    let (read, write) = nix::unistd::pipe().map_err(|e| failed(e.into()))?;
+    let _ = io::stdout().flush();
+    // Safe: single-threaded (startup or --check-config); the child only checks, writes its
+    // verdict and `_exit`s.
+    match unsafe { nix::unistd::fork() }.map_err(|e| failed(e.into()))? {
+        nix::unistd::ForkResult::Child => {
+            drop(read);
+            let verdict = crate::privileges::drop_to(who)
+                .map_err(|e| ("user", e))
+                .and_then(|()| check_runnable(s));
+            if let Err((key, reason)) = verdict {
+                let _ = std::fs::File::from(write).write_all(format!("{key}\t{reason}").as_bytes());
+            }
+            // Safe: ends the checking child only.
+            unsafe { libc::_exit(0) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(write);
+            let mut verdict = String::new();
+            let read_result = std::fs::File::from(read).read_to_string(&mut verdict);
+            let _ = nix::sys::wait::waitpid(child, None);
+            read_result.map_err(failed)?;
+            match verdict.split_once('\t') {
+                None => Ok(()),
+                Some((key, reason)) => {
+                    let key = [
+                        "exec",
+                        "working_directory",
+                        "nice",
+                        "session_limits",
+                        "user",
+                    ]
+                    .into_iter()
+                    .find(|k| *k == key)
+                    .unwrap_or("exec");
+                    Err((key, reason.to_string()))
+                }
+            }
+        }
+    }
+}

@@ -11,7 +11,7 @@
 use std::io;
 
 use crate::echo;
-use crate::exec::{self, Program};
+use crate::exec::Program;
 use crate::spawn::EXIT_PANIC;
 
 /// The handlers forkecho has.
@@ -49,22 +49,10 @@ impl Handler {
     /// The handler a configuration asks for. A program's setup (its environment, /dev/null,
     /// the stack its children start on) can fail; the echo's cannot.
     pub fn from_config(config: &crate::config::Config) -> io::Result<Handler> {
-        let Some(argv) = &config.exec else {
+        let Some(settings) = config.program_settings() else {
             return Ok(Handler::Echo(echo::Settings::from(config)));
         };
-        let program = Program::new(exec::Settings {
-            path: config
-                .program
-                .as_deref()
-                .expect("`exec` is resolved at load"),
-            argv,
-            env: &config.env,
-            clear_env: config.clear_env,
-            stderr: config.session_stderr,
-            limits: &config.session_limits,
-            nice: config.nice,
-            working_directory: config.working_directory.as_deref(),
-        })?;
+        let program = Program::new(settings)?;
         Ok(Handler::Exec {
             program,
             banner: config.banner.clone(),

@@ -182,6 +182,7 @@ impl Config {
     pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
         let (mut config, origins) = Config::merge(cli)?;
         config.run_as = config.resolve_identity(&origins)?;
+        config.check_sessions_can_run(&origins, config.run_as.as_ref())?;
         Ok(config)
     }
 
@@ -190,6 +191,7 @@ impl Config {
     pub fn check(cli: &Cli) -> Result<Config, ConfigError> {
         let (mut config, origins) = Config::merge(cli)?;
         config.run_as = config.resolve_identity(&origins)?;
+        config.check_sessions_can_run(&origins, config.run_as.as_ref())?;
         crate::preflight::check(&config).map_err(|p| origins.error(p.key, p.reason))?;
         Ok(config)
     }
@@ -200,9 +202,43 @@ impl Config {
     /// neither accepts nor reaps meanwhile. A change of `user` or `group` is reported by
     /// [`describe_changes`] as one for the next start.
     pub fn reload(cli: &Cli, running: &Config) -> Result<Config, ConfigError> {
-        let (mut config, _) = Config::merge(cli)?;
+        let (mut config, origins) = Config::merge(cli)?;
         config.run_as = running.run_as.clone();
+        // Already who the sessions run as (root is gone): checked as we are.
+        config.check_sessions_can_run(&origins, None)?;
         Ok(config)
+    }
+
+    /// What each session's program is started with, in exec mode.
+    pub fn program_settings(&self) -> Option<crate::exec::Settings<'_>> {
+        Some(crate::exec::Settings {
+            path: self.program.as_deref()?,
+            argv: self.exec.as_deref()?,
+            env: &self.env,
+            clear_env: self.clear_env,
+            stderr: self.session_stderr,
+            limits: &self.session_limits,
+            nice: self.nice,
+            working_directory: self.working_directory.as_deref(),
+        })
+    }
+
+    /// In exec mode: refuses a program the sessions could not start (see
+    /// `exec::check_runnable`), checked as `switch_to` if given and we are root (a child
+    /// that drops privileges checks), else as we are.
+    fn check_sessions_can_run(
+        &self,
+        origins: &Origins,
+        switch_to: Option<&crate::privileges::Identity>,
+    ) -> Result<(), ConfigError> {
+        let Some(settings) = self.program_settings() else {
+            return Ok(());
+        };
+        let verdict = match switch_to.filter(|_| nix::unistd::geteuid().is_root()) {
+            Some(who) => crate::exec::check_runnable_as(who, &settings),
+            None => crate::exec::check_runnable(&settings),
+        };
+        verdict.map_err(|(key, reason)| origins.error(key, reason))
     }
 
     /// Defaults, file and flags merged, with every rule checked but one: that the user and
