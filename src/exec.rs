@@ -709,8 +709,8 @@ impl fmt::Display for Program {
 /// What a session's program needs from the identity it runs as, checked with that identity
 /// (see [`check_runnable_as`]): the program executable and the working directory enterable
 /// (`access(2)`, so ACLs and mounts count), a `nice` below forkecho's own allowed by
-/// RLIMIT_NICE or root, and no `session_limits` value above the hard limit in force without
-/// root. Without these every session would exit 111; with them the configuration is refused
+/// RLIMIT_NICE or CAP_SYS_NICE, and no `session_limits` value above the hard limit in force
+/// without CAP_SYS_RESOURCE. Without these every session would exit 111; with them the configuration is refused
 /// (exit 2, or a refused reload) naming the key. Returns the key at fault and why.
 pub fn check_runnable(s: &Settings) -> Result<(), (&'static str, String)> {
     let who = format!("the sessions' user (uid {})", nix::unistd::geteuid());
@@ -728,11 +728,14 @@ pub fn check_runnable(s: &Settings) -> Result<(), (&'static str, String)> {
     if let Some(dir) = s.working_directory {
         may(dir, "entered").map_err(|e| ("working_directory", e))?;
     }
-    let root = nix::unistd::geteuid().is_root();
-    if let Some(nice) = s.nice.filter(|_| !root) {
+    if let Some(nice) = s.nice.filter(|_| !has_capability(CAP_SYS_NICE)) {
         check_nice_allowed(nice).map_err(|e| ("nice", format!("{e}, which {who} lacks")))?;
     }
-    for limit in s.limits.iter().filter(|_| !root) {
+    for limit in s
+        .limits
+        .iter()
+        .filter(|_| !has_capability(CAP_SYS_RESOURCE))
+    {
         let hard = nix::sys::resource::getrlimit(resource_of(limit.resource.resource))
             .map(|(_, hard)| hard)
             .unwrap_or(libc::RLIM_INFINITY);
@@ -741,13 +744,46 @@ pub fn check_runnable(s: &Settings) -> Result<(), (&'static str, String)> {
             return Err((
                 "session_limits",
                 format!(
-                    "`{limit}` is above the hard limit in force ({hard}), which only root may \
-                     raise; {who} is not root"
+                    "`{limit}` is above the hard limit in force ({hard}), which only \
+                     CAP_SYS_RESOURCE may raise; {who} lacks it"
                 ),
             ));
         }
     }
     Ok(())
+}
+
+const CAP_SYS_NICE: u32 = 23;
+const CAP_SYS_RESOURCE: u32 = 24;
+
+/// Whether capability `cap` is in this process's effective set (capget(2), version 3).
+fn has_capability(cap: u32) -> bool {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // Safe: the kernel fills two `Data` for version 3, as declared.
+    let read = unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut header as *mut Header,
+            data.as_mut_ptr(),
+        )
+    };
+    read == 0 && data[(cap / 32) as usize].effective & (1 << (cap % 32)) != 0
 }
 
 /// `Ok` if this process may set its nice value to `nice`: raising it always, lowering it below
