@@ -212,6 +212,16 @@ impl Server {
         self.header_scratch = due;
     }
 
+    /// Whether there is room for a session as far as is known without reaping: what the poll
+    /// timeout asks, so that a header waiting for room never spins the loop.
+    pub(super) fn room_for_a_session_now(&self) -> bool {
+        match self.phase {
+            Phase::Serving => !self.at_capacity,
+            Phase::Draining { .. } => !self.limits.children_full(self.children.len()),
+            _ => false,
+        }
+    }
+
     /// Whether a session may start now: serving and under `max_children`, or smart shutdown
     /// with room (as for the connections a closing listener still had queued).
     fn room_for_a_session(&mut self) -> bool {

@@ -225,8 +225,8 @@ impl Server {
 
     /// The poll timeout: the nearest deadline, zero if a listener still has work, else none.
     fn next_wakeup(&self) -> Option<Duration> {
-        let headers_to_serve =
-            self.headers.has_readable() || (self.headers.has_complete() && !self.at_capacity);
+        let headers_to_serve = self.headers.has_readable()
+            || (self.headers.has_complete() && self.room_for_a_session_now());
         if self.acceptable_work() || headers_to_serve {
             return Some(Duration::ZERO);
         }

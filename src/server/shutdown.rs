@@ -75,11 +75,15 @@ impl Server {
 
     pub(super) fn terminate_children(&mut self) {
         let until = Instant::now() + self.kill_timeout;
+        // No session starts from here on: connections still waiting for a PROXY header (or
+        // for room, header taken) are closed, or the shutdown would wait for them forever.
+        self.close_all_headers();
         self.children.terminate_all(until);
         self.phase = Phase::Terminating { until };
     }
 
     pub(super) fn kill_children(&mut self) {
+        self.close_all_headers();
         self.children.kill_all();
         self.phase = Phase::Killing;
     }
