@@ -586,3 +586,31 @@ fn a_full_backlog_is_answered_whole_at_shutdown() {
     }
     assert!(server.wait_exit(WAIT).success());
 }
+
+/// A smart shutdown that runs out of time closes the connections still waiting for their
+/// PROXY header, instead of waiting for them (here a header that would time out only after a
+/// minute): the server exits 0 soon after `shutdown_timeout`, and the balancer sees EOF.
+#[test]
+fn a_shutdown_does_not_wait_for_proxy_headers() {
+    let mut server = Server::builder()
+        .args(["--proxy-protocol", "v1", "--trusted-proxy", "127.0.0.1"])
+        .args(["--proxy-header-timeout", "60", "--shutdown-timeout", "0.5"])
+        .start();
+    let mut balancer = server.connect();
+    balancer.write_all(b"PROXY TCP4 ").unwrap();
+    let waiting = |server: &Server| {
+        server.signal(Signal::SIGUSR1);
+        server
+            .wait_for_line("status:")
+            .contains("1 awaiting a PROXY header")
+    };
+    assert!(
+        wait_until(WAIT, || waiting(&server)),
+        "{}",
+        server.log_text()
+    );
+    server.signal(Signal::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{}", server.log_text());
+    assert_eq!(read_to_eof(&mut balancer), b"", "bytes to the balancer");
+}

@@ -295,6 +295,7 @@ impl Server {
             let refusal = Refusal::ProxyHeader(problem);
             log::info!("refused {}: {refusal}", entry.proxy);
             self.admission.refused.count(&refusal);
+            close_with_fin(entry.stream);
         }
     }
 
@@ -307,12 +308,30 @@ impl Server {
             let Some(entry) = self.take_header_entry(i) else {
                 continue;
             };
-            if let Some(Some((client, _))) = entry.header {
-                self.refuse(entry.stream, client, &Refusal::Closing);
+            match entry.header {
+                Some(Some((client, _))) => self.refuse(entry.stream, client, &Refusal::Closing),
+                _ => close_with_fin(entry.stream),
             }
         }
         self.header_scratch = all;
     }
+}
+
+/// Closes a connection whose header was only peeked at: what it sent is read first (what has
+/// arrived, without waiting), since closing with unread input sends a reset where the balancer
+/// should see an orderly close.
+fn close_with_fin(stream: TcpStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut unread = [0u8; proxy::MAX_HEADER];
+    // Safe: receives into a live buffer of the given length, on a socket we own.
+    unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            unread.as_mut_ptr().cast(),
+            unread.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
 }
 
 /// Peeks at the connection's first bytes and examines them.

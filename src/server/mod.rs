@@ -306,10 +306,14 @@ impl Server {
             self.log_capacity_reached(unreported);
         }
         match self.phase {
-            Phase::Draining { until } if until <= now && !self.children.is_empty() => {
+            Phase::Draining { until }
+                if until <= now && !(self.children.is_empty() && self.headers.is_empty()) =>
+            {
                 info!(
-                    "shutdown timeout: {} sessions still running; sending them SIGTERM",
-                    self.children.len()
+                    "shutdown timeout: {} sessions still running, {} connections awaiting a \
+                     PROXY header; sending the sessions SIGTERM, closing the others",
+                    self.children.len(),
+                    self.headers.len()
                 );
                 self.terminate_children();
             }
