@@ -13,7 +13,9 @@
 //! - [`server`]: the parent's `mio::Poll` loop: signals first, then accept → admit → fork
 //!   (`mod.rs`), one file per concern: `accept.rs` (accepting, admission, waiting, fork
 //!   failures), `capacity.rs` (`max_children`), `shutdown.rs` (the three modes, closing
-//!   listeners without resets), `reload.rs` (SIGHUP), `token.rs` (what a poll event is about).
+//!   listeners without resets), `reload.rs` (SIGHUP), `headers.rs` (connections waiting for
+//!   their PROXY header), `token.rs` (what a poll event is about).
+//! - `proxy`: the PROXY protocol (v1, v2): a listener's policy, and what received bytes say.
 //! - `limits`: admission before fork: access rules, per-source and rate limits, refusal
 //!   counts; `max_children` pauses accepting instead.
 //! - `spawn`: `fork` and the child's hygiene (descriptors, signals, `_exit`): the fork-safety
@@ -56,6 +58,7 @@ mod pending;
 pub mod pidfile;
 pub mod preflight;
 pub mod privileges;
+mod proxy;
 pub mod server;
 mod signals;
 mod spawn;

@@ -199,6 +199,9 @@ fn sigterm_lets_active_session_finish_then_exits_0() {
     let mut s = server.connect_greeted();
     let peer = s.local_addr().unwrap();
     let pid = server.child_pid_for(peer);
+    // Its start time (field 22), so that a process that later reuses the pid is not taken for
+    // it: the suite forks thousands of processes, and pids wrap at 32,768.
+    let started = stat_field(pid, 22);
     let data = Noise::new(0x7e57).bytes(TOTAL);
 
     let mut r = s.try_clone().unwrap();
@@ -230,7 +233,7 @@ fn sigterm_lets_active_session_finish_then_exits_0() {
     // to the address now proves nothing: in a parallel suite another test's server may
     // already have been given the freed port.)
     assert!(
-        wait_until(WAIT, || !process_exists(pid)),
+        wait_until(WAIT, || stat_field(pid, 22) != started),
         "child {pid} still exists after the server exited"
     );
     assert_eq!(
@@ -582,4 +585,32 @@ fn a_full_backlog_is_answered_whole_at_shutdown() {
         );
     }
     assert!(server.wait_exit(WAIT).success());
+}
+
+/// A smart shutdown that runs out of time closes the connections still waiting for their
+/// PROXY header, instead of waiting for them (here a header that would time out only after a
+/// minute): the server exits 0 soon after `shutdown_timeout`, and the balancer sees EOF.
+#[test]
+fn a_shutdown_does_not_wait_for_proxy_headers() {
+    let mut server = Server::builder()
+        .args(["--proxy-protocol", "v1", "--trusted-proxy", "127.0.0.1"])
+        .args(["--proxy-header-timeout", "60", "--shutdown-timeout", "0.5"])
+        .start();
+    let mut balancer = server.connect();
+    balancer.write_all(b"PROXY TCP4 ").unwrap();
+    let waiting = |server: &Server| {
+        server.signal(Signal::SIGUSR1);
+        server
+            .wait_for_line("status:")
+            .contains("1 awaiting a PROXY header")
+    };
+    assert!(
+        wait_until(WAIT, || waiting(&server)),
+        "{}",
+        server.log_text()
+    );
+    server.signal(Signal::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{}", server.log_text());
+    assert_eq!(read_to_eof(&mut balancer), b"", "bytes to the balancer");
 }

@@ -75,11 +75,15 @@ impl Server {
 
     pub(super) fn terminate_children(&mut self) {
         let until = Instant::now() + self.kill_timeout;
+        // No session starts from here on: connections still waiting for a PROXY header (or
+        // for room, header taken) are closed, or the shutdown would wait for them forever.
+        self.close_all_headers();
         self.children.terminate_all(until);
         self.phase = Phase::Terminating { until };
     }
 
     pub(super) fn kill_children(&mut self) {
+        self.close_all_headers();
         self.children.kill_all();
         self.phase = Phase::Killing;
     }
@@ -97,6 +101,9 @@ impl Server {
             stop_accepting_everywhere(listener);
         }
         drop(listeners);
+        if !admit {
+            self.close_all_headers();
+        }
         for waiting in self.pending.take_all() {
             if admit && !self.full_after_reaping() {
                 self.start_session(waiting.accepted, MayWait::No);
@@ -120,13 +127,8 @@ impl Server {
             match accept_blocking(&listener.socket) {
                 Ok((stream, peer)) => {
                     if admit && !self.full_after_reaping() {
-                        let listener = listener.local;
-                        let accepted = Accepted {
-                            stream,
-                            peer,
-                            listener,
-                        };
-                        self.start_session(accepted, MayWait::No);
+                        let route = self.route_of(listener, peer);
+                        self.take_connection(route, stream, peer, listener.local, MayWait::No);
                     } else {
                         closing += 1;
                         self.refuse(stream, peer, &Refusal::Closing);
