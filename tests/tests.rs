@@ -5,6 +5,7 @@ mod util;
 
 mod config;
 mod config_fuzz;
+mod deployment;
 mod echo;
 mod exec;
 mod faults;

@@ -1242,3 +1242,21 @@ fn proc_net_address(addr: SocketAddr) -> String {
         .collect();
     format!("{words}:{:04X}", addr.port())
 }
+
+// ---- Connections through a proxy (PROXY protocol) ----
+
+impl LogLine<'_> {
+    /// `accepted <client> via <proxy> -> child <pid> (...)`, the parent's line for a connection
+    /// that came with a PROXY header → (client, proxy, pid).
+    pub fn accepted_via(&self) -> Option<(SocketAddr, SocketAddr, Pid)> {
+        let rest = self.message.strip_prefix("accepted ")?;
+        let (addresses, rest) = rest.split_once(" -> child ")?;
+        let (client, proxy) = addresses.split_once(" via ")?;
+        let pid = rest.split_whitespace().next()?.parse().ok()?;
+        Some((
+            client.parse().ok()?,
+            proxy.parse().ok()?,
+            Pid::from_raw(pid),
+        ))
+    }
+}
