@@ -262,17 +262,17 @@ impl Server {
         let Some(header) = entry.header else {
             return;
         };
-        let (peer, destination) = match header {
-            Some((client, destination)) => (client, Some(destination)),
-            // LOCAL / UNKNOWN: the balancer speaks for itself (a health check).
-            None => (entry.proxy, None),
-        };
-        let accepted = Accepted {
-            stream: entry.stream,
-            peer,
-            listener: entry.listener,
-            via: Some(entry.proxy),
-            destination,
+        let accepted = match header {
+            Some((client, destination)) => Accepted {
+                stream: entry.stream,
+                peer: client,
+                listener: entry.listener,
+                via: Some(entry.proxy),
+                destination: Some(destination),
+            },
+            // LOCAL / UNKNOWN: the balancer speaks for itself (a health check), as a direct
+            // client would.
+            None => Accepted::direct(entry.stream, entry.proxy, entry.listener),
         };
         self.start_session(accepted, MayWait::Grace);
     }
