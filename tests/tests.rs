@@ -12,5 +12,6 @@ mod files;
 mod limits;
 mod logs;
 mod operations;
+mod proxy;
 mod review_exec;
 mod supervision;

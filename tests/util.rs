@@ -1242,3 +1242,20 @@ fn proc_net_address(addr: SocketAddr) -> String {
         .collect();
     format!("{words}:{:04X}", addr.port())
 }
+
+// ---- PROXY protocol ----
+
+impl LogLine<'_> {
+    /// `accepted <peer> [via <proxy>] -> child <pid> (...)` → (peer, proxy, pid): on a PROXY
+    /// listener the peer is the real client the header named, and the proxy the socket's peer.
+    pub fn accepted_via(&self) -> Option<(SocketAddr, Option<SocketAddr>, Pid)> {
+        let rest = self.message.strip_prefix("accepted ")?;
+        let (who, rest) = rest.split_once(" -> child ")?;
+        let pid = rest.split_whitespace().next()?.parse().ok()?;
+        let (peer, proxy) = match who.split_once(" via ") {
+            Some((peer, proxy)) => (peer, Some(proxy.parse().ok()?)),
+            None => (who, None),
+        };
+        Some((peer.parse().ok()?, proxy, Pid::from_raw(pid)))
+    }
+}
