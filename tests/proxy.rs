@@ -790,6 +790,13 @@ fn printed_environment(s: &mut TcpStream) -> std::collections::BTreeMap<String, 
 
 // ---- Listeners ----
 
+/// Two ports nobody listens on now, distinct (both bound at once, then released).
+fn two_free_ports() -> (u16, u16) {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
+}
+
 /// A config with a plain listener and a PROXY v2 one, each at a known port.
 fn plain_and_proxy_config(plain: u16, proxied: u16, extra: &str) -> String {
     format!(
@@ -805,7 +812,7 @@ fn plain_and_proxy_config(plain: u16, proxied: u16, extra: &str) -> String {
 /// without as malformed.
 #[test]
 fn a_plain_and_a_proxy_listener_side_by_side() {
-    let (plain, proxied) = (free_port(), free_port());
+    let (plain, proxied) = two_free_ports();
     let server = Server::builder()
         .config(&plain_and_proxy_config(plain, proxied, ""))
         .listeners(2)
@@ -844,7 +851,7 @@ fn a_plain_and_a_proxy_listener_side_by_side() {
 fn more_silent_connections_than_the_table_holds_time_out_while_the_plain_listener_serves() {
     const SILENT: usize = 1100;
     raise_own_nofile(SILENT as u64 + 200);
-    let (plain, proxied) = (free_port(), free_port());
+    let (plain, proxied) = two_free_ports();
     let server = Server::builder()
         .config(&plain_and_proxy_config(
             plain,
