@@ -11,9 +11,42 @@ use ipnet::IpNet;
 #[derive(Debug)]
 pub struct Accepted {
     pub stream: TcpStream,
+    /// The client: the connection's peer, or the one a PROXY header named.
     pub peer: SocketAddr,
     /// The address of the listener it came in on, as bound.
     pub listener: SocketAddr,
+    /// The load balancer it came through (the connection's peer), if a PROXY header named
+    /// the client.
+    pub via: Option<SocketAddr>,
+    /// The address the client connected to, as the PROXY header names it.
+    pub destination: Option<SocketAddr>,
+}
+
+impl Accepted {
+    /// A connection straight from its client (no PROXY header).
+    pub fn direct(stream: TcpStream, peer: SocketAddr, listener: SocketAddr) -> Accepted {
+        Accepted {
+            stream,
+            peer,
+            listener,
+            via: None,
+            destination: None,
+        }
+    }
+}
+
+/// ` via ADDR` for a connection that came through a load balancer, else nothing: for log
+/// lines.
+#[derive(Debug, Clone, Copy)]
+pub struct Via(pub Option<SocketAddr>);
+
+impl std::fmt::Display for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(proxy) => write!(f, " via {proxy}"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// An admitted connection.
@@ -21,8 +54,12 @@ pub struct Accepted {
 pub struct Conn {
     /// The connection itself (blocking, close-on-exec).
     pub stream: TcpStream,
-    /// The client's address.
+    /// The client's address (the one a PROXY header named, if there was one).
     pub peer: SocketAddr,
+    /// The load balancer it came through, if a PROXY header named the client.
+    pub via: Option<SocketAddr>,
+    /// The address the client connected to, as a PROXY header names it.
+    destination: Option<SocketAddr>,
     /// The address of the listener it came in on, as bound: for a wildcard listener
     /// (`0.0.0.0:P`) [`Conn::local_addr`] gives the address the client reached.
     pub listener: SocketAddr,
@@ -42,10 +79,14 @@ impl Conn {
             stream,
             peer,
             listener,
+            via,
+            destination,
         } = accepted;
         Conn {
             stream,
             peer,
+            via,
+            destination,
             listener,
             source,
             from_source,
@@ -53,10 +94,13 @@ impl Conn {
         }
     }
 
-    /// The address the client connected to. Asks the socket (`getsockname`) only for a
-    /// wildcard listener, so a handler that never needs it costs no system call.
+    /// The address the client connected to: the one a PROXY header names, else the socket's.
+    /// Asks the socket (`getsockname`) only for a wildcard listener, so a handler that never
+    /// needs it costs no system call.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        if self.listener.ip().is_unspecified() {
+        if let Some(destination) = self.destination {
+            Ok(destination)
+        } else if self.listener.ip().is_unspecified() {
             self.stream.local_addr()
         } else {
             Ok(self.listener)

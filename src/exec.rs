@@ -295,16 +295,16 @@ impl Program {
     /// once it runs the program or has failed to (then it exits 111, and the error comes
     /// back beside the pid for the parent to log). The parent's copy of the connection is
     /// closed before this returns (rule 5); if the clone fails, the connection comes back.
-    pub fn spawn(&self, conn: Conn) -> Result<(Pid, Option<Failure>), (Conn, io::Error)> {
+    pub fn spawn(&self, conn: Conn) -> Result<(Pid, Option<Failure>), crate::spawn::NotStarted> {
         let prepared = match Prepared::new(self, &conn) {
             Ok(p) => p,
-            Err(e) => return Err((conn, e)),
+            Err(e) => return Err(Box::new((conn, e))),
         };
         // Keep every signal pending until the child has reset the dispositions: a handler of
         // the parent's must never run in the child (it shares the parent's memory).
         let parent_mask = match crate::signals::block_all() {
             Ok(mask) => mask,
-            Err(e) => return Err((conn, e)),
+            Err(e) => return Err(Box::new((conn, e))),
         };
         let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
         // Safe: `child_entry` runs only async-signal-safe calls on `prepared`, which outlives
@@ -323,7 +323,7 @@ impl Program {
             log::error!("cannot restore the signal mask after clone: {e}");
         }
         if pid < 0 {
-            return Err((conn, clone_error));
+            return Err(Box::new((conn, clone_error)));
         }
         // Rule 5: the parent's copy goes now.
         drop(conn);
@@ -478,8 +478,16 @@ fn connection_env(conn: &Conn, program: &Program) -> io::Result<Vec<CString>> {
         ("REMOTE_ADDR", peer_ip.to_string()),
         ("REMOTE_PORT", peer.port().to_string()),
     ];
+    // The balancer a PROXY header came through, beside the client it named.
+    let proxy = conn.via.map(|via| {
+        [
+            ("TCPPROXYIP", via.ip().to_canonical().to_string()),
+            ("TCPPROXYPORT", via.port().to_string()),
+        ]
+    });
     // `env` wins over these too: an operator who sets one means it.
     vars.into_iter()
+        .chain(proxy.into_iter().flatten())
         .filter(|(name, _)| !program.env_sets(name))
         .map(|(name, value)| {
             CString::new(format!("{name}={value}")).map_err(|_| io::Error::other("NUL in env"))

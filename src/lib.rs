@@ -56,6 +56,7 @@ mod pending;
 pub mod pidfile;
 pub mod preflight;
 pub mod privileges;
+mod proxy;
 pub mod server;
 mod signals;
 mod spawn;

@@ -158,6 +158,10 @@ pub enum Refusal {
     /// reload) and cannot have a session: shutting down fast, or at `max_children`. Answered
     /// rather than reset, which is what closing a listener does to its queue.
     Closing,
+    /// On a PROXY listener, from an address outside `trusted_proxies`.
+    UntrustedProxy { listener: std::net::SocketAddr },
+    /// On a PROXY listener, no valid header: malformed, too long, late, or cut short.
+    ProxyHeader(&'static str),
 }
 
 impl fmt::Display for Refusal {
@@ -175,6 +179,10 @@ impl fmt::Display for Refusal {
                 )
             }
             Refusal::Closing => f.write_str("its listener is closing"),
+            Refusal::UntrustedProxy { listener } => {
+                write!(f, "not a trusted proxy (PROXY listener {listener})")
+            }
+            Refusal::ProxyHeader(problem) => write!(f, "PROXY header {problem}"),
         }
     }
 }
@@ -187,11 +195,19 @@ pub struct RefusalCounts {
     pub per_source: u64,
     pub rate: u64,
     pub closing: u64,
+    pub untrusted_proxy: u64,
+    pub proxy_header: u64,
 }
 
 impl RefusalCounts {
     pub fn total(&self) -> u64 {
-        self.denied + self.not_allowed + self.per_source + self.rate + self.closing
+        self.denied
+            + self.not_allowed
+            + self.per_source
+            + self.rate
+            + self.closing
+            + self.untrusted_proxy
+            + self.proxy_header
     }
 
     /// Counts one refusal under its reason.
@@ -202,6 +218,8 @@ impl RefusalCounts {
             Refusal::PerSource { .. } => self.per_source += 1,
             Refusal::Rate { .. } => self.rate += 1,
             Refusal::Closing => self.closing += 1,
+            Refusal::UntrustedProxy { .. } => self.untrusted_proxy += 1,
+            Refusal::ProxyHeader(_) => self.proxy_header += 1,
         }
     }
 }
@@ -210,8 +228,15 @@ impl fmt::Display for RefusalCounts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "denied: {}, not allowed: {}, per source: {}, rate: {}, closing: {}",
-            self.denied, self.not_allowed, self.per_source, self.rate, self.closing
+            "denied: {}, not allowed: {}, per source: {}, rate: {}, closing: {}, untrusted \
+             proxy: {}, PROXY header: {}",
+            self.denied,
+            self.not_allowed,
+            self.per_source,
+            self.rate,
+            self.closing,
+            self.untrusted_proxy,
+            self.proxy_header
         )
     }
 }

@@ -109,11 +109,7 @@ mod tests {
         let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (stream, peer) = listener.accept().unwrap();
         let listener = listener.local_addr().unwrap();
-        Accepted {
-            stream,
-            peer,
-            listener,
-        }
+        Accepted::direct(stream, peer, listener)
     }
 
     #[test]

@@ -40,11 +40,15 @@ use crate::signals;
 /// be made ready to serve: EX_SOFTWARE from sysexits.h. Every handler's codes leave it free.
 pub const EXIT_PANIC: i32 = 70;
 
+/// A session that could not be started: its connection, so that the client can still be
+/// answered, and why. Boxed: the error path is rare, and the success path stays small.
+pub type NotStarted = Box<(Conn, io::Error)>;
+
 /// Starts the child that serves `conn` as `handler` says, and returns its pid: the echo in a
 /// forked child, a program with `clone` (see `exec`). In the parent the connection is closed
 /// before this returns (rule 5). If the child cannot be created, the connection comes back
 /// with the error, so the caller can still answer the client. The child never returns.
-pub fn spawn_session(conn: Conn, handler: &Handler) -> Result<Pid, (Conn, io::Error)> {
+pub fn spawn_session(conn: Conn, handler: &Handler) -> Result<Pid, crate::spawn::NotStarted> {
     match handler {
         Handler::Echo(settings) => fork_session(conn, |conn| echo::run(conn, settings).exit_code()),
         Handler::Exec { program, banner } => spawn_program(conn, program, banner),
@@ -53,7 +57,11 @@ pub fn spawn_session(conn: Conn, handler: &Handler) -> Result<Pid, (Conn, io::Er
 
 /// A program: the banner first, written by the parent without waiting (`exec` keeps it small
 /// enough for an empty send buffer), then the program, started without a copy of the parent.
-fn spawn_program(conn: Conn, program: &Program, banner: &[u8]) -> Result<Pid, (Conn, io::Error)> {
+fn spawn_program(
+    conn: Conn,
+    program: &Program,
+    banner: &[u8],
+) -> Result<Pid, crate::spawn::NotStarted> {
     if !banner.is_empty() {
         write_banner_without_waiting(&conn, banner);
     }
@@ -94,14 +102,17 @@ fn write_banner_without_waiting(conn: &Conn, banner: &[u8]) {
 }
 
 /// Forks a child in which `serve` serves `conn`; its result is the child's exit code.
-fn fork_session(conn: Conn, serve: impl FnOnce(Conn) -> i32) -> Result<Pid, (Conn, io::Error)> {
+fn fork_session(
+    conn: Conn,
+    serve: impl FnOnce(Conn) -> i32,
+) -> Result<Pid, crate::spawn::NotStarted> {
     // Rule 2: nothing buffered may be inherited and written twice. (stderr is unbuffered, and
     // the logger writes whole lines, but stdout is line-buffered.)
     let _ = io::stdout().flush();
     // Keep every signal pending across fork; see `signals::block_all`.
     let parent_mask = match signals::block_all() {
         Ok(mask) => mask,
-        Err(e) => return Err((conn, e)),
+        Err(e) => return Err(Box::new((conn, e))),
     };
     // Safe: this process has exactly one thread (rule 1), so no lock is held by a thread that
     // would not exist in the child; the child only runs `child_main`, which never returns.
@@ -121,7 +132,7 @@ fn fork_session(conn: Conn, serve: impl FnOnce(Conn) -> i32) -> Result<Pid, (Con
             Ok(child)
         }
         Ok(ForkResult::Child) => unreachable!("the child never returns from child_main"),
-        Err(errno) => Err((conn, errno.into())),
+        Err(errno) => Err(Box::new((conn, errno.into()))),
     }
 }
 

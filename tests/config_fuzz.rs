@@ -139,9 +139,10 @@ impl Setting {
         }
     }
 
-    /// A value no command line can carry (a NUL byte): it goes in the file only.
+    /// A value no command line can carry (a NUL byte), or a key without a flag: it goes in
+    /// the file only.
     fn file_only(&self) -> bool {
-        matches!(&self.val, Val::Str(s) if s.contains('\0'))
+        self.key == "listener" || matches!(&self.val, Val::Str(s) if s.contains('\0'))
     }
 }
 
@@ -472,6 +473,58 @@ fn working_directory_key() -> BoxedStrategy<Setting> {
     )
 }
 
+fn proxy_protocol_key() -> BoxedStrategy<Setting> {
+    let mut choices: Vec<(Val, bool, bool)> = ["off", "v1", "v2", "any"]
+        .iter()
+        .map(|m| (Val::Str(m.to_string()), true, true))
+        .collect();
+    choices.push((Val::Str("v3".into()), false, false));
+    choices.push((Val::Int(2), false, false));
+    pick("proxy_protocol", choices)
+}
+
+/// A timeout that must be above 0.
+fn proxy_header_timeout_key() -> BoxedStrategy<Setting> {
+    pick(
+        "proxy_header_timeout",
+        vec![
+            (Val::Int(5), true, true),
+            (Val::Float(0.5), true, true),
+            (Val::Float(0.001), true, true),
+            (Val::Int(0), false, false),
+            (Val::Float(0.0005), false, false),
+            (Val::Int(-1), false, false),
+            (Val::Str("soon".into()), false, false),
+        ],
+    )
+}
+
+/// `[[listener]]` tables (written inline: `listener = [{ ... }]`), file only; on port 0, so
+/// they never clash with another address.
+fn listener_key() -> BoxedStrategy<Setting> {
+    pick(
+        "listener",
+        vec![
+            (Val::Raw(r#"[{ address = "127.0.0.1:0" }]"#), true, false),
+            (
+                Val::Raw(
+                    r#"[{ address = "127.0.0.1:0", proxy_protocol = "v2", trusted_proxies = ["127.0.0.1"] }]"#,
+                ),
+                true,
+                false,
+            ),
+            (
+                Val::Raw(r#"[{ address = "127.0.0.1:0", proxy_protocol = "off" }]"#),
+                true,
+                false,
+            ),
+            (Val::Raw(r#"[{ port = 3 }]"#), false, false),
+            (Val::Raw(r#"[{ address = "nowhere" }]"#), false, false),
+            (Val::Raw(r#""127.0.0.1:0""#), false, false),
+        ],
+    )
+}
+
 /// The generator of each config key (plus an unknown one), by name. `start_safe` leaves out
 /// what must not run for real: `daemonize` (a detached daemon is out of our hands) and a
 /// fixed port.
@@ -530,6 +583,10 @@ fn generators(start_safe: bool) -> Vec<(&'static str, BoxedStrategy<Setting>)> {
         ("session_limits", session_limits_key()),
         ("nice", int_key("nice", -20..=19, &[20, -21, 100])),
         ("working_directory", working_directory_key()),
+        ("proxy_protocol", proxy_protocol_key()),
+        ("trusted_proxies", prefixes_key("trusted_proxies")),
+        ("proxy_header_timeout", proxy_header_timeout_key()),
+        ("listener", listener_key()),
         (
             "bogus_key",
             pick(
@@ -667,6 +724,16 @@ impl Case {
             .is_none_or(|s| s.val.text().parse::<f64>() == Ok(0.0));
         if self.effective("rate_burst").is_some() && rate_is_off {
             culprits.push("key `rate_burst`".into());
+        }
+        // A PROXY listener needs someone to trust: the top-level mode applies to `listen`.
+        let proxied = self
+            .effective("proxy_protocol")
+            .is_some_and(|s| s.file_ok && s.val.text() != "off");
+        let trusted = self.effective("trusted_proxies").is_some_and(|s| {
+            matches!(&s.val, Val::List(l) if !l.is_empty()) || matches!(&s.val, Val::Str(_))
+        });
+        if proxied && !trusted {
+            culprits.push("key `trusted_proxies`".into());
         }
         // A program per connection: `idle_timeout` cannot apply (0 may be said); without
         // one, the keys only a program uses cannot.

@@ -398,7 +398,7 @@ fn refusals_leave_no_child_and_are_counted_in_status() {
     let status = server.wait_for_line("status:");
     assert!(
         status
-            .contains("4 refused [denied: 1, not allowed: 1, per source: 1, rate: 1, closing: 0]"),
+            .contains("4 refused [denied: 1, not allowed: 1, per source: 1, rate: 1, closing: 0, untrusted proxy: 0, PROXY header: 0]"),
         "refusal counts in {status}"
     );
     assert!(

@@ -199,6 +199,9 @@ fn sigterm_lets_active_session_finish_then_exits_0() {
     let mut s = server.connect_greeted();
     let peer = s.local_addr().unwrap();
     let pid = server.child_pid_for(peer);
+    // Its start time (field 22), so that a process that later reuses the pid is not taken for
+    // it: the suite forks thousands of processes, and pids wrap at 32,768.
+    let started = stat_field(pid, 22);
     let data = Noise::new(0x7e57).bytes(TOTAL);
 
     let mut r = s.try_clone().unwrap();
@@ -230,7 +233,7 @@ fn sigterm_lets_active_session_finish_then_exits_0() {
     // to the address now proves nothing: in a parallel suite another test's server may
     // already have been given the freed port.)
     assert!(
-        wait_until(WAIT, || !process_exists(pid)),
+        wait_until(WAIT, || stat_field(pid, 22) != started),
         "child {pid} still exists after the server exited"
     );
     assert_eq!(

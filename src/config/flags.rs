@@ -64,16 +64,24 @@ fn arg(key: &'static Key) -> Arg {
     let parse = move |s: &str| parse_flag(key, s);
     match key.flag {
         Flag::Switch => arg.action(ArgAction::SetTrue),
-        Flag::List { value_name, short } => {
-            let arg = arg
+        Flag::List {
+            value_name,
+            short,
+            alias,
+        } => {
+            let mut arg = arg
                 .value_name(value_name)
                 .action(ArgAction::Append)
                 .value_parser(parse);
-            match short {
-                Some(c) => arg.short(c),
-                None => arg,
+            if let Some(c) = short {
+                arg = arg.short(c);
             }
+            if let Some(alias) = alias {
+                arg = arg.visible_alias(alias);
+            }
+            arg
         }
+        Flag::FileOnly => unreachable!("a file-only key has no flag"),
         Flag::Trailing(value_name) => arg
             .value_name(value_name)
             .num_args(1..)
@@ -136,7 +144,7 @@ fn parse_flag(key: &'static Key, s: &str) -> Result<Parsed, String> {
         Flag::Text(_) | Flag::List { .. } => toml::Value::String(s.to_string()),
         Flag::Switch => toml::Value::Boolean(true),
         Flag::Pairs { numbers, .. } => pair(s, numbers)?,
-        Flag::Trailing(_) => unreachable!("trailing words are parsed whole"),
+        Flag::Trailing(_) | Flag::FileOnly => unreachable!("parsed whole, or not a flag"),
     };
     // A list item is checked as a list of one: `set` takes the whole list.
     let checked = match key.flag {
@@ -213,7 +221,12 @@ pub fn unescape(s: &str) -> Result<String, String> {
 
 impl clap::Args for KeyFlags {
     fn augment_args(cmd: Command) -> Command {
-        cmd.args(TABLE.iter().map(arg))
+        cmd.args(
+            TABLE
+                .iter()
+                .filter(|k| !matches!(k.flag, Flag::FileOnly))
+                .map(arg),
+        )
     }
 
     fn augment_args_for_update(cmd: Command) -> Command {
@@ -242,6 +255,9 @@ impl clap::FromArgMatches for KeyFlags {
 /// What the command line gives for `key`, if anything: a list's items gathered into one
 /// array, as the file writes it.
 fn given(key: &'static Key, matches: &ArgMatches) -> Option<Given> {
+    if let Flag::FileOnly = key.flag {
+        return None;
+    }
     if let Flag::Switch = key.flag {
         return matches.get_flag(key.name).then(|| Given {
             key: key.name,

@@ -57,15 +57,19 @@ pub(super) enum Flag {
     /// `--key PATH`, relative to the directory forkecho was started in (a daemon works from /,
     /// and a reload must find the same file).
     Path(&'static str),
-    /// `--key ITEM`, repeatable: the file's array; `short` is the one-letter form, if any.
+    /// `--key ITEM`, repeatable: the file's array; `short` is the one-letter form, if any, and
+    /// `alias` another long one (`--trusted-proxy` for `--trusted-proxies`).
     List {
         value_name: &'static str,
         short: Option<char>,
+        alias: Option<&'static str>,
     },
     /// `--key` alone: `true`.
     Switch,
     /// The words after `--`, last on the command line: the file's array.
     Trailing(&'static str),
+    /// No flag: the key exists in the file only (tables of several values).
+    FileOnly,
     /// `--key NAME=VALUE`, repeatable: the file's table. With `numbers`, a value that is an
     /// integer is one (else it stays a string, such as `unlimited`).
     Pairs {
@@ -111,7 +115,7 @@ fn plain_or_none<T: ToString>(value: Option<T>) -> Shown<'static> {
 }
 
 /// Every key, in the order `--help` and the documentation list them.
-pub(super) const TABLE: [Key; 30] = [
+pub(super) const TABLE: [Key; 34] = [
     Key {
         name: "listen",
         help: "Address to listen on, IP:PORT (`[::1]:PORT` for IPv6); repeatable; port 0 picks \
@@ -120,6 +124,7 @@ pub(super) const TABLE: [Key; 30] = [
         flag: Flag::List {
             value_name: "ADDR",
             short: Some('l'),
+            alias: None,
         },
         set: |c, v, w| {
             c.listen = listen_from_toml(v, w)?;
@@ -482,6 +487,65 @@ pub(super) const TABLE: [Key; 30] = [
             plain_or_none(c.working_directory.as_ref().map(|p| p.display()))
         }),
     },
+    Key {
+        name: "proxy_protocol",
+        help: "Expect a PROXY protocol header (HAProxy's; v1, v2 or any) before the client's \
+               data on every --listen address, naming the real client; off = none",
+        default: Some(r#""off""#),
+        flag: Flag::Text("MODE"),
+        set: |c, v, w| {
+            c.proxy_protocol = crate::proxy::Mode::parse(expect_str(v, w)?)?;
+            Ok(())
+        },
+        on_reload: OnReload::Applies(|c| plain(c.proxy_protocol)),
+    },
+    Key {
+        name: "trusted_proxies",
+        help: "A load balancer (ADDR/LEN or ADDR) allowed to send PROXY headers; repeatable; \
+               others are refused on a PROXY listener",
+        default: None,
+        flag: Flag::List {
+            value_name: "PREFIX",
+            short: None,
+            alias: Some("trusted-proxy"),
+        },
+        set: |c, v, w| {
+            c.trusted_proxies = prefixes_from_toml(v, w)?;
+            Ok(())
+        },
+        on_reload: OnReload::Applies(|c| Shown::Prefixes(&c.trusted_proxies)),
+    },
+    Key {
+        name: "proxy_header_timeout",
+        help: "Seconds a PROXY listener waits for the whole header before refusing the \
+               connection",
+        default: Some("5"),
+        flag: SECONDS,
+        set: |c, v, w| {
+            let secs = check_seconds(number(v, w)?, w, NEVER)?;
+            if secs.is_zero() {
+                return Err(format!("must be more than 0, not {}", w.trim()));
+            }
+            c.proxy_header_timeout = secs;
+            Ok(())
+        },
+        on_reload: OnReload::Applies(|c| plain_secs(Some(c.proxy_header_timeout))),
+    },
+    Key {
+        name: "listener",
+        help: "Listeners with settings of their own: [[listener]] tables with `address` and \
+               optionally `proxy_protocol` and `trusted_proxies` (file only)",
+        default: None,
+        flag: Flag::FileOnly,
+        set: |c, v, w| {
+            c.listener_tables = listener_tables_from_toml(v, w)?;
+            Ok(())
+        },
+        on_reload: OnReload::Applies(|c| {
+            let tables: Vec<String> = c.listener_tables.iter().map(|t| t.to_string()).collect();
+            Shown::Plain(format!("[{}]", tables.join(", ")))
+        }),
+    },
 ];
 
 /// The flag of every timeout.
@@ -494,6 +558,7 @@ const SECONDS: Flag = Flag::Number {
 const PREFIXES: Flag = Flag::List {
     value_name: "PREFIX",
     short: None,
+    alias: None,
 };
 
 /// Root is gone once serving, and a lookup (getent) could stall the loop: see `Config::reload`.
@@ -684,6 +749,53 @@ fn limits_from_toml(value: &toml::Value, written: &str) -> Result<Vec<crate::exe
             Ok(crate::exec::Limit { resource, value })
         })
         .collect()
+}
+
+/// `[[listener]]`: an address each, and the PROXY settings that differ from the top-level
+/// ones.
+fn listener_tables_from_toml(
+    value: &toml::Value,
+    written: &str,
+) -> Result<Vec<super::ListenerTable>, String> {
+    let tables = value
+        .as_array()
+        .filter(|items| items.iter().all(toml::Value::is_table))
+        .ok_or_else(|| {
+            format!(
+                "expected [[listener]] tables, each with an `address`, found {}",
+                describe_value(value, written)
+            )
+        })?;
+    tables
+        .iter()
+        .enumerate()
+        .map(|(i, table)| {
+            listener_table(table.as_table().expect("checked above"))
+                .map_err(|e| format!("listener {}: {e}", i + 1))
+        })
+        .collect()
+}
+
+fn listener_table(table: &toml::Table) -> Result<super::ListenerTable, String> {
+    const KEYS: &str = "address, proxy_protocol, trusted_proxies";
+    let mut address = None;
+    let (mut proxy_protocol, mut trusted_proxies) = (None, None);
+    for (key, value) in table {
+        let written = value.to_string();
+        match key.as_str() {
+            "address" => address = Some(parse_addr(expect_str(value, &written)?)?),
+            "proxy_protocol" => {
+                proxy_protocol = Some(crate::proxy::Mode::parse(expect_str(value, &written)?)?)
+            }
+            "trusted_proxies" => trusted_proxies = Some(prefixes_from_toml(value, &written)?),
+            other => return Err(format!("unknown key `{other}` (expected one of: {KEYS})")),
+        }
+    }
+    Ok(super::ListenerTable {
+        address: address.ok_or("has no `address`")?,
+        proxy_protocol,
+        trusted_proxies,
+    })
 }
 
 fn without_nul(s: &str) -> Result<&str, String> {

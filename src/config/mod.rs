@@ -124,6 +124,39 @@ pub struct Config {
     pub nice: Option<i32>,
     /// Where a program starts; none = forkecho's working directory.
     pub working_directory: Option<PathBuf>,
+    /// PROXY headers on the `listen` addresses (and on sockets systemd passes).
+    pub proxy_protocol: crate::proxy::Mode,
+    /// Who may send them, unless a `[[listener]]` says otherwise.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// How long a PROXY listener waits for a whole header.
+    pub proxy_header_timeout: Duration,
+    /// `[[listener]]` tables as given; their addresses join `listen` once merged.
+    listener_tables: Vec<ListenerTable>,
+    /// The addresses that expect a PROXY header, with their policy (see
+    /// [`Config::proxy_policy`]).
+    proxied: Vec<(SocketAddr, crate::proxy::Policy)>,
+}
+
+/// One `[[listener]]` table: an address, and the PROXY settings that differ from the
+/// top-level ones.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerTable {
+    pub address: SocketAddr,
+    pub proxy_protocol: Option<crate::proxy::Mode>,
+    pub trusted_proxies: Option<Vec<ipnet::IpNet>>,
+}
+
+impl fmt::Display for ListenerTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.address)?;
+        if let Some(mode) = self.proxy_protocol {
+            write!(f, " proxy_protocol {mode}")?;
+        }
+        if let Some(trusted) = &self.trusted_proxies {
+            write!(f, " trusted_proxies {trusted:?}")?;
+        }
+        Ok(())
+    }
 }
 
 /// `log_level`'s value: a level filter that can start unset (off), so [`Config`] has a
@@ -254,6 +287,7 @@ impl Config {
         cli.keys
             .apply(&mut config)
             .map_err(|(key, reason)| origins.error(key, reason))?;
+        config.settle_listeners(&origins)?;
         config.check_across_keys(&origins)?;
         config.limits.rate = rate(config.rate_per_second, config.rate_burst);
         config.settle_exec_mode(&origins)?;
@@ -273,6 +307,75 @@ impl Config {
             return Err(origins.error("group", "needs `user` too".into()));
         }
         Ok(())
+    }
+
+    /// Adds the `[[listener]]` addresses to `listen` (which, when only tables are given, holds
+    /// just theirs: the default address is not listened on beside them) and works out which
+    /// addresses expect a PROXY header, and from whom. A PROXY listener that trusts nobody
+    /// would refuse every connection: that is an error.
+    fn settle_listeners(&mut self, origins: &Origins) -> Result<(), ConfigError> {
+        use crate::proxy::{Mode, Policy};
+        if !self.listener_tables.is_empty() && !origins.sets("listen") {
+            self.listen.clear();
+        }
+        let top = Policy {
+            mode: self.proxy_protocol,
+            trusted: self.trusted_proxies.clone(),
+        };
+        if top.mode != Mode::Off && top.trusted.is_empty() {
+            let reason = format!(
+                "proxy_protocol is {}: give at least one trusted proxy (the load balancers' \
+                 addresses)",
+                top.mode
+            );
+            return Err(origins.error("trusted_proxies", reason));
+        }
+        self.proxied.clear();
+        if top.mode != Mode::Off {
+            self.proxied
+                .extend(self.listen.iter().map(|&addr| (addr, top.clone())));
+        }
+        for table in &self.listener_tables {
+            self.listen.push(table.address);
+            let policy = Policy {
+                mode: table.proxy_protocol.unwrap_or(top.mode),
+                trusted: table.trusted_proxies.clone().unwrap_or(top.trusted.clone()),
+            };
+            if policy.mode == Mode::Off {
+                continue;
+            }
+            if policy.trusted.is_empty() {
+                let reason = format!(
+                    "listener {}: proxy_protocol {} needs trusted_proxies",
+                    table.address, policy.mode
+                );
+                return Err(origins.error("listener", reason));
+            }
+            self.proxied.push((table.address, policy));
+        }
+        Ok(())
+    }
+
+    /// The PROXY policy of `listener`, if it expects headers: by its configured address or the
+    /// one port 0 gave it; a socket systemd passed follows the top-level keys.
+    pub fn proxy_policy(
+        &self,
+        listener: &crate::listen::Listener,
+    ) -> Option<&crate::proxy::Policy> {
+        if self.proxied.is_empty() {
+            return None;
+        }
+        if listener.from_systemd {
+            return self
+                .proxied
+                .first()
+                .map(|(_, p)| p)
+                .filter(|_| self.proxy_protocol != crate::proxy::Mode::Off);
+        }
+        self.proxied
+            .iter()
+            .find(|(addr, _)| *addr == listener.configured || *addr == listener.local)
+            .map(|(_, policy)| policy)
     }
 
     /// In exec mode: finds the program (in PATH for a bare name), and applies what a program

@@ -14,7 +14,7 @@ use socket2::SockRef;
 
 use super::{Phase, Server};
 use crate::children::seconds;
-use crate::conn::{Accepted, Conn};
+use crate::conn::{Accepted, Conn, Via};
 use crate::handler::Kind;
 use crate::limits::{self, Refusal};
 use crate::pending;
@@ -29,10 +29,65 @@ impl Server {
     /// Accepts a batch from every listener that may have connections queued.
     pub(super) fn accept_ready(&mut self) {
         for i in 0..self.listeners.len() {
-            if self.listeners[i].ready && self.accepting() {
+            if self.listeners[i].ready && self.accepting() && self.may_accept_from(i) {
                 self.accept_batch(i);
             }
         }
+    }
+
+    /// Whether listener `i` may be accepted from: a PROXY listener only while connections can
+    /// wait for their header.
+    pub(super) fn may_accept_from(&self, i: usize) -> bool {
+        !self.headers.is_full()
+            || self
+                .config
+                .proxy_policy(&self.listeners[i].listener)
+                .is_none()
+    }
+
+    /// Whether a listener has connections queued that may be accepted now.
+    pub(super) fn acceptable_work(&self) -> bool {
+        self.accepting()
+            && (0..self.listeners.len()).any(|i| self.listeners[i].ready && self.may_accept_from(i))
+    }
+
+    /// Where a connection from `peer` accepted on `listener` goes: straight to admission, or
+    /// on a PROXY listener to wait for its header, if its peer is a trusted proxy.
+    pub(super) fn route_of(&self, listener: &crate::listen::Listener, peer: SocketAddr) -> Route {
+        match self.config.proxy_policy(listener) {
+            None => Route::Direct,
+            Some(policy) if !policy.trusts(peer.ip()) => Route::Untrusted,
+            Some(policy) => Route::AwaitHeader(policy.mode),
+        }
+    }
+
+    /// Sends a connection just accepted from the listener at `local` where `route` says.
+    pub(super) fn take_connection(
+        &mut self,
+        route: Route,
+        stream: TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+        may_wait: MayWait,
+    ) {
+        match route {
+            Route::Direct => self.start_session(Accepted::direct(stream, peer, local), may_wait),
+            Route::AwaitHeader(mode) if !self.headers.is_full() => {
+                self.await_header(stream, peer, local, mode)
+            }
+            Route::AwaitHeader(_) => self.refuse_quietly(peer, &Refusal::Closing),
+            Route::Untrusted => {
+                self.refuse_quietly(peer, &Refusal::UntrustedProxy { listener: local })
+            }
+        }
+    }
+
+    /// Counts and logs a refusal of a connection that gets no message (its peer is a
+    /// balancer); dropping the stream closed it.
+    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
+    fn refuse_quietly(&mut self, peer: SocketAddr, refusal: &Refusal) {
+        info!("refused {peer}: {refusal}");
+        self.admission.refused.count(refusal);
     }
 
     /// Accepts up to `ACCEPT_BATCH` connections from listener `i`, forking a child for each.
@@ -46,13 +101,9 @@ impl Server {
             match accept_blocking(&self.listeners[i].listener.socket) {
                 Ok((stream, peer)) => {
                     self.accept_recovered();
-                    let listener = self.listeners[i].listener.local;
-                    let accepted = Accepted {
-                        stream,
-                        peer,
-                        listener,
-                    };
-                    self.start_session(accepted, MayWait::Grace);
+                    let route = self.route_of(&self.listeners[i].listener, peer);
+                    let local = self.listeners[i].listener.local;
+                    self.take_connection(route, stream, peer, local, MayWait::Grace);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     // The queue is empty, so accept works again: the next failure is a new run.
@@ -130,6 +181,7 @@ impl Server {
         }
         self.admitted += 1;
         let conn = Conn::admitted(accepted, source, live + 1, self.admitted);
+        let via = Via(conn.via);
         match spawn::spawn_session(conn, &self.handler) {
             Ok(pid) => {
                 let kind = self.handler.kind();
@@ -140,13 +192,16 @@ impl Server {
                 };
                 self.children.add(pid, peer, source, kind, end_by);
                 info!(
-                    "accepted {peer} -> child {pid} ({} active)",
+                    "accepted {peer}{via} -> child {pid} ({} active)",
                     self.children.len()
                 );
                 self.fork_recovered();
                 self.pause_or_resume_at_max_children();
             }
-            Err((conn, e)) => self.fork_failed(conn.stream, peer, &e),
+            Err(failed) => {
+                let (conn, e) = *failed;
+                self.fork_failed(conn.stream, peer, &e)
+            }
         }
     }
 
@@ -267,6 +322,14 @@ impl Server {
         let mut unread = [MaybeUninit::uninit(); 4096];
         let _ = socket.recv_with_flags(&mut unread, libc::MSG_DONTWAIT);
     }
+}
+
+/// Where a connection just accepted goes (see `Server::route_of`).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Route {
+    Direct,
+    AwaitHeader(crate::proxy::Mode),
+    Untrusted,
 }
 
 /// Whether a connection whose source is at `max_per_source` may wait in `pending`.

@@ -85,10 +85,6 @@ impl Listeners {
     pub(super) fn mark_all_ready(&mut self) {
         self.slots.iter_mut().for_each(|slot| slot.ready = true);
     }
-
-    pub(super) fn any_ready(&self) -> bool {
-        self.slots.iter().any(|slot| slot.ready)
-    }
 }
 
 impl Index<usize> for Listeners {

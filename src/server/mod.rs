@@ -39,6 +39,7 @@ use crate::spawn;
 
 mod accept;
 mod capacity;
+mod headers;
 mod listeners;
 mod reload;
 mod shutdown;
@@ -93,6 +94,10 @@ pub struct Server {
     fork_failure_run: FailureRun,
     /// Connections waiting for a session of their source to end (see `pending`).
     pending: Pending,
+    /// Connections on PROXY listeners waiting for their header.
+    headers: headers::Headers,
+    /// Reused by `serve_headers`, so that the loop does not allocate.
+    header_scratch: Vec<usize>,
     /// Which `max_children` state changes get a log line.
     capacity_reports: CapacityReports,
     started: Instant,
@@ -151,6 +156,8 @@ impl Server {
             fork_failures: 0,
             fork_failure_run: FailureRun::default(),
             pending: Pending::default(),
+            headers: headers::Headers::default(),
+            header_scratch: Vec::new(),
             capacity_reports: CapacityReports::default(),
             started: Instant::now(),
         })
@@ -188,6 +195,7 @@ impl Server {
                 match Source::of(event.token()) {
                     Some(Source::Signals) => signalled = true,
                     Some(Source::Listener(i)) => self.listeners.mark_ready(i),
+                    Some(Source::Header(i)) => self.headers.mark_readable(i),
                     None => debug!("event for an unknown token {:?}", event.token()),
                 }
             }
@@ -196,6 +204,7 @@ impl Server {
             }
             self.handle_deadlines();
             self.accept_ready();
+            self.serve_headers();
         }
         info!("shutdown complete");
         Ok(())
@@ -207,6 +216,7 @@ impl Server {
         self.phase != Phase::Serving
             && self.children.is_empty()
             && !self.children.has_lingering_groups()
+            && self.headers.is_empty()
     }
 
     fn accepting(&self) -> bool {
@@ -215,7 +225,9 @@ impl Server {
 
     /// The poll timeout: the nearest deadline, zero if a listener still has work, else none.
     fn next_wakeup(&self) -> Option<Duration> {
-        if self.accepting() && self.listeners.any_ready() {
+        let headers_to_serve =
+            self.headers.has_readable() || (self.headers.has_complete() && !self.at_capacity);
+        if self.acceptable_work() || headers_to_serve {
             return Some(Duration::ZERO);
         }
         let deadline = match self.phase {
@@ -233,7 +245,10 @@ impl Server {
             ),
             Phase::Killing => None,
         };
-        let deadline = earliest(deadline, self.children.next_deadline())?;
+        let deadline = earliest(
+            earliest(deadline, self.children.next_deadline()),
+            self.headers.next_deadline(),
+        )?;
         Some(deadline.saturating_duration_since(Instant::now()))
     }
 
@@ -327,7 +342,8 @@ impl Server {
         let refused = &self.admission.refused;
         info!(
             "status: {} active (max {}), {} accepted, {} ended [{}], {} refused [{}], \
-             {} fork failures, {} waiting, busiest sources [{}], {} log lines dropped, \
+             {} fork failures, {} waiting, {} awaiting a PROXY header, busiest sources [{}], \
+             {} log lines dropped, \
              {} sd_notify messages dropped, uptime {}",
             self.children.len(),
             self.limits.max_children,
@@ -338,6 +354,7 @@ impl Server {
             refused,
             self.fork_failures,
             self.pending.len(),
+            self.headers.len(),
             busiest.join(", "),
             crate::logging::dropped_lines(),
             crate::systemd::dropped(),

@@ -97,6 +97,9 @@ impl Server {
             stop_accepting_everywhere(listener);
         }
         drop(listeners);
+        if !admit {
+            self.close_all_headers();
+        }
         for waiting in self.pending.take_all() {
             if admit && !self.full_after_reaping() {
                 self.start_session(waiting.accepted, MayWait::No);
@@ -120,13 +123,8 @@ impl Server {
             match accept_blocking(&listener.socket) {
                 Ok((stream, peer)) => {
                     if admit && !self.full_after_reaping() {
-                        let listener = listener.local;
-                        let accepted = Accepted {
-                            stream,
-                            peer,
-                            listener,
-                        };
-                        self.start_session(accepted, MayWait::No);
+                        let route = self.route_of(listener, peer);
+                        self.take_connection(route, stream, peer, listener.local, MayWait::No);
                     } else {
                         closing += 1;
                         self.refuse(stream, peer, &Refusal::Closing);

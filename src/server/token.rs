@@ -12,6 +12,8 @@ pub(super) enum Source {
     Signals,
     /// Listener `i` (its index in the loop's listener list).
     Listener(usize),
+    /// Connection `i` of those waiting for their PROXY header (`headers`).
+    Header(usize),
 }
 
 /// Bits below the kind.
@@ -19,6 +21,7 @@ const KIND_SHIFT: u32 = usize::BITS - 8;
 const INDEX_MASK: usize = (1 << KIND_SHIFT) - 1;
 const SIGNALS: usize = 0;
 const LISTENER: usize = 1;
+const HEADER: usize = 2;
 
 impl Source {
     /// The token to register this source under.
@@ -29,6 +32,10 @@ impl Source {
                 debug_assert!(i <= INDEX_MASK);
                 Token((LISTENER << KIND_SHIFT) | i)
             }
+            Source::Header(i) => {
+                debug_assert!(i <= INDEX_MASK);
+                Token((HEADER << KIND_SHIFT) | i)
+            }
         }
     }
 
@@ -38,6 +45,7 @@ impl Source {
         match token.0 >> KIND_SHIFT {
             SIGNALS if index == 0 => Some(Source::Signals),
             LISTENER => Some(Source::Listener(index)),
+            HEADER => Some(Source::Header(index)),
             _ => None,
         }
     }
@@ -53,6 +61,8 @@ mod tests {
             Source::Signals,
             Source::Listener(0),
             Source::Listener(70_000),
+            Source::Header(0),
+            Source::Header(1023),
         ] {
             assert_eq!(Source::of(source.token()), Some(source));
         }

@@ -1,0 +1,352 @@
+//! Connections on PROXY listeners, waiting for their header: a bounded table in parent-only
+//! memory, each connection in the poll set under `Source::Header(i)`, with a deadline.
+//!
+//! The loop never blocks on a balancer: on each readiness edge it peeks at what has arrived
+//! (MSG_PEEK | MSG_DONTWAIT, at most `proxy::MAX_HEADER` bytes) and decides with
+//! `proxy::examine`. A whole header is consumed, exactly its length and never a byte of the
+//! client's own data; the connection then leaves the poll set and goes to admission under its
+//! real client's address. A header that is malformed, too long, cut short or late refuses the
+//! connection (nothing is written: the peer is the balancer). With no room for a session (at
+//! `max_children`), a connection whose header has arrived waits here, as a client waits in the
+//! backlog; and while the table is full, PROXY listeners are not accepted from.
+
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use allocator_api2::vec::Vec as ParentVec;
+use log::{debug, warn};
+use mio::unix::SourceFd;
+use mio::Interest;
+
+use super::accept::MayWait;
+use super::token::Source;
+use super::{Phase, Server};
+use crate::conn::Accepted;
+use crate::limits::Refusal;
+use crate::parent_memory::ParentOnly;
+use crate::proxy::{self, Examined, Mode};
+
+/// Most connections waiting for a header at once.
+pub(super) const MAX_AWAITING: usize = 1024;
+
+/// One connection waiting for its header.
+#[derive(Debug)]
+pub(super) struct Awaiting {
+    stream: TcpStream,
+    /// The connection's peer: the balancer.
+    proxy: SocketAddr,
+    listener: SocketAddr,
+    mode: Mode,
+    /// Refused at this time if the header is not whole by then.
+    until: Instant,
+    /// Data arrived since it was last looked at (edge-triggered, like the listeners).
+    readable: bool,
+    /// The client and the address it reached, once the header has been consumed (`None`
+    /// inside: the header said to use the connection's own addresses). Waits for room.
+    header: Option<Option<(SocketAddr, SocketAddr)>>,
+}
+
+/// The waiting connections; an entry's index is its poll token's.
+pub(super) struct Headers {
+    slots: ParentVec<Option<Awaiting>, ParentOnly>,
+    free: ParentVec<usize, ParentOnly>,
+    len: usize,
+}
+
+impl Default for Headers {
+    fn default() -> Self {
+        Headers {
+            slots: ParentVec::new_in(ParentOnly),
+            free: ParentVec::new_in(ParentOnly),
+            len: 0,
+        }
+    }
+}
+
+impl Headers {
+    pub(super) fn is_full(&self) -> bool {
+        self.len >= MAX_AWAITING
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    fn insert(&mut self, entry: Awaiting) -> usize {
+        self.len += 1;
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(entry);
+                i
+            }
+            None => {
+                self.slots.push(Some(entry));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn remove(&mut self, i: usize) -> Option<Awaiting> {
+        let entry = self.slots.get_mut(i)?.take()?;
+        self.len -= 1;
+        self.free.push(i);
+        Some(entry)
+    }
+
+    /// Connection `i` had an event; an index no entry has (decided in this turn) is ignored.
+    pub(super) fn mark_readable(&mut self, i: usize) {
+        if let Some(Some(entry)) = self.slots.get_mut(i) {
+            entry.readable = true;
+        }
+    }
+
+    /// The earliest deadline of a connection still waiting for bytes.
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        if self.len == 0 {
+            return None;
+        }
+        self.entries()
+            .filter(|(_, e)| e.header.is_none())
+            .map(|(_, e)| e.until)
+            .min()
+    }
+
+    /// Whether data arrived on an entry not looked at since.
+    pub(super) fn has_readable(&self) -> bool {
+        self.len > 0 && self.entries().any(|(_, e)| e.readable)
+    }
+
+    /// Whether a whole header waits for room for its session.
+    pub(super) fn has_complete(&self) -> bool {
+        self.len > 0 && self.entries().any(|(_, e)| e.header.is_some())
+    }
+
+    fn entries(&self) -> impl Iterator<Item = (usize, &Awaiting)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, slot)| Some((i, slot.as_ref()?)))
+    }
+
+    /// Indexes of the entries for which `pick` holds, into `out` (reused, so the loop does not
+    /// allocate).
+    fn select(&self, out: &mut Vec<usize>, mut pick: impl FnMut(&Awaiting) -> bool) {
+        out.clear();
+        out.extend(self.entries().filter(|(_, e)| pick(e)).map(|(i, _)| i));
+    }
+}
+
+/// What `peek_header` found.
+enum Peeked {
+    Wait,
+    Header {
+        len: usize,
+        addresses: Option<(SocketAddr, SocketAddr)>,
+    },
+    Refused(&'static str),
+}
+
+impl Server {
+    /// Puts a connection from a trusted balancer in the table, to wait for its header. The
+    /// caller has checked that the table has room.
+    pub(super) fn await_header(
+        &mut self,
+        stream: TcpStream,
+        proxy: SocketAddr,
+        listener: SocketAddr,
+        mode: Mode,
+    ) {
+        let fd = stream.as_raw_fd();
+        let i = self.headers.insert(Awaiting {
+            stream,
+            proxy,
+            listener,
+            mode,
+            until: Instant::now() + self.config.proxy_header_timeout,
+            // The header may have come with the handshake: look at once.
+            readable: true,
+            header: None,
+        });
+        let registered = self.poll.registry().register(
+            &mut SourceFd(&fd),
+            Source::Header(i).token(),
+            Interest::READABLE,
+        );
+        if let Err(e) = registered {
+            warn!("cannot wait for the PROXY header of {proxy}: {e}; closing it");
+            self.headers.remove(i);
+        }
+    }
+
+    /// Reads the headers that have arrived and starts the sessions of the connections whose
+    /// header is whole, as long as there is room for them; refuses those whose time is up.
+    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
+    pub(super) fn serve_headers(&mut self) {
+        if self.headers.is_empty() {
+            return;
+        }
+        let mut due = std::mem::take(&mut self.header_scratch);
+        self.headers
+            .select(&mut due, |e| e.readable && e.header.is_none());
+        for &i in &due {
+            self.read_header(i);
+        }
+        let now = Instant::now();
+        self.headers
+            .select(&mut due, |e| e.header.is_none() && e.until <= now);
+        for &i in &due {
+            self.refuse_header(i, "not received in time (proxy_header_timeout)");
+        }
+        self.headers.select(&mut due, |e| e.header.is_some());
+        for &i in &due {
+            if !self.room_for_a_session() {
+                break;
+            }
+            self.start_proxied_session(i);
+        }
+        self.header_scratch = due;
+    }
+
+    /// Whether a session may start now: serving and under `max_children`, or smart shutdown
+    /// with room (as for the connections a closing listener still had queued).
+    fn room_for_a_session(&mut self) -> bool {
+        match self.phase {
+            Phase::Serving => !self.at_capacity && !self.full_after_reaping(),
+            Phase::Draining { .. } => !self.full_after_reaping(),
+            _ => false,
+        }
+    }
+
+    /// Looks at what connection `i` has sent and acts on it: waits, takes the header, or
+    /// refuses the connection.
+    fn read_header(&mut self, i: usize) {
+        let Some(Some(entry)) = self.headers.slots.get_mut(i) else {
+            return;
+        };
+        entry.readable = false;
+        let problem = match peek_header(&entry.stream, entry.mode) {
+            Peeked::Wait => return,
+            Peeked::Refused(problem) => problem,
+            Peeked::Header { len, addresses } => {
+                if consume(&entry.stream, len) {
+                    entry.header = Some(addresses);
+                    return;
+                }
+                "cut short"
+            }
+        };
+        self.refuse_header(i, problem);
+    }
+
+    /// Starts the session of connection `i`, whose header has been taken: admission sees the
+    /// client the header named.
+    fn start_proxied_session(&mut self, i: usize) {
+        let Some(entry) = self.take_header_entry(i) else {
+            return;
+        };
+        let Some(header) = entry.header else {
+            return;
+        };
+        let (peer, destination) = match header {
+            Some((client, destination)) => (client, Some(destination)),
+            // LOCAL / UNKNOWN: the balancer speaks for itself (a health check).
+            None => (entry.proxy, None),
+        };
+        let accepted = Accepted {
+            stream: entry.stream,
+            peer,
+            listener: entry.listener,
+            via: Some(entry.proxy),
+            destination,
+        };
+        self.start_session(accepted, MayWait::Grace);
+    }
+
+    /// Removes entry `i` and takes it out of the poll set: before its descriptor is handed to
+    /// a child, which would keep the registration alive under this token.
+    fn take_header_entry(&mut self, i: usize) -> Option<Awaiting> {
+        let entry = self.headers.remove(i)?;
+        let fd = entry.stream.as_raw_fd();
+        if let Err(e) = self.poll.registry().deregister(&mut SourceFd(&fd)) {
+            debug!("deregistering a PROXY connection: {e}");
+        }
+        Some(entry)
+    }
+
+    /// Refuses connection `i` for its header: counted, logged, closed without a word (its
+    /// peer is the balancer, not a client).
+    fn refuse_header(&mut self, i: usize, problem: &'static str) {
+        if let Some(entry) = self.take_header_entry(i) {
+            let refusal = Refusal::ProxyHeader(problem);
+            log::info!("refused {}: {refusal}", entry.proxy);
+            self.admission.refused.count(&refusal);
+        }
+    }
+
+    /// Shutdown without sessions for them (fast, immediate): every waiting connection is
+    /// closed. One whose header was taken is a client's: it gets `refusal_message`.
+    pub(super) fn close_all_headers(&mut self) {
+        let mut all = std::mem::take(&mut self.header_scratch);
+        self.headers.select(&mut all, |_| true);
+        for &i in &all {
+            let Some(entry) = self.take_header_entry(i) else {
+                continue;
+            };
+            if let Some(Some((client, _))) = entry.header {
+                self.refuse(entry.stream, client, &Refusal::Closing);
+            }
+        }
+        self.header_scratch = all;
+    }
+}
+
+/// Peeks at the connection's first bytes and examines them.
+fn peek_header(stream: &TcpStream, mode: Mode) -> Peeked {
+    let mut buffer = [0u8; proxy::MAX_HEADER];
+    let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
+    // Safe: receives into a live buffer of the given length, on a socket we own.
+    let got = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            buffer.as_mut_ptr().cast(),
+            buffer.len(),
+            flags,
+        )
+    };
+    if got < 0 {
+        let error = std::io::Error::last_os_error();
+        return match error.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Peeked::Wait,
+            _ => Peeked::Refused("not received: the connection failed"),
+        };
+    }
+    let received = &buffer[..got as usize];
+    match proxy::examine(received, mode) {
+        // The balancer closed its side before the header ended: no more will come.
+        Examined::Incomplete if got == 0 => Peeked::Refused("cut short"),
+        Examined::Incomplete => Peeked::Wait,
+        Examined::Header { len, addresses } => Peeked::Header { len, addresses },
+        Examined::Refused(proxy::Problem::Malformed) => Peeked::Refused("malformed"),
+        Examined::Refused(proxy::Problem::TooLong) => Peeked::Refused("too long"),
+    }
+}
+
+/// Reads exactly the header's `len` bytes, which have arrived (they were just peeked at).
+fn consume(stream: &TcpStream, len: usize) -> bool {
+    let mut header = [0u8; proxy::MAX_HEADER];
+    // Safe: receives at most `len` (≤ the buffer's size) bytes into a live buffer.
+    let got = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            header.as_mut_ptr().cast(),
+            len,
+            libc::MSG_DONTWAIT,
+        )
+    };
+    got == len as isize
+}
