@@ -245,13 +245,13 @@ fn proxy_phase(
 ) -> report::Targets {
     announce("plain and PROXY v2 listeners", flags, plan, contenders);
     let clients = phases::PROXY_CLIENTS;
-    eprintln!("phase 6: PROXY v2 header, connection rate, {clients} client(s)");
+    eprintln!("phase 6: plain vs PROXY v2 listener, connection rate, {clients} client(s)");
     let results = interleave(contenders, plan.rounds, |c| {
         phases::proxy_rate(c, plan.rate_trial)
     });
     table.extend(report::rate_rows(
         contenders,
-        &format!("PROXY v2 header, {clients} client(s)"),
+        &format!("plain vs PROXY v2 listener, {clients} client(s)"),
         &results,
     ));
     report::proxy_targets(contenders, &results)
