@@ -134,16 +134,23 @@ pub fn examine(received: &[u8], mode: Mode) -> Examined {
 /// Longest v1 header, its CRLF included.
 const MAX_V1_HEADER: usize = 107;
 
-/// True while `received` can still become a v1 header: it starts as one does, and has no line
-/// end yet within the longest a v1 header may be. Decided here rather than by `ppp`, whose v1
+/// True while `received` can still become a v1 header: it starts as one does, within the
+/// longest a v1 header may be, with no line feed or NUL yet and a carriage return, if any,
+/// as its last byte (the CRLF may be arriving). Decided here rather than by `ppp`, whose v1
 /// parser refuses some prefixes of a valid header (one that ends after a port and its space)
-/// instead of waiting for the rest, and a header split there is normal.
+/// instead of waiting for the rest, and a header split there is normal; a line that can no
+/// longer be a header goes to `ppp`, which refuses it at once.
 fn v1_so_far(received: &[u8]) -> bool {
     const START: &[u8] = b"PROXY ";
     let n = received.len().min(START.len());
     received[..n] == START[..n]
         && received.len() < MAX_V1_HEADER
-        && !received.windows(2).any(|pair| pair == b"\r\n")
+        && !received.contains(&b'\n')
+        && !received.contains(&0)
+        && received
+            .iter()
+            .position(|&b| b == b'\r')
+            .is_none_or(|i| i + 1 == received.len())
 }
 
 fn v1_addresses(addresses: &v1::Addresses) -> Option<(SocketAddr, SocketAddr)> {

@@ -251,7 +251,11 @@ fn a_reload_while_serving_loses_nothing(d: &Deployment) {
         .unwrap();
     let accepted_after = lines[reload_at..]
         .iter()
-        .filter(|l| LogLine::parse(l).and_then(|l| l.accepted_via()).is_some())
+        .filter(|l| {
+            LogLine::parse(l)
+                .and_then(|l| l.accepted_via())
+                .is_some_and(|(_, via, _)| via.is_some())
+        })
         .count();
     report(&format!(
         "24 new clients during h1's reload, all served; h1 accepted {accepted_after} after it"
@@ -423,7 +427,9 @@ impl Deployment {
             host.server.log_lines().iter().any(|line| {
                 LogLine::parse(line)
                     .and_then(|l| l.accepted_via())
-                    .is_some_and(|(c, via, _)| c == client && via.ip() == BALANCER)
+                    .is_some_and(|(c, via, _)| {
+                        c == client && via.is_some_and(|v| v.ip() == BALANCER)
+                    })
             })
         };
         let mut found = Vec::new();

@@ -13,5 +13,6 @@ mod files;
 mod limits;
 mod logs;
 mod operations;
+mod proxy;
 mod review_exec;
 mod supervision;

@@ -1243,20 +1243,19 @@ fn proc_net_address(addr: SocketAddr) -> String {
     format!("{words}:{:04X}", addr.port())
 }
 
-// ---- Connections through a proxy (PROXY protocol) ----
+// ---- PROXY protocol ----
 
 impl LogLine<'_> {
-    /// `accepted <client> via <proxy> -> child <pid> (...)`, the parent's line for a connection
-    /// that came with a PROXY header → (client, proxy, pid).
-    pub fn accepted_via(&self) -> Option<(SocketAddr, SocketAddr, Pid)> {
+    /// `accepted <peer> [via <proxy>] -> child <pid> (...)` → (peer, proxy, pid): on a PROXY
+    /// listener the peer is the real client the header named, and the proxy the socket's peer.
+    pub fn accepted_via(&self) -> Option<(SocketAddr, Option<SocketAddr>, Pid)> {
         let rest = self.message.strip_prefix("accepted ")?;
-        let (addresses, rest) = rest.split_once(" -> child ")?;
-        let (client, proxy) = addresses.split_once(" via ")?;
+        let (who, rest) = rest.split_once(" -> child ")?;
         let pid = rest.split_whitespace().next()?.parse().ok()?;
-        Some((
-            client.parse().ok()?,
-            proxy.parse().ok()?,
-            Pid::from_raw(pid),
-        ))
+        let (peer, proxy) = match who.split_once(" via ") {
+            Some((peer, proxy)) => (peer, Some(proxy.parse().ok()?)),
+            None => (who, None),
+        };
+        Some((peer.parse().ok()?, proxy, Pid::from_raw(pid)))
     }
 }

@@ -1,5 +1,6 @@
 //! The servers under test: which can run here, their command lines, and starting them. Phases
-//! 1 to 4 measure echo servers, phase 5 servers that run `cat` for each connection.
+//! 1 to 4 measure echo servers, phase 5 servers that run `cat` for each connection, phase 6
+//! forkecho on a plain listener and on a PROXY v2 one.
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
 
-use crate::{floors, BANNER};
+use crate::{floors, phases, BANNER};
 
 /// One server under test, running.
 pub struct Contender {
@@ -18,6 +19,9 @@ pub struct Contender {
     pub addr: SocketAddr,
     /// Bytes it sends before echoing (the seed's greeting carries a stray NUL: 21).
     pub banner: usize,
+    /// Bytes every client sends first, as soon as it is connected: the PROXY header a
+    /// balancer would send, for a PROXY listener; empty for the others.
+    pub header: Vec<u8>,
     /// The file it logs to, when the bench chose one.
     pub log: Option<PathBuf>,
     process: Child,
@@ -48,6 +52,8 @@ struct Spec {
     name: &'static str,
     /// Bytes it sends before echoing.
     banner: usize,
+    /// Bytes every client sends first (see `Contender::header`).
+    header: Vec<u8>,
     /// The file its command line makes it log to, if any.
     log: Option<PathBuf>,
     /// Its command line, serving on 127.0.0.1 at the given port.
@@ -59,9 +65,15 @@ impl Spec {
         Spec {
             name,
             banner,
+            header: Vec::new(),
             log: None,
             command: Box::new(command),
         }
+    }
+
+    fn with_header(mut self, header: Vec<u8>) -> Self {
+        self.header = header;
+        self
     }
 
     fn logging_to(mut self, log: PathBuf) -> Self {
@@ -83,6 +95,7 @@ impl Spec {
             name: self.name,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             banner: self.banner,
+            header: self.header,
             log: self.log,
             process,
         };
@@ -183,6 +196,41 @@ pub fn start_exec_contenders(only: &[String]) -> Vec<Contender> {
         .filter_map(|spec| {
             spec.start()
                 .map_err(|e| eprintln!("note: {e}; left out of phase 5"))
+                .ok()
+        })
+        .collect()
+}
+
+/// Table names of phase 6: forkecho on a plain listener (the base of its ratios) and on a
+/// PROXY v2 listener, whose clients send a v2 header first.
+pub const FORKECHO_PLAIN: &str = "forkecho, plain listener";
+pub const FORKECHO_PROXY: &str = "forkecho, PROXY v2 listener";
+
+/// Starts the contenders of phase 6 that `only` selects, the same build of forkecho on a plain
+/// listener and on a PROXY v2 one (trusting 127.0.0.1, where the load comes from), and waits
+/// until each serves. One that cannot run (a build without the PROXY protocol) is left out with
+/// a note.
+pub fn start_proxy_contenders(only: &[String]) -> Vec<Contender> {
+    // One copy for both: the two differ by their listener alone.
+    let build = fresh_copy(env!("CARGO_BIN_EXE_forkecho"), "forkecho");
+    let plain = build.clone();
+    let specs = [
+        Spec::new(FORKECHO_PLAIN, BANNER.len(), move |port| {
+            forkecho_command(&plain, port)
+        }),
+        Spec::new(FORKECHO_PROXY, BANNER.len(), move |port| {
+            let mut c = forkecho_command(&build, port);
+            c.args(["--proxy-protocol", "v2", "--trusted-proxy", "127.0.0.1"]);
+            c
+        })
+        .with_header(phases::proxy_v2_header()),
+    ];
+    specs
+        .into_iter()
+        .filter(|spec| selected(only, spec.name))
+        .filter_map(|spec| {
+            spec.start()
+                .map_err(|e| eprintln!("note: {e}; left out of phase 6"))
                 .ok()
         })
         .collect()
@@ -350,7 +398,7 @@ fn find_in_path(program: &str) -> Option<PathBuf> {
 /// What a contender must echo before it counts as serving.
 const READY_PROBE: &[u8] = b"ready?\n";
 
-/// Readiness by a whole session, connect → banner → echo of READY_PROBE, retried for up to a
+/// Readiness by a whole session, connect → (header) → banner → echo of READY_PROBE, retried for up to a
 /// minute (the seed's build may take a few seconds the first time). Err at once when the
 /// process exits or echoes something else (a forkecho without exec mode would send its banner).
 fn wait_serving(c: &mut Contender) -> Result<(), String> {
@@ -373,6 +421,7 @@ fn wait_serving(c: &mut Contender) -> Result<(), String> {
 fn probe_session(c: &Contender) -> io::Result<()> {
     let mut s = TcpStream::connect(c.addr)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(&c.header)?;
     let mut banner = vec![0; c.banner];
     s.read_exact(&mut banner)?;
     s.write_all(READY_PROBE)?;

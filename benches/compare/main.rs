@@ -10,13 +10,15 @@
 //!   (ucspi-tcp) and `socat …,fork PIPE`, when installed; and the two echo floors. Phase 5
 //!   measures servers that run `cat` per connection: `forkecho -- cat` (its log going to a real
 //!   file), `tcpserver … cat`, `socat …,fork EXEC:cat` and the two exec floors; those start
-//!   after the echo servers are gone;
+//!   after the echo servers are gone. Phase 6 measures the same forkecho build on a plain
+//!   listener and on a PROXY v2 listener, started after those;
 //! - `floors`: what the machine does with no supervision at all: an in-process mio echo (no fork;
 //!   a re-execution of this binary, so the bench never forks while it has threads), a minimal
 //!   C fork loop (`floors/fork_loop.c`) and a minimal C loop running a program with vfork or
 //!   fork (`floors/vfork_exec_loop.c`), both compiled here with the system `cc`;
-//! - `phases`: the five measurements;
-//! - `report`: the table rows, exec mode's targets and the Markdown;
+//! - `phases`: the six measurements;
+//! - `report`: the table rows, the targets of exec mode and the PROXY protocol, and the
+//!   Markdown;
 //! - `procfs`: what phases 3 and 4 read from /proc about a server and its children.
 //!
 //! Phases:
@@ -32,14 +34,18 @@
 //!    their worst latency show that the parent still accepts);
 //! 5. exec mode: connection rate at 4 clients (connect → 64-byte echo → close, no banner) of
 //!    the servers running `cat`, with forkecho's ratios to the vfork+exec floor (target
-//!    ≥ 0.95×) and to socat (target ≥ 1.8×) listed under the table.
+//!    ≥ 0.95×) and to socat (target ≥ 1.8×) listed under the table;
+//! 6. PROXY protocol: connection rate at 4 clients of forkecho on a PROXY v2 listener, whose
+//!    clients send a v2 header (TCP over IPv4, 127.0.0.1) before the banner is due, against
+//!    forkecho on a plain listener; the ratio (target ≥ 0.9×) is listed under the table.
 //!
 //! Phases 3 and 4 run one round (they are heavy) and one contender at a time: each waits until
 //! the previous contender's children are gone. The bench lifts its soft RLIMIT_NOFILE to the
 //! hard limit first, before any contender starts, so the floors inherit it too.
 //! `--quick` shrinks every count for a smoke run; `--only NAME` and `--phase N` (both
 //! repeatable) select contenders and phases, and such a partial run does not write BENCHMARKS.md.
-//! Nor does a full run in which `forkecho -- cat` could not run (a build without exec mode).
+//! Nor does a full run in which `forkecho -- cat` could not run (a build without exec mode), or
+//! forkecho on a PROXY listener (a build without the PROXY protocol).
 
 mod contenders;
 mod floors;
@@ -53,7 +59,10 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use contenders::{start_contenders, start_exec_contenders, Contender, FORKECHO_EXEC};
+use contenders::{
+    start_contenders, start_exec_contenders, start_proxy_contenders, Contender, FORKECHO_EXEC,
+    FORKECHO_PROXY,
+};
 use phases::interleave;
 
 /// What every contender sends before echoing (forkecho's default banner).
@@ -70,8 +79,8 @@ struct Flags {
     /// the base of the ratios. A partial run writes nothing.
     #[arg(long, value_name = "NAME")]
     only: Vec<String>,
-    /// Run only phase N, 1 to 5 (repeatable). A partial run writes nothing.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=5))]
+    /// Run only phase N, 1 to 6 (repeatable). A partial run writes nothing.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=6))]
     phase: Vec<u32>,
     /// Added by `cargo bench` to every bench target's arguments.
     #[arg(long, hide = true)]
@@ -125,7 +134,17 @@ fn main() {
         measured += contenders.len();
         exec_complete = contenders.iter().any(|c| c.name == FORKECHO_EXEC);
         if !contenders.is_empty() {
-            exec_phase(&flags, &plan, &contenders, &mut table, &mut targets);
+            targets.push(exec_phase(&flags, &plan, &contenders, &mut table));
+        }
+    }
+    let mut proxy_complete = true;
+    if flags.runs(6) {
+        // After the exec servers are gone: only the two listeners under test run.
+        let contenders = start_proxy_contenders(&flags.only);
+        measured += contenders.len();
+        proxy_complete = contenders.iter().any(|c| c.name == FORKECHO_PROXY);
+        if !contenders.is_empty() {
+            targets.push(proxy_phase(&flags, &plan, &contenders, &mut table));
         }
     }
     if measured == 0 {
@@ -136,6 +155,8 @@ fn main() {
     println!("{markdown}");
     if flags.writes_record() && !exec_complete {
         println!("not written to BENCHMARKS.md: `{FORKECHO_EXEC}` did not run (see the notes)");
+    } else if flags.writes_record() && !proxy_complete {
+        println!("not written to BENCHMARKS.md: `{FORKECHO_PROXY}` did not run (see the notes)");
     } else if flags.writes_record() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/BENCHMARKS.md");
         std::fs::write(path, &markdown).expect("write BENCHMARKS.md");
@@ -182,14 +203,13 @@ fn echo_phases(flags: &Flags, plan: &Plan, contenders: &[Contender], table: &mut
     }
 }
 
-/// Phase 5, on the servers that run `cat` for each connection.
+/// Phase 5, on the servers that run `cat` for each connection; returns its targets.
 fn exec_phase(
     flags: &Flags,
     plan: &Plan,
     contenders: &[Contender],
     table: &mut Vec<report::Row>,
-    targets: &mut Vec<report::Target>,
-) {
+) -> report::Targets {
     announce("servers running `cat`", flags, plan, contenders);
     let clients = phases::EXEC_CLIENTS;
     eprintln!("phase 5: exec `cat`, connection rate, {clients} client(s)");
@@ -201,7 +221,7 @@ fn exec_phase(
         &format!("exec `cat`, {clients} client(s)"),
         &results,
     ));
-    *targets = report::exec_targets(contenders, &results);
+    let targets = report::exec_targets(contenders, &results);
     for c in contenders {
         if let Some(log) = &c.log {
             let lines =
@@ -213,6 +233,28 @@ fn exec_phase(
             );
         }
     }
+    targets
+}
+
+/// Phase 6, on forkecho's plain and PROXY v2 listeners; returns its target.
+fn proxy_phase(
+    flags: &Flags,
+    plan: &Plan,
+    contenders: &[Contender],
+    table: &mut Vec<report::Row>,
+) -> report::Targets {
+    announce("plain and PROXY v2 listeners", flags, plan, contenders);
+    let clients = phases::PROXY_CLIENTS;
+    eprintln!("phase 6: plain vs PROXY v2 listener, connection rate, {clients} client(s)");
+    let results = interleave(contenders, plan.rounds, |c| {
+        phases::proxy_rate(c, plan.rate_trial)
+    });
+    table.extend(report::rate_rows(
+        contenders,
+        &format!("plain vs PROXY v2 listener, {clients} client(s)"),
+        &results,
+    ));
+    report::proxy_targets(contenders, &results)
 }
 
 fn announce(what: &str, flags: &Flags, plan: &Plan, contenders: &[Contender]) {

@@ -1,12 +1,15 @@
 //! The table: one row per figure and contender, with its ratio to the first contender
-//! (forkecho), rendered as Markdown; then exec mode's speed targets (phase 5).
+//! (forkecho), rendered as Markdown; then the speed targets of exec mode (phase 5) and of the
+//! PROXY protocol (phase 6).
 
 use std::thread;
 use std::time::Duration;
 
-use crate::contenders::{Contender, FORKECHO_EXEC, SOCAT_EXEC, TCPSERVER_EXEC};
+use crate::contenders::{
+    Contender, FORKECHO_EXEC, FORKECHO_PLAIN, FORKECHO_PROXY, SOCAT_EXEC, TCPSERVER_EXEC,
+};
 use crate::floors;
-use crate::phases::{Held, RateTrial, Storm, CHILDREN_WAIT};
+use crate::phases::{Held, RateTrial, Storm, CHILDREN_WAIT, PROXY_TARGET};
 
 /// A table row: metric, contender, value, and the value's ratio to forkecho's.
 pub struct Row {
@@ -213,52 +216,93 @@ pub fn storm_rows(contenders: &[Contender], n: usize, results: &[Vec<Option<Stor
     rows
 }
 
-/// One of exec mode's speed targets: forkecho running `cat` against another contender.
+/// One speed target: a contender's connection rate against another contender's.
 pub struct Target {
-    /// The contender forkecho is compared with.
+    /// The contender the subject is compared with.
     other: &'static str,
-    /// The least forkecho's rate / the other's should be; None for a figure given for reference.
+    /// The least the subject's rate / the other's should be; None for a figure given for
+    /// reference.
     at_least: Option<f64>,
-    /// forkecho's rate / the other's, NaN when either was not measured.
+    /// The subject's rate / the other's, NaN when either was not measured.
     ratio: f64,
+}
+
+/// The targets of one phase: `subject`'s rate against each other contender listed.
+pub struct Targets {
+    /// What the phase measures, as its heading says (`Exec mode (phase 5)`).
+    phase: &'static str,
+    subject: &'static str,
+    list: Vec<Target>,
+}
+
+/// The connection rate `name` reached in a rate phase, NaN when it did not run.
+fn rate_of(name: &str, contenders: &[Contender], results: &[Vec<RateTrial>]) -> f64 {
+    contenders
+        .iter()
+        .zip(results)
+        .find(|(c, _)| c.name == name)
+        .map_or(f64::NAN, |(c, trials)| RateSummary::of(c, trials).per_sec)
+}
+
+/// `subject`'s targets in a rate phase: its ratio to each other contender, at least as given.
+fn targets(
+    phase: &'static str,
+    subject: &'static str,
+    others: &[(&'static str, Option<f64>)],
+    contenders: &[Contender],
+    results: &[Vec<RateTrial>],
+) -> Targets {
+    let rate = rate_of(subject, contenders, results);
+    let list = others
+        .iter()
+        .map(|&(other, at_least)| Target {
+            other,
+            at_least,
+            ratio: ratio(rate, rate_of(other, contenders, results)),
+        })
+        .collect();
+    Targets {
+        phase,
+        subject,
+        list,
+    }
 }
 
 /// Exec mode's targets in phase 5: forkecho's connection rate running `cat` at least 0.95× the
 /// minimal vfork+exec loop's and 1.8× socat's; its ratios to the fork+exec loop and tcpserver
 /// for reference.
-pub fn exec_targets(contenders: &[Contender], results: &[Vec<RateTrial>]) -> Vec<Target> {
-    let rate = |name: &str| {
-        contenders
-            .iter()
-            .zip(results)
-            .find(|(c, _)| c.name == name)
-            .map_or(f64::NAN, |(c, trials)| RateSummary::of(c, trials).per_sec)
-    };
-    let forkecho = rate(FORKECHO_EXEC);
-    [
+pub fn exec_targets(contenders: &[Contender], results: &[Vec<RateTrial>]) -> Targets {
+    let others = [
         (floors::VFORK_EXEC_FLOOR, Some(0.95)),
         (SOCAT_EXEC, Some(1.8)),
         (TCPSERVER_EXEC, None),
         (floors::FORK_EXEC_FLOOR, None),
-    ]
-    .into_iter()
-    .map(|(other, at_least)| Target {
-        other,
-        at_least,
-        ratio: ratio(forkecho, rate(other)),
-    })
-    .collect()
+    ];
+    targets(
+        "Exec mode (phase 5)",
+        FORKECHO_EXEC,
+        &others,
+        contenders,
+        results,
+    )
 }
 
-/// The targets as a Markdown list.
-fn render_targets(targets: &[Target]) -> String {
-    let mut out = format!(
-        "
-Exec mode (phase 5), `{FORKECHO_EXEC}` against:
+/// The PROXY protocol's target in phase 6: forkecho's connection rate on a PROXY v2 listener
+/// (its clients sending a header) at least 0.9× its rate on a plain listener.
+pub fn proxy_targets(contenders: &[Contender], results: &[Vec<RateTrial>]) -> Targets {
+    targets(
+        "PROXY protocol (phase 6)",
+        FORKECHO_PROXY,
+        &[(FORKECHO_PLAIN, Some(PROXY_TARGET))],
+        contenders,
+        results,
+    )
+}
 
-"
-    );
-    for t in targets {
+/// One phase's targets as a Markdown list.
+fn render_targets(targets: &Targets) -> String {
+    let mut out = format!("\n{}, `{}` against:\n\n", targets.phase, targets.subject);
+    for t in &targets.list {
         let line = match t.at_least {
             _ if t.ratio.is_nan() => "not measured".to_string(),
             Some(min) if t.ratio >= min => format!("{:.2}× (target ≥ {min:.2}×: met)", t.ratio),
@@ -270,15 +314,15 @@ Exec mode (phase 5), `{FORKECHO_EXEC}` against:
     out
 }
 
-/// The table, as Markdown, with the machine it was measured on, then exec mode's targets when
-/// phase 5 ran.
-pub fn render(rows: &[Row], targets: &[Target], quick: bool) -> String {
+/// The table, as Markdown, with the machine it was measured on, then the targets of the
+/// phases that ran (5 and 6).
+pub fn render(rows: &[Row], targets: &[Targets], quick: bool) -> String {
     let cores = thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut out = format!(
         "# forkecho benchmarks\n\nMeasured by `cargo bench`{} on {cores} cores, Linux {}; \
          contenders interleaved in the same run. Ratio = value / forkecho's value \
-         (in exec mode, phase 5: `forkecho -- cat`'s; for latencies, memory and reap time, lower is better; - = not applicable).\n\n| metric | contender | value | ratio to forkecho |\n|---|---|---:|---:|\n",
+         (in exec mode, phase 5: `forkecho -- cat`'s; in phase 6: `forkecho, plain listener`'s; for latencies, memory and reap time, lower is better; - = not applicable).\n\n| metric | contender | value | ratio to forkecho |\n|---|---|---:|---:|\n",
         if quick { " -- --quick (smoke run, not for comparison)" } else { "" },
         kernel.trim()
     );
@@ -291,8 +335,8 @@ pub fn render(rows: &[Row], targets: &[Target], quick: bool) -> String {
             ratio_text(r.ratio)
         ));
     }
-    if !targets.is_empty() {
-        out.push_str(&render_targets(targets));
+    for t in targets {
+        out.push_str(&render_targets(t));
     }
     out
 }

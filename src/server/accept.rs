@@ -94,8 +94,9 @@ impl Server {
     /// Leaves `ready[i]` set if the queue may not be empty yet.
     fn accept_batch(&mut self, i: usize) {
         for _ in 0..ACCEPT_BATCH {
-            // At `max_children`, or paused after a fork failure: the rest wait in the backlog.
-            if !self.accepting() {
+            // At `max_children`, or paused after a fork failure, or (a PROXY listener) with no
+            // room left to wait for headers: the rest wait in the backlog.
+            if !self.accepting() || !self.may_accept_from(i) {
                 return;
             }
             match accept_blocking(&self.listeners[i].listener.socket) {

@@ -42,6 +42,8 @@ pub(super) struct Awaiting {
     until: Instant,
     /// Data arrived since it was last looked at (edge-triggered, like the listeners).
     readable: bool,
+    /// The balancer closed its side: no more bytes will come.
+    closed: bool,
     /// The client and the address it reached, once the header has been consumed (`None`
     /// inside: the header said to use the connection's own addresses). Waits for room.
     header: Option<Option<(SocketAddr, SocketAddr)>>,
@@ -98,10 +100,12 @@ impl Headers {
         Some(entry)
     }
 
-    /// Connection `i` had an event; an index no entry has (decided in this turn) is ignored.
-    pub(super) fn mark_readable(&mut self, i: usize) {
+    /// Connection `i` had an event (`closed`: its peer shut down its side); an index no entry
+    /// has (decided in this turn) is ignored.
+    pub(super) fn mark_readable(&mut self, i: usize, closed: bool) {
         if let Some(Some(entry)) = self.slots.get_mut(i) {
             entry.readable = true;
+            entry.closed |= closed;
         }
     }
 
@@ -170,6 +174,7 @@ impl Server {
             until: Instant::now() + self.config.proxy_header_timeout,
             // The header may have come with the handshake: look at once.
             readable: true,
+            closed: false,
             header: None,
         });
         let registered = self.poll.registry().register(
@@ -240,6 +245,8 @@ impl Server {
         };
         entry.readable = false;
         let problem = match peek_header(&entry.stream, entry.mode) {
+            // What arrived is all there will be.
+            Peeked::Wait if entry.closed => "cut short",
             Peeked::Wait => return,
             Peeked::Refused(problem) => problem,
             Peeked::Header { len, addresses } => {

@@ -195,7 +195,9 @@ impl Server {
                 match Source::of(event.token()) {
                     Some(Source::Signals) => signalled = true,
                     Some(Source::Listener(i)) => self.listeners.mark_ready(i),
-                    Some(Source::Header(i)) => self.headers.mark_readable(i),
+                    Some(Source::Header(i)) => {
+                        self.headers.mark_readable(i, event.is_read_closed())
+                    }
                     None => debug!("event for an unknown token {:?}", event.token()),
                 }
             }

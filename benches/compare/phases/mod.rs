@@ -1,8 +1,9 @@
-//! The five measurements, each a trial on one contender; `interleave` runs a trial across all
+//! The six measurements, each a trial on one contender; `interleave` runs a trial across all
 //! contenders, round by round.
 
 mod exec;
 mod hold;
+mod proxy;
 mod rate;
 mod sessions;
 mod storm;
@@ -10,6 +11,7 @@ mod stream;
 
 pub use exec::{exec_rate, CLIENTS as EXEC_CLIENTS};
 pub use hold::{hold_sessions, Held};
+pub use proxy::{proxy_rate, proxy_v2_header, CLIENTS as PROXY_CLIENTS, TARGET as PROXY_TARGET};
 pub use rate::{connection_rate, RateTrial};
 pub use sessions::CHILDREN_WAIT;
 pub use storm::{reap_storm, Storm};

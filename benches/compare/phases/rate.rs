@@ -1,4 +1,5 @@
-//! Phase 1: connection rate, connect → banner → 64-byte echo → close, from several clients.
+//! Phase 1: connection rate, connect → banner → 64-byte echo → close, from several clients
+//! (for a contender behind a balancer, phase 6, connect → PROXY header → banner → ...).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -25,8 +26,8 @@ pub fn connection_rate(c: &Contender, clients: usize, length: Duration) -> RateT
     let started = Instant::now();
     let workers: Vec<_> = (0..clients)
         .map(|_| {
-            let (addr, banner) = (c.addr, c.banner);
-            thread::spawn(move || client_loop(addr, banner, length))
+            let (addr, banner, header) = (c.addr, c.banner, c.header.clone());
+            thread::spawn(move || client_loop(addr, banner, &header, length))
         })
         .collect();
     let mut trial = RateTrial {
@@ -43,8 +44,8 @@ pub fn connection_rate(c: &Contender, clients: usize, length: Duration) -> RateT
     trial
 }
 
-/// One client: sessions back to back for `length`.
-fn client_loop(addr: SocketAddr, banner: usize, length: Duration) -> ClientTally {
+/// One client: sessions back to back for `length`, each opened by `header` (if any).
+fn client_loop(addr: SocketAddr, banner: usize, header: &[u8], length: Duration) -> ClientTally {
     let mut tally = ClientTally {
         latencies: Vec::new(),
         failures: 0,
@@ -53,7 +54,7 @@ fn client_loop(addr: SocketAddr, banner: usize, length: Duration) -> ClientTally
     let payload = [b'x'; 64];
     while Instant::now() < end {
         let t = Instant::now();
-        match one_session(addr, banner, &payload) {
+        match one_session(addr, banner, header, &payload) {
             Ok(()) => tally.latencies.push(t.elapsed()),
             Err(_) => tally.failures += 1,
         }
@@ -61,10 +62,18 @@ fn client_loop(addr: SocketAddr, banner: usize, length: Duration) -> ClientTally
     tally
 }
 
-fn one_session(addr: SocketAddr, banner: usize, payload: &[u8]) -> std::io::Result<()> {
+fn one_session(
+    addr: SocketAddr,
+    banner: usize,
+    header: &[u8],
+    payload: &[u8],
+) -> std::io::Result<()> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.set_nodelay(true)?;
+    if !header.is_empty() {
+        s.write_all(header)?;
+    }
     let mut buf = [0u8; 128];
     s.read_exact(&mut buf[..banner])?;
     s.write_all(payload)?;
