@@ -13,4 +13,5 @@ mod limits;
 mod logs;
 mod operations;
 mod review_exec;
+mod review_proxy;
 mod supervision;
