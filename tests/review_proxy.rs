@@ -202,11 +202,18 @@ fn a_systemd_socket_trusts_only_the_top_level_trusted_proxies() {
             config.to_str().unwrap(),
         ])
         .tweak(move |cmd| {
-            // Safe: dup2 is async-signal-safe; the descriptor is open in the parent.
+            // Safe: dup2 and fcntl are async-signal-safe; the descriptor is open in the
+            // parent. As fd 3 already (dup2 would leave it close-on-exec), only clear the flag.
             unsafe {
-                cmd.pre_exec(move || match libc::dup2(fd, 3) {
-                    3 => Ok(()),
-                    _ => Err(std::io::Error::last_os_error()),
+                cmd.pre_exec(move || {
+                    let done = match fd {
+                        3 => libc::fcntl(3, libc::F_SETFD, 0) == 0,
+                        _ => libc::dup2(fd, 3) == 3,
+                    };
+                    match done {
+                        true => Ok(()),
+                        false => Err(std::io::Error::last_os_error()),
+                    }
                 });
             }
         })
@@ -292,6 +299,101 @@ fn slow_headers_do_not_take_the_descriptors_plain_clients_need() {
         got.is_ok() && banner == BANNER,
         "a plain client was not served while {} connections waited for a header: {got:?}\n{}",
         slow.len(),
+        server.log_text()
+    );
+}
+
+/// At max_children a proxied connection whose header is whole waits for room, like a plain
+/// client in the backlog; when a session ends, the one that has waited longest should get
+/// the slot. Today `accept_ready` runs before `serve_headers` each turn, so a plain client
+/// that arrived later takes every freed slot: under steady load on a server with both kinds
+/// of listener, proxied clients are never served (and nothing times them out).
+#[test]
+fn a_header_waiting_for_room_is_not_overtaken_by_later_plain_clients() {
+    let (plain, proxied) = (free_port(), free_port());
+    let server = Server::builder()
+        .config(&format!(
+            "listen = [\"127.0.0.1:{plain}\"]\n\
+             max_children = 1\n\
+             proxy_header_timeout = 60\n\
+             [[listener]]\n\
+             address = \"127.0.0.1:{proxied}\"\n\
+             proxy_protocol = \"v1\"\n\
+             trusted_proxies = [\"127.0.0.1\"]\n"
+        ))
+        .listeners(2)
+        .start();
+    let plain: SocketAddr = format!("127.0.0.1:{plain}").parse().unwrap();
+    let proxied: SocketAddr = format!("127.0.0.1:{proxied}").parse().unwrap();
+    let mut waiting = connect(proxied);
+    wait_awaiting(&server, 1);
+    let session = connect(plain);
+    server.wait_for_line("max_children reached");
+    waiting.write_all(&v1_header("203.0.113.9", 5555)).unwrap();
+    wait_until_read(proxied, &waiting, "the header");
+    // Arrives after the header was whole: queued in the backlog.
+    let _later = connect(plain);
+
+    drop(session);
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut banner = vec![0u8; BANNER.len()];
+    let got = std::io::Read::read_exact(&mut waiting, &mut banner);
+    assert!(
+        got.is_ok(),
+        "the proxied client, waiting longest, did not get the freed slot: {got:?}\n{}",
+        server.log_text()
+    );
+}
+
+/// A v1 line that has ended (CRLF) but is not a header is malformed at once. Today `ppp`
+/// calls `PROXY TCP4 1.2.3.4\r\n` incomplete (a missing port), and the connection waits the
+/// whole `proxy_header_timeout`, then is counted as late rather than malformed.
+#[test]
+fn an_ended_v1_line_missing_its_ports_is_refused_as_malformed_at_once() {
+    let server = Server::builder()
+        .args([
+            "--proxy-protocol",
+            "any",
+            "--trusted-proxy",
+            "127.0.0.1",
+            "--proxy-header-timeout",
+            "30",
+        ])
+        .start();
+    let mut balancer = connect(server.addr());
+    balancer.write_all(b"PROXY TCP4 1.2.3.4\r\n").unwrap();
+    let refused = wait_until(Duration::from_secs(5), || {
+        server.count_lines("PROXY header malformed") == 1
+    });
+    assert!(refused, "not refused as malformed\n{}", server.log_text());
+}
+
+/// A balancer that closes its side half-way through a header will send no more: the
+/// connection is refused as cut short at once. Today only a close before any byte is seen as
+/// one (`got == 0`); with a partial header the connection waits out `proxy_header_timeout`.
+#[test]
+fn a_header_cut_short_by_the_balancer_closing_is_refused_at_once() {
+    let server = Server::builder()
+        .args([
+            "--proxy-protocol",
+            "v1",
+            "--trusted-proxy",
+            "127.0.0.1",
+            "--proxy-header-timeout",
+            "30",
+        ])
+        .start();
+    let mut balancer = connect(server.addr());
+    balancer.write_all(b"PROXY TCP4 203.0.113.7 ").unwrap();
+    balancer.shutdown(std::net::Shutdown::Write).unwrap();
+    let refused = wait_until(Duration::from_secs(5), || {
+        server.count_lines("refused 127.0.0.1:") == 1
+    });
+    assert!(
+        refused && server.count_lines("not received in time") == 0,
+        "a header the balancer cut short waited for the timeout\n{}",
         server.log_text()
     );
 }
