@@ -15,4 +15,5 @@ mod logs;
 mod operations;
 mod proxy;
 mod review_exec;
+mod review_proxy;
 mod supervision;
