@@ -18,6 +18,10 @@ pub struct Listener {
     /// The `listen(2)` backlog it was bound with (a reload changes it for new addresses only);
     /// for a socket systemd passed, the most the kernel allows.
     pub backlog: u32,
+    /// The PROXY protocol policy of this listener, if it expects headers: decided per
+    /// listener (`Config::assign_proxy_policies`), not looked up by address, which two
+    /// port-0 listeners share.
+    pub proxy: Option<crate::proxy::Policy>,
 }
 
 /// Why a listener could not be set up; displays as `cannot listen on ADDR: reason`.
@@ -94,6 +98,7 @@ pub fn from_systemd() -> io::Result<Option<Vec<Listener>>> {
             local,
             from_systemd: true,
             backlog: u16::MAX as u32,
+            proxy: None,
         });
     }
     if listeners.is_empty() {
@@ -161,6 +166,7 @@ fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<Listener
         local,
         from_systemd: false,
         backlog,
+        proxy: None,
     })
 }
 

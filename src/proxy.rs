@@ -62,7 +62,14 @@ impl Policy {
     /// dual-stack socket (`::ffff:a.b.c.d`) counts as its IPv4 address.
     pub fn trusts(&self, peer: IpAddr) -> bool {
         let peer = peer.to_canonical();
-        self.trusted.iter().any(|net| net.contains(&peer))
+        // A prefix written IPv4-mapped (`::ffff:10.0.0.2`) means the IPv4 address.
+        let mapped = match peer {
+            IpAddr::V4(v4) => Some(IpAddr::V6(v4.to_ipv6_mapped())),
+            IpAddr::V6(_) => None,
+        };
+        self.trusted
+            .iter()
+            .any(|net| net.contains(&peer) || mapped.is_some_and(|m| net.contains(&m)))
     }
 }
 
@@ -112,6 +119,11 @@ pub fn examine(received: &[u8], mode: Mode) -> Examined {
         return Examined::Incomplete;
     }
     let result = HeaderResult::parse(received);
+    // A v1 line that has ended cannot become whole: `ppp` calls some of them incomplete
+    // (`PROXY TCP4 1.2.3.4\r\n`, missing its ports).
+    if result.is_incomplete() && received.starts_with(b"PROXY ") {
+        return Examined::Refused(Problem::Malformed);
+    }
     if result.is_incomplete() {
         return match received.len() >= MAX_HEADER {
             true => Examined::Refused(Problem::TooLong),
@@ -160,11 +172,19 @@ fn v1_addresses(addresses: &v1::Addresses) -> Option<(SocketAddr, SocketAddr)> {
             SocketAddr::from((a.destination_address, a.destination_port)),
         )),
         v1::Addresses::Tcp6(a) => Some((
-            SocketAddr::from((a.source_address, a.source_port)),
-            SocketAddr::from((a.destination_address, a.destination_port)),
+            canonical(SocketAddr::from((a.source_address, a.source_port))),
+            canonical(SocketAddr::from((
+                a.destination_address,
+                a.destination_port,
+            ))),
         )),
         v1::Addresses::Unknown => None,
     }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is, as everything downstream names it.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 fn v2_addresses(header: &v2::Header) -> Option<(SocketAddr, SocketAddr)> {
@@ -177,8 +197,11 @@ fn v2_addresses(header: &v2::Header) -> Option<(SocketAddr, SocketAddr)> {
             SocketAddr::from((a.destination_address, a.destination_port)),
         )),
         v2::Addresses::IPv6(a) => Some((
-            SocketAddr::from((a.source_address, a.source_port)),
-            SocketAddr::from((a.destination_address, a.destination_port)),
+            canonical(SocketAddr::from((a.source_address, a.source_port))),
+            canonical(SocketAddr::from((
+                a.destination_address,
+                a.destination_port,
+            ))),
         )),
         v2::Addresses::Unspecified | v2::Addresses::Unix(_) => None,
     }

@@ -132,9 +132,11 @@ pub struct Config {
     pub proxy_header_timeout: Duration,
     /// `[[listener]]` tables as given; their addresses join `listen` once merged.
     listener_tables: Vec<ListenerTable>,
-    /// The addresses that expect a PROXY header, with their policy (see
-    /// [`Config::proxy_policy`]).
-    proxied: Vec<(SocketAddr, crate::proxy::Policy)>,
+    /// The PROXY policy of each address of `listen`, in the same order (see
+    /// [`Config::assign_proxy_policies`]).
+    listen_policies: Vec<Option<crate::proxy::Policy>>,
+    /// The top-level policy, for sockets systemd passes.
+    top_policy: Option<crate::proxy::Policy>,
 }
 
 /// One `[[listener]]` table: an address, and the PROXY settings that differ from the
@@ -330,52 +332,50 @@ impl Config {
             );
             return Err(origins.error("trusted_proxies", reason));
         }
-        self.proxied.clear();
-        if top.mode != Mode::Off {
-            self.proxied
-                .extend(self.listen.iter().map(|&addr| (addr, top.clone())));
-        }
+        let top = (top.mode != Mode::Off).then_some(top);
+        self.listen_policies = vec![top.clone(); self.listen.len()];
         for table in &self.listener_tables {
-            self.listen.push(table.address);
-            let policy = Policy {
-                mode: table.proxy_protocol.unwrap_or(top.mode),
-                trusted: table.trusted_proxies.clone().unwrap_or(top.trusted.clone()),
-            };
-            if policy.mode == Mode::Off {
-                continue;
-            }
-            if policy.trusted.is_empty() {
+            let mode = table.proxy_protocol.unwrap_or(self.proxy_protocol);
+            let trusted = table
+                .trusted_proxies
+                .clone()
+                .unwrap_or_else(|| self.trusted_proxies.clone());
+            if mode != Mode::Off && trusted.is_empty() {
                 let reason = format!(
-                    "listener {}: proxy_protocol {} needs trusted_proxies",
-                    table.address, policy.mode
+                    "listener {}: proxy_protocol {mode} needs trusted_proxies",
+                    table.address
                 );
                 return Err(origins.error("listener", reason));
             }
-            self.proxied.push((table.address, policy));
+            self.listen.push(table.address);
+            self.listen_policies
+                .push((mode != Mode::Off).then_some(Policy { mode, trusted }));
         }
+        self.top_policy = top;
         Ok(())
     }
 
-    /// The PROXY policy of `listener`, if it expects headers: by its configured address or the
-    /// one port 0 gave it; a socket systemd passed follows the top-level keys.
-    pub fn proxy_policy(
-        &self,
-        listener: &crate::listen::Listener,
-    ) -> Option<&crate::proxy::Policy> {
-        if self.proxied.is_empty() {
-            return None;
+    /// Gives each listener the PROXY policy of its address: a socket systemd passed follows
+    /// the top-level keys; a bound one, the entry of `listen` it was bound for, matched by its
+    /// configured address or the one port 0 gave it, each entry used once (two port-0
+    /// listeners on one address are told apart by their order).
+    pub fn assign_proxy_policies(&self, listeners: &mut [crate::listen::Listener]) {
+        let mut used = vec![false; self.listen.len()];
+        for listener in listeners {
+            listener.proxy = if listener.from_systemd {
+                self.top_policy.clone()
+            } else {
+                let entry = (0..self.listen.len()).find(|&j| {
+                    !used[j]
+                        && (self.listen[j] == listener.configured
+                            || self.listen[j] == listener.local)
+                });
+                entry.and_then(|j| {
+                    used[j] = true;
+                    self.listen_policies[j].clone()
+                })
+            };
         }
-        if listener.from_systemd {
-            return self
-                .proxied
-                .first()
-                .map(|(_, p)| p)
-                .filter(|_| self.proxy_protocol != crate::proxy::Mode::Off);
-        }
-        self.proxied
-            .iter()
-            .find(|(addr, _)| *addr == listener.configured || *addr == listener.local)
-            .map(|(_, policy)| policy)
     }
 
     /// In exec mode: finds the program (in PATH for a bare name), and applies what a program

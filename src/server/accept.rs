@@ -38,11 +38,7 @@ impl Server {
     /// Whether listener `i` may be accepted from: a PROXY listener only while connections can
     /// wait for their header.
     pub(super) fn may_accept_from(&self, i: usize) -> bool {
-        !self.headers.is_full()
-            || self
-                .config
-                .proxy_policy(&self.listeners[i].listener)
-                .is_none()
+        !self.headers.is_full() || self.listeners[i].listener.proxy.is_none()
     }
 
     /// Whether a listener has connections queued that may be accepted now.
@@ -54,7 +50,7 @@ impl Server {
     /// Where a connection from `peer` accepted on `listener` goes: straight to admission, or
     /// on a PROXY listener to wait for its header, if its peer is a trusted proxy.
     pub(super) fn route_of(&self, listener: &crate::listen::Listener, peer: SocketAddr) -> Route {
-        match self.config.proxy_policy(listener) {
+        match &listener.proxy {
             None => Route::Direct,
             Some(policy) if !policy.trusts(peer.ip()) => Route::Untrusted,
             Some(policy) => Route::AwaitHeader(policy.mode),

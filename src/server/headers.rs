@@ -27,7 +27,8 @@ use crate::limits::Refusal;
 use crate::parent_memory::ParentOnly;
 use crate::proxy::{self, Examined, Mode};
 
-/// Most connections waiting for a header at once.
+/// Most connections waiting for a header at once, when descriptors allow (see
+/// [`Headers::fit_to_descriptors`]).
 pub(super) const MAX_AWAITING: usize = 1024;
 
 /// One connection waiting for its header.
@@ -40,6 +41,10 @@ pub(super) struct Awaiting {
     mode: Mode,
     /// Refused at this time if the header is not whole by then.
     until: Instant,
+    /// Order of arrival: a whole header waiting for room is served first come, first served.
+    arrival: u64,
+    /// In the poll set: until its header is taken (then nothing it sends may wake the loop).
+    registered: bool,
     /// Data arrived since it was last looked at (edge-triggered, like the listeners).
     readable: bool,
     /// The balancer closed its side: no more bytes will come.
@@ -54,6 +59,9 @@ pub(super) struct Headers {
     slots: ParentVec<Option<Awaiting>, ParentOnly>,
     free: ParentVec<usize, ParentOnly>,
     len: usize,
+    /// How many may wait at once: [`MAX_AWAITING`], or less when descriptors are scarce.
+    capacity: usize,
+    arrivals: u64,
 }
 
 impl Default for Headers {
@@ -62,13 +70,25 @@ impl Default for Headers {
             slots: ParentVec::new_in(ParentOnly),
             free: ParentVec::new_in(ParentOnly),
             len: 0,
+            capacity: MAX_AWAITING,
+            arrivals: 0,
         }
     }
 }
 
 impl Headers {
     pub(super) fn is_full(&self) -> bool {
-        self.len >= MAX_AWAITING
+        self.len >= self.capacity
+    }
+
+    /// Lets at most half the descriptors the parent may open wait for headers: slow headers
+    /// from a balancer must not use up what plain listeners and sessions need (a running out
+    /// of descriptors pauses every listener). Read at start and on every reload.
+    pub(super) fn fit_to_descriptors(&mut self) {
+        let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map(|(soft, _)| soft)
+            .unwrap_or(MAX_AWAITING as u64 * 2);
+        self.capacity = MAX_AWAITING.min((soft / 2) as usize).max(1);
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -79,8 +99,10 @@ impl Headers {
         self.len
     }
 
-    fn insert(&mut self, entry: Awaiting) -> usize {
+    fn insert(&mut self, mut entry: Awaiting) -> usize {
         self.len += 1;
+        self.arrivals += 1;
+        entry.arrival = self.arrivals;
         match self.free.pop() {
             Some(i) => {
                 self.slots[i] = Some(entry);
@@ -104,8 +126,12 @@ impl Headers {
     /// has (decided in this turn) is ignored.
     pub(super) fn mark_readable(&mut self, i: usize, closed: bool) {
         if let Some(Some(entry)) = self.slots.get_mut(i) {
-            entry.readable = true;
-            entry.closed |= closed;
+            // Once its header is taken, its bytes are the session's (and it has left the poll
+            // set; an event queued before that is ignored).
+            if entry.header.is_none() {
+                entry.readable = true;
+                entry.closed |= closed;
+            }
         }
     }
 
@@ -172,6 +198,8 @@ impl Server {
             listener,
             mode,
             until: Instant::now() + self.config.proxy_header_timeout,
+            arrival: 0,
+            registered: true,
             // The header may have come with the handshake: look at once.
             readable: true,
             closed: false,
@@ -208,6 +236,9 @@ impl Server {
             self.refuse_header(i, "not received in time (proxy_header_timeout)");
         }
         self.headers.select(&mut due, |e| e.header.is_some());
+        // First come, first served (slots are reused in any order).
+        let headers = &self.headers;
+        due.sort_unstable_by_key(|&i| headers.slots[i].as_ref().map_or(0, |e| e.arrival));
         for &i in &due {
             if !self.room_for_a_session() {
                 break;
@@ -221,7 +252,7 @@ impl Server {
     /// timeout asks, so that a header waiting for room never spins the loop.
     pub(super) fn room_for_a_session_now(&self) -> bool {
         match self.phase {
-            Phase::Serving => !self.at_capacity,
+            Phase::Serving => !self.at_capacity && self.paused_until.is_none(),
             Phase::Draining { .. } => !self.limits.children_full(self.children.len()),
             _ => false,
         }
@@ -231,7 +262,10 @@ impl Server {
     /// with room (as for the connections a closing listener still had queued).
     fn room_for_a_session(&mut self) -> bool {
         match self.phase {
-            Phase::Serving => !self.at_capacity && !self.full_after_reaping(),
+            // Not while paused after a fork failure: that would only refuse them.
+            Phase::Serving => {
+                !self.at_capacity && self.paused_until.is_none() && !self.full_after_reaping()
+            }
             Phase::Draining { .. } => !self.full_after_reaping(),
             _ => false,
         }
@@ -252,6 +286,13 @@ impl Server {
             Peeked::Header { len, addresses } => {
                 if consume(&entry.stream, len) {
                     entry.header = Some(addresses);
+                    // What the client sends while its session waits for room is the
+                    // session's: it must not wake the loop.
+                    entry.registered = false;
+                    let fd = entry.stream.as_raw_fd();
+                    if let Err(e) = self.poll.registry().deregister(&mut SourceFd(&fd)) {
+                        debug!("deregistering a PROXY connection: {e}");
+                    }
                     return;
                 }
                 "cut short"
@@ -289,8 +330,10 @@ impl Server {
     fn take_header_entry(&mut self, i: usize) -> Option<Awaiting> {
         let entry = self.headers.remove(i)?;
         let fd = entry.stream.as_raw_fd();
-        if let Err(e) = self.poll.registry().deregister(&mut SourceFd(&fd)) {
-            debug!("deregistering a PROXY connection: {e}");
+        if entry.registered {
+            if let Err(e) = self.poll.registry().deregister(&mut SourceFd(&fd)) {
+                debug!("deregistering a PROXY connection: {e}");
+            }
         }
         Some(entry)
     }

@@ -119,6 +119,9 @@ impl Server {
         }
         let limits = config.limits.clone();
         limits.index_rules();
+        config.assign_proxy_policies(&mut listeners);
+        let mut headers = headers::Headers::default();
+        headers.fit_to_descriptors();
         let poll = Poll::new()?;
         if let Err(e) = Children::become_subreaper() {
             debug!("cannot become the subreaper of the sessions' orphans: {e}");
@@ -156,7 +159,7 @@ impl Server {
             fork_failures: 0,
             fork_failure_run: FailureRun::default(),
             pending: Pending::default(),
-            headers: headers::Headers::default(),
+            headers,
             header_scratch: Vec::new(),
             capacity_reports: CapacityReports::default(),
             started: Instant::now(),
@@ -205,8 +208,10 @@ impl Server {
                 self.handle_signals();
             }
             self.handle_deadlines();
-            self.accept_ready();
+            // Headers first: a connection whose header has come has waited longer than the
+            // backlog's next client, and must not be overtaken by it at max_children.
             self.serve_headers();
+            self.accept_ready();
         }
         info!("shutdown complete");
         Ok(())

@@ -67,6 +67,7 @@ impl Server {
         let mut changes = described.applied;
         changes.extend(log_reopened.map(str::to_string));
         self.handler = handler;
+        self.headers.fit_to_descriptors();
         self.limits = new.limits.clone();
         // Built here, in the copy the loop reads, not in the configuration's copy.
         self.limits.index_rules();
@@ -175,9 +176,10 @@ impl Server {
             info!("listening on {}", listener.local);
             changes.push(format!("listen +{}", listener.local));
         }
+        let mut all: Vec<Listener> = kept.into_iter().chain(added).collect();
+        new.assign_proxy_policies(&mut all);
         // All out of the poll set, and all ready: queued connections raise no new edge.
-        self.listeners
-            .replace(kept.into_iter().chain(added).collect());
+        self.listeners.replace(all);
         if !self.at_capacity {
             self.set_polling(true);
         }
