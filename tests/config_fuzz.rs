@@ -965,25 +965,6 @@ fn command_line_word() -> impl Strategy<Value = String> {
     ]
 }
 
-/// Runs `test` on `cases` values of `strategy`; a failure panics with proptest's minimal
-/// failing input. No regression files are written into the tree (each case starts a process:
-/// few cases, short shrinking).
-fn fuzz<S: Strategy>(cases: u32, strategy: S, test: impl Fn(S::Value)) {
-    let config = ProptestConfig {
-        cases,
-        max_shrink_iters: 64,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    };
-    let mut runner = proptest::test_runner::TestRunner::new(config);
-    if let Err(e) = runner.run(&strategy, |value| {
-        test(value);
-        Ok(())
-    }) {
-        panic!("{e}");
-    }
-}
-
 /// 128 generated cases, `--check-config`: `configuration OK` and exit 0 exactly for the valid
 /// ones, else exit 2 naming a culprit; never a panic.
 #[test]

@@ -1149,21 +1149,3 @@ fn fuzz_generated_headers_are_served_or_refused_never_a_panic() {
         "PROXY header fuzz: {served} cases served, {refused} refused"
     ));
 }
-
-/// Runs `test` on `cases` values of `strategy` (as `config_fuzz`): a failure panics with
-/// proptest's minimal failing input; no regression files are written.
-fn fuzz<S: Strategy>(cases: u32, strategy: S, test: impl Fn(S::Value)) {
-    let config = ProptestConfig {
-        cases,
-        max_shrink_iters: 64,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    };
-    let mut runner = proptest::test_runner::TestRunner::new(config);
-    if let Err(e) = runner.run(&strategy, |value| {
-        test(value);
-        Ok(())
-    }) {
-        panic!("{e}");
-    }
-}

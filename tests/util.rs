@@ -1259,3 +1259,22 @@ impl LogLine<'_> {
         Some((peer.parse().ok()?, proxy, Pid::from_raw(pid)))
     }
 }
+
+/// Runs `test` on `cases` values of `strategy`; a failure panics with proptest's minimal
+/// failing input. No regression files are written into the tree (each case usually starts or
+/// talks to a process: few cases, short shrinking).
+pub fn fuzz<S: proptest::strategy::Strategy>(cases: u32, strategy: S, test: impl Fn(S::Value)) {
+    let config = proptest::test_runner::Config {
+        cases,
+        max_shrink_iters: 64,
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    if let Err(e) = runner.run(&strategy, |value| {
+        test(value);
+        Ok(())
+    }) {
+        panic!("{e}");
+    }
+}
