@@ -14,6 +14,7 @@ mod limits;
 mod logs;
 mod operations;
 mod proxy;
+mod review_config;
 mod review_exec;
 mod review_proxy;
 mod supervision;
