@@ -32,10 +32,13 @@ impl fmt::Display for Problem {
 
 /// The first problem found, in the order of the keys' documentation.
 pub fn check(config: &Config) -> Result<(), Problem> {
-    for addr in &config.listen {
-        check_address(*addr).map_err(|reason| Problem {
-            key: "listen",
-            reason,
+    for (i, addr) in config.listen.iter().enumerate() {
+        check_address(*addr).map_err(|reason| {
+            let (key, prefix) = config.listen_key_of(i);
+            Problem {
+                key,
+                reason: format!("{prefix}{reason}"),
+            }
         })?;
     }
     if let Some(path) = &config.pid_file {

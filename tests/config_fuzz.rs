@@ -733,7 +733,9 @@ impl Case {
             matches!(&s.val, Val::List(l) if !l.is_empty()) || matches!(&s.val, Val::Str(_))
         });
         if proxied && !trusted {
+            // Blamed on `trusted_proxies` where it was set (to nothing), else on the mode.
             culprits.push("key `trusted_proxies`".into());
+            culprits.push("key `proxy_protocol`".into());
         }
         // A program per connection: `idle_timeout` cannot apply (0 may be said); without
         // one, the keys only a program uses cannot.

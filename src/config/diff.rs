@@ -56,7 +56,7 @@ const MAX_SHOWN_VALUE: usize = 120;
 impl fmt::Display for Shown<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Shown::Plain(text) => f.write_str(text),
+            Shown::Plain(text) => f.write_str(&summarise_plain(text)),
             Shown::Bytes(bytes) => f.write_str(&summarise_text(bytes)),
             Shown::Prefixes(list) => f.write_str(&summarise_list(list)),
         }
@@ -75,6 +75,17 @@ fn summarise_text(bytes: &[u8]) -> String {
         .take(24)
         .collect();
     format!("{head:?}... ({} bytes)", bytes.len())
+}
+
+/// Any other value for the reload line: whole when short, else its start and its size, so
+/// that one long value (an `env` entry, a long `exec`) cannot push the other changes off the
+/// line (the logger caps it).
+fn summarise_plain(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_SHOWN_VALUE {
+        return text.into();
+    }
+    let head: String = text.chars().take(60).collect();
+    format!("{head}... ({} bytes)", text.len()).into()
 }
 
 /// A list of prefixes for the reload line: whole when short, else its first entries and its
@@ -108,7 +119,7 @@ mod tests {
                 "banner \"connect successful!\\n\" -> \"xxxxxxxxxxxxxxxxxxxxxxxx\"... \
                  (1048576 bytes)",
                 "backlog (new addresses only) 1024 -> 5",
-                "idle_timeout 300.00s -> never",
+                "idle_timeout 300s -> never",
                 "max_children 1024 -> 7",
             ]
         );

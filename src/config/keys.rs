@@ -16,7 +16,6 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use super::Config;
-use crate::children::seconds;
 use crate::limits;
 
 /// One configuration key.
@@ -104,9 +103,10 @@ fn plain(value: impl ToString) -> Shown<'static> {
     Shown::Plain(value.to_string())
 }
 
-/// A timeout for the reload line: seconds, or "never".
+/// A timeout for the reload line: seconds as given (a change of a millisecond shows), or
+/// "never".
 fn plain_secs(d: Option<Duration>) -> Shown<'static> {
-    Shown::Plain(d.map_or("never".to_string(), |d| seconds(d).to_string()))
+    Shown::Plain(d.map_or("never".to_string(), |d| format!("{}s", d.as_secs_f64())))
 }
 
 /// An optional value for the reload line: itself, or "none".
@@ -321,7 +321,7 @@ pub(super) const TABLE: [Key; 34] = [
         default: None,
         flag: Flag::Path("PATH"),
         set: |c, v, w| {
-            c.pid_file = Some(PathBuf::from(expect_name(v, w)?));
+            c.pid_file = Some(expect_path(v, w)?);
             Ok(())
         },
         on_reload: OnReload::NextStart(
@@ -335,7 +335,7 @@ pub(super) const TABLE: [Key; 34] = [
         default: None,
         flag: Flag::Path("PATH"),
         set: |c, v, w| {
-            c.log_file = Some(PathBuf::from(expect_name(v, w)?));
+            c.log_file = Some(expect_path(v, w)?);
             Ok(())
         },
         on_reload: OnReload::NextStart(
@@ -401,7 +401,7 @@ pub(super) const TABLE: [Key; 34] = [
             c.exec = Some(argv_from_toml(v, w)?);
             Ok(())
         },
-        on_reload: OnReload::Applies(|c| plain_or_none(c.exec.as_ref().map(|a| a.join(" ")))),
+        on_reload: OnReload::Applies(|c| plain_or_none(c.exec.as_ref().map(|a| format!("{a:?}")))),
     },
     Key {
         name: "session_stderr",
@@ -480,7 +480,7 @@ pub(super) const TABLE: [Key; 34] = [
         default: None,
         flag: Flag::Path("DIR"),
         set: |c, v, w| {
-            c.working_directory = Some(PathBuf::from(expect_name(v, w)?));
+            c.working_directory = Some(expect_path(v, w)?);
             Ok(())
         },
         on_reload: OnReload::Applies(|c| {
@@ -522,11 +522,14 @@ pub(super) const TABLE: [Key; 34] = [
         default: Some("5"),
         flag: SECONDS,
         set: |c, v, w| {
-            let secs = check_seconds(number(v, w)?, w, NEVER)?;
-            if secs.is_zero() {
-                return Err(format!("must be more than 0, not {}", w.trim()));
+            let secs = number(v, w)?;
+            if !(secs.is_finite() && (MIN_SECONDS..=MAX_SECONDS).contains(&secs)) {
+                return Err(format!(
+                    "must be a number of seconds from {MIN_SECONDS} to {MAX_SECONDS}, not {}",
+                    w.trim()
+                ));
             }
-            c.proxy_header_timeout = secs;
+            c.proxy_header_timeout = Duration::from_secs_f64(secs);
             Ok(())
         },
         on_reload: OnReload::Applies(|c| plain_secs(Some(c.proxy_header_timeout))),
@@ -617,6 +620,15 @@ fn expect_str<'a>(value: &'a toml::Value, written: &str) -> Result<&'a str, Stri
 /// A string that will be a file name or an account name, which no NUL can be part of.
 fn expect_name<'a>(value: &'a toml::Value, written: &str) -> Result<&'a str, String> {
     without_nul(expect_str(value, written)?)
+}
+
+/// A path: a name that is not empty (an empty path would mean the current directory, or the
+/// config file's, depending on where it was written).
+fn expect_path(value: &toml::Value, written: &str) -> Result<PathBuf, String> {
+    match expect_name(value, written)? {
+        "" => Err("is empty: give a path, or leave the key out".into()),
+        path => Ok(PathBuf::from(path)),
+    }
 }
 
 fn expect_bool(value: &toml::Value, written: &str) -> Result<bool, String> {
@@ -788,6 +800,12 @@ fn listener_table(table: &toml::Table) -> Result<super::ListenerTable, String> {
                 proxy_protocol = Some(crate::proxy::Mode::parse(expect_str(value, &written)?)?)
             }
             "trusted_proxies" => trusted_proxies = Some(prefixes_from_toml(value, &written)?),
+            other if self::key(other).is_some() => {
+                return Err(format!(
+                    "`{other}` is a top-level key, but TOML puts every key after a \
+                     [[listener]] header into that table: move it above the first [[listener]]"
+                ))
+            }
             other => return Err(format!("unknown key `{other}` (expected one of: {KEYS})")),
         }
     }
@@ -842,24 +860,27 @@ pub(super) fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 /// on the same port (0.0.0.0:P already takes 127.0.0.1:P; with `reuse_port` the kernel would
 /// bind both, to no purpose). IPv6 listeners are IPv6-only, so [::]:P and 0.0.0.0:P do not
 /// meet. Port 0 may repeat: each gets its own free port. Linear in the number of addresses.
-pub(super) fn check_listen_together(addrs: &[SocketAddr]) -> Result<(), String> {
+/// An error is the reason and the index of the address at fault.
+pub(super) fn check_listen_together(addrs: &[SocketAddr]) -> Result<(), (usize, String)> {
     let mut seen = HashSet::with_capacity(addrs.len());
     let mut wildcards = HashMap::new();
-    for &addr in addrs.iter().filter(|a| a.port() != 0) {
+    for (i, &addr) in addrs.iter().enumerate().filter(|(_, a)| a.port() != 0) {
         if !seen.insert(addr) {
-            return Err(format!("{addr} is listed twice"));
+            return Err((i, format!("{addr} is listed twice")));
         }
         if addr.ip().is_unspecified() {
-            wildcards.insert((addr.is_ipv6(), addr.port()), addr);
+            wildcards.insert((addr.is_ipv6(), addr.port()), (i, addr));
         }
     }
     let covered = addrs
         .iter()
-        .filter(|a| a.port() != 0 && !a.ip().is_unspecified())
-        .find_map(|a| Some((wildcards.get(&(a.is_ipv6(), a.port()))?, a)));
+        .enumerate()
+        .filter(|(_, a)| a.port() != 0 && !a.ip().is_unspecified())
+        .find_map(|(i, a)| Some((wildcards.get(&(a.is_ipv6(), a.port()))?, i, a)));
     match covered {
-        Some((wildcard, addr)) => Err(format!(
-            "{wildcard} already covers {addr}; list one of them"
+        Some((&(j, wildcard), i, addr)) => Err((
+            i.max(j),
+            format!("{wildcard} already covers {addr}; list one of them"),
         )),
         None => Ok(()),
     }
@@ -974,6 +995,7 @@ mod tests {
         let twice = addrs(&["127.0.0.1:7", "127.0.0.1:7"]);
         assert!(check_listen_together(&twice)
             .unwrap_err()
+            .1
             .contains("listed twice"));
         let zeros = addrs(&["127.0.0.1:0", "127.0.0.1:0"]);
         assert!(check_listen_together(&zeros).is_ok());
@@ -995,7 +1017,7 @@ mod tests {
                 "[::]:2333 already covers [::1]:2333; list one of them",
             ),
         ] {
-            assert_eq!(check_listen_together(&addrs(list)).unwrap_err(), want);
+            assert_eq!(check_listen_together(&addrs(list)).unwrap_err().1, want);
         }
         // IPv6 listeners are IPv6-only; port 0 is a fresh port each time; ports differ.
         for list in [

@@ -137,6 +137,8 @@ pub struct Config {
     listen_policies: Vec<Option<crate::proxy::Policy>>,
     /// The top-level policy, for sockets systemd passes.
     top_policy: Option<crate::proxy::Policy>,
+    /// For each address of `listen`, the `[[listener]]` table it came from (1-based), if any.
+    listen_tables: Vec<Option<usize>>,
 }
 
 /// One `[[listener]]` table: an address, and the PROXY settings that differ from the
@@ -300,7 +302,7 @@ impl Config {
     /// where the value at fault was set.
     fn check_across_keys(&self, origins: &Origins) -> Result<(), ConfigError> {
         keys::check_listen_together(&self.listen)
-            .map_err(|reason| origins.error("listen", reason))?;
+            .map_err(|(i, reason)| self.listen_error(origins, i, reason))?;
         if self.rate_burst.is_some() && self.rate_per_second == 0.0 {
             let reason = "has no effect without max_rate_per_source (a rate above 0)";
             return Err(origins.error("rate_burst", reason.into()));
@@ -325,16 +327,22 @@ impl Config {
             trusted: self.trusted_proxies.clone(),
         };
         if top.mode != Mode::Off && top.trusted.is_empty() {
+            // Blamed on the key that was set: a missing `trusted_proxies` has no origin.
+            let key = match origins.sets("trusted_proxies") {
+                true => "trusted_proxies",
+                false => "proxy_protocol",
+            };
             let reason = format!(
-                "proxy_protocol is {}: give at least one trusted proxy (the load balancers' \
-                 addresses)",
+                "proxy_protocol is {}: give at least one trusted proxy in trusted_proxies (the \
+                 load balancers' addresses)",
                 top.mode
             );
-            return Err(origins.error("trusted_proxies", reason));
+            return Err(origins.error(key, reason));
         }
         let top = (top.mode != Mode::Off).then_some(top);
         self.listen_policies = vec![top.clone(); self.listen.len()];
-        for table in &self.listener_tables {
+        self.listen_tables = vec![None; self.listen.len()];
+        for (n, table) in self.listener_tables.iter().enumerate() {
             let mode = table.proxy_protocol.unwrap_or(self.proxy_protocol);
             let trusted = table
                 .trusted_proxies
@@ -348,11 +356,30 @@ impl Config {
                 return Err(origins.error("listener", reason));
             }
             self.listen.push(table.address);
+            self.listen_tables.push(Some(n + 1));
             self.listen_policies
                 .push((mode != Mode::Off).then_some(Policy { mode, trusted }));
         }
         self.top_policy = top;
         Ok(())
+    }
+
+    /// An error about address `i` of `listen`: named as a `[[listener]]` table's when it came
+    /// from one (whose origin is the file), else as `listen`'s.
+    fn listen_error(&self, origins: &Origins, i: usize, reason: String) -> ConfigError {
+        match self.listen_tables.get(i).copied().flatten() {
+            Some(n) => origins.error("listener", format!("listener {n}: {reason}")),
+            None => origins.error("listen", reason),
+        }
+    }
+
+    /// The key an error about address `i` of `listen` names, and a prefix for its reason:
+    /// (`listener`, "listener N: ") for a table's address.
+    pub fn listen_key_of(&self, i: usize) -> (&'static str, String) {
+        match self.listen_tables.get(i).copied().flatten() {
+            Some(n) => ("listener", format!("listener {n}: ")),
+            None => ("listen", String::new()),
+        }
     }
 
     /// Gives each listener the PROXY policy of its address: a socket systemd passed follows

@@ -50,13 +50,15 @@ impl Server {
                 self.kill_children();
             }
             (Phase::Serving, Mode::Smart) => {
-                info!(
-                    "shutting down on {sig} (smart): stopped listening; waiting up to {} for \
-                     {n} sessions (SIGTERM again or SIGINT: fast; SIGQUIT: immediate)",
-                    seconds(self.shutdown_timeout)
-                );
                 // Clients queued in the backlog are served first (and join the draining).
                 self.stop_listening(true);
+                // Logged once true: a client that connects after this line is refused.
+                info!(
+                    "shutting down on {sig} (smart): stopped listening; waiting up to {} for \
+                     {} sessions (SIGTERM again or SIGINT: fast; SIGQUIT: immediate)",
+                    seconds(self.shutdown_timeout),
+                    self.children.len()
+                );
                 self.phase = Phase::Draining {
                     until: Instant::now() + self.shutdown_timeout,
                 };
