@@ -59,7 +59,7 @@ pub enum Stderr {
 
 impl Stderr {
     pub fn parse(s: &str) -> Result<Stderr, String> {
-        match s {
+        match s.to_ascii_lowercase().as_str() {
             "log" => Ok(Stderr::Log),
             "null" => Ok(Stderr::Null),
             other => Err(format!("`{other}` is not one of: log, null")),

@@ -29,7 +29,7 @@ pub enum Mode {
 
 impl Mode {
     pub fn parse(s: &str) -> Result<Mode, String> {
-        match s {
+        match s.to_ascii_lowercase().as_str() {
             "off" => Ok(Mode::Off),
             "v1" => Ok(Mode::V1),
             "v2" => Ok(Mode::V2),

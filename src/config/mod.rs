@@ -51,7 +51,9 @@ pub const KEYS: [&str; keys::TABLE.len()] = {
 /// The command line: the config file, a flag per key (see `keys::TABLE`; a flag given here
 /// wins over the file), and what to do.
 #[derive(Debug, Parser)]
-#[command(name = "forkecho", version, about, long_about = None)]
+// A flag given twice takes its last value (a wrapper script may append an override);
+// repeatable flags (`--listen`, `--env`, ...) still gather every value.
+#[command(name = "forkecho", version, about, long_about = None, args_override_self = true)]
 pub struct Cli {
     /// TOML config file (keys as the long options, in snake_case); a regular file, read again
     /// on each reload (SIGHUP)
@@ -925,6 +927,26 @@ mod tests {
         // Everything else is still checked.
         let e = Config::reload(&cli(&["--group", "nogroup"]), &running).unwrap_err();
         assert_eq!(e.to_string(), "command line: key `group`: needs `user` too");
+    }
+
+    #[test]
+    fn a_flag_given_twice_takes_its_last_value_and_lists_gather() {
+        let args = cli(&[
+            "--backlog",
+            "5",
+            "--backlog",
+            "7",
+            "-l",
+            "127.0.0.1:1",
+            "-l",
+            "127.0.0.1:2",
+            "--reuse-port",
+            "--reuse-port",
+        ]);
+        let c = Config::load(&args).unwrap();
+        assert_eq!(c.backlog, 7);
+        assert_eq!(c.listen.len(), 2);
+        assert!(c.reuse_port);
     }
 
     #[test]
