@@ -63,7 +63,14 @@ fn arg(key: &'static Key) -> Arg {
     };
     let parse = move |s: &str| parse_flag(key, s);
     match key.flag {
-        Flag::Switch => arg.action(ArgAction::SetTrue),
+        // `--daemonize` alone is true; `--daemonize=false` overrides a file's `true`.
+        Flag::Switch => arg
+            .value_name("BOOL")
+            .num_args(0..=1)
+            .require_equals(true)
+            .default_missing_value("true")
+            .action(ArgAction::Set)
+            .value_parser(parse),
         Flag::List {
             value_name,
             short,
@@ -142,7 +149,11 @@ fn parse_flag(key: &'static Key, s: &str) -> Result<Parsed, String> {
         Flag::Escaped(_) => toml::Value::String(unescape(s)?),
         Flag::Path(_) => toml::Value::String(absolute(s)),
         Flag::Text(_) | Flag::List { .. } => toml::Value::String(s.to_string()),
-        Flag::Switch => toml::Value::Boolean(true),
+        Flag::Switch => match s.trim() {
+            "true" => toml::Value::Boolean(true),
+            "false" => toml::Value::Boolean(false),
+            _ => return Err(format!("`{s}` is not true or false")),
+        },
         Flag::Pairs { numbers, .. } => pair(s, numbers)?,
         Flag::Trailing(_) | Flag::FileOnly => unreachable!("parsed whole, or not a flag"),
     };
@@ -257,13 +268,6 @@ impl clap::FromArgMatches for KeyFlags {
 fn given(key: &'static Key, matches: &ArgMatches) -> Option<Given> {
     if let Flag::FileOnly = key.flag {
         return None;
-    }
-    if let Flag::Switch = key.flag {
-        return matches.get_flag(key.name).then(|| Given {
-            key: key.name,
-            value: toml::Value::Boolean(true),
-            written: "true".into(),
-        });
     }
     let parsed: Vec<&Parsed> = matches.get_many::<Parsed>(key.name)?.collect();
     let last = parsed.last()?;

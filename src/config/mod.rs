@@ -947,6 +947,10 @@ mod tests {
         assert_eq!(c.backlog, 7);
         assert_eq!(c.listen.len(), 2);
         assert!(c.reuse_port);
+        // A switch takes `=false`, to override a file's `true`.
+        let off = Config::load(&cli(&["--reuse-port", "--reuse-port=false"])).unwrap();
+        assert!(!off.reuse_port);
+        assert!(Cli::try_parse_from(["forkecho", "--reuse-port=maybe"]).is_err());
     }
 
     #[test]
