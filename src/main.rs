@@ -65,6 +65,12 @@ fn with_absolute_paths(mut cli: Cli) -> Cli {
 /// Everything from the configuration to the end of the loop. `readiness` becomes the report
 /// channel once detached; it is handed to the loop, which reports `ok` once serving.
 fn start_and_serve(cli: Cli, readiness: &mut Readiness) -> Result<(), Failure> {
+    // `--` ends the options and starts the program; alone, it would silently mean the echo.
+    if std::env::args_os().skip(1).any(|arg| arg == "--") && !cli.keys.gives("exec") {
+        return Err(Failure::Config(
+            "command line: key `exec`: `--` must be followed by the program to run".into(),
+        ));
+    }
     if cli.check_config {
         // Also what the host would refuse at start, found without disturbing a running
         // instance.

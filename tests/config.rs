@@ -634,3 +634,14 @@ fn help_has_a_flag_for_every_key() {
         assert!(help.contains(line), "--help lacks {line}:\n{help}");
     }
 }
+
+/// `--` with no program after it is an error naming `exec`, not a silent start of the echo.
+#[test]
+fn a_bare_double_dash_is_an_error() {
+    let err = expect_exit(&run(&["-l", "127.0.0.1:0", "--check-config", "--"]), 2);
+    assert!(err.contains("key `exec`"), "{err}");
+    assert!(
+        err.contains("`--` must be followed by the program"),
+        "{err}"
+    );
+}

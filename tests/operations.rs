@@ -322,6 +322,15 @@ fn reload_runs_no_user_lookup_and_says_when_a_user_change_applies() {
         "{}",
         server.log_text()
     );
+    // Back to the user in force: nothing waits for a restart any more, so no warning.
+    server.rewrite_config("listen = [\"127.0.0.1:0\"]\nuser = \"nobody\"\nbanner = \"again\\n\"\n");
+    server.signal(nix::sys::signal::Signal::SIGHUP);
+    server.wait_for_lines("reloaded configuration", 2);
+    server.assert_line_count(
+        "user and group changes take effect at the next start",
+        1,
+        "a reload back to the user in force",
+    );
 }
 
 /// A numeric `user` is looked up like a name (through NSS, by `getent`): the log names the

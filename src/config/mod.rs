@@ -248,6 +248,17 @@ impl Config {
         Ok(config)
     }
 
+    /// Takes from `running` the values of the keys that take effect only at the next start
+    /// (pid file, log file, daemon mode, user, group): after a reload they still describe what
+    /// is in force.
+    pub fn keep_what_waits_for_a_restart(&mut self, running: &mut Config) {
+        self.pid_file = running.pid_file.take();
+        self.log_file = running.log_file.take();
+        self.daemonize = running.daemonize;
+        self.user = running.user.take();
+        self.group = running.group.take();
+    }
+
     /// What each session's program is started with, in exec mode.
     pub fn program_settings(&self) -> Option<crate::exec::Settings<'_>> {
         Some(crate::exec::Settings {

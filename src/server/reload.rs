@@ -77,13 +77,12 @@ impl Server {
         if serving {
             changes.extend(self.install_listeners(&new, fresh, &swapped));
         }
-        // The pid file, log file and daemon mode in force are those of the start; keep
-        // describing those.
-        let (pid_file, log_file) = (self.config.pid_file.take(), self.config.log_file.take());
-        let daemonize = self.config.daemonize;
+        // What takes effect only at the next start (pid file, log file, daemon mode, user and
+        // group) is still the start's: keep describing that, so a later reload compares with
+        // what is in force.
+        let mut new = new;
+        new.keep_what_waits_for_a_restart(&mut self.config);
         self.config = new;
-        (self.config.pid_file, self.config.log_file) = (pid_file, log_file);
-        self.config.daemonize = daemonize;
         if changes.is_empty() {
             info!("reloaded configuration: nothing changed");
         } else {
