@@ -537,6 +537,11 @@ unsafe fn become_program(prepared: &Prepared) {
         return prepared.report(Step::Descriptors);
     }
     close_from_3();
+    // A Ctrl-C that reached the child between `clone` and `setpgid` was the parent's: it is
+    // discarded (by setting SIG_IGN) before the reset below sets every disposition back.
+    if crate::signals::discard_pending_meant_for_parent().is_err() {
+        return prepared.report(Step::Signals);
+    }
     // Rule 3: default dispositions (caught handlers would be reset by execve, but not before
     // the mask opens; ignored ones would survive it), then an empty mask.
     let mut default: libc::sigaction = std::mem::zeroed();
@@ -546,7 +551,7 @@ unsafe fn become_program(prepared: &Prepared) {
             return prepared.report(Step::Signals);
         }
     }
-    if !discard_pending_meant_for_parent() || !reset_glibc_reserved_signals() {
+    if !reset_glibc_reserved_signals() {
         return prepared.report(Step::Signals);
     }
     let mut empty: libc::sigset_t = std::mem::zeroed();
@@ -580,26 +585,6 @@ unsafe fn become_program(prepared: &Prepared) {
         prepared.envp.as_ptr(),
     );
     prepared.report(Step::Exec)
-}
-
-/// Discards SIGINT, SIGQUIT, SIGHUP and SIGUSR1 if one is pending: it reached the child while
-/// it was still in the parent's process group (a Ctrl-C between `clone` and `setpgid`) and was
-/// meant for the parent, which sends its children only SIGTERM and SIGKILL. Setting SIG_IGN
-/// discards a pending signal; the reset that follows restores the default.
-///
-/// # Safety
-/// Only in a child, with every signal blocked.
-unsafe fn discard_pending_meant_for_parent() -> bool {
-    let mut pending: libc::sigset_t = std::mem::zeroed();
-    if libc::sigpending(&mut pending) != 0 {
-        return false;
-    }
-    let mut ignore: libc::sigaction = std::mem::zeroed();
-    ignore.sa_sigaction = libc::SIG_IGN;
-    [libc::SIGINT, libc::SIGQUIT, libc::SIGHUP, libc::SIGUSR1]
-        .into_iter()
-        .filter(|&sig| libc::sigismember(&pending, sig) == 1)
-        .all(|sig| libc::sigaction(sig, &ignore, std::ptr::null_mut()) == 0)
 }
 
 /// Sets signals 32 and 33 to the default with the raw system call: glibc reserves them for its

@@ -181,8 +181,10 @@ pub fn reset_in_child() -> io::Result<()> {
 }
 
 /// Setting a signal to SIG_IGN discards its pending instances, blocked or not. One `sigpending`
-/// call in the usual case, where nothing is pending.
-fn discard_pending_meant_for_parent() -> io::Result<()> {
+/// call in the usual case, where nothing is pending. Async-signal-safe and allocation-free
+/// (thin wrappers over sigpending and sigaction), so a `clone(CLONE_VM)`d child may call it
+/// too (see `exec`).
+pub(crate) fn discard_pending_meant_for_parent() -> io::Result<()> {
     let mut pending = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
     // Safe: sigpending fills the set it is given.
     if unsafe { libc::sigpending(pending.as_mut_ptr()) } != 0 {

@@ -82,22 +82,14 @@ fn spawn_program(
 /// the connection closed, as it would have a moment later.
 fn write_banner_without_waiting(conn: &Conn, banner: &[u8]) {
     let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
-    // Safe: sends from a live buffer of the given length on a socket we own.
-    let sent = unsafe {
-        libc::send(
-            conn.stream.as_raw_fd(),
-            banner.as_ptr().cast(),
-            banner.len(),
-            flags,
-        )
-    };
-    if sent != banner.len() as isize {
-        let error = io::Error::last_os_error();
-        log::debug!(
-            "session {}: banner not sent whole ({sent} of {} bytes): {error}",
+    match socket2::SockRef::from(&conn.stream).send_with_flags(banner, flags) {
+        Ok(sent) if sent == banner.len() => {}
+        Ok(sent) => log::debug!(
+            "session {}: banner not sent whole ({sent} of {} bytes)",
             conn.peer,
             banner.len()
-        );
+        ),
+        Err(e) => log::debug!("session {}: banner not sent: {e}", conn.peer),
     }
 }
 

@@ -177,46 +177,6 @@ fn descriptor_of(pid: Pid, fd: i32) -> std::io::Result<OwnedFd> {
     }
 }
 
-/// Sets signals 32 and 33 to SIG_IGN in this process, as a launcher may leave them (`cargo
-/// test` does here): glibc reserves them and its `sigaction` refuses them, so this is the raw
-/// system call. Async-signal-safe, for `pre_exec`. Where the kernel's `struct sigaction` is
-/// laid out otherwise, it does nothing.
-fn ignore_glibc_reserved_signals() -> std::io::Result<()> {
-    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-    {
-        /// The kernel's `struct sigaction` on these architectures.
-        #[repr(C)]
-        struct KernelSigaction {
-            handler: usize,
-            flags: u64,
-            restorer: usize,
-            mask: u64,
-        }
-        let ignore = KernelSigaction {
-            handler: libc::SIG_IGN,
-            flags: 0,
-            restorer: 0,
-            mask: 0,
-        };
-        for sig in [32, 33] {
-            // Safe: the kernel reads `ignore` and writes nothing (no old action asked for).
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_rt_sigaction,
-                    sig,
-                    &ignore,
-                    std::ptr::null_mut::<KernelSigaction>(),
-                    8,
-                )
-            };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-    }
-    Ok(())
-}
-
 /// The signal numbers in a /proc signal mask (bit n-1 is signal n).
 fn signals_in(mask: u64) -> Vec<u32> {
     (1..=64).filter(|n| mask & (1 << (n - 1)) != 0).collect()
@@ -503,7 +463,7 @@ fn program_starts_clean_with_its_limits_group_and_nice() {
                     for sig in [Signal::SIGPIPE, Signal::SIGTTOU, Signal::SIGUSR2] {
                         signal(sig, SigHandler::SigIgn)?;
                     }
-                    ignore_glibc_reserved_signals()?;
+                    ignore_signals_raw(&[32, 33])?;
                     let mut set = SigSet::empty();
                     set.add(Signal::SIGUSR2);
                     set.add(Signal::SIGWINCH);

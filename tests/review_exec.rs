@@ -73,33 +73,7 @@ fn signals_ignored_by_forkechos_launcher_are_all_reset() {
         .args(["--", "sh", "-c", "exec grep SigIgn /proc/self/status"])
         .tweak(|cmd| {
             // Safe: only raw rt_sigaction system calls between fork and exec.
-            unsafe {
-                cmd.pre_exec(|| {
-                    #[repr(C)]
-                    struct KernelSigaction {
-                        handler: usize,
-                        flags: u64,
-                        restorer: usize,
-                        mask: u64,
-                    }
-                    for sig in [32, 33, 34, 63, 64] {
-                        let ignore = KernelSigaction {
-                            handler: libc::SIG_IGN,
-                            flags: 0,
-                            restorer: 0,
-                            mask: 0,
-                        };
-                        libc::syscall(
-                            libc::SYS_rt_sigaction,
-                            sig,
-                            &ignore as *const KernelSigaction,
-                            std::ptr::null_mut::<KernelSigaction>(),
-                            8usize,
-                        );
-                    }
-                    Ok(())
-                })
-            };
+            unsafe { cmd.pre_exec(|| ignore_signals_raw(&[32, 33, 34, 63, 64])) };
         })
         .start();
     assert_eq!(session_output(&server), "SigIgn:\t0000000000000000\n");

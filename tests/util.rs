@@ -1278,3 +1278,44 @@ pub fn fuzz<S: proptest::strategy::Strategy>(cases: u32, strategy: S, test: impl
         panic!("{e}");
     }
 }
+
+/// Sets `signals` to SIG_IGN in this process with the raw system call, as a launcher may leave
+/// them: glibc reserves 32 and 33 and its `sigaction` refuses them. Async-signal-safe, for
+/// `pre_exec`. Where the kernel's `struct sigaction` is laid out otherwise, it does nothing.
+pub fn ignore_signals_raw(signals: &[i32]) -> std::io::Result<()> {
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    {
+        /// The kernel's `struct sigaction` on these architectures.
+        #[repr(C)]
+        struct KernelSigaction {
+            handler: usize,
+            flags: u64,
+            restorer: usize,
+            mask: u64,
+        }
+        let ignore = KernelSigaction {
+            handler: libc::SIG_IGN,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        };
+        for &sig in signals {
+            // Safe: the kernel reads `ignore` and writes nothing (no old action asked for).
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    &ignore,
+                    std::ptr::null_mut::<KernelSigaction>(),
+                    8,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let _ = signals;
+    Ok(())
+}

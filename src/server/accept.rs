@@ -312,13 +312,18 @@ impl Server {
             let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
             let _ = socket.send_with_flags(&self.limits.refusal_message, flags);
         }
-        // Why: closing a socket with unread input sends RST, which would also destroy the
-        // message; clients usually send at once. Take what has arrived (one non-blocking read)
-        // so the close is a FIN after the message. A client that sent more still gets a reset.
-        let _ = stream.shutdown(std::net::Shutdown::Write);
-        let mut unread = [MaybeUninit::uninit(); 4096];
-        let _ = socket.recv_with_flags(&mut unread, libc::MSG_DONTWAIT);
+        close_after_taking_what_arrived(stream);
     }
+}
+
+/// Closes a connection with a FIN rather than a reset. Why: closing a socket with unread
+/// input sends RST, which would also destroy what was just written to it (a refusal message);
+/// peers usually send at once. What has arrived is taken first (one non-blocking read); a peer
+/// that sent more still gets a reset.
+pub(super) fn close_after_taking_what_arrived(stream: TcpStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut unread = [MaybeUninit::uninit(); 4096];
+    let _ = SockRef::from(&stream).recv_with_flags(&mut unread, libc::MSG_DONTWAIT);
 }
 
 /// Where a connection just accepted goes (see `Server::route_of`).

@@ -19,7 +19,7 @@ use log::{debug, warn};
 use mio::unix::SourceFd;
 use mio::Interest;
 
-use super::accept::MayWait;
+use super::accept::{close_after_taking_what_arrived, MayWait};
 use super::token::Source;
 use super::{Phase, Server};
 use crate::conn::Accepted;
@@ -345,7 +345,7 @@ impl Server {
             let refusal = Refusal::ProxyHeader(problem);
             log::info!("refused {}: {refusal}", entry.proxy);
             self.admission.refused.count(&refusal);
-            close_with_fin(entry.stream);
+            close_after_taking_what_arrived(entry.stream);
         }
     }
 
@@ -360,28 +360,11 @@ impl Server {
             };
             match entry.header {
                 Some(Some((client, _))) => self.refuse(entry.stream, client, &Refusal::Closing),
-                _ => close_with_fin(entry.stream),
+                _ => close_after_taking_what_arrived(entry.stream),
             }
         }
         self.header_scratch = all;
     }
-}
-
-/// Closes a connection whose header was only peeked at: what it sent is read first (what has
-/// arrived, without waiting), since closing with unread input sends a reset where the balancer
-/// should see an orderly close.
-fn close_with_fin(stream: TcpStream) {
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    let mut unread = [0u8; proxy::MAX_HEADER];
-    // Safe: receives into a live buffer of the given length, on a socket we own.
-    unsafe {
-        libc::recv(
-            stream.as_raw_fd(),
-            unread.as_mut_ptr().cast(),
-            unread.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
 }
 
 /// Peeks at the connection's first bytes and examines them.
