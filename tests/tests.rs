@@ -3,6 +3,7 @@
 
 mod util;
 
+mod attack;
 mod config;
 mod config_fuzz;
 mod deployment;
