@@ -81,7 +81,7 @@ impl Server {
     /// Counts and logs a refusal of a connection that gets no message (its peer is a
     /// balancer); dropping the stream closed it.
     #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
-    fn refuse_quietly(&mut self, peer: SocketAddr, refusal: &Refusal) {
+    pub(super) fn refuse_quietly(&mut self, peer: SocketAddr, refusal: &Refusal) {
         info!("refused {peer}: {refusal}");
         self.admission.refused.count(refusal);
     }
@@ -138,6 +138,12 @@ impl Server {
             );
         }
         self.paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+        if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+            // The descriptor limit may have been lowered on the running parent: connections
+            // waiting for a PROXY header must not keep every other listener out.
+            self.headers.fit_to_descriptors();
+            self.shed_headers_over_capacity();
+        }
     }
 
     fn accept_recovered(&mut self) {
@@ -208,7 +214,10 @@ impl Server {
     #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
     fn may_wait(&self, source: &ipnet::IpNet) -> bool {
         let limits = &self.limits;
-        !self.pending.is_full()
+        // `pending` is decided only while serving (`decide_pending`): in a shutdown the
+        // connection is answered at once instead.
+        self.phase == Phase::Serving
+            && !self.pending.is_full()
             && self
                 .pending
                 .count(|peer| limits::source_of(peer.ip(), limits) == *source)

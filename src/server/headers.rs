@@ -349,6 +349,20 @@ impl Server {
         }
     }
 
+    /// Refuses the oldest connections still waiting for their header until the table is within
+    /// its capacity again (after `Headers::fit_to_descriptors` lowered it).
+    pub(super) fn shed_headers_over_capacity(&mut self) {
+        let mut waiting = std::mem::take(&mut self.header_scratch);
+        self.headers.select(&mut waiting, |e| e.header.is_none());
+        let headers = &self.headers;
+        waiting.sort_unstable_by_key(|&i| headers.slots[i].as_ref().map_or(0, |e| e.arrival));
+        let excess = self.headers.len.saturating_sub(self.headers.capacity);
+        for &i in waiting.iter().take(excess) {
+            self.refuse_header(i, "dropped: the parent is short of descriptors");
+        }
+        self.header_scratch = waiting;
+    }
+
     /// Shutdown without sessions for them (fast, immediate): every waiting connection is
     /// closed. One whose header was taken is a client's: it gets `refusal_message`.
     pub(super) fn close_all_headers(&mut self) {

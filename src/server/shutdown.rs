@@ -24,7 +24,9 @@ use log::{info, warn};
 use nix::sys::signal::Signal;
 use socket2::SockRef;
 
-use super::accept::{accept_blocking, is_connection_error, MayWait};
+use super::accept::{
+    accept_blocking, close_after_taking_what_arrived, is_connection_error, MayWait,
+};
 use super::Server;
 use crate::children::seconds;
 use crate::conn::Accepted;
@@ -131,6 +133,10 @@ impl Server {
                     if admit && !self.full_after_reaping() {
                         let route = self.route_of(listener, peer);
                         self.take_connection(route, stream, peer, listener.local, MayWait::No);
+                    } else if listener.proxy.is_some() {
+                        // The peer is a balancer: no message, as for every PROXY refusal.
+                        self.refuse_quietly(peer, &Refusal::Closing);
+                        close_after_taking_what_arrived(stream);
                     } else {
                         closing += 1;
                         self.refuse(stream, peer, &Refusal::Closing);
