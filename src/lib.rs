@@ -9,7 +9,8 @@
 //!   it); `flags.rs` makes the command line's flags from those rows; `diff.rs` says what a
 //!   reload changes, for its log line.
 //! - [`logging`]: one whole line per event, tagged with the writing process's pid.
-//! - [`listen`]: binding the listening sockets (SO_REUSEADDR, backlog, IPv6-only).
+//! - [`listen`]: binding the listening sockets (SO_REUSEADDR, backlog, IPv6-only; a UNIX-domain
+//!   socket's file: a stale one replaced, ours removed), and accepting from them.
 //! - [`server`]: the parent's `mio::Poll` loop: signals first, then accept → admit → fork
 //!   (`mod.rs`), one file per concern: `accept.rs` (accepting, admission, waiting, fork
 //!   failures), `capacity.rs` (`max_children`), `shutdown.rs` (the three modes, closing
@@ -20,7 +21,8 @@
 //!   counts; `max_children` pauses accepting instead.
 //! - `spawn`: `fork` and the child's hygiene (descriptors, signals, `_exit`): the fork-safety
 //!   rules live here.
-//! - `conn`: the value that crosses `fork`: the connection and what the parent knows of it.
+//! - `conn`: the value that crosses `fork`: the connection and what the parent knows of it,
+//!   its peer included (an address, or a local process's credentials).
 //! - `handler`: what a child does with its connection; owns its settings, exit codes and
 //!   signal policy.
 //! - `echo`: the built-in handler, a blocking echo, and the exit code that says how it ended.
