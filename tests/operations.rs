@@ -468,6 +468,67 @@ fn socket_activation_with_systemd_socket_activate() {
     assert_eq!(server.children().len(), 2, "{:?}", server.children());
 }
 
+/// A UNIX-domain socket passed by `systemd-socket-activate` is served like a TCP one: its
+/// peer is named by its credentials, and its file, systemd's, stays when forkecho stops.
+#[test]
+fn socket_activation_of_a_unix_domain_socket() {
+    use nix::sys::signal::Signal;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let activate = "systemd-socket-activate";
+    if std::process::Command::new(activate)
+        .arg("--help")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipping socket activation test: {activate} is not installed");
+        return;
+    }
+    let dir = TempDir::new();
+    let log_path = dir.path().join("activated.log");
+    let path = dir.path().join("activated.sock");
+    let mut server = Server::builder()
+        .program(activate)
+        .args(["-l", path.to_str().unwrap(), "-E", "RUST_LOG=debug", BIN])
+        .args(["-l", "127.0.0.1:0"])
+        .log_file(&log_path)
+        .stderr(std::process::Stdio::null())
+        .spawn();
+
+    let mut client = None;
+    assert!(wait_until(WAIT, || {
+        client = UnixStream::connect(&path).ok();
+        client.is_some()
+    }));
+    let mut client = client.unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    let mut banner = [0u8; BANNER.len()];
+    client.read_exact(&mut banner).unwrap();
+    assert_eq!(banner, BANNER);
+    client.write_all(b"over unix\n").unwrap();
+    let mut back = [0u8; 10];
+    client.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"over unix\n");
+
+    let me = format!(
+        "accepted uid:{},gid:{},pid:{} -> child",
+        nix::unistd::geteuid(),
+        nix::unistd::getegid(),
+        std::process::id()
+    );
+    server.wait_for_line(&me);
+    let log = server.log_text();
+    assert!(
+        log.contains("using 1 listening socket(s) passed by systemd")
+            && log.contains(&format!("listening on unix:{}", path.display())),
+        "{log}"
+    );
+    drop(client);
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait_exit(WAIT).success());
+    assert!(path.exists(), "systemd's socket file was removed");
+}
+
 /// `Type=notify`: with NOTIFY_SOCKET set, forkecho sends READY=1 once listening and
 /// STOPPING=1 when a shutdown starts.
 #[test]
