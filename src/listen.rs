@@ -142,8 +142,9 @@ pub struct Listener {
     /// listener (`Config::assign_proxy_policies`), not looked up by address, which two
     /// port-0 listeners share.
     pub proxy: Option<crate::proxy::Policy>,
-    /// The socket file this listener created, removed with it.
-    _file: Option<SocketFile>,
+    /// The socket file this listener created, removed with it (or before, see
+    /// [`Listener::remove_socket_file`]).
+    file: Option<SocketFile>,
 }
 
 impl Listener {
@@ -153,6 +154,14 @@ impl Listener {
             ListenAddr::Ip(addr) => Local::Ip(*addr),
             ListenAddr::Unix(_) => Local::Unix,
         }
+    }
+
+    /// Removes the socket file this listener made, now, if the path still holds it: no new
+    /// client can reach the listener by its path after this (a connect fails: no such file),
+    /// while those already queued can still be accepted. Call it before draining a listener
+    /// that closes.
+    pub fn remove_socket_file(&mut self) {
+        self.file = None;
     }
 
     /// Accepts one connection as a *blocking*, close-on-exec socket, and says who the peer is.
@@ -353,7 +362,7 @@ fn take_passed_socket(passed: &mut listenfd::ListenFd, i: usize) -> io::Result<O
         from_systemd: true,
         backlog: u16::MAX as u32,
         proxy: None,
-        _file: None,
+        file: None,
     }))
 }
 
@@ -417,7 +426,7 @@ fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<Listener
         from_systemd: false,
         backlog,
         proxy: None,
-        _file: None,
+        file: None,
     })
 }
 
@@ -453,7 +462,7 @@ fn bind_unix(path: &Path, settings: &BindSettings) -> io::Result<Listener> {
         from_systemd: false,
         backlog: settings.backlog,
         proxy: None,
-        _file: Some(file),
+        file: Some(file),
     })
 }
 

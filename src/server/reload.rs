@@ -160,7 +160,8 @@ impl Server {
         }
         let mut changes = Vec::new();
         let mut closed = Vec::new();
-        for listener in dropped {
+        for mut listener in dropped {
+            listener.remove_socket_file();
             self.drain_queue_of(&listener, true);
             stop_accepting_everywhere(&listener);
             info!("stopped listening on {}", listener.local);

@@ -97,8 +97,9 @@ impl Server {
     /// decided now.
     fn stop_listening(&mut self, admit: bool) {
         self.set_polling(false);
-        let listeners = self.listeners.take_all();
-        for listener in &listeners {
+        let mut listeners = self.listeners.take_all();
+        for listener in &mut listeners {
+            listener.remove_socket_file();
             self.drain_queue_of(listener, admit);
             stop_accepting_everywhere(listener);
         }
