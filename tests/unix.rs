@@ -204,7 +204,8 @@ impl NobodyClient {
 // ---- Addresses and configuration errors ----
 
 /// A relative path and a path of 108 bytes (over `sun_path`'s 107 and its NUL) are config
-/// errors naming `listen` and the reason, on the command line and in a file; 107 bytes is fine.
+/// errors naming `listen` (or `[[listener]]`) and the reason, on the command line, in `listen`
+/// and in a `[[listener]]` table; 107 bytes is fine.
 #[test]
 fn relative_or_too_long_unix_path_is_a_config_error() {
     let dir = TempDir::new();
@@ -218,10 +219,17 @@ fn relative_or_too_long_unix_path_is_a_config_error() {
     ] {
         let config = dir.path().join("forkecho.toml");
         std::fs::write(&config, format!("listen = [\"{address}\"]\n")).unwrap();
+        let table = dir.path().join("table.toml");
+        std::fs::write(
+            &table,
+            format!("listen = [\"127.0.0.1:0\"]\n[[listener]]\naddress = \"{address}\"\n"),
+        )
+        .unwrap();
         for args in [
             vec!["-l", address],
             vec!["-c", config.to_str().unwrap()],
             vec!["-c", config.to_str().unwrap(), "--check-config"],
+            vec!["-c", table.to_str().unwrap()],
         ] {
             // Without the address itself, which could hold any word.
             let err = expect_exit(&run(&args), 2).replace(address, "");
