@@ -8,17 +8,17 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::fmt;
 use std::hash::RandomState;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use ipnet::IpNet;
 use log::{debug, info, log, warn, Level};
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::WaitPidFlag;
 use nix::unistd::Pid;
 
+use crate::conn::Peer;
 use crate::handler::Kind;
+use crate::limits::Source;
 use crate::parent_memory::ParentOnly;
 use crate::spawn::EXIT_PANIC;
 
@@ -26,12 +26,12 @@ use crate::spawn::EXIT_PANIC;
 #[derive(Debug, Clone, Copy)]
 struct Child {
     /// The client it serves, for the log line when it ends.
-    peer: SocketAddr,
+    peer: Peer,
     /// When it was forked, to log how long the session lasted.
     started: Instant,
     /// The source it counts under for `max_per_source` (kept, so a reload that changes the
     /// prefix lengths still releases the count it took).
-    source: IpNet,
+    source: Source,
     /// What it runs: what its exit code means.
     kind: Kind,
     /// When its process group gets SIGKILL, once the parent has sent it SIGTERM (at
@@ -47,7 +47,7 @@ struct Child {
 #[derive(Debug, Clone, Copy)]
 struct Lingering {
     pgid: Pid,
-    peer: SocketAddr,
+    peer: Peer,
     kill_at: Instant,
 }
 
@@ -138,7 +138,7 @@ pub struct Children {
     live: ParentTable<Pid, Child>,
     /// Live sessions per source; a source with none has no entry, so this stays as small as
     /// the set of sources that have sessions now.
-    per_source: ParentTable<IpNet, usize>,
+    per_source: ParentTable<Source, usize>,
     pub totals: allocator_api2::boxed::Box<Totals, ParentOnly>,
     /// Deadlines of live children, nearest first: O(log n) to add or take one. Entries of
     /// children reaped before their deadline stay until their time comes and are skipped
@@ -193,13 +193,13 @@ impl Children {
     }
 
     /// Live sessions from `source`.
-    pub fn live_from(&self, source: &IpNet) -> usize {
+    pub fn live_from(&self, source: &Source) -> usize {
         self.per_source.get(source).copied().unwrap_or(0)
     }
 
     /// The `n` sources with the most live sessions, busiest first.
-    pub fn busiest_sources(&self, n: usize) -> Vec<(IpNet, usize)> {
-        let mut all: Vec<(IpNet, usize)> = self.per_source.iter().map(|(s, c)| (*s, *c)).collect();
+    pub fn busiest_sources(&self, n: usize) -> Vec<(Source, usize)> {
+        let mut all: Vec<(Source, usize)> = self.per_source.iter().map(|(s, c)| (*s, *c)).collect();
         all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         all.truncate(n);
         all
@@ -210,8 +210,8 @@ impl Children {
     pub fn add(
         &mut self,
         pid: Pid,
-        peer: SocketAddr,
-        source: IpNet,
+        peer: Peer,
+        source: Source,
         kind: Kind,
         end_by: Option<Duration>,
     ) {

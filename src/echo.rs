@@ -21,16 +21,16 @@
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::mem::MaybeUninit;
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use nix::errno::Errno;
 use nix::fcntl::{splice, OFlag, SpliceFFlags};
-use socket2::SockRef;
+use socket2::{SockRef, Socket};
 
-use crate::conn::Conn;
+use crate::conn::{Conn, Peer};
 
 pub const EXIT_CLIENT_CLOSED: i32 = 0;
 pub const EXIT_IDLE_TIMEOUT: i32 = 3;
@@ -121,7 +121,8 @@ pub fn run(conn: Conn, settings: &Settings) -> Outcome {
     if let Err(e) = ignore_sigpipe() {
         return Outcome::IoError(e);
     }
-    let outcome = match serve(&conn.stream, settings) {
+    let tcp = matches!(conn.peer, Peer::Ip(_));
+    let outcome = match serve(&conn.stream, settings, tcp) {
         Ok(()) => Outcome::ClientClosed,
         Err(outcome) => outcome,
     };
@@ -141,12 +142,16 @@ struct Described<'a>(&'a Conn);
 impl std::fmt::Display for Described<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let conn = self.0;
-        let local = conn.local_addr().unwrap_or(conn.listener);
-        write!(
-            f,
-            "connection #{} to {local}, {} live from {}",
-            conn.number, conn.from_source, conn.source
-        )
+        write!(f, "connection #{} to ", conn.number)?;
+        match (conn.local_addr(), conn.listener) {
+            (Ok(Some(local)), _) => write!(f, "{local}")?,
+            (_, crate::conn::Local::Ip(listener)) => write!(f, "{listener}")?,
+            (_, crate::conn::Local::Unix) => match conn.local_path() {
+                Some(path) => write!(f, "unix:{}", path.display())?,
+                None => f.write_str("a UNIX-domain socket")?,
+            },
+        }
+        write!(f, ", {} live from {}", conn.from_source, conn.source)
     }
 }
 
@@ -160,8 +165,8 @@ fn ignore_sigpipe() -> io::Result<()> {
     Ok(())
 }
 
-fn serve(stream: &TcpStream, settings: &Settings) -> Result<(), Outcome> {
-    prepare(stream, settings).map_err(Outcome::IoError)?;
+fn serve(stream: &Socket, settings: &Settings, tcp: bool) -> Result<(), Outcome> {
+    prepare(stream, settings, tcp).map_err(Outcome::IoError)?;
     let mut clock = SessionClock::new(settings);
     write_all(stream, &settings.banner, &mut clock)?;
     echo(stream, &mut clock)?;
@@ -181,7 +186,7 @@ fn serve(stream: &TcpStream, settings: &Settings) -> Result<(), Outcome> {
 /// from the socket's receive queue to its send queue, so no byte is copied through this process
 /// and the child touches no buffer (a 64 KiB buffer would be 16 fresh pages in every child).
 /// Where splice is refused, or no pipe can be made, through a buffer with read/write.
-fn echo(stream: &TcpStream, clock: &mut SessionClock) -> Result<(), Outcome> {
+fn echo(stream: &Socket, clock: &mut SessionClock) -> Result<(), Outcome> {
     // The pipe is the child's own, made after the inherited descriptors were closed.
     let Ok((pipe_out, pipe_in)) = nix::unistd::pipe2(OFlag::O_CLOEXEC) else {
         return copy_echo(stream, clock);
@@ -215,7 +220,7 @@ const SPLICE_CHUNK: usize = 1 << 20;
 /// Note: splice into a socket sends without MSG_NOSIGNAL; a vanished client yields EPIPE rather
 /// than a fatal SIGPIPE because the child ignores SIGPIPE (`signals::reset_in_child`).
 fn splice_echo(
-    stream: &TcpStream,
+    stream: &Socket,
     pipe_in: &OwnedFd,
     pipe_out: &OwnedFd,
     clock: &mut SessionClock,
@@ -261,7 +266,7 @@ fn splice_echo(
 /// partial count; the next call then times out with nothing sent. A client that stops reading
 /// is therefore cut off after one to three `idle_timeout`s (a plain write loop: one to two).
 fn drain_pipe_to(
-    stream: &TcpStream,
+    stream: &Socket,
     pipe_out: &OwnedFd,
     mut n: usize,
     clock: &mut SessionClock,
@@ -284,7 +289,7 @@ fn drain_pipe_to(
 /// Moves the `n` bytes left in the pipe to the socket with read and `write_all`, which waits
 /// out the (shortened) send timeout once per call rather than splice's up to twice.
 fn copy_pipe_to(
-    stream: &TcpStream,
+    stream: &Socket,
     pipe_out: &OwnedFd,
     mut n: usize,
     clock: &mut SessionClock,
@@ -307,7 +312,7 @@ fn copy_pipe_to(
 
 /// True if the client really closed its side: a splice that returns 0 may also mean it stopped
 /// at an urgent mark. One non-blocking peek tells them apart (0 only at the end of input).
-fn at_end_of_input(stream: &TcpStream) -> bool {
+fn at_end_of_input(stream: &Socket) -> bool {
     let mut byte = [MaybeUninit::uninit()];
     let peek =
         SockRef::from(stream).recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT);
@@ -315,7 +320,7 @@ fn at_end_of_input(stream: &TcpStream) -> bool {
 }
 
 /// The fallback echo: read into a buffer, write it back.
-fn copy_echo(mut stream: &TcpStream, clock: &mut SessionClock) -> Result<(), Outcome> {
+fn copy_echo(mut stream: &Socket, clock: &mut SessionClock) -> Result<(), Outcome> {
     let mut buffer = vec![0u8; BUFFER_SIZE];
     loop {
         clock.before_io(stream)?;
@@ -350,7 +355,7 @@ impl SessionClock {
 
     /// Called before each blocking call: fails once the session's time is up, else shortens
     /// the socket timeouts to the time left if that is less than the idle limit.
-    fn before_io(&mut self, stream: &TcpStream) -> Result<(), Outcome> {
+    fn before_io(&mut self, stream: &Socket) -> Result<(), Outcome> {
         let Some(deadline) = self.deadline else {
             return Ok(());
         };
@@ -386,10 +391,13 @@ impl SessionClock {
 }
 
 /// Per-session socket setup, done in the child so the parent's accept loop stays short.
-fn prepare(stream: &TcpStream, settings: &Settings) -> io::Result<()> {
-    // (Already blocking: the parent accepts it so; see `server::accept_blocking`.)
-    // An echo is interactive: send each reply at once instead of waiting to coalesce (Nagle).
-    stream.set_nodelay(true)?;
+fn prepare(stream: &Socket, settings: &Settings, tcp: bool) -> io::Result<()> {
+    // (Already blocking: the parent accepts it so; see `Listener::accept_blocking`.)
+    // An echo is interactive: send each reply at once instead of waiting to coalesce (Nagle;
+    // a UNIX-domain socket has none).
+    if tcp {
+        stream.set_tcp_nodelay(true)?;
+    }
     // The same limit bounds silence from the client and a client that stopped reading, so no
     // peer can pin a child forever. `None` (timeout 0) means wait indefinitely.
     stream.set_read_timeout(settings.idle_timeout)?;
@@ -401,7 +409,7 @@ fn prepare(stream: &TcpStream, settings: &Settings) -> io::Result<()> {
 /// before every `write`: a client that reads a little now and then must not stretch one
 /// echo past `max_session_time` (each partial write would restart the socket timeout).
 fn write_all(
-    mut stream: &TcpStream,
+    mut stream: &Socket,
     mut bytes: &[u8],
     clock: &mut SessionClock,
 ) -> Result<(), Outcome> {

@@ -2,7 +2,8 @@
 //! the connection on fds 0 and 1, forkecho's log (or /dev/null) on fd 2, nothing else; default
 //! signal dispositions, an empty mask, its own process group; forkecho's environment without
 //! what belongs to forkecho, plus tcp-environ(5)'s variables and systemd's `REMOTE_ADDR`/
-//! `REMOTE_PORT`; the session's resource limits, nice value and working directory.
+//! `REMOTE_PORT` (on a UNIX-domain listener, ucspi-unix's `UNIX*` variables); the session's
+//! resource limits, nice value and working directory.
 //!
 //! # Spawning without copying the parent
 //! A program replaces the child's memory at once, so copying the parent's page tables (`fork`)
@@ -38,7 +39,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 use nix::unistd::Pid;
 
-use crate::conn::Conn;
+use crate::conn::{Conn, Credentials, Peer};
 
 /// Largest banner in exec mode: see the module doc.
 pub const MAX_BANNER: usize = 1024;
@@ -184,8 +185,9 @@ fn check_executable(path: &Path) -> Result<(), String> {
 
 /// Variables of forkecho's own environment that a program must not inherit: systemd's
 /// messages to forkecho, and what a UCSPI server sets per connection (had forkecho itself been
-/// started by one, they would describe the wrong connection): these and every `TCP*`
-/// (tcp-environ(5)'s, ucspi-tcp6's `TCP6*`, rules' `TCPSTALE`...).
+/// started by one, they would describe the wrong connection): these, every `TCP*`
+/// (tcp-environ(5)'s, ucspi-tcp6's `TCP6*`, rules' `TCPSTALE`...) and ucspi-unix's
+/// `UNIXLOCAL*` and `UNIXREMOTE*`.
 const NOT_INHERITED: [&str; 9] = [
     "LISTEN_PID",
     "LISTEN_FDS",
@@ -200,7 +202,10 @@ const NOT_INHERITED: [&str; 9] = [
 
 fn inherited(name: &OsStr) -> bool {
     let name = name.as_bytes();
-    !(NOT_INHERITED.iter().any(|n| n.as_bytes() == name) || name.starts_with(b"TCP"))
+    !(NOT_INHERITED.iter().any(|n| n.as_bytes() == name)
+        || name.starts_with(b"TCP")
+        || name.starts_with(b"UNIXLOCAL")
+        || name.starts_with(b"UNIXREMOTE"))
 }
 
 /// What every session of one configuration runs, prepared once (at start and on reload) so
@@ -458,17 +463,33 @@ impl<'a> Prepared<'a> {
     }
 }
 
-/// The variables of one connection: tcp-environ(5)'s, as s6-networking writes them for IPv6
-/// too (`PROTO=TCP`, an address without brackets), and systemd's `Accept=yes` names.
-/// `TCPCONNNUM` counts the other live sessions from the connection's source (0 for the first),
-/// as s6-tcpserver counts those from the address: `s6-connlimit` compares it with its maximum.
+/// The variables of one connection, by how it came (see [`tcp_env`] and [`unix_env`]). `env`
+/// wins over these: an operator who sets one means it.
 fn connection_env(conn: &Conn, program: &Program) -> io::Result<Vec<CString>> {
+    let vars = match conn.peer {
+        Peer::Ip(peer) => tcp_env(conn, peer)?,
+        Peer::Local(credentials) => unix_env(conn, credentials),
+    };
+    vars.into_iter()
+        .filter(|(name, _)| !program.env_sets(name))
+        .map(|(name, value)| {
+            CString::new(format!("{name}={value}")).map_err(|_| io::Error::other("NUL in env"))
+        })
+        .collect()
+}
+
+/// tcp-environ(5)'s variables, as s6-networking writes them for IPv6 too (`PROTO=TCP`, an
+/// address without brackets), and systemd's `Accept=yes` names. `TCPCONNNUM` counts the other
+/// live sessions from the connection's source (0 for the first), as s6-tcpserver counts those
+/// from the address: `s6-connlimit` compares it with its maximum.
+fn tcp_env(conn: &Conn, peer: SocketAddr) -> io::Result<Vec<(&'static str, String)>> {
+    let local = conn
+        .local_addr()?
+        .ok_or_else(|| io::Error::other("a TCP connection without a local address"))?;
     // An IPv4 client of a dual-stack socket (one systemd passed) as IPv4, as systemd and s6
     // name it, not as `::ffff:127.0.0.1`.
-    let local: SocketAddr = conn.local_addr()?;
-    let (local_ip, peer_ip) = (local.ip().to_canonical(), conn.peer.ip().to_canonical());
-    let peer = conn.peer;
-    let vars = [
+    let (local_ip, peer_ip) = (local.ip().to_canonical(), peer.ip().to_canonical());
+    let mut vars = vec![
         ("PROTO", "TCP".to_string()),
         ("TCPLOCALIP", local_ip.to_string()),
         ("TCPLOCALPORT", local.port().to_string()),
@@ -479,20 +500,29 @@ fn connection_env(conn: &Conn, program: &Program) -> io::Result<Vec<CString>> {
         ("REMOTE_PORT", peer.port().to_string()),
     ];
     // The balancer a PROXY header came through, beside the client it named.
-    let proxy = conn.via.map(|via| {
-        [
-            ("TCPPROXYIP", via.ip().to_canonical().to_string()),
-            ("TCPPROXYPORT", via.port().to_string()),
-        ]
-    });
-    // `env` wins over these too: an operator who sets one means it.
-    vars.into_iter()
-        .chain(proxy.into_iter().flatten())
-        .filter(|(name, _)| !program.env_sets(name))
-        .map(|(name, value)| {
-            CString::new(format!("{name}={value}")).map_err(|_| io::Error::other("NUL in env"))
-        })
-        .collect()
+    if let Some(via) = conn.via {
+        vars.push(("TCPPROXYIP", via.ip().to_canonical().to_string()));
+        vars.push(("TCPPROXYPORT", via.port().to_string()));
+    }
+    Ok(vars)
+}
+
+/// ucspi-unix's variables (its `unixserver`): `PROTO=UNIX`, the socket's path, the server's
+/// own pid, uid and gid, and the client's credentials as the kernel recorded them at connect.
+fn unix_env(conn: &Conn, client: Credentials) -> Vec<(&'static str, String)> {
+    let mut vars = vec![("PROTO", "UNIX".to_string())];
+    if let Some(path) = conn.local_path() {
+        vars.push(("UNIXLOCALPATH", path.display().to_string()));
+    }
+    vars.extend([
+        ("UNIXLOCALPID", std::process::id().to_string()),
+        ("UNIXLOCALUID", nix::unistd::geteuid().to_string()),
+        ("UNIXLOCALGID", nix::unistd::getegid().to_string()),
+        ("UNIXREMOTEPID", client.pid.to_string()),
+        ("UNIXREMOTEEUID", client.uid.to_string()),
+        ("UNIXREMOTEEGID", client.gid.to_string()),
+    ]);
+    vars
 }
 
 impl Program {

@@ -2,13 +2,15 @@
 //! before forking, whether this one may have one. The checks run in this order, cheapest and
 //! most definite first, and the first that fails refuses the connection:
 //!
-//! 1. access rules: `deny` prefixes, then `allow` prefixes (deny wins; an empty allow list
-//!    allows everyone). They are looked up in an index, one hash set per prefix length in use
-//!    (see `PrefixIndex`), so a decision costs the same with ten rules or two hundred thousand;
-//!    a refusal names the most specific deny rule that matches;
+//! 1. access rules: `deny` rules, then `allow` rules (deny wins). A rule is an address prefix,
+//!    for TCP clients, or `uid:N`, for processes connecting to a UNIX-domain listener. An allow
+//!    list speaks only of the kind of peer its rules name: with no prefix in it every TCP client
+//!    is allowed, with no uid every local process. Prefixes are looked up in an index, one hash
+//!    set per prefix length in use (see `PrefixIndex`), so a decision costs the same with ten
+//!    rules or two hundred thousand; a refusal names the most specific deny rule that matches;
 //! 2. `max_per_source`: live sessions from the same source (an IPv4 address, or an IPv6 /64 by
 //!    default: one host usually owns a whole /64, so counting single IPv6 addresses would let it
-//!    open unlimited sessions);
+//!    open unlimited sessions; on a UNIX-domain listener, the connecting process's uid);
 //! 3. `max_rate_per_source`: new connections per second from the same source, as a token bucket
 //!    holding up to `rate_burst` tokens.
 //!
@@ -30,6 +32,8 @@ use std::time::{Duration, Instant};
 use hashbrown::hash_table::{Entry, HashTable};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
+use crate::conn::Peer;
+
 /// Most token buckets kept at once; see [`Admission::take_token`].
 const MAX_BUCKETS: usize = 100_000;
 /// How often idle buckets are swept out at most.
@@ -47,12 +51,16 @@ pub struct Limits {
     pub source_prefix_v4: u8,
     /// IPv6 addresses in one /N count as one source.
     pub source_prefix_v6: u8,
-    /// Peers in any of these are refused (checked first). Set `deny` and `allow` before the
-    /// first decision: they are indexed once (see [`Limits::index_rules`]), and a reload builds
-    /// a new `Limits` rather than editing these.
+    /// TCP peers in any of these are refused (checked first). Set `deny` and `allow` before
+    /// the first decision: they are indexed once (see [`Limits::index_rules`]), and a reload
+    /// builds a new `Limits` rather than editing these.
     pub deny: Vec<IpNet>,
-    /// If not empty, only peers in one of these are served.
+    /// If not empty, only TCP peers in one of these are served.
     pub allow: Vec<IpNet>,
+    /// Local peers (UNIX-domain listeners) with one of these uids are refused.
+    pub deny_uids: Vec<u32>,
+    /// If not empty, only local peers with one of these uids are served.
+    pub allow_uids: Vec<u32>,
     /// New connections per second per source; `None` = no limit.
     pub rate: Option<Rate>,
     /// Sent to a refused client before its connection is closed; empty = nothing.
@@ -146,14 +154,14 @@ pub struct Rate {
 /// Why a connection was refused; one counter each.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
-    /// In a `deny` prefix: the most specific one that holds the peer, as configured.
-    Denied(IpNet),
-    /// `allow` is set and the peer is in none of its prefixes.
+    /// By a `deny` rule: for a TCP peer the most specific prefix that holds it, as configured.
+    Denied(Source),
+    /// `allow` has rules of the peer's kind and the peer matches none of them.
     NotAllowed,
     /// `max_per_source` sessions from this source are already running.
-    PerSource { source: IpNet, limit: usize },
+    PerSource { source: Source, limit: usize },
     /// The source's token bucket is empty.
-    Rate { source: IpNet },
+    Rate { source: Source },
     /// The connection was queued on a listener that is closing (shutdown, or removed by a
     /// reload) and cannot have a session: shutting down fast, or at `max_children`. Answered
     /// rather than reset, which is what closing a listener does to its queue.
@@ -241,8 +249,34 @@ impl fmt::Display for RefusalCounts {
     }
 }
 
-/// The source a peer counts under: its address truncated to the configured prefix.
-pub fn source_of(ip: IpAddr, limits: &Limits) -> IpNet {
+/// What sessions are counted under for `max_per_source` and the rate limit, and what a rule
+/// names: a TCP peer's address cut to its prefix, or a local peer's uid. Displayed as rules are
+/// written (`10.0.0.0/24`, `uid:1000`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Source {
+    Net(IpNet),
+    Uid(u32),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Net(net) => net.fmt(f),
+            Source::Uid(uid) => write!(f, "uid:{uid}"),
+        }
+    }
+}
+
+/// The source `peer` counts under.
+pub fn source_of(peer: &Peer, limits: &Limits) -> Source {
+    match peer {
+        Peer::Ip(addr) => Source::Net(net_source_of(addr.ip(), limits)),
+        Peer::Local(credentials) => Source::Uid(credentials.uid),
+    }
+}
+
+/// The source an IP address counts under: the address truncated to the configured prefix.
+fn net_source_of(ip: IpAddr, limits: &Limits) -> IpNet {
     // A v4 client reaching a dual-stack socket shows up as ::ffff:a.b.c.d; count it as IPv4.
     let ip = ip.to_canonical();
     let prefix = match ip {
@@ -265,7 +299,7 @@ struct Bucket {
 /// Admission state that outlives any one `Limits`: token buckets and refusal counts.
 #[derive(Debug)]
 pub struct Admission {
-    buckets: HashMap<IpNet, Bucket>,
+    buckets: HashMap<Source, Bucket>,
     last_sweep: Instant,
     /// Refusals since start, by reason.
     pub refused: RefusalCounts,
@@ -282,17 +316,17 @@ impl Default for Admission {
 }
 
 impl Admission {
-    /// Decides whether `ip`, whose source has `live_from_source` sessions running, may have a
-    /// child. A refusal is counted here; the caller logs it and closes the connection.
+    /// Decides whether `peer`, whose source has `live_from_source` sessions running, may have
+    /// a child. A refusal is counted here; the caller logs it and closes the connection.
     pub fn admit(
         &mut self,
-        ip: IpAddr,
-        source: IpNet,
+        peer: &Peer,
+        source: Source,
         live_from_source: usize,
         limits: &Limits,
         now: Instant,
     ) -> Result<(), Refusal> {
-        let verdict = check_rules(ip.to_canonical(), limits)
+        let verdict = check_rules(peer, limits)
             .and_then(|()| check_per_source(source, live_from_source, limits))
             .and_then(|()| match limits.rate {
                 Some(rate) if !self.take_token(source, rate, now) => Err(Refusal::Rate { source }),
@@ -318,7 +352,7 @@ impl Admission {
     /// hold `MAX_BUCKETS` between sweeps (more distinct sources per `burst / per_second`
     /// seconds than that), a new source is let through untracked, at O(1): `max_children` and
     /// `max_per_source` still bound what it can cost.
-    fn take_token(&mut self, source: IpNet, rate: Rate, now: Instant) -> bool {
+    fn take_token(&mut self, source: Source, rate: Rate, now: Instant) -> bool {
         if now >= self.last_sweep + SWEEP_INTERVAL {
             self.sweep(rate, now);
         }
@@ -351,12 +385,19 @@ impl Admission {
     }
 }
 
-/// Deny wins over allow; an empty allow list allows everyone. A refusal names the most
-/// specific deny rule that contains `ip`, as it was configured.
-fn check_rules(ip: IpAddr, limits: &Limits) -> Result<(), Refusal> {
+/// Deny wins over allow; an allow list with no rule of the peer's kind allows it.
+fn check_rules(peer: &Peer, limits: &Limits) -> Result<(), Refusal> {
+    match peer {
+        Peer::Ip(addr) => check_ip_rules(addr.ip().to_canonical(), limits),
+        Peer::Local(credentials) => check_uid_rules(credentials.uid, limits),
+    }
+}
+
+/// A refusal names the most specific deny prefix that contains `ip`, as it was configured.
+fn check_ip_rules(ip: IpAddr, limits: &Limits) -> Result<(), Refusal> {
     let rules = limits.rules();
     if let Some(rule) = rules.deny.most_specific(ip) {
-        return Err(Refusal::Denied(rule));
+        return Err(Refusal::Denied(Source::Net(rule)));
     }
     if !limits.allow.is_empty() && rules.allow.most_specific(ip).is_none() {
         return Err(Refusal::NotAllowed);
@@ -364,7 +405,18 @@ fn check_rules(ip: IpAddr, limits: &Limits) -> Result<(), Refusal> {
     Ok(())
 }
 
-fn check_per_source(source: IpNet, live: usize, limits: &Limits) -> Result<(), Refusal> {
+/// Uid rules are few (one per account that may connect): a linear search is enough.
+fn check_uid_rules(uid: u32, limits: &Limits) -> Result<(), Refusal> {
+    if limits.deny_uids.contains(&uid) {
+        return Err(Refusal::Denied(Source::Uid(uid)));
+    }
+    if !limits.allow_uids.is_empty() && !limits.allow_uids.contains(&uid) {
+        return Err(Refusal::NotAllowed);
+    }
+    Ok(())
+}
+
+fn check_per_source(source: Source, live: usize, limits: &Limits) -> Result<(), Refusal> {
     if limits.per_source_full(live) {
         return Err(Refusal::PerSource {
             source,
@@ -631,6 +683,26 @@ fn net_contains(net: &IpNet, ip: IpAddr) -> bool {
     }
 }
 
+/// A rule of `allow` or `deny`, as written: a prefix, or `uid:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    Prefix(IpNet),
+    Uid(u32),
+}
+
+/// Parses a rule: `uid:N` (a local peer's uid), or a prefix as [`parse_prefix`] takes it.
+pub fn parse_rule(s: &str) -> Result<Rule, String> {
+    let s = s.trim();
+    match s.strip_prefix("uid:") {
+        Some(uid) => uid.parse().map(Rule::Uid).map_err(|_| {
+            format!("`{s}` is not a uid rule such as uid:1000 (a number, not a user name)")
+        }),
+        None => parse_prefix(s)
+            .map(Rule::Prefix)
+            .map_err(|e| format!("{e}, or a uid rule such as uid:1000")),
+    }
+}
+
 /// Parses `ADDR/LEN` or a bare address (a single host).
 pub fn parse_prefix(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
@@ -666,25 +738,78 @@ mod tests {
     }
 
     fn admit(adm: &mut Admission, limits: &Limits, peer: &str, live: usize, now: Instant) -> bool {
-        let source = source_of(ip(peer), limits);
-        adm.admit(ip(peer), source, live, limits, now).is_ok()
+        let peer = Peer::Ip(std::net::SocketAddr::new(ip(peer), 1));
+        let source = source_of(&peer, limits);
+        adm.admit(&peer, source, live, limits, now).is_ok()
     }
 
     #[test]
     fn sources_group_ipv6_by_64() {
         let l = defaults();
         assert_eq!(
-            source_of(ip("2001:db8::1"), &l),
-            source_of(ip("2001:db8::ffff:1"), &l)
+            net_source_of(ip("2001:db8::1"), &l),
+            net_source_of(ip("2001:db8::ffff:1"), &l)
         );
         assert_ne!(
-            source_of(ip("2001:db8:0:1::1"), &l),
-            source_of(ip("2001:db8::1"), &l)
+            net_source_of(ip("2001:db8:0:1::1"), &l),
+            net_source_of(ip("2001:db8::1"), &l)
         );
         assert_eq!(
-            source_of(ip("::ffff:127.0.0.1"), &l),
+            net_source_of(ip("::ffff:127.0.0.1"), &l),
             parse_prefix("127.0.0.1").unwrap()
         );
+    }
+
+    fn local(uid: u32) -> Peer {
+        Peer::Local(crate::conn::Credentials {
+            pid: 1,
+            uid,
+            gid: 1,
+        })
+    }
+
+    #[test]
+    fn uid_rules_speak_of_local_peers_and_prefixes_of_tcp_ones() {
+        let limits = Limits {
+            allow: vec![parse_prefix("10.0.0.0/8").unwrap()],
+            allow_uids: vec![1000, 1001],
+            deny_uids: vec![1001],
+            ..defaults()
+        };
+        assert_eq!(check_rules(&local(1000), &limits), Ok(()));
+        assert_eq!(
+            check_rules(&local(1001), &limits).unwrap_err().to_string(),
+            "denied by rule uid:1001"
+        );
+        assert_eq!(check_rules(&local(0), &limits), Err(Refusal::NotAllowed));
+        let tcp = |ip: &str| Peer::Ip(std::net::SocketAddr::new(ip.parse().unwrap(), 1));
+        assert_eq!(check_rules(&tcp("10.1.1.1"), &limits), Ok(()));
+        assert_eq!(
+            check_rules(&tcp("127.0.0.1"), &limits),
+            Err(Refusal::NotAllowed)
+        );
+        // An allow list with only prefixes says nothing about local peers, and the reverse.
+        let prefixes_only = Limits {
+            allow: vec![parse_prefix("10.0.0.0/8").unwrap()],
+            ..defaults()
+        };
+        assert_eq!(check_rules(&local(0), &prefixes_only), Ok(()));
+        let uids_only = Limits {
+            allow_uids: vec![1000],
+            ..defaults()
+        };
+        assert_eq!(check_rules(&tcp("127.0.0.1"), &uids_only), Ok(()));
+    }
+
+    #[test]
+    fn a_local_peer_counts_under_its_uid() {
+        let l = defaults();
+        assert_eq!(source_of(&local(1000), &l), Source::Uid(1000));
+        assert_eq!(Source::Uid(1000).to_string(), "uid:1000");
+        assert_eq!(local(7).to_string(), "uid:7,gid:1,pid:1");
+        assert_eq!(parse_rule("uid:12"), Ok(Rule::Uid(12)));
+        assert!(parse_rule("uid:root").unwrap_err().contains("a number"));
+        assert!(parse_rule("nonsense").unwrap_err().contains("uid:1000"));
     }
 
     #[test]
@@ -797,30 +922,32 @@ mod tests {
     fn refusal_names_the_most_specific_deny_rule() {
         let limits = limits_with(&["10.0.0.0/8", "10.1.2.0/24", "10.1.0.0/16"], &[]);
         assert_eq!(
-            check_rules(ip("10.1.2.3"), &limits)
+            check_ip_rules(ip("10.1.2.3"), &limits)
                 .unwrap_err()
                 .to_string(),
             "denied by rule 10.1.2.0/24"
         );
         assert_eq!(
-            check_rules(ip("10.9.0.1"), &limits),
-            Err(Refusal::Denied(parse_prefix("10.0.0.0/8").unwrap()))
+            check_ip_rules(ip("10.9.0.1"), &limits),
+            Err(Refusal::Denied(Source::Net(
+                parse_prefix("10.0.0.0/8").unwrap()
+            )))
         );
-        assert_eq!(check_rules(ip("11.0.0.1"), &limits), Ok(()));
+        assert_eq!(check_ip_rules(ip("11.0.0.1"), &limits), Ok(()));
     }
 
     #[test]
     fn mapped_rules_cover_ipv4_and_are_named_as_written() {
         let limits = limits_with(&["::ffff:127.0.0.0/104", "::/0"], &[]);
         assert_eq!(
-            check_rules(ip("127.0.0.9"), &limits)
+            check_ip_rules(ip("127.0.0.9"), &limits)
                 .unwrap_err()
                 .to_string(),
             "denied by rule ::ffff:127.0.0.0/104"
         );
-        assert_eq!(check_rules(ip("10.0.0.1"), &limits), Ok(()));
+        assert_eq!(check_ip_rules(ip("10.0.0.1"), &limits), Ok(()));
         assert_eq!(
-            check_rules(ip("2001:db8::1"), &limits)
+            check_ip_rules(ip("2001:db8::1"), &limits)
                 .unwrap_err()
                 .to_string(),
             "denied by rule ::/0"
@@ -828,13 +955,18 @@ mod tests {
         // Given both ways, the IPv4 form is named.
         let both = limits_with(&["::ffff:127.0.0.2/128", "127.0.0.2"], &[]);
         assert_eq!(
-            check_rules(ip("127.0.0.2"), &both).unwrap_err().to_string(),
+            check_ip_rules(ip("127.0.0.2"), &both)
+                .unwrap_err()
+                .to_string(),
             "denied by rule 127.0.0.2/32"
         );
         // ::ffff:0:0/96 is all of IPv4 and none of IPv6.
         let v4_only = limits_with(&[], &["::ffff:0:0/96"]);
-        assert_eq!(check_rules(ip("192.0.2.1"), &v4_only), Ok(()));
-        assert_eq!(check_rules(ip("::1"), &v4_only), Err(Refusal::NotAllowed));
+        assert_eq!(check_ip_rules(ip("192.0.2.1"), &v4_only), Ok(()));
+        assert_eq!(
+            check_ip_rules(ip("::1"), &v4_only),
+            Err(Refusal::NotAllowed)
+        );
     }
 
     #[test]
@@ -846,8 +978,10 @@ mod tests {
         assert_ne!(built, limits_with(&["127.0.0.3"], &["127.0.0.0/8"]));
         let clone = built.clone();
         assert_eq!(
-            check_rules(ip("127.0.0.2"), &clone),
-            Err(Refusal::Denied(parse_prefix("127.0.0.2").unwrap()))
+            check_ip_rules(ip("127.0.0.2"), &clone),
+            Err(Refusal::Denied(Source::Net(
+                parse_prefix("127.0.0.2").unwrap()
+            )))
         );
     }
 
@@ -873,30 +1007,32 @@ mod tests {
         };
         limits.index_rules();
         assert_eq!(
-            check_rules(ip("10.3.13.63"), &limits)
+            check_ip_rules(ip("10.3.13.63"), &limits)
                 .unwrap_err()
                 .to_string(),
             "denied by rule 10.3.13.63/32"
         );
         assert_eq!(
-            check_rules(ip("11.3.232.77"), &limits)
+            check_ip_rules(ip("11.3.232.77"), &limits)
                 .unwrap_err()
                 .to_string(),
             "denied by rule 11.3.232.0/24"
         );
-        assert_eq!(check_rules(ip("10.3.13.64"), &limits), Ok(()));
+        assert_eq!(check_ip_rules(ip("10.3.13.64"), &limits), Ok(()));
         assert_eq!(
-            check_rules(ip("10.0.0.1"), &limits),
-            Err(Refusal::Denied(parse_prefix("10.0.0.1").unwrap()))
+            check_ip_rules(ip("10.0.0.1"), &limits),
+            Err(Refusal::Denied(Source::Net(
+                parse_prefix("10.0.0.1").unwrap()
+            )))
         );
-        assert_eq!(check_rules(ip("127.0.0.1"), &limits), Ok(()));
-        assert_eq!(check_rules(ip("::1"), &limits), Err(Refusal::NotAllowed));
+        assert_eq!(check_ip_rules(ip("127.0.0.1"), &limits), Ok(()));
+        assert_eq!(check_ip_rules(ip("::1"), &limits), Err(Refusal::NotAllowed));
     }
 
     /// The rules as checked before the index: a scan of both lists in configured order.
     fn check_rules_linear(ip: IpAddr, limits: &Limits) -> Result<(), Refusal> {
         if let Some(rule) = limits.deny.iter().find(|net| net_contains(net, ip)) {
-            return Err(Refusal::Denied(*rule));
+            return Err(Refusal::Denied(Source::Net(*rule)));
         }
         if !limits.allow.is_empty() && !limits.allow.iter().any(|net| net_contains(net, ip)) {
             return Err(Refusal::NotAllowed);
@@ -974,10 +1110,10 @@ mod tests {
                     let keep = u128::MAX.checked_shl(host_bits).unwrap_or(0);
                     IpAddr::V6(Ipv6Addr::from((v6[base] & keep) | (noise & !keep))).to_canonical()
                 };
-                let indexed = check_rules(peer, &limits);
+                let indexed = check_ip_rules(peer, &limits);
                 let linear = check_rules_linear(peer, &limits);
                 match (&indexed, &linear) {
-                    (Err(Refusal::Denied(rule)), Err(Refusal::Denied(_))) => {
+                    (Err(Refusal::Denied(Source::Net(rule))), Err(Refusal::Denied(_))) => {
                         let most_specific = limits.deny.iter()
                             .filter(|net| net_contains(net, peer))
                             .map(specificity)
@@ -1027,7 +1163,7 @@ mod tests {
             println!(
                 "{rules} rules: index {:.1} M lookups/s, scan {:.3} M lookups/s, \
                  built in {built:.1?}, index {} bytes on the heap, lists {} bytes",
-                per_second(check_rules, peers.len()) / 1e6,
+                per_second(check_ip_rules, peers.len()) / 1e6,
                 per_second(check_rules_linear, linear_probes) / 1e6,
                 rules_index.deny.heap_bytes() + rules_index.allow.heap_bytes(),
                 limits.deny.capacity() * std::mem::size_of::<IpNet>(),

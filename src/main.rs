@@ -141,7 +141,7 @@ fn start_and_serve(cli: Cli, readiness: &mut Readiness) -> Result<(), Failure> {
 fn listeners(config: &Config) -> Result<(Vec<listen::Listener>, bool), Failure> {
     match listen::from_systemd() {
         Ok(Some(passed)) => Ok((passed, true)),
-        Ok(None) => listen::bind_all(&config.listen, config.backlog, config.reuse_port)
+        Ok(None) => listen::bind_all(&config.listen, &config.bind_settings())
             .map(|bound| (bound, false))
             .map_err(|e| Failure::Start(e.to_string())),
         Err(e) => Err(Failure::Start(format!(

@@ -14,10 +14,9 @@
 //! holds one descriptor per entry, and the loop wakes up for the earliest deadline.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::conn::Accepted;
+use crate::conn::{Accepted, Peer};
 
 /// Longest a connection waits for a session of its source to end before it is refused for
 /// `max_per_source`. A child normally finishes exiting within microseconds of closing its
@@ -56,7 +55,7 @@ impl Pending {
     }
 
     /// How many waiting connections come from a peer for which `matches` holds.
-    pub fn count(&self, mut matches: impl FnMut(&SocketAddr) -> bool) -> usize {
+    pub fn count(&self, mut matches: impl FnMut(&Peer) -> bool) -> usize {
         self.waiting
             .iter()
             .filter(|w| matches(&w.accepted.peer))
@@ -79,7 +78,7 @@ impl Pending {
     pub fn take_decidable(
         &mut self,
         now: Instant,
-        mut ready: impl FnMut(&SocketAddr) -> bool,
+        mut ready: impl FnMut(&Peer) -> bool,
     ) -> Vec<Waiting> {
         let mut decidable = Vec::new();
         let mut kept = VecDeque::with_capacity(self.waiting.len());
@@ -108,8 +107,8 @@ mod tests {
     fn connection(listener: &TcpListener) -> Accepted {
         let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (stream, peer) = listener.accept().unwrap();
-        let listener = listener.local_addr().unwrap();
-        Accepted::direct(stream, peer, listener)
+        let listener = crate::conn::Local::Ip(listener.local_addr().unwrap());
+        Accepted::direct(stream.into(), Peer::Ip(peer), listener)
     }
 
     #[test]
@@ -131,7 +130,7 @@ mod tests {
         assert!(pending.take_decidable(t0, |_| false).is_empty());
         // The third is ready; the first is late.
         let decided = pending.take_decidable(t0 + Duration::from_millis(150), |p| *p == peers[2]);
-        let decided: Vec<SocketAddr> = decided.iter().map(|w| w.accepted.peer).collect();
+        let decided: Vec<Peer> = decided.iter().map(|w| w.accepted.peer).collect();
         assert_eq!(decided, [peers[0], peers[2]]);
         assert_eq!(pending.len(), 1);
         assert_eq!(pending.take_all().len(), 1);

@@ -16,6 +16,7 @@ use std::path::Path;
 use socket2::{Domain, Socket, Type};
 
 use crate::config::Config;
+use crate::listen::ListenAddr;
 
 /// Something the host will refuse when forkecho starts with this configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +34,11 @@ impl fmt::Display for Problem {
 /// The first problem found, in the order of the keys' documentation.
 pub fn check(config: &Config) -> Result<(), Problem> {
     for (i, addr) in config.listen.iter().enumerate() {
-        check_address(*addr).map_err(|reason| {
+        let checked = match addr {
+            ListenAddr::Ip(ip) => check_address(*ip),
+            ListenAddr::Unix(path) => check_socket_path(path),
+        };
+        checked.map_err(|reason| {
             let (key, prefix) = config.listen_key_of(i);
             Problem {
                 key,
@@ -57,6 +62,38 @@ pub fn check(config: &Config) -> Result<(), Problem> {
         })?;
     }
     Ok(())
+}
+
+/// A UNIX-domain socket can be made at `path`: its directory exists, and nothing but a socket
+/// (the running instance's, or a stale one the start replaces) is there already.
+fn check_socket_path(path: &Path) -> Result<(), String> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => {
+            return Err(format!(
+                "unix:{}: {} is not a directory",
+                path.display(),
+                dir.display()
+            ))
+        }
+        Err(e) => {
+            return Err(format!(
+                "unix:{}: directory {}: {}",
+                path.display(),
+                dir.display(),
+                crate::os_error_text(&e)
+            ))
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => Err(format!(
+            "unix:{}: it is {}, not a socket; the start would refuse it and leave it as it is",
+            path.display(),
+            crate::listen::what_is_there(&meta)
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// `addr`'s IP is one this host can bind: binding it with port 0 (any free port, so a port the

@@ -63,6 +63,23 @@ pub fn resolve(user: &str, group: Option<&str>) -> Result<Identity, LookupError>
     })
 }
 
+/// The uid of `user` (a name, looked up, or a number, taken as it is): for owning a file.
+pub fn uid_of(user: &str) -> Result<u32, String> {
+    match user.parse::<u32>() {
+        Ok(u32::MAX) => Err(format!("{user} is not a valid uid")),
+        Ok(uid) => Ok(uid),
+        Err(_) => lookup_user(user).map(|account| account.uid.as_raw()),
+    }
+}
+
+/// The gid of `group` (a name, looked up, or a number, taken as it is).
+pub fn gid_of(group: &str) -> Result<u32, String> {
+    match group.parse::<u32>() {
+        Ok(u32::MAX) => Err(format!("{group} is not a valid gid")),
+        _ => lookup_group(group).map(|gid| gid.as_raw()),
+    }
+}
+
 /// A `passwd` entry: what dropping privileges needs of it.
 #[derive(Debug, PartialEq, Eq)]
 struct Account {

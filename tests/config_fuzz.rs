@@ -236,6 +236,8 @@ fn listen_key(start_safe: bool) -> BoxedStrategy<Setting> {
         (list(&["127.0.0.1:0", "127.0.0.1:0"]), true, true),
         (list(&["127.0.0.1:0", "[::1]:0"]), true, true),
         (list(&["nonsense"]), false, false),
+        (list(&["unix:relative.sock"]), false, false),
+        (list(&[&format!("unix:/{}", "a".repeat(107))]), false, false),
         (list(&["127.0.0.1"]), false, false),
         (list(&["127.0.0.1:65536"]), false, false),
         (list(&["localhost:0"]), false, false),
@@ -252,13 +254,25 @@ fn listen_key(start_safe: bool) -> BoxedStrategy<Setting> {
         choices.push((list(&["[::1]:2999", "[::]:2999"]), true, true));
         choices.push((list(&["0.0.0.0:2999", "[::]:2999"]), true, true));
     }
-    let unreachable = Just(Setting {
-        os_fail: true,
-        ..Setting::new("listen", list(&["192.0.2.1:0"]), true, true)
-    });
+    let unreachable = prop_oneof![
+        Just(Setting {
+            os_fail: true,
+            ..Setting::new("listen", list(&["192.0.2.1:0"]), true, true)
+        }),
+        // A socket in a directory that does not exist.
+        Just(Setting {
+            os_fail: true,
+            ..Setting::new(
+                "listen",
+                list(&["unix:/nonexistent-forkecho-test-dir/s"]),
+                true,
+                true
+            )
+        }),
+    ];
     let garbage = plain_text(12)
         .prop_filter("not an address", |s| {
-            s.trim().parse::<SocketAddr>().is_err()
+            s.trim().parse::<SocketAddr>().is_err() && !s.trim().starts_with("unix:")
         })
         .prop_map(|s| Setting::new("listen", Val::List(vec![s]), false, false));
     prop_oneof![4 => pick("listen", choices), 1 => unreachable, 1 => garbage].boxed()
@@ -291,6 +305,40 @@ fn refusal_message_key() -> BoxedStrategy<Setting> {
         ],
     );
     prop_oneof![3 => text_key(key), 1 => long].boxed()
+}
+
+/// `allow` or `deny`: prefixes as for [`prefixes_key`], and `uid:N` rules.
+fn rules_key(key: &'static str) -> BoxedStrategy<Setting> {
+    let uids = pick(
+        key,
+        vec![
+            (
+                Val::List(vec!["uid:1000".into(), "10.0.0.0/8".into()]),
+                true,
+                true,
+            ),
+            (Val::List(vec!["uid:0".into()]), true, true),
+            (Val::List(vec!["uid:root".into()]), false, false),
+            (Val::List(vec!["uid:".into()]), false, false),
+        ],
+    );
+    prop_oneof![3 => prefixes_key(key), 1 => uids].boxed()
+}
+
+/// `unix_socket_mode`: octal permission bits, as text or a TOML integer.
+fn mode_key() -> BoxedStrategy<Setting> {
+    pick(
+        "unix_socket_mode",
+        vec![
+            (Val::Str("0660".into()), true, true),
+            (Val::Str("600".into()), true, true),
+            (Val::Int(0o640), true, true),
+            (Val::Str("0999".into()), false, false),
+            (Val::Str("4777".into()), false, false),
+            (Val::Str("rw-rw----".into()), false, false),
+            (Val::Bool(true), false, false),
+        ],
+    )
 }
 
 fn prefixes_key(key: &'static str) -> BoxedStrategy<Setting> {
@@ -556,8 +604,8 @@ fn generators(start_safe: bool) -> Vec<(&'static str, BoxedStrategy<Setting>)> {
             "source_prefix_v6",
             int_key("source_prefix_v6", 0..=128, &[129, -1]),
         ),
-        ("allow", prefixes_key("allow")),
-        ("deny", prefixes_key("deny")),
+        ("allow", rules_key("allow")),
+        ("deny", rules_key("deny")),
         ("max_rate_per_source", rate_key()),
         (
             "rate_burst",
@@ -565,6 +613,15 @@ fn generators(start_safe: bool) -> Vec<(&'static str, BoxedStrategy<Setting>)> {
         ),
         ("refusal_message", refusal_message_key()),
         ("reuse_port", bool_key("reuse_port")),
+        ("unix_socket_mode", mode_key()),
+        (
+            "unix_socket_owner",
+            identity_key("unix_socket_owner", &KNOWN_USERS, "no-such-user-forkecho"),
+        ),
+        (
+            "unix_socket_group",
+            identity_key("unix_socket_group", &KNOWN_GROUPS, "no-such-group-forkecho"),
+        ),
         ("pid_file", path_key("pid_file", "forkecho.pid")),
         ("log_level", log_level_key()),
         ("log_file", path_key("log_file", "forkecho.log")),
@@ -737,6 +794,10 @@ impl Case {
             culprits.push("key `trusted_proxies`".into());
             culprits.push("key `proxy_protocol`".into());
         }
+        // The PROXY protocol is read on TCP listeners only.
+        if proxied && trusted && listen.iter().any(|a| a.starts_with("unix:")) {
+            culprits.push("key `proxy_protocol`".into());
+        }
         // A program per connection: `idle_timeout` cannot apply (0 may be said); without
         // one, the keys only a program uses cannot.
         if self.effective("exec").is_some() {
@@ -759,6 +820,15 @@ impl Case {
             }
         }
         let name = |key| self.effective(key).map(|s| s.val.text());
+        // Names are looked up; numbers are taken as they are.
+        let unknown =
+            |name: &str, known: &[&str]| !known.contains(&name) && name.parse::<u32>().is_err();
+        if name("unix_socket_owner").is_some_and(|n| unknown(&n, &KNOWN_USERS)) {
+            culprits.push("key `unix_socket_owner`".into());
+        }
+        if name("unix_socket_group").is_some_and(|n| unknown(&n, &KNOWN_GROUPS)) {
+            culprits.push("key `unix_socket_group`".into());
+        }
         match (name("user"), name("group")) {
             (None, Some(_)) => culprits.push("key `group`".into()),
             (Some(user), group) => {

@@ -59,6 +59,13 @@ impl fmt::Display for Shown<'_> {
             Shown::Plain(text) => f.write_str(&summarise_plain(text)),
             Shown::Bytes(bytes) => f.write_str(&summarise_text(bytes)),
             Shown::Prefixes(list) => f.write_str(&summarise_list(list)),
+            Shown::Rules(prefixes, []) => f.write_str(&summarise_list(prefixes)),
+            Shown::Rules(prefixes, uids) => {
+                let uids: Vec<String> = uids.iter().map(|uid| format!("uid:{uid}")).collect();
+                let uids = uids.join(", ");
+                let uids = summarise_plain(&uids);
+                write!(f, "{} + [{uids}]", summarise_list(prefixes))
+            }
         }
     }
 }

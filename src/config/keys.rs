@@ -17,6 +17,7 @@ use ipnet::IpNet;
 
 use super::Config;
 use crate::limits;
+use crate::listen::ListenAddr;
 
 /// One configuration key.
 pub(super) struct Key {
@@ -97,6 +98,8 @@ pub(super) enum Shown<'a> {
     Plain(String),
     Bytes(&'a [u8]),
     Prefixes(&'a [IpNet]),
+    /// `allow` or `deny`: prefixes and uids.
+    Rules(&'a [IpNet], &'a [u32]),
 }
 
 fn plain(value: impl ToString) -> Shown<'static> {
@@ -115,11 +118,11 @@ fn plain_or_none<T: ToString>(value: Option<T>) -> Shown<'static> {
 }
 
 /// Every key, in the order `--help` and the documentation list them.
-pub(super) const TABLE: [Key; 34] = [
+pub(super) const TABLE: [Key; 37] = [
     Key {
         name: "listen",
-        help: "Address to listen on, IP:PORT (`[::1]:PORT` for IPv6); repeatable; port 0 picks \
-               a free port",
+        help: "Address to listen on, IP:PORT (`[::1]:PORT` for IPv6) or unix:/PATH (a \
+               UNIX-domain socket); repeatable; port 0 picks a free port",
         default: Some(r#"["127.0.0.1:2333"]"#),
         flag: Flag::List {
             value_name: "ADDR",
@@ -247,25 +250,27 @@ pub(super) const TABLE: [Key; 34] = [
     },
     Key {
         name: "allow",
-        help: "Serve only clients in this prefix (ADDR/LEN or ADDR); repeatable; none = everyone",
+        help: "Serve only clients in this prefix (ADDR/LEN or ADDR), or local processes of this \
+               uid (uid:N); repeatable; none of a kind = everyone of that kind",
         default: None,
-        flag: PREFIXES,
+        flag: RULES,
         set: |c, v, w| {
-            c.limits.allow = prefixes_from_toml(v, w)?;
+            (c.limits.allow, c.limits.allow_uids) = rules_from_toml(v, w)?;
             Ok(())
         },
-        on_reload: OnReload::Applies(|c| Shown::Prefixes(&c.limits.allow)),
+        on_reload: OnReload::Applies(|c| Shown::Rules(&c.limits.allow, &c.limits.allow_uids)),
     },
     Key {
         name: "deny",
-        help: "Refuse clients in this prefix (ADDR/LEN or ADDR); repeatable; wins over --allow",
+        help: "Refuse clients in this prefix (ADDR/LEN or ADDR), or local processes of this uid \
+               (uid:N); repeatable; wins over --allow",
         default: None,
-        flag: PREFIXES,
+        flag: RULES,
         set: |c, v, w| {
-            c.limits.deny = prefixes_from_toml(v, w)?;
+            (c.limits.deny, c.limits.deny_uids) = rules_from_toml(v, w)?;
             Ok(())
         },
-        on_reload: OnReload::Applies(|c| Shown::Prefixes(&c.limits.deny)),
+        on_reload: OnReload::Applies(|c| Shown::Rules(&c.limits.deny, &c.limits.deny_uids)),
     },
     Key {
         name: "max_rate_per_source",
@@ -314,6 +319,45 @@ pub(super) const TABLE: [Key; 34] = [
             Ok(())
         },
         on_reload: OnReload::NewAddressesOnly(|c| plain(c.reuse_port)),
+    },
+    Key {
+        name: "unix_socket_mode",
+        help: "Permissions of a UNIX-domain socket's file (octal): who may connect",
+        default: Some(r#""0666""#),
+        flag: Flag::Text("MODE"),
+        set: |c, v, w| {
+            c.unix_socket_mode = parse_mode(v, w)?;
+            Ok(())
+        },
+        on_reload: OnReload::NewAddressesOnly(|c| plain(format!("{:04o}", c.unix_socket_mode))),
+    },
+    Key {
+        name: "unix_socket_owner",
+        help: "Owner (user name or uid) of a UNIX-domain socket's file [default: forkecho's user]",
+        default: None,
+        flag: Flag::Text("USER"),
+        set: |c, v, w| {
+            c.unix_socket_owner = Some(expect_name(v, w)?.to_string());
+            Ok(())
+        },
+        on_reload: OnReload::NextStart(
+            |c| plain_or_none(c.unix_socket_owner.as_ref()),
+            UNIX_OWNER_CHANGE,
+        ),
+    },
+    Key {
+        name: "unix_socket_group",
+        help: "Group (name or gid) of a UNIX-domain socket's file [default: forkecho's group]",
+        default: None,
+        flag: Flag::Text("GROUP"),
+        set: |c, v, w| {
+            c.unix_socket_group = Some(expect_name(v, w)?.to_string());
+            Ok(())
+        },
+        on_reload: OnReload::NextStart(
+            |c| plain_or_none(c.unix_socket_group.as_ref()),
+            UNIX_OWNER_CHANGE,
+        ),
     },
     Key {
         name: "pid_file",
@@ -558,11 +602,15 @@ const SECONDS: Flag = Flag::Number {
 };
 
 /// The flag of `allow` and `deny`.
-const PREFIXES: Flag = Flag::List {
-    value_name: "PREFIX",
+const RULES: Flag = Flag::List {
+    value_name: "RULE",
     short: None,
     alias: None,
 };
+
+/// Names are looked up at start only: a lookup (getent) could stall the loop.
+const UNIX_OWNER_CHANGE: &str =
+    "unix_socket_owner and unix_socket_group changes take effect at the next start";
 
 /// Root is gone once serving, and a lookup (getent) could stall the loop: see `Config::reload`.
 const IDENTITY_CHANGE: &str = "user and group changes take effect at the next start (root is gone)";
@@ -677,10 +725,11 @@ fn describe_value(value: &toml::Value, written: &str) -> String {
     }
 }
 
-fn listen_from_toml(value: &toml::Value, written: &str) -> Result<Vec<SocketAddr>, String> {
+fn listen_from_toml(value: &toml::Value, written: &str) -> Result<Vec<ListenAddr>, String> {
     let items = value.as_array().ok_or_else(|| {
         format!(
-            "expected an array of addresses such as [\"127.0.0.1:2333\"], found {}",
+            "expected an array of addresses such as [\"127.0.0.1:2333\", \"unix:/run/f.sock\"], \
+             found {}",
             describe_value(value, written)
         )
     })?;
@@ -823,6 +872,40 @@ fn without_nul(s: &str) -> Result<&str, String> {
     }
 }
 
+/// `allow`, `deny`: prefixes and `uid:N` rules, in two lists.
+fn rules_from_toml(value: &toml::Value, written: &str) -> Result<(Vec<IpNet>, Vec<u32>), String> {
+    let items = value.as_array().ok_or_else(|| {
+        format!(
+            "expected an array of rules such as [\"10.0.0.0/8\", \"uid:1000\"], found {}",
+            describe_value(value, written)
+        )
+    })?;
+    let (mut prefixes, mut uids) = (Vec::new(), Vec::new());
+    for item in items {
+        match limits::parse_rule(expect_item_str(item)?)? {
+            limits::Rule::Prefix(net) => prefixes.push(net),
+            limits::Rule::Uid(uid) => uids.push(uid),
+        }
+    }
+    Ok((prefixes, uids))
+}
+
+/// A file mode in octal, as text (`"0660"`) or a TOML integer (`0o660`); permission bits only.
+fn parse_mode(value: &toml::Value, written: &str) -> Result<u32, String> {
+    let mode = match value {
+        toml::Value::Integer(n) => u32::try_from(*n).ok(),
+        toml::Value::String(s) => u32::from_str_radix(s.trim(), 8).ok(),
+        _ => None,
+    };
+    match mode {
+        Some(mode) if mode <= 0o777 => Ok(mode),
+        _ => Err(format!(
+            "{} is not a mode such as \"0660\" (octal permission bits, at most 0777)",
+            describe_value(value, written)
+        )),
+    }
+}
+
 fn prefixes_from_toml(value: &toml::Value, written: &str) -> Result<Vec<IpNet>, String> {
     let items = value.as_array().ok_or_else(|| {
         format!(
@@ -836,12 +919,43 @@ fn prefixes_from_toml(value: &toml::Value, written: &str) -> Result<Vec<IpNet>, 
         .collect()
 }
 
+/// Longest path a UNIX-domain socket address holds (`sun_path` less its final NUL).
+const MAX_UNIX_PATH: usize = 107;
+
+/// `unix:/PATH`, or an IP address as [`parse_ip_addr`] takes it.
+pub(super) fn parse_addr(s: &str) -> Result<ListenAddr, String> {
+    let Some(path) = s.trim().strip_prefix("unix:") else {
+        return parse_ip_addr(s).map(ListenAddr::Ip);
+    };
+    let path = without_nul(path)?;
+    if !path.starts_with('/') {
+        return Err(format!(
+            "`{s}`: a UNIX-domain socket's path must be absolute, such as unix:/run/forkecho.sock"
+        ));
+    }
+    if path.len() > MAX_UNIX_PATH {
+        return Err(format!(
+            "`{s}`: the path is {} bytes; a UNIX-domain socket's path holds at most {MAX_UNIX_PATH}",
+            path.len()
+        ));
+    }
+    if path.ends_with('/') {
+        return Err(format!(
+            "`{s}`: the path names a directory, not a socket file"
+        ));
+    }
+    Ok(ListenAddr::Unix(PathBuf::from(path)))
+}
+
 /// `IP:PORT`, with IPv6 in brackets. Host names are not resolved: what is bound is what is
 /// written. An IPv4-mapped IPv6 address is refused: IPv6 listeners are IPv6-only, and such a
 /// socket cannot bind one.
-pub(super) fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+fn parse_ip_addr(s: &str) -> Result<SocketAddr, String> {
     let addr: SocketAddr = s.trim().parse().map_err(|_| {
-        format!("`{s}` is not an address of the form IP:PORT, such as 127.0.0.1:2333 or [::1]:2333")
+        format!(
+            "`{s}` is not an address of the form IP:PORT, such as 127.0.0.1:2333 or [::1]:2333, \
+             or unix:/PATH"
+        )
     })?;
     if let SocketAddr::V6(v6) = addr {
         if let Some(v4) = v6.ip().to_ipv4_mapped() {
@@ -861,10 +975,23 @@ pub(super) fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 /// bind both, to no purpose). IPv6 listeners are IPv6-only, so [::]:P and 0.0.0.0:P do not
 /// meet. Port 0 may repeat: each gets its own free port. Linear in the number of addresses.
 /// An error is the reason and the index of the address at fault.
-pub(super) fn check_listen_together(addrs: &[SocketAddr]) -> Result<(), (usize, String)> {
-    let mut seen = HashSet::with_capacity(addrs.len());
+pub(super) fn check_listen_together(addrs: &[ListenAddr]) -> Result<(), (usize, String)> {
+    let mut paths = HashSet::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        if let ListenAddr::Unix(path) = addr {
+            if !paths.insert(path) {
+                return Err((i, format!("{addr} is listed twice")));
+            }
+        }
+    }
+    let ip: Vec<(usize, SocketAddr)> = addrs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| Some((i, a.ip()?)))
+        .collect();
+    let mut seen = HashSet::with_capacity(ip.len());
     let mut wildcards = HashMap::new();
-    for (i, &addr) in addrs.iter().enumerate().filter(|(_, a)| a.port() != 0) {
+    for &(i, addr) in ip.iter().filter(|(_, a)| a.port() != 0) {
         if !seen.insert(addr) {
             return Err((i, format!("{addr} is listed twice")));
         }
@@ -872,11 +999,10 @@ pub(super) fn check_listen_together(addrs: &[SocketAddr]) -> Result<(), (usize, 
             wildcards.insert((addr.is_ipv6(), addr.port()), (i, addr));
         }
     }
-    let covered = addrs
+    let covered = ip
         .iter()
-        .enumerate()
         .filter(|(_, a)| a.port() != 0 && !a.ip().is_unspecified())
-        .find_map(|(i, a)| Some((wildcards.get(&(a.is_ipv6(), a.port()))?, i, a)));
+        .find_map(|&(i, a)| Some((wildcards.get(&(a.is_ipv6(), a.port()))?, i, a)));
     match covered {
         Some((&(j, wildcard), i, addr)) => Err((
             i.max(j),
@@ -986,8 +1112,8 @@ mod tests {
         }
     }
 
-    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
-        list.iter().map(|a| a.parse().unwrap()).collect()
+    fn addrs(list: &[&str]) -> Vec<ListenAddr> {
+        list.iter().map(|a| parse_addr(a).unwrap()).collect()
     }
 
     #[test]
@@ -999,6 +1125,36 @@ mod tests {
             .contains("listed twice"));
         let zeros = addrs(&["127.0.0.1:0", "127.0.0.1:0"]);
         assert!(check_listen_together(&zeros).is_ok());
+        let paths = addrs(&["unix:/run/a.sock", "127.0.0.1:7", "unix:/run/a.sock"]);
+        assert_eq!(
+            check_listen_together(&paths).unwrap_err(),
+            (2, "unix:/run/a.sock is listed twice".to_string())
+        );
+    }
+
+    #[test]
+    fn a_unix_address_needs_an_absolute_path_that_fits() {
+        assert_eq!(
+            parse_addr("unix:/run/forkecho.sock"),
+            Ok(ListenAddr::Unix("/run/forkecho.sock".into()))
+        );
+        assert!(parse_addr("unix:run/f.sock")
+            .unwrap_err()
+            .contains("must be absolute"));
+        let long = format!("unix:/{}", "a".repeat(107));
+        assert!(parse_addr(&long).unwrap_err().contains("at most 107"));
+        assert!(parse_addr(&format!("unix:/{}", "a".repeat(106))).is_ok());
+        assert!(parse_addr("unix:/run/").unwrap_err().contains("directory"));
+    }
+
+    #[test]
+    fn modes_are_octal_permission_bits() {
+        let mode = |text: &str| parse_mode(&toml::Value::String(text.into()), text);
+        assert_eq!(mode("0660"), Ok(0o660));
+        assert_eq!(mode("600"), Ok(0o600));
+        assert!(mode("0999").is_err());
+        assert!(mode("4777").is_err());
+        assert_eq!(parse_mode(&toml::Value::Integer(0o640), "0o640"), Ok(0o640));
     }
 
     #[test]
@@ -1032,8 +1188,9 @@ mod tests {
     #[test]
     fn checking_many_listen_addresses_takes_linear_time() {
         // 100,000 distinct addresses: a pairwise comparison (5e9 steps) takes seconds.
-        let many: Vec<SocketAddr> = (0..100_000u32)
+        let many: Vec<ListenAddr> = (0..100_000u32)
             .map(|i| SocketAddr::from(([127, (i >> 16) as u8, (i >> 8) as u8, i as u8], 7)))
+            .map(ListenAddr::Ip)
             .collect();
         let started = std::time::Instant::now();
         assert_eq!(check_listen_together(&many), Ok(()));

@@ -11,7 +11,6 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::io::Read;
-use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,6 +18,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::limits::{Limits, Rate};
+use crate::listen::ListenAddr;
 
 mod diff;
 mod flags;
@@ -75,13 +75,20 @@ pub struct Cli {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Config {
     /// Where to listen; never empty.
-    pub listen: Vec<SocketAddr>,
+    pub listen: Vec<ListenAddr>,
     /// Bytes sent to each client before echoing; empty = none (plain RFC 862 echo).
     pub banner: Vec<u8>,
     /// `listen(2)` backlog.
     pub backlog: u32,
     /// SO_REUSEPORT on the listeners: instances sharing a port, the kernel spreading clients.
     pub reuse_port: bool,
+    /// Permission bits of a UNIX-domain socket's file.
+    pub unix_socket_mode: u32,
+    /// `unix_socket_owner` and `unix_socket_group` as given, looked up at start only.
+    unix_socket_owner: Option<String>,
+    unix_socket_group: Option<String>,
+    /// Their uid and gid, once looked up.
+    unix_socket_ids: (Option<u32>, Option<u32>),
     /// Where to write (and lock) the parent's pid; none = no pid file.
     pub pid_file: Option<PathBuf>,
     /// How much to log (unless `RUST_LOG` is set).
@@ -147,7 +154,7 @@ pub struct Config {
 /// top-level ones.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ListenerTable {
-    pub address: SocketAddr,
+    pub address: ListenAddr,
     pub proxy_protocol: Option<crate::proxy::Mode>,
     pub trusted_proxies: Option<Vec<ipnet::IpNet>>,
 }
@@ -221,6 +228,7 @@ impl Config {
     pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
         let (mut config, origins) = Config::merge(cli)?;
         config.run_as = config.resolve_identity(&origins)?;
+        config.unix_socket_ids = config.resolve_unix_socket_owner(&origins)?;
         config.check_sessions_can_run(&origins, config.run_as.as_ref())?;
         Ok(config)
     }
@@ -230,6 +238,7 @@ impl Config {
     pub fn check(cli: &Cli) -> Result<Config, ConfigError> {
         let (mut config, origins) = Config::merge(cli)?;
         config.run_as = config.resolve_identity(&origins)?;
+        config.unix_socket_ids = config.resolve_unix_socket_owner(&origins)?;
         config.check_sessions_can_run(&origins, config.run_as.as_ref())?;
         crate::preflight::check(&config).map_err(|p| origins.error(p.key, p.reason))?;
         Ok(config)
@@ -243,6 +252,8 @@ impl Config {
     pub fn reload(cli: &Cli, running: &Config) -> Result<Config, ConfigError> {
         let (mut config, origins) = Config::merge(cli)?;
         config.run_as = running.run_as.clone();
+        // Socket files a reload creates are owned as those of the start (no lookup).
+        config.unix_socket_ids = running.unix_socket_ids;
         // Already who the sessions run as (root is gone): checked as we are.
         config.check_sessions_can_run(&origins, None)?;
         Ok(config)
@@ -257,6 +268,20 @@ impl Config {
         self.daemonize = running.daemonize;
         self.user = running.user.take();
         self.group = running.group.take();
+        self.unix_socket_owner = running.unix_socket_owner.take();
+        self.unix_socket_group = running.unix_socket_group.take();
+        self.unix_socket_ids = running.unix_socket_ids;
+    }
+
+    /// How sockets are bound now (at start, or a reload's new addresses).
+    pub fn bind_settings(&self) -> crate::listen::BindSettings {
+        crate::listen::BindSettings {
+            backlog: self.backlog,
+            reuse_port: self.reuse_port,
+            unix_mode: self.unix_socket_mode,
+            unix_owner: self.unix_socket_ids.0,
+            unix_group: self.unix_socket_ids.1,
+        }
     }
 
     /// What each session's program is started with, in exec mode.
@@ -368,13 +393,35 @@ impl Config {
                 );
                 return Err(origins.error("listener", reason));
             }
-            self.listen.push(table.address);
+            self.listen.push(table.address.clone());
             self.listen_tables.push(Some(n + 1));
             self.listen_policies
                 .push((mode != Mode::Off).then_some(Policy { mode, trusted }));
         }
         self.top_policy = top;
-        Ok(())
+        self.check_no_proxy_on_unix_listeners(origins)
+    }
+
+    /// The PROXY protocol is read on TCP listeners only: its trusted proxies are IP
+    /// addresses, and a local peer is known by its credentials.
+    fn check_no_proxy_on_unix_listeners(&self, origins: &Origins) -> Result<(), ConfigError> {
+        let proxied_path = self
+            .listen
+            .iter()
+            .zip(&self.listen_policies)
+            .position(|(addr, policy)| matches!(addr, ListenAddr::Unix(_)) && policy.is_some());
+        let Some(i) = proxied_path else {
+            return Ok(());
+        };
+        let reason = format!(
+            "{}: the PROXY protocol is read on TCP listeners only; give this address its own \
+             [[listener]] table with proxy_protocol = \"off\"",
+            self.listen[i]
+        );
+        match self.listen_tables.get(i).copied().flatten() {
+            Some(n) => Err(origins.error("listener", format!("listener {n}: {reason}"))),
+            None => Err(origins.error("proxy_protocol", reason)),
+        }
     }
 
     /// An error about address `i` of `listen`: named as a `[[listener]]` table's when it came
@@ -402,7 +449,17 @@ impl Config {
     pub fn assign_proxy_policies(&self, listeners: &mut [crate::listen::Listener]) {
         let mut used = vec![false; self.listen.len()];
         for listener in listeners {
-            listener.proxy = if listener.from_systemd {
+            let unix = matches!(listener.local, ListenAddr::Unix(_));
+            listener.proxy = if listener.from_systemd && unix {
+                if self.top_policy.is_some() {
+                    log::warn!(
+                        "{}: the PROXY protocol is read on TCP listeners only; this socket \
+                         systemd passed is served without",
+                        listener.local
+                    );
+                }
+                None
+            } else if listener.from_systemd {
                 self.top_policy.clone()
             } else {
                 let entry = (0..self.listen.len()).find(|&j| {
@@ -486,6 +543,29 @@ impl Config {
             )),
             None => Ok(()),
         }
+    }
+
+    /// Looks `unix_socket_owner` and `unix_socket_group` up (getent; numbers are taken as
+    /// they are): only at start, as `user` is.
+    fn resolve_unix_socket_owner(
+        &self,
+        origins: &Origins,
+    ) -> Result<(Option<u32>, Option<u32>), ConfigError> {
+        let owner = self
+            .unix_socket_owner
+            .as_deref()
+            .map(crate::privileges::uid_of);
+        let owner = owner
+            .transpose()
+            .map_err(|reason| origins.error("unix_socket_owner", reason))?;
+        let group = self
+            .unix_socket_group
+            .as_deref()
+            .map(crate::privileges::gid_of);
+        let group = group
+            .transpose()
+            .map_err(|reason| origins.error("unix_socket_group", reason))?;
+        Ok((owner, group))
     }
 
     /// Looks `user` and `group` up (getent): only at start, see [`Config::reload`].

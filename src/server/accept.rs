@@ -5,16 +5,15 @@
 
 use std::io::{self, ErrorKind};
 use std::mem::MaybeUninit;
-use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use nix::errno::Errno;
-use socket2::SockRef;
+use socket2::Socket;
 
 use super::{Phase, Server};
 use crate::children::seconds;
-use crate::conn::{Accepted, Conn, Via};
+use crate::conn::{Accepted, Conn, Local, Peer, Via};
 use crate::handler::Kind;
 use crate::limits::{self, Refusal};
 use crate::pending;
@@ -48,40 +47,42 @@ impl Server {
     }
 
     /// Where a connection from `peer` accepted on `listener` goes: straight to admission, or
-    /// on a PROXY listener to wait for its header, if its peer is a trusted proxy.
-    pub(super) fn route_of(&self, listener: &crate::listen::Listener, peer: SocketAddr) -> Route {
-        match &listener.proxy {
-            None => Route::Direct,
-            Some(policy) if !policy.trusts(peer.ip()) => Route::Untrusted,
-            Some(policy) => Route::AwaitHeader(policy.mode),
+    /// on a PROXY listener to wait for its header, if its peer is a trusted proxy. (A PROXY
+    /// listener is always a TCP one: see `Config::assign_proxy_policies`.)
+    pub(super) fn route_of(&self, listener: &crate::listen::Listener, peer: &Peer) -> Route {
+        match (&listener.proxy, peer) {
+            (None, _) | (_, Peer::Local(_)) => Route::Direct,
+            (Some(policy), Peer::Ip(addr)) if !policy.trusts(addr.ip()) => Route::Untrusted,
+            (Some(policy), Peer::Ip(_)) => Route::AwaitHeader(policy.mode),
         }
     }
 
-    /// Sends a connection just accepted from the listener at `local` where `route` says.
+    /// Sends a connection just accepted from the listener `local` where `route` says.
     pub(super) fn take_connection(
         &mut self,
         route: Route,
-        stream: TcpStream,
-        peer: SocketAddr,
-        local: SocketAddr,
+        stream: Socket,
+        peer: Peer,
+        local: Local,
         may_wait: MayWait,
     ) {
+        let (Peer::Ip(proxy), Local::Ip(listener)) = (peer, local) else {
+            return self.start_session(Accepted::direct(stream, peer, local), may_wait);
+        };
         match route {
             Route::Direct => self.start_session(Accepted::direct(stream, peer, local), may_wait),
             Route::AwaitHeader(mode) if !self.headers.is_full() => {
-                self.await_header(stream, peer, local, mode)
+                self.await_header(stream, proxy, listener, mode)
             }
             Route::AwaitHeader(_) => self.refuse_quietly(peer, &Refusal::Closing),
-            Route::Untrusted => {
-                self.refuse_quietly(peer, &Refusal::UntrustedProxy { listener: local })
-            }
+            Route::Untrusted => self.refuse_quietly(peer, &Refusal::UntrustedProxy { listener }),
         }
     }
 
     /// Counts and logs a refusal of a connection that gets no message (its peer is a
     /// balancer); dropping the stream closed it.
     #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
-    pub(super) fn refuse_quietly(&mut self, peer: SocketAddr, refusal: &Refusal) {
+    pub(super) fn refuse_quietly(&mut self, peer: Peer, refusal: &Refusal) {
         info!("refused {peer}: {refusal}");
         self.admission.refused.count(refusal);
     }
@@ -95,11 +96,11 @@ impl Server {
             if !self.accepting() || !self.may_accept_from(i) {
                 return;
             }
-            match accept_blocking(&self.listeners[i].listener.socket) {
+            match self.listeners[i].listener.accept_blocking() {
                 Ok((stream, peer)) => {
                     self.accept_recovered();
-                    let route = self.route_of(&self.listeners[i].listener, peer);
-                    let local = self.listeners[i].listener.local;
+                    let route = self.route_of(&self.listeners[i].listener, &peer);
+                    let local = self.listeners[i].listener.as_local();
                     self.take_connection(route, stream, peer, local, MayWait::Grace);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -160,7 +161,7 @@ impl Server {
     /// (see `pending` for why).
     pub(super) fn start_session(&mut self, accepted: Accepted, may_wait: MayWait) {
         let peer = accepted.peer;
-        let source = limits::source_of(peer.ip(), &self.limits);
+        let source = limits::source_of(&peer, &self.limits);
         let mut live = self.children.live_from(&source);
         if self.limits.per_source_full(live) {
             self.reap_before_limiting();
@@ -177,7 +178,7 @@ impl Server {
         }
         let admitted = self
             .admission
-            .admit(peer.ip(), source, live, &self.limits, Instant::now());
+            .admit(&peer, source, live, &self.limits, Instant::now());
         if let Err(refusal) = admitted {
             self.refuse(accepted.stream, peer, &refusal);
             return;
@@ -212,7 +213,7 @@ impl Server {
     /// and fewer of the source's connections wait than it has sessions that could be ending
     /// (`max_per_source`), so that one source cannot take every place.
     #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
-    fn may_wait(&self, source: &ipnet::IpNet) -> bool {
+    fn may_wait(&self, source: &limits::Source) -> bool {
         let limits = &self.limits;
         // `pending` is decided only while serving (`decide_pending`): in a shutdown the
         // connection is answered at once instead.
@@ -220,7 +221,7 @@ impl Server {
             && !self.pending.is_full()
             && self
                 .pending
-                .count(|peer| limits::source_of(peer.ip(), limits) == *source)
+                .count(|peer| limits::source_of(peer, limits) == *source)
                 < limits.max_per_source
     }
 
@@ -244,7 +245,7 @@ impl Server {
         }
         let (limits, children) = (&self.limits, &self.children);
         let decidable = self.pending.take_decidable(Instant::now(), |peer| {
-            let source = limits::source_of(peer.ip(), limits);
+            let source = limits::source_of(peer, limits);
             !limits.per_source_full(children.live_from(&source))
         });
         let now = Instant::now();
@@ -271,7 +272,7 @@ impl Server {
     /// fails, so that the clients still queued wait in the backlog instead of each being
     /// accepted and closed. One warning per run of failures.
     #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
-    fn fork_failed(&mut self, stream: TcpStream, peer: SocketAddr, e: &io::Error) {
+    fn fork_failed(&mut self, stream: Socket, peer: Peer, e: &io::Error) {
         self.fork_failures += 1;
         if self.fork_failure_run.record() {
             warn!(
@@ -303,7 +304,7 @@ impl Server {
     /// socket's send buffer is empty, so a short message goes out whole or not at all, and the
     /// loop never waits for a client it is turning away.
     #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
-    pub(super) fn refuse(&mut self, stream: TcpStream, peer: SocketAddr, refusal: &Refusal) {
+    pub(super) fn refuse(&mut self, stream: Socket, peer: Peer, refusal: &Refusal) {
         info!("refused {peer}: {refusal}");
         if *refusal == Refusal::Closing {
             // Admission counts its own refusals; this one is the loop's.
@@ -313,13 +314,12 @@ impl Server {
     }
 
     /// Writes `refusal_message` without waiting and closes the connection.
-    fn send_refusal(&self, stream: TcpStream) {
+    fn send_refusal(&self, stream: Socket) {
         // The socket is blocking (see `accept_blocking`): each call here says MSG_DONTWAIT.
         // MSG_NOSIGNAL: a client already gone is EPIPE here, never a SIGPIPE.
-        let socket = SockRef::from(&stream);
         if !self.limits.refusal_message.is_empty() {
             let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
-            let _ = socket.send_with_flags(&self.limits.refusal_message, flags);
+            let _ = stream.send_with_flags(&self.limits.refusal_message, flags);
         }
         close_after_taking_what_arrived(stream);
     }
@@ -329,10 +329,10 @@ impl Server {
 /// input sends RST, which would also destroy what was just written to it (a refusal message);
 /// peers usually send at once. What has arrived is taken first (one non-blocking read); a peer
 /// that sent more still gets a reset.
-pub(super) fn close_after_taking_what_arrived(stream: TcpStream) {
+pub(super) fn close_after_taking_what_arrived(stream: Socket) {
     let _ = stream.shutdown(std::net::Shutdown::Write);
     let mut unread = [MaybeUninit::uninit(); 4096];
-    let _ = SockRef::from(&stream).recv_with_flags(&mut unread, libc::MSG_DONTWAIT);
+    let _ = stream.recv_with_flags(&mut unread, libc::MSG_DONTWAIT);
 }
 
 /// Where a connection just accepted goes (see `Server::route_of`).
@@ -394,21 +394,6 @@ impl FailureRun {
 fn fork_backoff(run: u64) -> Duration {
     let doublings = run.saturating_sub(1).min(6) as u32;
     (ACCEPT_BACKOFF * 2u32.pow(doublings)).min(Duration::from_secs(5))
-}
-
-/// Accepts one connection from the non-blocking listener as a *blocking*, close-on-exec socket.
-///
-/// Why blocking: the child runs a blocking session, and a socket accepted non-blocking (as
-/// mio's `accept` does) would cost every child two `fcntl` calls to undo it. On Linux an
-/// accepted socket takes its O_NONBLOCK flag from `accept4`'s flags, not from the listener.
-pub(super) fn accept_blocking(
-    listener: &mio::net::TcpListener,
-) -> io::Result<(TcpStream, SocketAddr)> {
-    let (socket, peer) = SockRef::from(listener).accept()?;
-    let peer = peer
-        .as_socket()
-        .ok_or_else(|| io::Error::new(ErrorKind::InvalidData, "accepted a non-IP connection"))?;
-    Ok((socket.into(), peer))
 }
 
 /// Errors `accept` reports for one connection that went bad before it was taken (Linux passes

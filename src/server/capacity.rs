@@ -92,7 +92,7 @@ impl Server {
             match result {
                 Ok(()) => slot.registered = on,
                 Err(e) => {
-                    let local = slot.listener.local;
+                    let local = slot.listener.local.clone();
                     warn!("cannot change polling of {local}: {e}; retrying");
                     self.paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
                 }

@@ -10,7 +10,7 @@
 //! `max_children`), a connection whose header has arrived waits here, as a client waits in the
 //! backlog; and while the table is full, PROXY listeners are not accepted from.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
@@ -18,11 +18,12 @@ use allocator_api2::vec::Vec as ParentVec;
 use log::{debug, warn};
 use mio::unix::SourceFd;
 use mio::Interest;
+use socket2::Socket;
 
 use super::accept::{close_after_taking_what_arrived, MayWait};
 use super::token::Source;
 use super::{Phase, Server};
-use crate::conn::Accepted;
+use crate::conn::{Accepted, Local, Peer};
 use crate::limits::Refusal;
 use crate::parent_memory::ParentOnly;
 use crate::proxy::{self, Examined, Mode};
@@ -34,7 +35,7 @@ pub(super) const MAX_AWAITING: usize = 1024;
 /// One connection waiting for its header.
 #[derive(Debug)]
 pub(super) struct Awaiting {
-    stream: TcpStream,
+    stream: Socket,
     /// The connection's peer: the balancer.
     proxy: SocketAddr,
     listener: SocketAddr,
@@ -186,7 +187,7 @@ impl Server {
     /// caller has checked that the table has room.
     pub(super) fn await_header(
         &mut self,
-        stream: TcpStream,
+        stream: Socket,
         proxy: SocketAddr,
         listener: SocketAddr,
         mode: Mode,
@@ -313,14 +314,18 @@ impl Server {
         let accepted = match header {
             Some((client, destination)) => Accepted {
                 stream: entry.stream,
-                peer: client,
-                listener: entry.listener,
+                peer: Peer::Ip(client),
+                listener: Local::Ip(entry.listener),
                 via: Some(entry.proxy),
                 destination: Some(destination),
             },
             // LOCAL / UNKNOWN: the balancer speaks for itself (a health check), as a direct
             // client would.
-            None => Accepted::direct(entry.stream, entry.proxy, entry.listener),
+            None => Accepted::direct(
+                entry.stream,
+                Peer::Ip(entry.proxy),
+                Local::Ip(entry.listener),
+            ),
         };
         self.start_session(accepted, MayWait::Grace);
     }
@@ -373,7 +378,9 @@ impl Server {
                 continue;
             };
             match entry.header {
-                Some(Some((client, _))) => self.refuse(entry.stream, client, &Refusal::Closing),
+                Some(Some((client, _))) => {
+                    self.refuse(entry.stream, Peer::Ip(client), &Refusal::Closing)
+                }
                 _ => close_after_taking_what_arrived(entry.stream),
             }
         }
@@ -382,7 +389,7 @@ impl Server {
 }
 
 /// Peeks at the connection's first bytes and examines them.
-fn peek_header(stream: &TcpStream, mode: Mode) -> Peeked {
+fn peek_header(stream: &Socket, mode: Mode) -> Peeked {
     let mut buffer = [0u8; proxy::MAX_HEADER];
     let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
     // Safe: receives into a live buffer of the given length, on a socket we own.
@@ -413,7 +420,7 @@ fn peek_header(stream: &TcpStream, mode: Mode) -> Peeked {
 }
 
 /// Reads exactly the header's `len` bytes, which have arrived (they were just peeked at).
-fn consume(stream: &TcpStream, len: usize) -> bool {
+fn consume(stream: &Socket, len: usize) -> bool {
     let mut header = [0u8; proxy::MAX_HEADER];
     // Safe: receives at most `len` (≤ the buffer's size) bytes into a live buffer.
     let got = unsafe {

@@ -3,7 +3,6 @@
 //! resetting a queued client.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 
 use log::{error, info, warn};
 
@@ -11,7 +10,7 @@ use super::shutdown::stop_accepting_everywhere;
 use super::{release_startup_memory, Phase, Server};
 use crate::config::{describe_changes, Config};
 use crate::handler::Handler;
-use crate::listen::Listener;
+use crate::listen::{ListenAddr, Listener};
 
 impl Server {
     /// SIGHUP: re-read the configuration and apply it to everything that starts from now on
@@ -50,7 +49,7 @@ impl Server {
                 error!("reload refused: {reason}; the running configuration stays");
                 return;
             }
-            match crate::listen::bind_all(&added, new.backlog, new.reuse_port) {
+            match crate::listen::bind_all(&added, &new.bind_settings()) {
                 Ok(fresh) => (fresh, swapped),
                 Err(e) => {
                     error!("reload refused: {e}; the running configuration stays");
@@ -98,20 +97,21 @@ impl Server {
     /// The addresses of `listen` not listened on yet, split in two: those that overlap a
     /// listener this reload removes (same port, one of them a wildcard), which can be bound
     /// only after it closes, and the rest.
-    fn addresses_to_add(&self, listen: &[SocketAddr]) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+    fn addresses_to_add(&self, listen: &[ListenAddr]) -> (Vec<ListenAddr>, Vec<ListenAddr>) {
         // A listener counts under its configured address and the one it got (port 0 picks a
         // port, which a later configuration may name).
-        let current: HashSet<SocketAddr> = self
+        let current: HashSet<&ListenAddr> = self
             .listeners
             .iter()
-            .flat_map(|s| [s.listener.configured, s.listener.local])
+            .flat_map(|s| [&s.listener.configured, &s.listener.local])
             .collect();
-        let wanted: HashSet<SocketAddr> = listen.iter().copied().collect();
-        let removed: Vec<SocketAddr> = current.difference(&wanted).copied().collect();
+        let wanted: HashSet<&ListenAddr> = listen.iter().collect();
+        let removed: Vec<&ListenAddr> = current.difference(&wanted).copied().collect();
         listen
             .iter()
             .filter(|a| !current.contains(a))
-            .partition(|a| removed.iter().any(|r| crate::listen::overlap(*r, **a)))
+            .cloned()
+            .partition(|a| removed.iter().any(|r| r.overlaps(a)))
     }
 
     /// Reopens `log_file` under its name (after logrotate renamed it), without waiting: a path
@@ -143,7 +143,7 @@ impl Server {
         &mut self,
         new: &Config,
         fresh: Vec<Listener>,
-        swapped: &[SocketAddr],
+        swapped: &[ListenAddr],
     ) -> Vec<String> {
         // Tokens are indexes into `listeners`: take every listener out of the poll set and
         // put the survivors and the new ones back under their new tokens.
@@ -155,7 +155,7 @@ impl Server {
         for listener in &mut kept {
             // Kept by the address port 0 gave it: that is its configured address from now on.
             if !new.listen.contains(&listener.configured) {
-                listener.configured = listener.local;
+                listener.configured = listener.local.clone();
             }
         }
         let mut changes = Vec::new();
@@ -165,7 +165,7 @@ impl Server {
             stop_accepting_everywhere(&listener);
             info!("stopped listening on {}", listener.local);
             changes.push(format!("listen -{}", listener.local));
-            closed.push(listener.configured);
+            closed.push(listener.configured.clone());
         }
         let mut added = fresh;
         if !swapped.is_empty() {
@@ -192,20 +192,20 @@ impl Server {
     fn bind_swapped(
         &mut self,
         new: &Config,
-        swapped: &[SocketAddr],
-        closed: &[SocketAddr],
+        swapped: &[ListenAddr],
+        closed: &[ListenAddr],
         changes: &mut Vec<String>,
     ) -> Vec<Listener> {
-        let error = match crate::listen::bind_all(swapped, new.backlog, new.reuse_port) {
+        let error = match crate::listen::bind_all(swapped, &new.bind_settings()) {
             Ok(bound) => return bound,
             Err(e) => e,
         };
-        let back: Vec<SocketAddr> = closed
+        let back: Vec<ListenAddr> = closed
             .iter()
-            .filter(|c| swapped.iter().any(|s| crate::listen::overlap(**c, *s)))
-            .copied()
+            .filter(|c| swapped.iter().any(|s| c.overlaps(s)))
+            .cloned()
             .collect();
-        let restored = crate::listen::bind_all(&back, self.config.backlog, self.config.reuse_port);
+        let restored = crate::listen::bind_all(&back, &self.config.bind_settings());
         match &restored {
             Ok(_) => error!("reload: {error}; listening on the addresses it replaced again"),
             Err(again) => error!("reload: {error}; and {again}: the port has no listener now"),
@@ -218,9 +218,12 @@ impl Server {
 /// A swap closes a listener before binding its replacement; refused where the replacement
 /// cannot be bound: a privileged port once the privilege is gone (the old address could not
 /// be bound again either).
-fn check_swaps_possible(swapped: &[SocketAddr]) -> Result<(), String> {
+fn check_swaps_possible(swapped: &[ListenAddr]) -> Result<(), String> {
     let start = crate::listen::unprivileged_port_start();
-    let privileged = swapped.iter().find(|a| a.port() < start);
+    let privileged = swapped
+        .iter()
+        .filter_map(ListenAddr::ip)
+        .find(|a| a.port() < start);
     match privileged {
         Some(addr) if !crate::listen::can_bind_privileged_ports() => Err(format!(
             "{addr} replaces an overlapping address on a port below {start}, which this \

@@ -24,9 +24,7 @@ use log::{info, warn};
 use nix::sys::signal::Signal;
 use socket2::SockRef;
 
-use super::accept::{
-    accept_blocking, close_after_taking_what_arrived, is_connection_error, MayWait,
-};
+use super::accept::{close_after_taking_what_arrived, is_connection_error, MayWait};
 use super::Server;
 use crate::children::seconds;
 use crate::conn::Accepted;
@@ -128,11 +126,12 @@ impl Server {
     pub(super) fn drain_queue_of(&mut self, listener: &Listener, admit: bool) {
         let mut closing = 0u64;
         for _ in 0..2 * (listener.backlog as usize + 1) {
-            match accept_blocking(&listener.socket) {
+            match listener.accept_blocking() {
                 Ok((stream, peer)) => {
                     if admit && !self.full_after_reaping() {
-                        let route = self.route_of(listener, peer);
-                        self.take_connection(route, stream, peer, listener.local, MayWait::No);
+                        let route = self.route_of(listener, &peer);
+                        let local = listener.as_local();
+                        self.take_connection(route, stream, peer, local, MayWait::No);
                     } else if listener.proxy.is_some() {
                         // The peer is a balancer: no message, as for every PROXY refusal.
                         self.refuse_quietly(peer, &Refusal::Closing);
