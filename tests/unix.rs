@@ -21,13 +21,14 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 
 use nix::sys::signal::Signal;
 use nix::sys::stat::Mode;
 use nix::unistd::{getegid, geteuid, Pid};
+use socket2::{Domain, SockAddr, Socket, Type};
 
 /// The user a second client runs as.
 const NOBODY: u32 = 65534;
@@ -49,7 +50,13 @@ fn unix_address(path: &Path) -> String {
 /// Spawns a server with `args` (which must say where it listens) and waits for its
 /// `listening on unix:<path>` line; panics with its log if it exits first.
 fn start_unix(args: &[&str], path: &Path) -> Server {
-    let mut server = Server::builder().args(args.iter().copied()).spawn();
+    spawn_listening(Server::builder().args(args.iter().copied()), path)
+}
+
+/// Spawns the server `builder` describes and waits for its `listening on unix:<path>` line;
+/// panics with its log if it exits first.
+fn spawn_listening(builder: ServerBuilder, path: &Path) -> Server {
+    let mut server = builder.spawn();
     let line = format!("listening on {}", unix_address(path));
     let listening = wait_until(WAIT, || {
         server.count_lines(&line) > 0 || !server.is_running()
@@ -185,19 +192,78 @@ impl NobodyClient {
         peer_of(NOBODY, NOBODY, self.child.id())
     }
 
-    /// Whether it was served (the banner) or refused (the bytes before EOF), read by a thread
-    /// so that a server that sends neither fails the test after `WAIT` instead of hanging it.
-    fn banner_or_eof(&mut self) -> Result<(), Vec<u8>> {
-        let mut out = self.child.stdout.take().expect("stdout read once");
+    /// Runs `read` on socat's stdout (the bytes from the server) in a thread, so that a server
+    /// that sends nothing fails the test after `WAIT` instead of hanging it.
+    fn read_within_wait<T: Send + 'static>(
+        &mut self,
+        read: impl FnOnce(&mut ChildStdout) -> T + Send + 'static,
+    ) -> T {
+        let mut out = self.child.stdout.take().expect("socat's stdout");
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
-            let _ = tx.send((banner_or_eof(&mut out), out));
+            let _ = tx.send((read(&mut out), out));
         });
         let (result, out) = rx
             .recv_timeout(WAIT)
-            .expect("socat as nobody: neither a banner nor EOF within WAIT");
+            .expect("socat as nobody: nothing from the server within WAIT");
         self.child.stdout = Some(out);
         result
+    }
+
+    /// Whether it was served (the banner) or refused (the bytes before EOF).
+    fn banner_or_eof(&mut self) -> Result<(), Vec<u8>> {
+        self.read_within_wait(banner_or_eof)
+    }
+}
+
+/// A UNIX listener at `path` that never accepts, its backlog filled by non-blocking connects:
+/// one more connect would block. Returns the listener and the queued clients, to keep.
+fn full_listener(path: &Path) -> (Socket, Vec<Socket>) {
+    let address = SockAddr::unix(path).unwrap();
+    let listener = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+    listener.bind(&address).unwrap();
+    listener.listen(0).unwrap();
+    let mut queued = Vec::new();
+    loop {
+        let client = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        client.set_nonblocking(true).unwrap();
+        match client.connect(&address) {
+            Ok(()) => queued.push(client),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return (listener, queued),
+            Err(e) => panic!("filling the backlog of {path:?}: {e}"),
+        }
+        assert!(queued.len() < 1000, "the backlog of {path:?} never filled");
+    }
+}
+
+/// Reads what [`PRINT_ENV`] prints, through its `END` marker, as `KEY` → `VALUE`.
+fn read_environment(s: &mut impl Read) -> BTreeMap<String, String> {
+    let mut printed = Vec::new();
+    let mut buf = [0; 4096];
+    while !printed.ends_with(b"\0END\0") {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => printed.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("reading the environment: {e} after {printed:?}"),
+        }
+        assert!(printed.len() < 1 << 20, "an environment over 1 MiB");
+    }
+    let printed = printed.strip_suffix(b"END\0").unwrap_or(&printed);
+    String::from_utf8_lossy(printed)
+        .split('\0')
+        .filter_map(|e| e.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Asserts `env` holds each of `expected`.
+fn assert_variables(env: &BTreeMap<String, String>, expected: &[(&str, String)], what: &str) {
+    for (key, value) in expected {
+        assert_eq!(
+            env.get(*key).map(String::as_str),
+            Some(value.as_str()),
+            "{what}: {key}; environment: {env:#?}"
+        );
     }
 }
 
@@ -478,6 +544,81 @@ fn regular_file_fifo_or_directory_at_the_path_refuses_the_start_untouched() {
     assert!(std::fs::metadata(&directory).unwrap().is_dir());
 }
 
+/// A live server whose backlog is full (a connect would block) is as alive as one that
+/// accepts: the start is refused at once (exit 1) naming the path, never stuck in a connect,
+/// and its socket file is left.
+#[test]
+fn live_server_with_a_full_backlog_refuses_the_start_without_waiting() {
+    let (_dir, path) = socket_dir("full.sock");
+    let (_listener, _queued) = full_listener(&path);
+    let inode = std::fs::metadata(&path).unwrap().ino();
+    let err = expect_exit(&run(&["-l", &unix_address(&path)]), 1);
+    assert!(
+        err.contains(path.to_str().unwrap()),
+        "path not named: {err}"
+    );
+    assert!(err.contains("listening"), "no `listening` in: {err}");
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().ino(),
+        inode,
+        "socket replaced"
+    );
+}
+
+/// The socket file has `unix_socket_mode` whatever umask forkecho inherits (a service
+/// manager's `UMask=0077` would otherwise make it 0600): nobody can connect to the default
+/// 0666 socket.
+#[test]
+fn socket_mode_ignores_the_inherited_umask() {
+    let (_dir, path) = socket_dir("umask.sock");
+    let address = unix_address(&path);
+    let builder = Server::builder()
+        .args(["-l", address.as_str()])
+        .tweak(|cmd| {
+            // Safe: umask is async-signal-safe and changes nothing else.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::umask(0o077);
+                    Ok(())
+                });
+            }
+        });
+    let _server = spawn_listening(builder, &path);
+    let mode = std::fs::metadata(&path).unwrap().mode() & 0o7777;
+    assert_eq!(mode, 0o666, "mode under umask 077");
+    let mut nobody = NobodyClient::connect(&path);
+    assert_eq!(nobody.banner_or_eof(), Ok(()), "nobody on a 0666 socket");
+}
+
+/// Flags with a mode that is not octal permission bits, or an owner or group that does not
+/// exist, are config errors (exit 2) naming the key, and no socket file is made.
+#[test]
+fn bad_socket_mode_owner_or_group_is_a_config_error() {
+    let (_dir, path) = socket_dir("bad.sock");
+    let address = unix_address(&path);
+    for (flag, value, key) in [
+        ("--unix-socket-mode", "0999", "unix_socket_mode"),
+        ("--unix-socket-mode", "rw-rw-rw-", "unix_socket_mode"),
+        (
+            "--unix-socket-owner",
+            "no-such-user-forkecho",
+            "unix_socket_owner",
+        ),
+        (
+            "--unix-socket-group",
+            "no-such-group-forkecho",
+            "unix_socket_group",
+        ),
+    ] {
+        let err = expect_exit(&run(&["-l", &address, flag, value]), 2);
+        assert!(
+            err.contains(key) || err.contains(flag),
+            "{flag} {value}: key not named: {err}"
+        );
+        assert!(!path.exists(), "{flag} {value}: a socket file was made");
+    }
+}
+
 /// SIGTERM (smart shutdown, exit 0) removes the socket file.
 #[test]
 fn shutdown_removes_the_socket_file() {
@@ -489,20 +630,37 @@ fn shutdown_removes_the_socket_file() {
     assert!(!path.exists(), "socket file left at {path:?}");
 }
 
-/// A file that replaced the socket while the server ran is not removed at exit.
+/// A file that replaced the socket while the server ran is not removed at exit: neither a
+/// regular file nor another server's socket (which still takes connections afterwards).
 #[test]
 fn shutdown_leaves_a_file_that_replaced_the_socket() {
-    let (_dir, path) = socket_dir("replaced.sock");
-    let mut server = start_echo(&path, &[]);
-    std::fs::remove_file(&path).unwrap();
-    std::fs::write(&path, "not yours\n").unwrap();
-    server.signal(Signal::SIGTERM);
-    assert_eq!(server.wait_exit(WAIT).code(), Some(0), "exit status");
-    assert_eq!(
-        std::fs::read_to_string(&path).ok().as_deref(),
-        Some("not yours\n"),
-        "the file at the path after exit"
-    );
+    for by_a_socket in [false, true] {
+        let (_dir, path) = socket_dir("replaced.sock");
+        let mut server = start_echo(&path, &[]);
+        std::fs::remove_file(&path).unwrap();
+        let other = match by_a_socket {
+            true => Some(UnixListener::bind(&path).unwrap()),
+            false => {
+                std::fs::write(&path, "not yours\n").unwrap();
+                None
+            }
+        };
+        server.signal(Signal::SIGTERM);
+        assert_eq!(server.wait_exit(WAIT).code(), Some(0), "exit status");
+        match other {
+            Some(listener) => {
+                let _client = connect_unix(&path);
+                listener
+                    .accept()
+                    .expect("the other server's socket still works");
+            }
+            None => assert_eq!(
+                std::fs::read_to_string(&path).ok().as_deref(),
+                Some("not yours\n"),
+                "the file at the path after exit"
+            ),
+        }
+    }
 }
 
 /// SIGHUP with a UNIX address added to `listen` starts listening there; with it removed again,
@@ -541,6 +699,41 @@ fn reload_adds_and_removes_a_unix_listener() {
     assert_serves(&server, b"tcp still\n");
     // The session from before the removal goes on.
     assert_eq!(echo_unix(&mut s, b"still\n"), b"still\n");
+}
+
+/// A reload adding a UNIX address where a live server with a full backlog listens, or where
+/// a FIFO is, is refused naming the path; the loop waits on neither (TCP serves right after
+/// each refusal) and both are left as they were.
+#[test]
+fn reload_onto_a_taken_path_is_refused_without_waiting() {
+    let (dir, busy) = socket_dir("busy.sock");
+    let (_listener, _queued) = full_listener(&busy);
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, Mode::from_bits_truncate(0o644)).unwrap();
+    let tcp = format!("127.0.0.1:{}", free_port());
+    let server = Server::builder()
+        .config(&format!("listen = [\"{tcp}\"]\n"))
+        .start();
+
+    for (n, path) in [&busy, &fifo].into_iter().enumerate() {
+        server.rewrite_config(&format!(
+            "listen = [\"{tcp}\", \"{}\"]\n",
+            unix_address(path)
+        ));
+        server.signal(Signal::SIGHUP);
+        server.wait_for_lines("reload refused", n + 1);
+        let refused = server
+            .log_lines()
+            .into_iter()
+            .filter(|l| l.contains("reload refused"))
+            .nth(n)
+            .unwrap();
+        assert!(refused.contains(path.to_str().unwrap()), "{refused}");
+        assert_serves(&server, b"still serving\n");
+    }
+    assert!(std::fs::metadata(&busy).unwrap().file_type().is_socket());
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    assert_eq!(server.count_lines("reloaded configuration"), 0);
 }
 
 // ---- Rules and limits by uid ----
@@ -590,47 +783,47 @@ fn allow_uid_admits_only_that_uid() {
     child_pid_for(&server, &nobody.peer());
 }
 
-/// An allow list's IP entries apply to TCP peers only and its uid entries to UNIX peers only:
-/// with only `127.0.0.2` allowed a UNIX client is served and TCP from 127.0.0.1 refused; with
-/// only `uid:65534` allowed TCP from 127.0.0.1 is served and root over UNIX refused.
+/// Rules apply to their own kind of peer: IP entries to TCP peers, uid entries to UNIX peers,
+/// and a kind with no `allow` entry is allowed. With only `127.0.0.2` allowed root over UNIX
+/// is served and TCP from 127.0.0.1 refused; with only `uid:65534` allowed the reverse;
+/// `deny 127.0.0.0/8` leaves UNIX peers alone and `deny uid:0` TCP peers.
 #[test]
-fn allow_entries_apply_to_their_own_kind_of_peer() {
-    for (allow, tcp_served, unix_served) in [("127.0.0.2", false, true), ("uid:65534", true, false)]
-    {
+fn rules_apply_to_their_own_kind_of_peer() {
+    for (rule, value, tcp_served, unix_served) in [
+        ("--allow", "127.0.0.2", false, true),
+        ("--allow", "uid:65534", true, false),
+        ("--deny", "127.0.0.0/8", false, true),
+        ("--deny", "uid:0", true, false),
+    ] {
         let (_dir, path) = socket_dir("kinds.sock");
+        let address = unix_address(&path);
         let server = Server::builder()
-            .args([
-                "-l",
-                "127.0.0.1:0",
-                "-l",
-                &unix_address(&path),
-                "--allow",
-                allow,
-            ])
+            .args(["-l", "127.0.0.1:0", "-l", address.as_str(), rule, value])
             .start();
-        server.wait_for_line(&format!("listening on {}", unix_address(&path)));
+        server.wait_for_line(&format!("listening on {address}"));
         let mut unix = connect_unix(&path);
         let mut tcp = connect_from(server.addr(), "127.0.0.1");
         assert_eq!(
             banner_or_eof(&mut unix).is_ok(),
             unix_served,
-            "root over UNIX with allow {allow}"
+            "root over UNIX with {rule} {value}"
         );
         assert_eq!(
             banner_or_eof(&mut tcp).is_ok(),
             tcp_served,
-            "TCP from 127.0.0.1 with allow {allow}"
+            "TCP from 127.0.0.1 with {rule} {value}"
         );
     }
 }
 
 /// `max_per_source` counts sessions per uid: root's third session is refused with
-/// `2 sessions from uid:0 already (max_per_source)`, while nobody, another source, is served.
+/// `2 sessions from uid:0 already (max_per_source)`, while nobody, another source, is served;
+/// once one of root's sessions ended root is served again.
 #[test]
 fn max_per_source_counts_per_uid() {
     let (_dir, path) = socket_dir("per-source.sock");
     let server = start_echo(&path, &["--max-per-source", "2"]);
-    let _kept: Vec<UnixStream> = (0..2).map(|_| connect_unix_greeted(&path)).collect();
+    let mut kept: Vec<UnixStream> = (0..2).map(|_| connect_unix_greeted(&path)).collect();
     let mut third = connect_unix(&path);
     assert_refused(&mut third, b"", "root's 3rd session at max_per_source 2");
     server.wait_for_line(&format!(
@@ -640,6 +833,11 @@ fn max_per_source_counts_per_uid() {
 
     let mut nobody = NobodyClient::connect(&path);
     assert_eq!(nobody.banner_or_eof(), Ok(()), "nobody, another source");
+
+    // Once one of root's sessions has ended, root has room for one more.
+    kept.pop();
+    server.wait_for_line(&format!("({}) exited", own_peer()));
+    connect_unix_greeted(&path);
 }
 
 /// `max_rate_per_source` keeps one token bucket per uid: root's second connection within
@@ -670,7 +868,8 @@ fn max_rate_per_source_counts_per_uid() {
 const PRINT_ENV: &[&str] = &["sh", "-c", "env -0; printf 'END\\000'; exec cat >/dev/null"];
 
 /// A program serving a UNIX connection gets ucspi-unix's variables: PROTO=UNIX, the socket's
-/// path, the parent's pid/uid/gid and the client's pid/euid/egid; and no TCP variables.
+/// path, the parent's pid/uid/gid and the client's pid/euid/egid (root's, then nobody's); and
+/// no TCP variables.
 #[test]
 fn program_environment_for_a_unix_connection() {
     let (_dir, path) = socket_dir("exec.sock");
@@ -680,41 +879,33 @@ fn program_environment_for_a_unix_connection() {
     let server = start_unix(&args, &path);
 
     let mut s = connect_unix(&path);
-    let mut printed = Vec::new();
-    let mut buf = [0; 4096];
-    while !printed.ends_with(b"\0END\0") {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => printed.extend_from_slice(&buf[..n]),
-            Err(e) => panic!("reading the environment: {e} after {printed:?}"),
-        }
-        assert!(printed.len() < 1 << 20, "an environment over 1 MiB");
-    }
-    let printed = printed.strip_suffix(b"END\0").unwrap_or(&printed);
-    let env: BTreeMap<String, String> = String::from_utf8_lossy(printed)
-        .split('\0')
-        .filter_map(|e| e.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-
-    let expected = [
+    let env = read_environment(&mut s);
+    let parent = [
         ("PROTO", "UNIX".to_string()),
         ("UNIXLOCALPATH", path.display().to_string()),
         ("UNIXLOCALPID", server.pid().to_string()),
         ("UNIXLOCALUID", geteuid().to_string()),
         ("UNIXLOCALGID", getegid().to_string()),
+    ];
+    assert_variables(&env, &parent, "root's session");
+    let client = [
         ("UNIXREMOTEPID", std::process::id().to_string()),
         ("UNIXREMOTEEUID", geteuid().to_string()),
         ("UNIXREMOTEEGID", getegid().to_string()),
     ];
-    for (key, value) in expected {
-        assert_eq!(
-            env.get(key).map(String::as_str),
-            Some(value.as_str()),
-            "{key}; environment: {env:#?}"
-        );
-    }
+    assert_variables(&env, &client, "root's session");
     for key in ["TCPREMOTEIP", "TCPLOCALIP", "REMOTE_ADDR"] {
         assert!(!env.contains_key(key), "{key} is set: {env:#?}");
     }
+
+    // Another user's client: its own credentials, the same parent's.
+    let mut nobody = NobodyClient::connect(&path);
+    let env = nobody.read_within_wait(read_environment);
+    assert_variables(&env, &parent, "nobody's session");
+    let client = [
+        ("UNIXREMOTEPID", nobody.child.id().to_string()),
+        ("UNIXREMOTEEUID", NOBODY.to_string()),
+        ("UNIXREMOTEEGID", NOBODY.to_string()),
+    ];
+    assert_variables(&env, &client, "nobody's session");
 }
