@@ -619,15 +619,18 @@ fn bad_socket_mode_owner_or_group_is_a_config_error() {
     }
 }
 
-/// SIGTERM (smart shutdown, exit 0) removes the socket file.
+/// Every shutdown, smart (SIGTERM), fast (SIGINT) or immediate (SIGQUIT), exits 0 and removes
+/// the socket file.
 #[test]
 fn shutdown_removes_the_socket_file() {
-    let (_dir, path) = socket_dir("bye.sock");
-    let mut server = start_echo(&path, &[]);
-    server.signal(Signal::SIGTERM);
-    let status = server.wait_exit(WAIT);
-    assert_eq!(status.code(), Some(0), "exit status");
-    assert!(!path.exists(), "socket file left at {path:?}");
+    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT] {
+        let (_dir, path) = socket_dir("bye.sock");
+        let mut server = start_echo(&path, &[]);
+        server.signal(signal);
+        let status = server.wait_exit(WAIT);
+        assert_eq!(status.code(), Some(0), "exit status on {signal}");
+        assert!(!path.exists(), "socket file left at {path:?} on {signal}");
+    }
 }
 
 /// A file that replaced the socket while the server ran is not removed at exit: neither a
@@ -699,6 +702,34 @@ fn reload_adds_and_removes_a_unix_listener() {
     assert_serves(&server, b"tcp still\n");
     // The session from before the removal goes on.
     assert_eq!(echo_unix(&mut s, b"still\n"), b"still\n");
+}
+
+/// A reload that keeps a UNIX address (and changes the banner) keeps its listener: not
+/// refused as a live server on the path (itself), the same socket file, the new banner.
+#[test]
+fn reload_keeps_an_unchanged_unix_listener() {
+    let (_dir, path) = socket_dir("kept.sock");
+    let listen = format!("listen = [\"{}\"]\n", unix_address(&path));
+    let server = spawn_listening(
+        Server::builder().config(&format!("{listen}banner = \"old\\n\"\n")),
+        &path,
+    );
+    let inode = std::fs::metadata(&path).unwrap().ino();
+    let mut before = connect_unix(&path);
+    assert_eq!(read_n(&mut before, 4), b"old\n");
+
+    server.rewrite_config(&format!("{listen}banner = \"new\\n\"\n"));
+    server.signal(Signal::SIGHUP);
+    let line = server.wait_for_line("reloaded configuration");
+    assert!(!line.contains("unix:"), "the unchanged address in {line}");
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().ino(),
+        inode,
+        "socket file"
+    );
+    let mut after = connect_unix(&path);
+    assert_eq!(read_n(&mut after, 4), b"new\n");
+    assert_eq!(echo_unix(&mut before, b"on\n"), b"on\n");
 }
 
 /// A reload adding a UNIX address where a live server with a full backlog listens, or where
