@@ -128,6 +128,10 @@ impl mio::event::Source for ListenSocket {
 
 /// A bound, listening, non-blocking socket and the address it actually got (real port for 0).
 pub struct Listener {
+    /// The socket file this listener created, removed with it (or before, see
+    /// [`Listener::remove_socket_file`]). First, so that it is dropped first: while the
+    /// socket is open, the file's inode cannot be freed and given to another file.
+    file: Option<SocketFile>,
     pub socket: ListenSocket,
     /// The address as configured (port 0 stays 0): what a reload compares against.
     pub configured: ListenAddr,
@@ -142,9 +146,6 @@ pub struct Listener {
     /// listener (`Config::assign_proxy_policies`), not looked up by address, which two
     /// port-0 listeners share.
     pub proxy: Option<crate::proxy::Policy>,
-    /// The socket file this listener created, removed with it (or before, see
-    /// [`Listener::remove_socket_file`]).
-    file: Option<SocketFile>,
 }
 
 impl Listener {

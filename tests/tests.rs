@@ -19,3 +19,4 @@ mod review_config;
 mod review_exec;
 mod review_proxy;
 mod supervision;
+mod unix;

@@ -10,10 +10,7 @@
 //! `nobody` (uid and gid 65534) for a second uid; socket directories are 0755 so it can reach
 //! them.
 
-#[allow(dead_code, unused_imports)]
-mod util;
-
-use util::*;
+use crate::util::*;
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
@@ -443,6 +440,24 @@ fn socket_mode_owner_and_group_from_flags() {
         (NOBODY, NOBODY),
         "owner and group"
     );
+}
+
+/// Dropping root to `user`: the socket file belongs to that user and its group (so that, with
+/// mode 0660, the service's group decides who connects), unless the keys say otherwise.
+#[test]
+fn socket_file_belongs_to_the_user_forkecho_drops_to() {
+    if !is_root_or_skip("dropping root") {
+        return;
+    }
+    let (_dir, path) = socket_dir("dropped.sock");
+    let _server = start_echo(&path, &["--user", "nobody", "--unix-socket-mode", "0660"]);
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (NOBODY, NOBODY),
+        "owner and group"
+    );
+    assert_eq!(meta.mode() & 0o7777, 0o660, "mode");
 }
 
 /// The same keys in a file (numbers this time), for a `[[listener]]` table's UNIX address:

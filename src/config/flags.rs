@@ -35,6 +35,19 @@ impl KeyFlags {
         self.given.iter().any(|g| g.key == key)
     }
 
+    /// Applies the keys among `only` that the command line gives, over what `config` holds.
+    pub(super) fn apply_only(
+        &self,
+        config: &mut Config,
+        only: &[&str],
+    ) -> Result<(), (&'static str, String)> {
+        for given in self.given.iter().filter(|g| only.contains(&g.key)) {
+            let key = super::keys::key(given.key).expect("a flag is a key");
+            (key.set)(config, &given.value, &given.written).map_err(|e| (key.name, e))?;
+        }
+        Ok(())
+    }
+
     /// Applies every key the command line gives, over what `config` holds.
     pub(super) fn apply(&self, config: &mut Config) -> Result<(), (&'static str, String)> {
         for given in &self.given {

@@ -118,7 +118,7 @@ fn plain_or_none<T: ToString>(value: Option<T>) -> Shown<'static> {
 }
 
 /// Every key, in the order `--help` and the documentation list them.
-pub(super) const TABLE: [Key; 37] = [
+pub(super) const TABLE: [Key; 38] = [
     Key {
         name: "listen",
         help: "Address to listen on, IP:PORT (`[::1]:PORT` for IPv6) or unix:/PATH (a \
@@ -333,7 +333,8 @@ pub(super) const TABLE: [Key; 37] = [
     },
     Key {
         name: "unix_socket_owner",
-        help: "Owner (user name or uid) of a UNIX-domain socket's file [default: forkecho's user]",
+        help: "Owner (user name or uid) of a UNIX-domain socket's file [default: `user` if set, \
+               else forkecho's]",
         default: None,
         flag: Flag::Text("USER"),
         set: |c, v, w| {
@@ -347,7 +348,8 @@ pub(super) const TABLE: [Key; 37] = [
     },
     Key {
         name: "unix_socket_group",
-        help: "Group (name or gid) of a UNIX-domain socket's file [default: forkecho's group]",
+        help: "Group (name or gid) of a UNIX-domain socket's file [default: `group` (or \
+               `user`'s) if set, else forkecho's]",
         default: None,
         flag: Flag::Text("GROUP"),
         set: |c, v, w| {
@@ -371,6 +373,21 @@ pub(super) const TABLE: [Key; 37] = [
         on_reload: OnReload::NextStart(
             |c| plain_or_none(c.pid_file.as_ref().map(|p| p.display())),
             "pid_file changes take effect at the next start",
+        ),
+    },
+    Key {
+        name: "control_socket",
+        help: "UNIX-domain socket for the control commands (status, reload, stop, reopen-logs) \
+               [default: the pid file's path ending in .ctl; none without a pid file]",
+        default: None,
+        flag: Flag::Path("PATH"),
+        set: |c, v, w| {
+            c.control_socket = Some(expect_path(v, w)?);
+            Ok(())
+        },
+        on_reload: OnReload::NextStart(
+            |c| plain_or_none(c.control_socket.as_ref().map(|p| p.display())),
+            "control_socket changes take effect at the next start",
         ),
     },
     Key {

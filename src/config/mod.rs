@@ -91,6 +91,8 @@ pub struct Config {
     unix_socket_ids: (Option<u32>, Option<u32>),
     /// Where to write (and lock) the parent's pid; none = no pid file.
     pub pid_file: Option<PathBuf>,
+    /// The control commands' socket as given; see [`Config::control_socket_path`].
+    control_socket: Option<PathBuf>,
     /// How much to log (unless `RUST_LOG` is set).
     pub log_level: LogLevel,
     /// Where the log goes instead of stderr; none = stderr.
@@ -264,6 +266,7 @@ impl Config {
     /// is in force.
     pub fn keep_what_waits_for_a_restart(&mut self, running: &mut Config) {
         self.pid_file = running.pid_file.take();
+        self.control_socket = running.control_socket.take();
         self.log_file = running.log_file.take();
         self.daemonize = running.daemonize;
         self.user = running.user.take();
@@ -273,14 +276,92 @@ impl Config {
         self.unix_socket_ids = running.unix_socket_ids;
     }
 
+    /// Where the control commands reach the server: `control_socket`, or the pid file's path
+    /// ending in `.ctl` (`/run/forkecho.pid` → `/run/forkecho.ctl`); none without either.
+    pub fn control_socket_path(&self) -> Option<PathBuf> {
+        if let Some(path) = &self.control_socket {
+            return Some(path.clone());
+        }
+        let pid_file = self.pid_file.as_ref()?;
+        let derived = pid_file.with_extension("ctl");
+        if derived == *pid_file {
+            let mut name = pid_file.clone().into_os_string();
+            name.push(".ctl");
+            return Some(PathBuf::from(name));
+        }
+        Some(derived)
+    }
+
+    /// For a control command: the running server's control socket, from the file and flags
+    /// it was started with. Only `control_socket` and `pid_file` are read: a file edited into
+    /// an invalid state elsewhere must not keep an operator from asking or stopping the
+    /// server (`reload` then reports the server's refusal).
+    pub fn control_socket_of(cli: &Cli) -> Result<PathBuf, ConfigError> {
+        const KEYS: [&str; 2] = ["control_socket", "pid_file"];
+        let mut config = Config::default();
+        if let Some(path) = &cli.config {
+            let origin = path.display().to_string();
+            let fail = |key: Option<String>, reason| ConfigError {
+                origin: origin.clone(),
+                key,
+                reason,
+            };
+            let text = read_config_file(path)
+                .and_then(utf8_text)
+                .map_err(|reason| fail(None, reason))?;
+            let table = parse_toml(&text).map_err(|(key, reason)| fail(key, reason))?;
+            for (key, value) in table
+                .iter()
+                .filter(|(k, _)| KEYS.contains(&k.get_ref().as_str()))
+            {
+                config
+                    .apply_key(key.get_ref(), value.get_ref(), &text[value.span()])
+                    .map_err(|reason| fail(Some(key.get_ref().clone()), reason))?;
+            }
+            let dir = path.parent().unwrap_or(Path::new("."));
+            for file in [&mut config.pid_file, &mut config.control_socket]
+                .into_iter()
+                .flatten()
+            {
+                if file.is_relative() {
+                    *file = dir.join(&*file);
+                }
+            }
+        }
+        cli.keys
+            .apply_only(&mut config, &KEYS)
+            .map_err(|(key, reason)| ConfigError {
+                origin: COMMAND_LINE.into(),
+                key: Some(key.into()),
+                reason,
+            })?;
+        config.control_socket_path().ok_or_else(|| ConfigError {
+            origin: match &cli.config {
+                Some(path) => path.display().to_string(),
+                None => COMMAND_LINE.into(),
+            },
+            key: Some("control_socket".into()),
+            reason: "not set, and no pid_file to find it beside: give -c FILE (the one the \
+                     server runs with), --pid-file or --control-socket"
+                .into(),
+        })
+    }
+
     /// How sockets are bound now (at start, or a reload's new addresses).
     pub fn bind_settings(&self) -> crate::listen::BindSettings {
         crate::listen::BindSettings {
             backlog: self.backlog,
             reuse_port: self.reuse_port,
             unix_mode: self.unix_socket_mode,
-            unix_owner: self.unix_socket_ids.0,
-            unix_group: self.unix_socket_ids.1,
+            // The user forkecho drops to owns its socket files, unless told otherwise.
+            unix_owner: self
+                .unix_socket_ids
+                .0
+                .or(self.run_as.as_ref().map(|who| who.uid.as_raw())),
+            unix_group: self
+                .unix_socket_ids
+                .1
+                .or(self.run_as.as_ref().map(|who| who.gid.as_raw())),
         }
     }
 
@@ -598,6 +679,7 @@ impl Config {
             &mut self.pid_file,
             &mut self.log_file,
             &mut self.working_directory,
+            &mut self.control_socket,
         ]
         .into_iter()
         .flatten()
