@@ -48,6 +48,7 @@
 mod children;
 pub mod config;
 mod conn;
+pub mod control;
 pub mod daemon;
 mod echo;
 mod exec;

@@ -33,8 +33,12 @@ impl Failure {
 }
 
 fn main() -> ExitCode {
+    let cli = with_absolute_paths(Cli::parse());
+    if let Some(command) = cli.command {
+        return control(&cli, command.command());
+    }
     let mut readiness = Readiness::none();
-    let failure = match start_and_serve(with_absolute_paths(Cli::parse()), &mut readiness) {
+    let failure = match start_and_serve(cli, &mut readiness) {
         Ok(()) => return ExitCode::SUCCESS,
         Err(failure) => failure,
     };
@@ -48,6 +52,29 @@ fn main() -> ExitCode {
         Failure::Serve(e) => log::error!("server failed: {e}"),
     }
     ExitCode::from(failure.exit_code())
+}
+
+/// `forkecho status | reload | stop | reopen-logs`: asks the running server and says what it
+/// answered; the exit code is the answer's (see `forkecho::control`), 2 if the server cannot
+/// be found from the configuration.
+fn control(cli: &Cli, command: forkecho::control::Command) -> ExitCode {
+    use forkecho::control::{self, Outcome, Sent};
+    let path = match Config::control_socket_of(cli) {
+        Ok(path) => path,
+        Err(e) => {
+            eprintln!("forkecho: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let sent = control::send(&path, command);
+    match &sent {
+        Sent::Answered(Outcome::Ok, text) if !text.is_empty() => println!("{text}"),
+        Sent::Answered(Outcome::Ok, _) => {}
+        Sent::Answered(_, text) | Sent::Failed(text) => eprintln!("forkecho: {text}"),
+        // pg_ctl's habit: "no server running" is the status, on stdout.
+        Sent::NoServer(text) => println!("forkecho: {text}"),
+    }
+    ExitCode::from(sent.exit_code())
 }
 
 /// The config file's path is relative to where forkecho was started; a daemon works from /,
@@ -93,7 +120,8 @@ fn start_and_serve(cli: Cli, readiness: &mut Readiness) -> Result<(), Failure> {
     // (Without the user and group lookups: root is gone by then, and they could take seconds.)
     let reload: server::Reloader = Box::new(move |running| Config::reload(&cli, running));
     // From here on signals are requests handled by the loop, never default actions.
-    let server = server::Server::new(&config, listeners, reload)
+    let control = control_socket(&config)?;
+    let server = server::Server::new(&config, listeners, control, reload)
         .map_err(|e| Failure::Start(format!("cannot set up the loop: {e}")))?;
     // Written only now: a script that signals the pid as soon as it appears must not kill us.
     if let Some(pid_file) = &mut pid_file {
@@ -148,6 +176,24 @@ fn listeners(config: &Config) -> Result<(Vec<listen::Listener>, bool), Failure> 
             "cannot use the sockets passed by systemd: {e}"
         ))),
     }
+}
+
+/// The control socket, bound (replacing a stale one; a live one means another forkecho runs
+/// with it), owned by the user the server will run as, mode 0600: see `forkecho::control`.
+fn control_socket(config: &Config) -> Result<Option<listen::Listener>, Failure> {
+    let Some(path) = config.control_socket_path() else {
+        return Ok(None);
+    };
+    let settings = listen::BindSettings {
+        backlog: 16,
+        reuse_port: false,
+        unix_mode: 0o600,
+        unix_owner: config.run_as.as_ref().map(|who| who.uid.as_raw()),
+        unix_group: config.run_as.as_ref().map(|who| who.gid.as_raw()),
+    };
+    listen::bind_all(&[listen::ListenAddr::Unix(path)], &settings)
+        .map(|mut bound| bound.pop())
+        .map_err(|e| Failure::Start(format!("control_socket: {e}")))
 }
 
 /// Opens `log_file` (here, so a bad path is reported on the terminal) and detaches if

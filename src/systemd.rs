@@ -1,4 +1,5 @@
-//! Telling systemd (`Type=notify`) how we are: `READY=1` once listening, `STATUS=` lines an
+//! Telling systemd (`Type=notify`, `Type=notify-reload`) how we are: `READY=1` once listening,
+//! `RELOADING=1` (with `MONOTONIC_USEC`) then `READY=1` around a reload, `STATUS=` lines an
 //! operator sees in `systemctl status`, `STOPPING=1` when a shutdown starts. Without
 //! `NOTIFY_SOCKET` in the environment (not started by systemd) every call does nothing.
 //!
@@ -31,6 +32,14 @@ pub fn ready(status: &str) {
 /// A new one-line status for `systemctl status`.
 pub fn status(status: &str) {
     send(&[NotifyState::Status(status)]);
+}
+
+/// A reload has started (`Type=notify-reload` waits for the `READY=1` that ends it).
+pub fn reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, now]),
+        Err(_) => send(&[NotifyState::Reloading]),
+    }
 }
 
 /// A shutdown has started.

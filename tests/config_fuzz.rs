@@ -623,6 +623,7 @@ fn generators(start_safe: bool) -> Vec<(&'static str, BoxedStrategy<Setting>)> {
             identity_key("unix_socket_group", &KNOWN_GROUPS, "no-such-group-forkecho"),
         ),
         ("pid_file", path_key("pid_file", "forkecho.pid")),
+        ("control_socket", path_key("control_socket", "forkecho.ctl")),
         ("log_level", log_level_key()),
         ("log_file", path_key("log_file", "forkecho.log")),
         (
@@ -847,7 +848,7 @@ impl Case {
     /// True if a setting in force cannot work on this host (exit 1 at start).
     /// The keys in force that this host cannot give (`--check-config` names them).
     fn host_culprits(&self) -> Vec<String> {
-        ["listen", "pid_file", "log_file"]
+        ["listen", "pid_file", "log_file", "control_socket"]
             .iter()
             .filter(|key| self.effective(key).is_some_and(|s| s.os_fail))
             .map(|key| format!("key `{key}`"))
@@ -855,7 +856,7 @@ impl Case {
     }
 
     fn fails_to_start(&self) -> bool {
-        ["listen", "pid_file", "log_file"]
+        ["listen", "pid_file", "log_file", "control_socket"]
             .iter()
             .any(|key| self.effective(key).is_some_and(|s| s.os_fail))
     }

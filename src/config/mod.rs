@@ -66,6 +66,47 @@ pub struct Cli {
     /// Validate the configuration, print `configuration OK` and exit 0 (exit 2 on an error)
     #[arg(long)]
     pub check_config: bool,
+
+    /// Instead of serving: a command to the server running with this configuration, through
+    /// its control socket
+    #[command(subcommand)]
+    pub command: Option<ControlCommand>,
+}
+
+/// The control commands (see [`crate::control`]). The server is found through its control
+/// socket: `control_socket`, or beside `pid_file`, from `-c FILE` and the flags.
+#[derive(Debug, Clone, Copy, clap::Subcommand)]
+pub enum ControlCommand {
+    /// Show what the running server is doing; exit 3 if none runs
+    Status,
+    /// Re-read the configuration; exit 1 with the reason if the server refused it
+    Reload,
+    /// Shut the running server down and wait until it is gone
+    Stop {
+        /// smart: sessions may finish (up to shutdown_timeout); fast: SIGTERM them;
+        /// immediate: SIGKILL them
+        #[arg(short, long, value_name = "MODE", default_value = "smart", value_parser = parse_stop_mode)]
+        mode: crate::control::Mode,
+    },
+    /// Reopen log_file (after logrotate renamed it)
+    ReopenLogs,
+}
+
+impl ControlCommand {
+    pub fn command(self) -> crate::control::Command {
+        use crate::control::Command;
+        match self {
+            ControlCommand::Status => Command::Status,
+            ControlCommand::Reload => Command::Reload,
+            ControlCommand::Stop { mode } => Command::Stop(mode),
+            ControlCommand::ReopenLogs => Command::ReopenLogs,
+        }
+    }
+}
+
+fn parse_stop_mode(word: &str) -> Result<crate::control::Mode, String> {
+    crate::control::parse_mode(word)
+        .ok_or_else(|| format!("`{word}` is not a mode: smart, fast or immediate"))
 }
 
 /// The validated settings the daemon runs with.
@@ -74,6 +115,8 @@ pub struct Cli {
 /// start. What forkecho runs with when nothing is configured is [`Config::built_in`].
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Config {
+    /// The file this was read from (`-c`), if any.
+    pub file: Option<PathBuf>,
     /// Where to listen; never empty.
     pub listen: Vec<ListenAddr>,
     /// Bytes sent to each client before echoing; empty = none (plain RFC 862 echo).
@@ -401,6 +444,7 @@ impl Config {
     /// group exist. Also returns where each value came from, for the errors of that check.
     fn merge(cli: &Cli) -> Result<(Config, Origins<'_>), ConfigError> {
         let mut config = Config::built_in();
+        config.file = cli.config.clone();
         let mut origins = Origins { cli, file: None };
         if let Some(path) = &cli.config {
             let keys = config.apply_file(path)?;

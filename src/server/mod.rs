@@ -39,10 +39,12 @@ use crate::spawn;
 
 mod accept;
 mod capacity;
+mod control;
 mod headers;
 mod listeners;
 mod reload;
 mod shutdown;
+mod status;
 mod token;
 
 use accept::FailureRun;
@@ -65,6 +67,8 @@ pub struct Server {
     poll: Poll,
     /// The configuration in force: what a reload compares against.
     config: Config,
+    /// The config file it was read from, if any: for the `status` command.
+    config_file: Option<std::path::PathBuf>,
     reload: Reloader,
     /// Read end of the self-pipe the signal handlers write to.
     signals: Signals,
@@ -100,6 +104,8 @@ pub struct Server {
     header_scratch: Vec<usize>,
     /// Which `max_children` state changes get a log line.
     capacity_reports: CapacityReports,
+    /// The control socket and its connections, if there is one.
+    control: Option<control::Control>,
     started: Instant,
 }
 
@@ -107,9 +113,11 @@ impl Server {
     /// Sets up the loop: the poll instance, the signal handlers (from here on a signal is a
     /// request, never a default action), and the listeners. Nothing is accepted before
     /// [`Server::run`]. `reload` re-reads the configuration (file and command line) on SIGHUP.
+    /// `control` is the control socket, bound (see [`crate::control`]).
     pub fn new(
         config: &Config,
         mut listeners: Vec<Listener>,
+        control: Option<Listener>,
         reload: Reloader,
     ) -> io::Result<Server> {
         spawn::install_panic_hook();
@@ -137,7 +145,12 @@ impl Server {
                 Interest::READABLE,
             )?;
         }
+        let control = control
+            .map(|listener| control::Control::new(listener, poll.registry()))
+            .transpose()?;
         Ok(Server {
+            config_file: config.file.clone(),
+            control,
             poll,
             signals,
             // Connections may already be queued before the first edge is seen.
@@ -177,6 +190,9 @@ impl Server {
         if let Handler::Exec { program, .. } = &self.handler {
             info!("each connection runs {program}");
         }
+        if let Some(control) = &self.control {
+            info!("control commands on {}", control.address());
+        }
         ready();
         release_startup_memory();
         self.serve()
@@ -194,9 +210,12 @@ impl Server {
                 return Err(e);
             }
             let mut signalled = false;
+            let mut control_events = ControlEvents::default();
             for event in self.events.iter() {
                 match Source::of(event.token()) {
                     Some(Source::Signals) => signalled = true,
+                    Some(Source::ControlListener) => control_events.listener = true,
+                    Some(Source::Control(i)) => control_events.add(i),
                     Some(Source::Listener(i)) => self.listeners.mark_ready(i),
                     Some(Source::Header(i)) => {
                         self.headers.mark_readable(i, event.is_read_closed())
@@ -207,6 +226,7 @@ impl Server {
             if signalled {
                 self.handle_signals();
             }
+            self.handle_control(control_events);
             self.handle_deadlines();
             // Headers first: a connection whose header has come has waited longer than the
             // backlog's next client, and must not be overtaken by it at max_children.
@@ -254,7 +274,10 @@ impl Server {
         };
         let deadline = earliest(
             earliest(deadline, self.children.next_deadline()),
-            self.headers.next_deadline(),
+            earliest(
+                self.headers.next_deadline(),
+                self.control.as_ref().and_then(|c| c.next_deadline()),
+            ),
         )?;
         Some(deadline.saturating_duration_since(Instant::now()))
     }
@@ -275,21 +298,40 @@ impl Server {
         // One shutdown step per batch: a SIGTERM and a SIGINT that arrive together are one
         // request (the harder: fast), not a request and its escalation.
         if let Some((mode, signal)) = requests.shutdown {
-            self.shutdown(mode, signal);
+            self.shutdown(mode, signal.as_str());
         }
         if requests.reload {
             // First, and whether or not the configuration reloads: logrotate's SIGHUP must
             // not depend on the config file being valid.
             let reopened = self.reopen_log_file();
-            self.reload(reopened);
+            // Logged by `reload`; a control command would also hear the outcome.
+            let _ = self.reload(reopened);
         }
         if requests.status {
             self.log_status();
         }
     }
 
+    /// Serves the control connections that had events, then accepts new ones.
+    fn handle_control(&mut self, events: ControlEvents) {
+        for i in events.connections() {
+            self.read_control_request(i);
+        }
+        if events.listener {
+            self.accept_control();
+        }
+    }
+
     fn handle_deadlines(&mut self) {
         let now = Instant::now();
+        if self
+            .control
+            .as_ref()
+            .and_then(|c| c.next_deadline())
+            .is_some_and(|t| t <= now)
+        {
+            self.end_late_control_connections(now);
+        }
         if self.children.next_deadline().is_some_and(|t| t <= now) {
             self.children
                 .end_sessions_past_deadline(now, self.kill_timeout);
@@ -335,42 +377,25 @@ impl Server {
             _ => {}
         }
     }
+}
 
-    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
-    fn log_status(&self) {
-        let totals = &self.children.totals;
-        let mut endings: Vec<String> = totals
-            .exited()
-            .map(|(code, n)| format!("code {code}: {n}"))
-            .collect();
-        endings.extend(totals.killed().map(|(sig, n)| format!("{sig}: {n}")));
-        let busiest: Vec<String> = self
-            .children
-            .busiest_sources(3)
-            .iter()
-            .map(|(source, n)| format!("{source}: {n}"))
-            .collect();
-        let refused = &self.admission.refused;
-        info!(
-            "status: {} active (max {}), {} accepted, {} ended [{}], {} refused [{}], \
-             {} fork failures, {} waiting, {} awaiting a PROXY header, busiest sources [{}], \
-             {} log lines dropped, \
-             {} sd_notify messages dropped, uptime {}",
-            self.children.len(),
-            self.limits.max_children,
-            totals.forked + self.fork_failures,
-            totals.ended(),
-            endings.join(", "),
-            refused.total(),
-            refused,
-            self.fork_failures,
-            self.pending.len(),
-            self.headers.len(),
-            busiest.join(", "),
-            crate::logging::dropped_lines(),
-            crate::systemd::dropped(),
-            seconds(self.started.elapsed())
-        );
+/// Which control sources had events in one turn (at most 64 connections: see
+/// `control::MAX_CONNECTIONS`).
+#[derive(Debug, Default, Clone, Copy)]
+struct ControlEvents {
+    listener: bool,
+    connections: u64,
+}
+
+impl ControlEvents {
+    fn add(&mut self, i: usize) {
+        if i < 64 {
+            self.connections |= 1 << i;
+        }
+    }
+
+    fn connections(self) -> impl Iterator<Item = usize> {
+        (0..64).filter(move |i| self.connections & (1 << i) != 0)
     }
 }
 

@@ -13,29 +13,39 @@ use crate::handler::Handler;
 use crate::listen::{ListenAddr, Listener};
 
 impl Server {
-    /// SIGHUP: re-read the configuration and apply it to everything that starts from now on
-    /// (sessions already running keep what they were forked with). All or nothing: a config
-    /// that does not parse or validate, or a new address that cannot be bound, is refused and
-    /// the running configuration stays, listeners included.
+    /// SIGHUP or the `reload` command: re-read the configuration and apply it to everything
+    /// that starts from now on (sessions already running keep what they were forked with).
+    /// All or nothing: a config that does not parse or validate, or a new address that cannot
+    /// be bound, is refused and the running configuration stays, listeners included. Returns
+    /// the reload's log line, or why it was refused; systemd hears `RELOADING=1` before and
+    /// `READY=1` after, either way.
     #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
-    pub(super) fn reload(&mut self, log_reopened: Option<&'static str>) {
+    pub(super) fn reload(&mut self, log_reopened: Option<&'static str>) -> Result<String, String> {
+        crate::systemd::reloading();
+        let outcome = self.reload_configuration(log_reopened);
+        match &outcome {
+            Ok(_) => crate::systemd::ready("serving (configuration reloaded)"),
+            Err(_) => crate::systemd::ready("serving (reload refused; see the log)"),
+        }
+        outcome
+    }
+
+    fn reload_configuration(
+        &mut self,
+        log_reopened: Option<&'static str>,
+    ) -> Result<String, String> {
         let also = log_reopened.map_or(String::new(), |r| format!(" ({r})"));
+        let refused = |reason: String| {
+            error!("reload refused: {reason}; the running configuration stays{also}");
+            Err(reason)
+        };
         let new = match (self.reload)(&self.config) {
             Ok(new) => new,
-            Err(e) => {
-                error!("reload refused: {e}; the running configuration stays{also}");
-                return;
-            }
+            Err(e) => return refused(e.to_string()),
         };
         let handler = match Handler::from_config(&new) {
             Ok(handler) => handler,
-            Err(e) => {
-                error!(
-                    "reload refused: cannot set up the program to run: {e}; the running \
-                     configuration stays{also}"
-                );
-                return;
-            }
+            Err(e) => return refused(format!("cannot set up the program to run: {e}")),
         };
         // Sockets passed by systemd belong to its .socket unit: `listen` does not apply.
         let serving =
@@ -46,15 +56,11 @@ impl Server {
         let (fresh, swapped) = if serving {
             let (swapped, added) = self.addresses_to_add(&new.listen);
             if let Err(reason) = check_swaps_possible(&swapped) {
-                error!("reload refused: {reason}; the running configuration stays");
-                return;
+                return refused(reason);
             }
             match crate::listen::bind_all(&added, &new.bind_settings()) {
                 Ok(fresh) => (fresh, swapped),
-                Err(e) => {
-                    error!("reload refused: {e}; the running configuration stays");
-                    return;
-                }
+                Err(e) => return refused(e.to_string()),
             }
         } else {
             (Vec::new(), Vec::new())
@@ -82,16 +88,16 @@ impl Server {
         let mut new = new;
         new.keep_what_waits_for_a_restart(&mut self.config);
         self.config = new;
-        if changes.is_empty() {
-            info!("reloaded configuration: nothing changed");
-        } else {
-            info!("reloaded configuration: {}", changes.join(", "));
-        }
-        crate::systemd::status("serving (configuration reloaded)");
+        let line = match changes.is_empty() {
+            true => "reloaded configuration: nothing changed".to_string(),
+            false => format!("reloaded configuration: {}", changes.join(", ")),
+        };
+        info!("{line}");
         self.pause_or_resume_at_max_children();
         // A large configuration (a long deny list) was parsed, copied and perhaps replaced:
         // give the freed heap back, or every later fork would copy its page tables.
         release_startup_memory();
+        Ok(line)
     }
 
     /// The addresses of `listen` not listened on yet, split in two: those that overlap a

@@ -21,7 +21,6 @@ use std::io::ErrorKind;
 use std::time::Instant;
 
 use log::{info, warn};
-use nix::sys::signal::Signal;
 use socket2::SockRef;
 
 use super::accept::{close_after_taking_what_arrived, is_connection_error, MayWait};
@@ -36,8 +35,8 @@ impl Server {
     /// A shutdown request: the first one enters the state machine at its mode's step; while
     /// shutting down, any request moves at least one step on (a repeated SIGTERM means "now").
     #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
-    pub(super) fn shutdown(&mut self, mode: Mode, signal: Signal) {
-        let sig = signal.as_str();
+    pub(super) fn shutdown(&mut self, mode: Mode, cause: &str) {
+        let sig = cause;
         let n = self.children.len();
         if self.phase == Phase::Serving {
             crate::systemd::stopping(&format!("{} shutdown on {sig}", mode.name()));

@@ -14,6 +14,10 @@ pub(super) enum Source {
     Listener(usize),
     /// Connection `i` of those waiting for their PROXY header (`headers`).
     Header(usize),
+    /// The control socket.
+    ControlListener,
+    /// Control connection `i`.
+    Control(usize),
 }
 
 /// Bits below the kind.
@@ -22,6 +26,8 @@ const INDEX_MASK: usize = (1 << KIND_SHIFT) - 1;
 const SIGNALS: usize = 0;
 const LISTENER: usize = 1;
 const HEADER: usize = 2;
+const CONTROL_LISTENER: usize = 3;
+const CONTROL: usize = 4;
 
 impl Source {
     /// The token to register this source under.
@@ -36,6 +42,11 @@ impl Source {
                 debug_assert!(i <= INDEX_MASK);
                 Token((HEADER << KIND_SHIFT) | i)
             }
+            Source::ControlListener => Token(CONTROL_LISTENER << KIND_SHIFT),
+            Source::Control(i) => {
+                debug_assert!(i <= INDEX_MASK);
+                Token((CONTROL << KIND_SHIFT) | i)
+            }
         }
     }
 
@@ -46,6 +57,8 @@ impl Source {
             SIGNALS if index == 0 => Some(Source::Signals),
             LISTENER => Some(Source::Listener(index)),
             HEADER => Some(Source::Header(index)),
+            CONTROL_LISTENER if index == 0 => Some(Source::ControlListener),
+            CONTROL => Some(Source::Control(index)),
             _ => None,
         }
     }
@@ -63,6 +76,9 @@ mod tests {
             Source::Listener(70_000),
             Source::Header(0),
             Source::Header(1023),
+            Source::ControlListener,
+            Source::Control(0),
+            Source::Control(7),
         ] {
             assert_eq!(Source::of(source.token()), Some(source));
         }
