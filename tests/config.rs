@@ -607,7 +607,10 @@ fn the_documented_config_lists_every_key_at_its_default() {
     let mut with_file = Config::load(&Cli::parse_from(["forkecho", "-c", path])).unwrap();
     let without = Config::load(&Cli::parse_from(["forkecho"])).unwrap();
     // Only where it came from differs.
-    assert_eq!(with_file.file.take().as_deref(), Some(std::path::Path::new(path)));
+    assert_eq!(
+        with_file.file.take().as_deref(),
+        Some(std::path::Path::new(path))
+    );
     assert_eq!(with_file, without);
 }
 

@@ -9,44 +9,36 @@
 //! [`MAX_CONNECTIONS`] talk at once, each for at most [`REQUEST_TIMEOUT`]: a client that
 //! connects and says nothing costs a slot for that long, never the loop's time.
 
-use std::io::{ErrorKind, Read};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
-use mio::net::UnixStream;
 use mio::Interest;
+use socket2::Socket;
 
+use super::exchange::{self, Exchanges, Read};
 use super::token::Source;
 use super::Server;
-use crate::conn::Credentials;
+use crate::conn::Peer;
 use crate::control::{self, Command, Outcome};
-use crate::listen::{ListenSocket, Listener};
+use crate::listen::Listener;
 
 /// Most control connections at once; more are answered `error` (busy) and closed.
 const MAX_CONNECTIONS: usize = 8;
-/// How long a control connection may take to send its request line.
+/// How long a control connection may take to send its request line and take its answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The control socket and the connections talking to it.
 pub(super) struct Control {
     listener: Listener,
-    /// Slot `i` is registered as `Source::Control(i)`.
-    slots: Vec<Option<Talking>>,
+    /// Slot `i` is polled as `Source::Control(i)`.
+    talking: Exchanges,
     /// Connections whose `stop` was accepted: closed when the parent exits (their EOF tells the
     /// command the server is gone).
-    stopping: Vec<UnixStream>,
-}
-
-/// A control connection waiting for its request line.
-struct Talking {
-    stream: UnixStream,
-    peer: Credentials,
-    request: Vec<u8>,
-    until: Instant,
+    stopping: Vec<Socket>,
 }
 
 impl Control {
-    /// Serves commands on `listener` (a UNIX-domain socket), registered as
+    /// Serves commands on `listener` (a UNIX-domain socket), polled as
     /// `Source::ControlListener`.
     pub(super) fn new(mut listener: Listener, registry: &mio::Registry) -> std::io::Result<Self> {
         registry.register(
@@ -56,7 +48,12 @@ impl Control {
         )?;
         Ok(Control {
             listener,
-            slots: (0..MAX_CONNECTIONS).map(|_| None).collect(),
+            talking: Exchanges::new(
+                MAX_CONNECTIONS,
+                |i| Source::Control(i).token(),
+                control::MAX_REQUEST,
+                REQUEST_TIMEOUT,
+            ),
             stopping: Vec::new(),
         })
     }
@@ -66,146 +63,96 @@ impl Control {
         &self.listener.local
     }
 
-    /// The earliest time a talking connection must be given up.
+    /// The earliest time a connection must be given up.
     pub(super) fn next_deadline(&self) -> Option<Instant> {
-        self.slots.iter().flatten().map(|t| t.until).min()
+        self.talking.next_deadline()
     }
 }
 
 /// Who may use the control socket: root, or the user the server runs as.
-fn may_control(peer: &Credentials) -> bool {
-    peer.uid == 0 || peer.uid == nix::unistd::geteuid().as_raw()
+fn may_control(peer: &Peer) -> bool {
+    let Peer::Local(credentials) = peer else {
+        return false;
+    };
+    credentials.uid == 0 || credentials.uid == nix::unistd::geteuid().as_raw()
+}
+
+/// The length of a request line, once it is whole (its newline excluded).
+fn request_line(received: &[u8]) -> Option<usize> {
+    received.iter().position(|&b| b == b'\n')
 }
 
 impl Server {
-    /// The control socket has connections queued: accept them all, refusing the ones not
+    /// The control socket has connections queued: accept them all, turning away the ones not
     /// allowed and those beyond `MAX_CONNECTIONS`.
     pub(super) fn accept_control(&mut self) {
-        while let Some(stream) = self.accept_one_control() {
-            self.admit_control(stream);
-        }
-    }
-
-    fn accept_one_control(&self) -> Option<UnixStream> {
-        let ListenSocket::Unix(listener) = &self.control.as_ref()?.listener.socket else {
-            return None;
-        };
         loop {
-            match listener.accept() {
-                Ok((stream, _)) => return Some(stream),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return None,
+            let Some(control) = &mut self.control else {
+                return;
+            };
+            let (stream, peer) = match control.listener.accept_blocking() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
                     debug!("accept on the control socket: {e}");
-                    return None;
+                    return;
+                }
+            };
+            if !may_control(&peer) {
+                warn!("control connection from {peer} refused: neither root nor the server's user");
+                let text = "permission denied: only root or the server's user may control it";
+                let _ = exchange::answer_and_close(stream, &control::answer(Outcome::Error, text));
+                continue;
+            }
+            match control.talking.admit(stream, peer, self.poll.registry()) {
+                // The request may have arrived already, its edge with it.
+                Ok(i) => self.serve_control(i),
+                Err(stream) => {
+                    let answer =
+                        control::answer(Outcome::Error, "busy: too many control connections");
+                    let _ = exchange::answer_and_close(stream, &answer);
                 }
             }
         }
     }
 
-    /// Takes a control connection into a free slot, if its client may control the server.
-    fn admit_control(&mut self, mut stream: UnixStream) {
-        let peer = match credentials(&stream) {
-            Ok(peer) => peer,
-            Err(e) => {
-                debug!("control connection without credentials: {e}");
+    /// Control connection `i` had an event: read its request, or send more of its answer.
+    pub(super) fn serve_control(&mut self, i: usize) {
+        let Some(control) = &mut self.control else {
+            return;
+        };
+        let registry = self.poll.registry();
+        control.talking.send_more(i, registry);
+        let line = match control.talking.read(i, request_line) {
+            Read::Waiting => return,
+            Read::Gone => {
+                drop(control.talking.take(i, registry));
                 return;
             }
-        };
-        if !may_control(&peer) {
-            let who = crate::conn::Peer::Local(peer);
-            warn!("control connection from {who} refused: neither root nor the server's user");
-            write_answer(
-                &stream,
-                Outcome::Error,
-                "permission denied: only root or the server's user may control it",
-            );
-            return;
-        }
-        let Some(control) = &mut self.control else {
-            return;
-        };
-        let Some(i) = control.slots.iter().position(Option::is_none) else {
-            write_answer(
-                &stream,
-                Outcome::Error,
-                "busy: too many control connections",
-            );
-            return;
-        };
-        let token = Source::Control(i).token();
-        if let Err(e) = self
-            .poll
-            .registry()
-            .register(&mut stream, token, Interest::READABLE)
-        {
-            debug!("cannot poll a control connection: {e}");
-            return;
-        }
-        control.slots[i] = Some(Talking {
-            stream,
-            peer,
-            request: Vec::new(),
-            until: Instant::now() + REQUEST_TIMEOUT,
-        });
-        // The request may have arrived already, its edge with it.
-        self.read_control_request(i);
-    }
-
-    /// Control connection `i` has something to read: once its request line is whole, run the
-    /// command and answer.
-    pub(super) fn read_control_request(&mut self, i: usize) {
-        let Some(control) = &mut self.control else {
-            return;
-        };
-        let Some(talking) = control.slots.get_mut(i).and_then(Option::as_mut) else {
-            return;
-        };
-        let mut buffer = [0u8; control::MAX_REQUEST + 1];
-        let line = loop {
-            match talking.stream.read(&mut buffer) {
-                Ok(0) => {
-                    self.close_control(i);
-                    return;
-                }
-                Ok(n) => talking.request.extend_from_slice(&buffer[..n]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    self.close_control(i);
-                    return;
-                }
-            }
-            if let Some(end) = talking.request.iter().position(|&b| b == b'\n') {
-                break Some(String::from_utf8_lossy(&talking.request[..end]).into_owned());
-            }
-            if talking.request.len() > control::MAX_REQUEST {
-                break None;
-            }
-        };
-        let Some(talking) = self.take_control(i) else {
-            return;
+            Read::TooLong => None,
+            Read::Whole(line) => Some(String::from_utf8_lossy(&line).into_owned()),
         };
         let Some(command) = line.as_deref().and_then(Command::parse) else {
             let what = line.unwrap_or_else(|| "a line too long".into());
-            write_answer(
-                &talking.stream,
-                Outcome::Error,
-                &format!(
-                    "unknown command {:?}: expected status, reload, stop [smart|fast|immediate] \
-                     or reopen-logs",
-                    what.chars().take(control::MAX_REQUEST).collect::<String>()
-                ),
+            let text = format!(
+                "unknown command {what:?}: expected status, reload, stop [smart|fast|immediate] \
+                 or reopen-logs"
             );
+            control
+                .talking
+                .answer(i, control::answer(Outcome::Error, &text), registry);
             return;
         };
-        let who = crate::conn::Peer::Local(talking.peer);
-        info!("control command `{}` from {who}", command.request());
-        self.run_control_command(command, talking.stream);
+        let Some(peer) = control.talking.peer(i) else {
+            return;
+        };
+        info!("control command `{}` from {peer}", command.request());
+        self.run_control_command(i, command);
     }
 
-    /// Runs `command` and answers on `stream`.
-    fn run_control_command(&mut self, command: Command, stream: UnixStream) {
+    /// Runs `command` for control connection `i` and answers it.
+    fn run_control_command(&mut self, i: usize, command: Command) {
         let (outcome, text) = match command {
             Command::Status => (Outcome::Ok, self.status_report()),
             Command::Reload => {
@@ -230,68 +177,36 @@ impl Server {
                 ),
             },
             Command::Stop(mode) => {
-                write_answer(
-                    &stream,
-                    Outcome::Ok,
-                    &format!("shutting down ({} shutdown)", mode.name()),
-                );
-                if let Some(control) = &mut self.control {
-                    control.stopping.push(stream);
-                }
-                self.shutdown(mode, "the stop command");
+                self.stop_on_command(i, mode);
                 return;
             }
         };
-        write_answer(&stream, outcome, &text);
+        if let Some(control) = &mut self.control {
+            let answer = control::answer(outcome, &text);
+            control.talking.answer(i, answer, self.poll.registry());
+        }
+    }
+
+    /// `stop`: says so, keeps the connection until the parent exits (its EOF tells the command
+    /// the server is gone), and shuts down.
+    fn stop_on_command(&mut self, i: usize, mode: control::Mode) {
+        if let Some(control) = &mut self.control {
+            if let Some(exchange) = control.talking.take(i, self.poll.registry()) {
+                let text = format!("shutting down ({} shutdown)", mode.name());
+                let _ = exchange::send_once(&exchange.stream, &control::answer(Outcome::Ok, &text));
+                control.stopping.push(exchange.stream);
+            }
+        }
+        self.shutdown(mode, "the stop command");
     }
 
     /// Gives up control connections past their time.
     pub(super) fn end_late_control_connections(&mut self, now: Instant) {
-        let Some(control) = &self.control else {
+        let Some(control) = &mut self.control else {
             return;
         };
-        let late: Vec<usize> = (0..control.slots.len())
-            .filter(|&i| control.slots[i].as_ref().is_some_and(|t| t.until <= now))
-            .collect();
-        for i in late {
-            if let Some(talking) = self.take_control(i) {
-                debug!(
-                    "control connection from {} sent no command in time",
-                    crate::conn::Peer::Local(talking.peer)
-                );
-            }
+        for peer in control.talking.end_late(now, self.poll.registry()) {
+            debug!("control connection from {peer}: no command, or its answer not taken, in time");
         }
-    }
-
-    fn close_control(&mut self, i: usize) {
-        drop(self.take_control(i));
-    }
-
-    /// Removes control connection `i` from its slot and from the poll set.
-    fn take_control(&mut self, i: usize) -> Option<Talking> {
-        let control = self.control.as_mut()?;
-        let mut talking = control.slots.get_mut(i)?.take()?;
-        let _ = self.poll.registry().deregister(&mut talking.stream);
-        Some(talking)
-    }
-}
-
-/// The credentials of a control connection's client.
-fn credentials(stream: &UnixStream) -> nix::Result<Credentials> {
-    let c = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)?;
-    Ok(Credentials {
-        pid: c.pid(),
-        uid: c.uid(),
-        gid: c.gid(),
-    })
-}
-
-/// Writes an answer without waiting: a few lines fit the empty send buffer of a fresh
-/// connection; a client that is gone or does not read gets what fitted.
-fn write_answer(stream: &UnixStream, outcome: Outcome, text: &str) {
-    let bytes = control::answer(outcome, text);
-    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
-    if let Err(e) = socket2::SockRef::from(stream).send_with_flags(&bytes, flags) {
-        debug!("control answer not sent: {e}");
     }
 }

@@ -40,6 +40,7 @@ use crate::spawn;
 mod accept;
 mod capacity;
 mod control;
+mod exchange;
 mod headers;
 mod listeners;
 mod reload;
@@ -315,7 +316,7 @@ impl Server {
     /// Serves the control connections that had events, then accepts new ones.
     fn handle_control(&mut self, events: ControlEvents) {
         for i in events.connections() {
-            self.read_control_request(i);
+            self.serve_control(i);
         }
         if events.listener {
             self.accept_control();
