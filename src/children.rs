@@ -85,6 +85,8 @@ pub struct Totals {
     exited: [u64; 256],
     /// Children reaped, by the number of the signal that killed them.
     killed: [u64; 65],
+    /// How long the sessions of reaped children lasted.
+    pub durations: Durations,
 }
 
 impl Default for Totals {
@@ -93,16 +95,18 @@ impl Default for Totals {
             forked: 0,
             exited: [0; 256],
             killed: [0; 65],
+            durations: Durations::default(),
         }
     }
 }
 
 impl Totals {
-    fn record(&mut self, ending: Ending) {
+    fn record(&mut self, ending: Ending, lasted: Duration) {
         match ending {
             Ending::Exited(code) => self.exited[(code & 0xff) as usize] += 1,
             Ending::Killed { signal, .. } => self.killed[signal.clamp(0, 64) as usize] += 1,
         }
+        self.durations.record(lasted);
     }
 
     /// Exit codes seen, in order, with their counts.
@@ -120,6 +124,33 @@ impl Totals {
 
     pub fn ended(&self) -> u64 {
         self.exited.iter().sum::<u64>() + self.killed.iter().sum::<u64>()
+    }
+}
+
+/// Upper bounds, in seconds, of the session-duration buckets: from an echo's milliseconds to
+/// an interactive session's hour.
+pub const DURATION_BOUNDS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0, 300.0, 1800.0, 3600.0,
+];
+
+/// A histogram of session durations, as Prometheus counts them: per bucket, the sessions that
+/// lasted at most its bound (non-cumulative here; the exposition adds them up), the rest above
+/// the last bound, and the sum.
+#[derive(Debug, Clone, Default)]
+pub struct Durations {
+    pub buckets: [u64; DURATION_BOUNDS.len() + 1],
+    pub sum_seconds: f64,
+}
+
+impl Durations {
+    fn record(&mut self, lasted: Duration) {
+        let seconds = lasted.as_secs_f64();
+        let bucket = DURATION_BOUNDS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(DURATION_BOUNDS.len());
+        self.buckets[bucket] += 1;
+        self.sum_seconds += seconds;
     }
 }
 
@@ -356,7 +387,8 @@ impl Children {
                 self.per_source.remove(&child.source);
             }
         }
-        self.totals.record(ending);
+        let lasted = child.started.elapsed();
+        self.totals.record(ending, lasted);
         let level = match ending {
             Ending::Exited(EXIT_PANIC) if child.kind == Kind::Echo => Level::Warn,
             Ending::Killed {
@@ -373,7 +405,7 @@ impl Children {
             "child {pid} ({}) {ending}{} after {}",
             child.peer,
             Parenthesised(meaning),
-            seconds(child.started.elapsed())
+            seconds(lasted)
         );
     }
 
@@ -545,7 +577,7 @@ mod tests {
 
         let mut totals = Totals::default();
         for ending in [killed, rt, rt, Ending::Exited(0)] {
-            totals.record(ending);
+            totals.record(ending, Duration::from_millis(1));
         }
         let killed: Vec<String> = totals.killed().map(|(s, n)| format!("{s}: {n}")).collect();
         assert_eq!(killed, ["SIGKILL: 1", "SIGRTMIN+2: 2"]);

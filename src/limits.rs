@@ -208,6 +208,19 @@ pub struct RefusalCounts {
 }
 
 impl RefusalCounts {
+    /// Each reason's name (as the metrics label it) and count.
+    pub fn by_reason(&self) -> [(&'static str, u64); 7] {
+        [
+            ("denied", self.denied),
+            ("not_allowed", self.not_allowed),
+            ("per_source", self.per_source),
+            ("rate", self.rate),
+            ("closing", self.closing),
+            ("untrusted_proxy", self.untrusted_proxy),
+            ("proxy_header", self.proxy_header),
+        ]
+    }
+
     pub fn total(&self) -> u64 {
         self.denied
             + self.not_allowed

@@ -121,7 +121,8 @@ fn start_and_serve(cli: Cli, readiness: &mut Readiness) -> Result<(), Failure> {
     let reload: server::Reloader = Box::new(move |running| Config::reload(&cli, running));
     // From here on signals are requests handled by the loop, never default actions.
     let control = control_socket(&config)?;
-    let server = server::Server::new(&config, listeners, control, reload)
+    let metrics = metrics_endpoint(&config)?;
+    let server = server::Server::new(&config, listeners, control, metrics, reload)
         .map_err(|e| Failure::Start(format!("cannot set up the loop: {e}")))?;
     // Written only now: a script that signals the pid as soon as it appears must not kill us.
     if let Some(pid_file) = &mut pid_file {
@@ -194,6 +195,20 @@ fn control_socket(config: &Config) -> Result<Option<listen::Listener>, Failure> 
     listen::bind_all(&[listen::ListenAddr::Unix(path)], &settings)
         .map(|mut bound| bound.pop())
         .map_err(|e| Failure::Start(format!("control_socket: {e}")))
+}
+
+/// The metrics endpoint's listener (`metrics_listen`), bound.
+fn metrics_endpoint(config: &Config) -> Result<Option<listen::Listener>, Failure> {
+    let Some(addr) = config.metrics_listen else {
+        return Ok(None);
+    };
+    let settings = listen::BindSettings {
+        backlog: 64,
+        ..config.bind_settings()
+    };
+    listen::bind_all(&[listen::ListenAddr::Ip(addr)], &settings)
+        .map(|mut bound| bound.pop())
+        .map_err(|e| Failure::Start(format!("metrics_listen: {e}")))
 }
 
 /// Opens `log_file` (here, so a bad path is reported on the terminal) and detaches if

@@ -55,6 +55,12 @@ pub fn check(config: &Config) -> Result<(), Problem> {
         check_writable(path, false, libc::R_OK | libc::W_OK).map_err(problem)?;
         crate::pidfile::inspect(path).map_err(|e| problem(e.to_string()))?;
     }
+    if let Some(addr) = config.metrics_listen {
+        check_address(addr).map_err(|reason| Problem {
+            key: "metrics_listen",
+            reason,
+        })?;
+    }
     if let Some(path) = config.control_socket_path() {
         check_socket_path(&path).map_err(|reason| Problem {
             key: "control_socket",

@@ -624,6 +624,19 @@ fn generators(start_safe: bool) -> Vec<(&'static str, BoxedStrategy<Setting>)> {
         ),
         ("pid_file", path_key("pid_file", "forkecho.pid")),
         ("control_socket", path_key("control_socket", "forkecho.ctl")),
+        (
+            "metrics_listen",
+            pick(
+                "metrics_listen",
+                vec![
+                    (Val::Str("127.0.0.1:0".into()), true, true),
+                    (Val::Str("[::1]:0".into()), true, true),
+                    (Val::Str("localhost:9233".into()), false, false),
+                    (Val::Str("unix:/run/m.sock".into()), false, false),
+                    (Val::Int(9233), false, false),
+                ],
+            ),
+        ),
         ("log_level", log_level_key()),
         ("log_file", path_key("log_file", "forkecho.log")),
         (

@@ -118,7 +118,7 @@ fn plain_or_none<T: ToString>(value: Option<T>) -> Shown<'static> {
 }
 
 /// Every key, in the order `--help` and the documentation list them.
-pub(super) const TABLE: [Key; 38] = [
+pub(super) const TABLE: [Key; 39] = [
     Key {
         name: "listen",
         help: "Address to listen on, IP:PORT (`[::1]:PORT` for IPv6) or unix:/PATH (a \
@@ -388,6 +388,20 @@ pub(super) const TABLE: [Key; 38] = [
         on_reload: OnReload::NextStart(
             |c| plain_or_none(c.control_socket.as_ref().map(|p| p.display())),
             "control_socket changes take effect at the next start",
+        ),
+    },
+    Key {
+        name: "metrics_listen",
+        help: "Serve Prometheus metrics at http://IP:PORT/metrics [default: none]",
+        default: None,
+        flag: Flag::Text("ADDR"),
+        set: |c, v, w| {
+            c.metrics_listen = Some(parse_ip_addr(expect_str(v, w)?)?);
+            Ok(())
+        },
+        on_reload: OnReload::NextStart(
+            |c| plain_or_none(c.metrics_listen),
+            "metrics_listen changes take effect at the next start",
         ),
     },
     Key {

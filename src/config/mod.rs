@@ -136,6 +136,8 @@ pub struct Config {
     pub pid_file: Option<PathBuf>,
     /// The control commands' socket as given; see [`Config::control_socket_path`].
     control_socket: Option<PathBuf>,
+    /// Where the Prometheus metrics are served; none = nowhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// How much to log (unless `RUST_LOG` is set).
     pub log_level: LogLevel,
     /// Where the log goes instead of stderr; none = stderr.
@@ -310,6 +312,7 @@ impl Config {
     pub fn keep_what_waits_for_a_restart(&mut self, running: &mut Config) {
         self.pid_file = running.pid_file.take();
         self.control_socket = running.control_socket.take();
+        self.metrics_listen = running.metrics_listen;
         self.log_file = running.log_file.take();
         self.daemonize = running.daemonize;
         self.user = running.user.take();

@@ -98,6 +98,7 @@ impl Server {
             }
             match self.listeners[i].listener.accept_blocking() {
                 Ok((stream, peer)) => {
+                    self.counts.accepted += 1;
                     self.accept_recovered();
                     let route = self.route_of(&self.listeners[i].listener, &peer);
                     let local = self.listeners[i].listener.as_local();
@@ -130,6 +131,7 @@ impl Server {
     /// same error or giving up on the listener. One warning per run of failures.
     #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
     fn pause_accepting(&mut self, i: usize, e: &io::Error) {
+        self.counts.accept_failures += 1;
         if self.accept_failures.record() {
             warn!(
                 "accept on {} failed: {}; retrying every {} until it succeeds",

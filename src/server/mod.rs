@@ -43,6 +43,7 @@ mod control;
 mod exchange;
 mod headers;
 mod listeners;
+mod metrics;
 mod reload;
 mod shutdown;
 mod status;
@@ -107,6 +108,12 @@ pub struct Server {
     capacity_reports: CapacityReports,
     /// The control socket and its connections, if there is one.
     control: Option<control::Control>,
+    /// The metrics endpoint and its connections, if there is one.
+    metrics: Option<metrics::Metrics>,
+    /// Counts only the metrics show.
+    counts: status::Counts,
+    /// When the server started, as wall-clock time: for the metrics.
+    started_at: std::time::SystemTime,
     started: Instant,
 }
 
@@ -119,6 +126,7 @@ impl Server {
         config: &Config,
         mut listeners: Vec<Listener>,
         control: Option<Listener>,
+        metrics: Option<Listener>,
         reload: Reloader,
     ) -> io::Result<Server> {
         spawn::install_panic_hook();
@@ -149,9 +157,15 @@ impl Server {
         let control = control
             .map(|listener| control::Control::new(listener, poll.registry()))
             .transpose()?;
+        let metrics = metrics
+            .map(|listener| metrics::Metrics::new(listener, poll.registry()))
+            .transpose()?;
         Ok(Server {
             config_file: config.file.clone(),
             control,
+            metrics,
+            counts: status::Counts::default(),
+            started_at: std::time::SystemTime::now(),
             poll,
             signals,
             // Connections may already be queued before the first edge is seen.
@@ -194,6 +208,9 @@ impl Server {
         if let Some(control) = &self.control {
             info!("control commands on {}", control.address());
         }
+        if let Some(metrics) = &self.metrics {
+            info!("metrics on http://{}/metrics", metrics.address());
+        }
         ready();
         release_startup_memory();
         self.serve()
@@ -211,12 +228,15 @@ impl Server {
                 return Err(e);
             }
             let mut signalled = false;
-            let mut control_events = ControlEvents::default();
+            let mut control_events = ServiceEvents::default();
+            let mut metrics_events = ServiceEvents::default();
             for event in self.events.iter() {
                 match Source::of(event.token()) {
                     Some(Source::Signals) => signalled = true,
                     Some(Source::ControlListener) => control_events.listener = true,
                     Some(Source::Control(i)) => control_events.add(i),
+                    Some(Source::MetricsListener) => metrics_events.listener = true,
+                    Some(Source::Metrics(i)) => metrics_events.add(i),
                     Some(Source::Listener(i)) => self.listeners.mark_ready(i),
                     Some(Source::Header(i)) => {
                         self.headers.mark_readable(i, event.is_read_closed())
@@ -228,6 +248,7 @@ impl Server {
                 self.handle_signals();
             }
             self.handle_control(control_events);
+            self.handle_metrics(metrics_events);
             self.handle_deadlines();
             // Headers first: a connection whose header has come has waited longer than the
             // backlog's next client, and must not be overtaken by it at max_children.
@@ -277,7 +298,10 @@ impl Server {
             earliest(deadline, self.children.next_deadline()),
             earliest(
                 self.headers.next_deadline(),
-                self.control.as_ref().and_then(|c| c.next_deadline()),
+                earliest(
+                    self.control.as_ref().and_then(|c| c.next_deadline()),
+                    self.metrics.as_ref().and_then(|m| m.next_deadline()),
+                ),
             ),
         )?;
         Some(deadline.saturating_duration_since(Instant::now()))
@@ -314,12 +338,22 @@ impl Server {
     }
 
     /// Serves the control connections that had events, then accepts new ones.
-    fn handle_control(&mut self, events: ControlEvents) {
+    fn handle_control(&mut self, events: ServiceEvents) {
         for i in events.connections() {
             self.serve_control(i);
         }
         if events.listener {
             self.accept_control();
+        }
+    }
+
+    /// Serves the metrics connections that had events, then accepts new ones.
+    fn handle_metrics(&mut self, events: ServiceEvents) {
+        for i in events.connections() {
+            self.serve_metrics(i);
+        }
+        if events.listener {
+            self.accept_metrics();
         }
     }
 
@@ -332,6 +366,14 @@ impl Server {
             .is_some_and(|t| t <= now)
         {
             self.end_late_control_connections(now);
+        }
+        if self
+            .metrics
+            .as_ref()
+            .and_then(|m| m.next_deadline())
+            .is_some_and(|t| t <= now)
+        {
+            self.end_late_metrics_connections(now);
         }
         if self.children.next_deadline().is_some_and(|t| t <= now) {
             self.children
@@ -380,15 +422,15 @@ impl Server {
     }
 }
 
-/// Which control sources had events in one turn (at most 64 connections: see
-/// `control::MAX_CONNECTIONS`).
+/// Which sources of one of the loop's own services (control, metrics) had events in one turn:
+/// its listener, and its connections (at most 64 each).
 #[derive(Debug, Default, Clone, Copy)]
-struct ControlEvents {
+struct ServiceEvents {
     listener: bool,
     connections: u64,
 }
 
-impl ControlEvents {
+impl ServiceEvents {
     fn add(&mut self, i: usize) {
         if i < 64 {
             self.connections |= 1 << i;

@@ -24,6 +24,10 @@ impl Server {
         crate::systemd::reloading();
         let outcome = self.reload_configuration(log_reopened);
         match &outcome {
+            Ok(_) => self.counts.reloads_applied += 1,
+            Err(_) => self.counts.reloads_refused += 1,
+        }
+        match &outcome {
             Ok(_) => crate::systemd::ready("serving (configuration reloaded)"),
             Err(_) => crate::systemd::ready("serving (reload refused; see the log)"),
         }

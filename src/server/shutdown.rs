@@ -128,6 +128,7 @@ impl Server {
         for _ in 0..2 * (listener.backlog as usize + 1) {
             match listener.accept_blocking() {
                 Ok((stream, peer)) => {
+                    self.counts.accepted += 1;
                     if admit && !self.full_after_reaping() {
                         let route = self.route_of(listener, &peer);
                         let local = listener.as_local();

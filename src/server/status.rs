@@ -122,6 +122,17 @@ impl Server {
     }
 }
 
+/// Counts since start that only the metrics show.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Counts {
+    /// Connections taken from a listener.
+    pub(super) accepted: u64,
+    /// `accept` calls that failed for want of descriptors or memory.
+    pub(super) accept_failures: u64,
+    pub(super) reloads_applied: u64,
+    pub(super) reloads_refused: u64,
+}
+
 /// The status at one moment.
 struct Facts {
     state: &'static str,

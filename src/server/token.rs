@@ -18,6 +18,10 @@ pub(super) enum Source {
     ControlListener,
     /// Control connection `i`.
     Control(usize),
+    /// The metrics endpoint.
+    MetricsListener,
+    /// Metrics connection `i`.
+    Metrics(usize),
 }
 
 /// Bits below the kind.
@@ -28,6 +32,8 @@ const LISTENER: usize = 1;
 const HEADER: usize = 2;
 const CONTROL_LISTENER: usize = 3;
 const CONTROL: usize = 4;
+const METRICS_LISTENER: usize = 5;
+const METRICS: usize = 6;
 
 impl Source {
     /// The token to register this source under.
@@ -47,6 +53,11 @@ impl Source {
                 debug_assert!(i <= INDEX_MASK);
                 Token((CONTROL << KIND_SHIFT) | i)
             }
+            Source::MetricsListener => Token(METRICS_LISTENER << KIND_SHIFT),
+            Source::Metrics(i) => {
+                debug_assert!(i <= INDEX_MASK);
+                Token((METRICS << KIND_SHIFT) | i)
+            }
         }
     }
 
@@ -59,6 +70,8 @@ impl Source {
             HEADER => Some(Source::Header(index)),
             CONTROL_LISTENER if index == 0 => Some(Source::ControlListener),
             CONTROL => Some(Source::Control(index)),
+            METRICS_LISTENER if index == 0 => Some(Source::MetricsListener),
+            METRICS => Some(Source::Metrics(index)),
             _ => None,
         }
     }
@@ -79,6 +92,8 @@ mod tests {
             Source::ControlListener,
             Source::Control(0),
             Source::Control(7),
+            Source::MetricsListener,
+            Source::Metrics(15),
         ] {
             assert_eq!(Source::of(source.token()), Some(source));
         }
