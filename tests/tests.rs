@@ -13,6 +13,7 @@ mod faults;
 mod files;
 mod limits;
 mod logs;
+mod metrics;
 mod operations;
 mod proxy;
 mod review_config;

@@ -2,8 +2,12 @@
 //! metrics endpoint): read one bounded request, answer it, close. The loop never waits on such
 //! a client: each connection is in the poll set, is read without blocking until its request
 //! is whole, and is answered without blocking; an answer the socket does not take at once is
-//! sent as the socket drains. A bounded table and a deadline per connection (request and
-//! answer included) keep a slow or silent client from costing more than a slot for a while.
+//! sent as the socket drains. Once it is all sent, the connection is shut down for writing
+//! and what the client still sends is read and dropped until it closes (a lingering close, as
+//! web servers do): closing with unread input would send a reset, which can destroy the answer
+//! before the client reads it. A bounded table and a deadline per connection (request, answer
+//! and lingering included) keep a slow or silent client from costing more than a slot for a
+//! while.
 
 use std::io::{self, ErrorKind};
 use std::mem::MaybeUninit;
@@ -23,6 +27,9 @@ pub(super) struct Exchange {
     request: Vec<u8>,
     /// The answer, once there is one, and how much of it has been sent.
     answer: Option<(Vec<u8>, usize)>,
+    /// All of the answer is sent and the connection shut down for writing: what comes now is
+    /// read and dropped until the client closes.
+    lingering: bool,
     until: Instant,
 }
 
@@ -86,6 +93,7 @@ impl Exchanges {
             peer,
             request: Vec::new(),
             answer: None,
+            lingering: false,
             until: Instant::now() + self.time,
         });
         Ok(i)
@@ -137,8 +145,8 @@ impl Exchanges {
         self.send_more(i, registry);
     }
 
-    /// Sends more of connection `i`'s answer, if it has one; closes it once all is sent or the
-    /// client is gone.
+    /// Sends more of connection `i`'s answer, if it has one; once all is sent, lingers (see
+    /// the module's doc); closes it when the client has closed or is gone.
     pub(super) fn send_more(&mut self, i: usize, registry: &Registry) {
         let Some(exchange) = self.slots.get_mut(i).and_then(Option::as_mut) else {
             return;
@@ -146,19 +154,32 @@ impl Exchanges {
         let Some((answer, sent)) = &mut exchange.answer else {
             return;
         };
-        let done = loop {
+        if exchange.lingering {
+            if drain(&exchange.stream) {
+                drop(self.take(i, registry));
+            }
+            return;
+        }
+        loop {
             if *sent == answer.len() {
-                break true;
+                break;
             }
             let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
             match exchange.stream.send_with_flags(&answer[*sent..], flags) {
                 Ok(n) => *sent += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break false,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => break true,
+                Err(_) => {
+                    drop(self.take(i, registry));
+                    return;
+                }
             }
-        };
-        if done {
+        }
+        exchange.lingering = true;
+        let _ = exchange.stream.shutdown(std::net::Shutdown::Write);
+        let fd = exchange.stream.as_raw_fd();
+        let _ = registry.reregister(&mut SourceFd(&fd), (self.token_of)(i), Interest::READABLE);
+        if drain(&exchange.stream) {
             drop(self.take(i, registry));
         }
     }
@@ -169,6 +190,11 @@ impl Exchanges {
         let fd = exchange.stream.as_raw_fd();
         let _ = registry.deregister(&mut SourceFd(&fd));
         Some(exchange)
+    }
+
+    /// True when every slot is taken.
+    pub(super) fn is_full(&self) -> bool {
+        self.slots.iter().all(Option::is_some)
     }
 
     /// The client of connection `i`.
@@ -193,10 +219,27 @@ impl Exchanges {
     }
 }
 
-/// Sends `answer` without waiting, once, and closes: for a client turned away at accept (busy,
-/// not allowed), whose few bytes fit the empty send buffer of a fresh connection.
+/// Reads and drops what has arrived, without waiting; true once the client has closed (or
+/// failed).
+fn drain(stream: &Socket) -> bool {
+    let mut scratch = [MaybeUninit::<u8>::uninit(); 4096];
+    loop {
+        match stream.recv(&mut scratch) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return e.kind() != ErrorKind::WouldBlock,
+        }
+    }
+}
+
+/// Sends `answer` without waiting, once, and closes: for a client turned away at accept (not
+/// allowed, busy), whose few bytes fit the empty send buffer of a fresh connection. What it
+/// sent already is taken first, so that the close is a clean end of file after the answer.
 pub(super) fn answer_and_close(stream: Socket, answer: &[u8]) -> io::Result<()> {
-    send_once(&stream, answer)
+    let sent = send_once(&stream, answer);
+    super::accept::close_after_taking_what_arrived(stream);
+    sent
 }
 
 /// Sends `answer` without waiting, once (into a fresh connection's empty send buffer), on a

@@ -2,7 +2,7 @@
 //! the loop like the control socket, through a bounded table of short exchanges (see
 //! `exchange`). A scraper is a stranger: its request may be at most [`MAX_REQUEST`] bytes and
 //! the whole exchange must end within [`EXCHANGE_TIME`], or the connection is closed; at most
-//! [`MAX_CONNECTIONS`] are served at once. The answer is made from counters the loop keeps
+//! [`MAX_CONNECTIONS`] are served at once, and more wait in the listener's backlog. The answer is made from counters the loop keeps
 //! anyway, in one pass, without a lock or a thread.
 //!
 //! Names follow Prometheus's conventions: a `forkecho_` prefix, `_total` for counters, base
@@ -20,7 +20,7 @@ use super::Server;
 use crate::children::DURATION_BOUNDS;
 use crate::listen::Listener;
 
-/// Most scrapes served at once; more are answered 503 and closed.
+/// Most scrapes served at once; more wait in the listener's backlog.
 const MAX_CONNECTIONS: usize = 16;
 /// The longest request read (a scraper's request is a few hundred bytes).
 const MAX_REQUEST: usize = 8192;
@@ -31,6 +31,8 @@ const EXCHANGE_TIME: Duration = Duration::from_secs(5);
 pub(super) struct Metrics {
     listener: Listener,
     scrapes: Exchanges,
+    /// Scrapers wait in the backlog while every slot is taken: accepted when one frees.
+    backlogged: bool,
 }
 
 impl Metrics {
@@ -49,6 +51,7 @@ impl Metrics {
                 MAX_REQUEST,
                 EXCHANGE_TIME,
             ),
+            backlogged: false,
         })
     }
 
@@ -94,13 +97,17 @@ fn plain_answer(status: &str, text: &str) -> Vec<u8> {
 }
 
 impl Server {
-    /// The metrics endpoint has connections queued: accept them all (beyond
-    /// `MAX_CONNECTIONS`, a 503 each).
+    /// The metrics endpoint has connections queued: accept them while there are free slots;
+    /// the rest wait in the backlog (see [`Server::accept_waiting_scrapers`]).
     pub(super) fn accept_metrics(&mut self) {
         loop {
             let Some(metrics) = &mut self.metrics else {
                 return;
             };
+            metrics.backlogged = metrics.scrapes.is_full();
+            if metrics.backlogged {
+                return;
+            }
             let (stream, peer) = match metrics.listener.accept_blocking() {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -120,6 +127,18 @@ impl Server {
         }
     }
 
+    /// Accepts the scrapers that waited in the backlog, if a slot has freed: no new readiness
+    /// edge comes for connections already queued.
+    fn accept_waiting_scrapers(&mut self) {
+        if self
+            .metrics
+            .as_ref()
+            .is_some_and(|m| m.backlogged && !m.scrapes.is_full())
+        {
+            self.accept_metrics();
+        }
+    }
+
     /// Metrics connection `i` had an event: read its request, or send more of its answer.
     pub(super) fn serve_metrics(&mut self, i: usize) {
         let Some(metrics) = &mut self.metrics else {
@@ -128,10 +147,10 @@ impl Server {
         let registry = self.poll.registry();
         metrics.scrapes.send_more(i, registry);
         let head = match metrics.scrapes.read(i, request_head) {
-            Read::Waiting => return,
+            Read::Waiting => return self.accept_waiting_scrapers(),
             Read::Gone => {
                 drop(metrics.scrapes.take(i, registry));
-                return;
+                return self.accept_waiting_scrapers();
             }
             Read::TooLong => {
                 let answer = plain_answer("431 Request Header Fields Too Large", "too long\n");
@@ -144,6 +163,7 @@ impl Server {
         if let Some(metrics) = &mut self.metrics {
             metrics.scrapes.answer(i, answer, self.poll.registry());
         }
+        self.accept_waiting_scrapers();
     }
 
     /// The answer to one HTTP request: the metrics for `GET /metrics` (or `HEAD`), else an
@@ -174,6 +194,7 @@ impl Server {
         for peer in metrics.scrapes.end_late(now, self.poll.registry()) {
             debug!("metrics connection from {peer}: not done in time; closed");
         }
+        self.accept_waiting_scrapers();
     }
 
     /// Every metric, in the Prometheus text format (version 0.0.4).
