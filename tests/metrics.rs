@@ -46,6 +46,16 @@ fn sample(body: &str, series: &str) -> Option<f64> {
         .and_then(|value| value.trim().parse().ok())
 }
 
+/// SIGKILLs a child process by its pid (through `Child::kill`) and reaps it when dropped.
+struct KillAndReap(std::process::Child);
+
+impl Drop for KillAndReap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn installed(program: &str) -> bool {
     Command::new(program)
         .arg("--version")
@@ -168,7 +178,7 @@ fn prometheus_scrapes_forkecho_and_answers_a_query() {
         .stderr(Stdio::null())
         .spawn()
         .expect("start prometheus");
-    let _prometheus = KillOnDrop(Pid::from_raw(prometheus.id() as i32));
+    let _prometheus = KillAndReap(prometheus);
 
     let query = "/api/v1/query?query=forkecho_sessions_started_total";
     let mut last = String::new();
