@@ -67,6 +67,23 @@ mod signals;
 mod spawn;
 pub mod systemd;
 
+/// The version `--version`, `status` and the metrics give: the package's, the commit it was
+/// built from, and whether the binary is linked statically.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("FORKECHO_COMMIT"),
+    ", ",
+    env!("FORKECHO_LINKAGE"),
+    " build)"
+);
+
+/// The commit the binary was built from ("unknown" outside a git checkout).
+pub const COMMIT: &str = env!("FORKECHO_COMMIT");
+
+/// "static" or "dynamic".
+pub const LINKAGE: &str = env!("FORKECHO_LINKAGE");
+
 /// An OS error as an operator reads it: `address already in use`, without Rust's
 /// `(os error 98)` suffix. Errors without an errno are shown as they are.
 pub fn os_error_text(e: &std::io::Error) -> String {

@@ -7,6 +7,7 @@ mod attack;
 mod config;
 mod config_fuzz;
 mod deployment;
+mod docs;
 mod echo;
 mod exec;
 mod faults;

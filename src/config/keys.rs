@@ -38,6 +38,52 @@ pub(super) struct Key {
     pub on_reload: OnReload,
 }
 
+impl Key {
+    /// This key as its documentation describes it.
+    pub(super) fn reference(&self) -> super::KeyReference {
+        let flag = format!("--{}", self.name.replace('_', "-"));
+        let flag = match self.flag {
+            Flag::Integer(value) | Flag::Text(value) | Flag::Escaped(value) | Flag::Path(value) => {
+                Some(format!("{flag} {value}"))
+            }
+            Flag::Number { value_name, .. } => Some(format!("{flag} {value_name}")),
+            Flag::List {
+                value_name, short, ..
+            } => Some(match short {
+                Some(c) => format!("-{c}, {flag} {value_name} (repeatable)"),
+                None => format!("{flag} {value_name} (repeatable)"),
+            }),
+            Flag::Pairs { value_name, .. } => Some(format!("{flag} {value_name} (repeatable)")),
+            Flag::Switch => Some(flag),
+            Flag::Trailing(value) => Some(format!("-- {value}")),
+            Flag::FileOnly => None,
+        };
+        let on_reload = match &self.on_reload {
+            OnReload::Applies(_) => "A reload applies it to what starts from then on.".into(),
+            OnReload::NewAddressesOnly(_) => {
+                "A reload applies it to addresses listened on from then on.".into()
+            }
+            OnReload::NextStart(_, warning) => {
+                let mut text = warning.to_string();
+                if let Some(first) = text.get_mut(0..1) {
+                    first.make_ascii_uppercase();
+                }
+                format!("{text}.")
+            }
+            OnReload::Reported => {
+                "A reload listens on addresses added and stops on those removed.".into()
+            }
+        };
+        super::KeyReference {
+            name: self.name,
+            flag,
+            help: self.help,
+            default: self.default,
+            on_reload,
+        }
+    }
+}
+
 /// What a key's flag takes, and so which `toml::Value` its text becomes.
 #[derive(Clone, Copy)]
 pub(super) enum Flag {

@@ -48,12 +48,31 @@ pub const KEYS: [&str; keys::TABLE.len()] = {
     names
 };
 
+/// One key as its documentation (forkecho.toml(5)) describes it, from its row in
+/// `keys::TABLE`.
+#[derive(Debug, Clone)]
+pub struct KeyReference {
+    pub name: &'static str,
+    /// `--idle-timeout SECS`, or none for a key of the file only.
+    pub flag: Option<String>,
+    pub help: &'static str,
+    /// As the file would write it; none: unset.
+    pub default: Option<&'static str>,
+    /// What a reload does when it changes.
+    pub on_reload: String,
+}
+
+/// Every key, in the order of `--help` and the documentation.
+pub fn reference() -> Vec<KeyReference> {
+    keys::TABLE.iter().map(keys::Key::reference).collect()
+}
+
 /// The command line: the config file, a flag per key (see `keys::TABLE`; a flag given here
 /// wins over the file), and what to do.
 #[derive(Debug, Parser)]
 // A flag given twice takes its last value (a wrapper script may append an override);
 // repeatable flags (`--listen`, `--env`, ...) still gather every value.
-#[command(name = "forkecho", version, about, long_about = None, args_override_self = true)]
+#[command(name = "forkecho", version = crate::VERSION, about, long_about = None, args_override_self = true)]
 pub struct Cli {
     /// TOML config file (keys as the long options, in snake_case); a regular file, read again
     /// on each reload (SIGHUP)

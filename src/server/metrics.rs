@@ -208,7 +208,15 @@ impl Server {
             "gauge",
             "Always 1; labels say which build runs.",
         );
-        out.sample("forkecho_build_info", &[("version", version)], 1);
+        out.sample(
+            "forkecho_build_info",
+            &[
+                ("version", version),
+                ("commit", crate::COMMIT),
+                ("linkage", crate::LINKAGE),
+            ],
+            1,
+        );
         let started = self
             .started_at
             .duration_since(UNIX_EPOCH)

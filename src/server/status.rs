@@ -61,7 +61,7 @@ impl Server {
         };
         line("state", &f.state);
         line("pid", &std::process::id());
-        line("version", &env!("CARGO_PKG_VERSION"));
+        line("version", &crate::VERSION);
         line("config", &config);
         line("uptime", &f.uptime);
         line("listening", &listening.join(" "));
