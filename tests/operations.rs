@@ -706,10 +706,10 @@ fn unread_notify_socket_never_stops_the_loop() {
 }
 
 /// The logrotate snippet shipped in `config/`, run by the real `logrotate`: the log is
-/// renamed, forkecho's SIGHUP (from the snippet's postrotate) reopens `log_file`, and new
+/// renamed, `forkecho reopen-logs` (the snippet's postrotate) makes the server reopen `log_file`, and new
 /// lines land in the new file while the rotated one keeps what was written before.
 #[test]
-fn shipped_logrotate_snippet_rotates_and_sighup_reopens_the_log() {
+fn shipped_logrotate_snippet_rotates_and_the_control_command_reopens_the_log() {
     let Some(logrotate) = ["/usr/sbin/logrotate", "/sbin/logrotate"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
@@ -737,7 +737,14 @@ fn shipped_logrotate_snippet_rotates_and_sighup_reopens_the_log() {
     ))
     .unwrap()
     .replace("/var/log/forkecho.log", log.to_str().unwrap())
-    .replace("/run/forkecho.pid", pid_file.to_str().unwrap())
+    .replace(
+        "/run/forkecho/control.sock",
+        dir.path().join("forkecho.ctl").to_str().unwrap(),
+    )
+    .replace(
+        "forkecho --control-socket",
+        &format!("{BIN} --control-socket"),
+    )
     .replace("create 0640 root adm", "create 0640");
     let conf = dir.path().join("logrotate.conf");
     std::fs::write(&conf, snippet).unwrap();

@@ -16,6 +16,7 @@ mod limits;
 mod logs;
 mod metrics;
 mod operations;
+mod package;
 mod proxy;
 mod review_config;
 mod review_exec;

@@ -164,7 +164,11 @@ impl Server {
                 }
             }
             Command::ReopenLogs => match self.reopen_log_file() {
-                Some("log_file reopened") => (Outcome::Ok, "log_file reopened".to_string()),
+                Some("log_file reopened") => {
+                    // In the new file: where whoever rotated it will look.
+                    info!("log_file reopened");
+                    (Outcome::Ok, "log_file reopened".to_string())
+                }
                 Some(_) => (
                     Outcome::Error,
                     "log_file NOT reopened (the log says why); logging on to the file open \
