@@ -463,6 +463,33 @@ fn stop_smart_waits_for_an_open_session_to_finish() {
     expect_exit(&deployment.ctl(&["status"]), 3);
 }
 
+/// The `stop` connection is closed only once the server is gone, which is what lets the
+/// command wait as `pg_ctl stop` does: when its client reads EOF, the server has exited and
+/// its pid file (and the lock on it: a restart right after `stop` must be able to take it) and
+/// control socket are gone. Read here with a raw client, which sees the EOF at once.
+#[test]
+fn the_stop_connection_ends_only_once_the_server_is_gone() {
+    let deployment = Deployment::new("");
+    let mut server = deployment.start();
+    let mut s = UnixStream::connect(deployment.socket()).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(b"stop smart\n").unwrap();
+    let answer = read_answer(&mut s);
+    // Looked at before anything else: the command returns at this moment. (The process
+    // itself may still be inside exit(), which closes its descriptors before it is gone.)
+    let pid_file_left = deployment.pid_file().exists();
+    let socket_left = deployment.socket().exists();
+    let still_accepting = std::net::TcpStream::connect(server.addr()).is_ok();
+    assert_eq!(answer, "ok\nshutting down (smart shutdown)\n");
+    assert!(
+        !pid_file_left && !socket_left && !still_accepting,
+        "EOF on the stop connection while the server was not gone: pid file left: \
+         {pid_file_left}, control socket left: {socket_left}, port accepting: \
+         {still_accepting}"
+    );
+    assert!(server.wait_exit(WAIT).success());
+}
+
 /// `stop --mode fast` ends a session that would never close (SIGTERM), returns 0, and the
 /// server has exited; `--mode immediate` SIGKILLs one. A mode that does not exist is a usage
 /// error (exit 2) and stops nothing.
@@ -680,6 +707,33 @@ fn read_answer(s: &mut UnixStream) -> String {
         }
     }
     String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// At most 8 control connections talk at once: a command beyond them hears `busy` (exit 1,
+/// the reason on stderr) and the server goes on; once the silent ones were given up, commands
+/// are answered again.
+#[test]
+fn a_command_beyond_the_control_connection_limit_hears_busy() {
+    let deployment = Deployment::new("");
+    let mut server = deployment.start();
+    let silent: Vec<UnixStream> = (0..8)
+        .map(|_| UnixStream::connect(deployment.socket()).unwrap())
+        .collect();
+    // All eight taken: a TCP client is still served, and `status` is turned away.
+    assert_serves(&server, b"served\n");
+    let out = deployment.ctl(&["status"]);
+    let err = expect_exit(&out, 1);
+    assert!(err.contains("busy"), "the server's reason: {err}");
+    assert!(
+        server.is_running(),
+        "a busy control socket stopped the server"
+    );
+    drop(silent);
+    assert!(
+        wait_until(WAIT, || deployment.ctl(&["status"]).status.code()
+            == Some(0)),
+        "status not answered again after the silent connections closed"
+    );
 }
 
 // ---- Start ----
