@@ -414,6 +414,23 @@ fn a_config_broken_elsewhere_still_allows_status_and_stop() {
     assert!(server.wait_exit(WAIT).success());
 }
 
+/// A config file whose TOML no longer parses (an unclosed string in `banner`, far from
+/// pid_file) still lets the operator ask and stop the server it names, as a value error
+/// elsewhere does: the pid_file line is intact. `reload` is what reports the breakage.
+#[test]
+fn a_config_with_a_syntax_error_elsewhere_still_allows_status_and_stop() {
+    let deployment = Deployment::new("");
+    let mut server = deployment.start();
+    deployment.write_config("banner = \"unclosed");
+
+    let out = deployment.ctl(&["status"]);
+    expect_exit(&out, 0);
+    assert_eq!(field(&status_fields(&out), "pid"), server.pid().to_string());
+    let out = deployment.ctl(&["stop"]);
+    expect_exit(&out, 0);
+    assert!(server.wait_exit(WAIT).success());
+}
+
 // ---- stop ----
 
 /// `stop` (smart) lets an open session finish: the command waits while the session runs (the
@@ -461,6 +478,38 @@ fn stop_smart_waits_for_an_open_session_to_finish() {
     server.wait_for_line("shutdown complete");
     // Now nothing runs.
     expect_exit(&deployment.ctl(&["status"]), 3);
+}
+
+/// While a smart stop waits for a session, the server still answers: `status` says it is
+/// shutting down with the session active, and `stop --mode fast` escalates (SIGTERM to the
+/// session), after which both stop commands return 0.
+#[test]
+fn a_fast_stop_escalates_a_waiting_smart_stop() {
+    let deployment = Deployment::new("shutdown_timeout = 60\nkill_timeout = 60");
+    let mut server = deployment.start();
+    let mut session = server.connect_greeted();
+    let client = session.local_addr().unwrap();
+
+    let smart = deployment.ctl_in_background(&["stop"]);
+    server.wait_for_line("shutting down on the stop command (smart)");
+    let fields = status_of(&deployment);
+    assert_eq!(field(&fields, "state"), "shutting down");
+    assert_eq!(field(&fields, "active"), "1");
+    assert!(
+        !smart.is_finished(),
+        "smart stop returned with a session open"
+    );
+
+    let fast = deployment.ctl(&["stop", "--mode", "fast"]);
+    expect_exit(&fast, 0);
+    assert_closed_by_server(&mut session, "session after the fast stop");
+    assert_eq!(
+        server.wait_child_ending(client).how,
+        "killed by signal SIGTERM"
+    );
+    let smart = smart.join().unwrap();
+    expect_exit(&smart, 0);
+    assert!(server.wait_exit(WAIT).success());
 }
 
 /// The `stop` connection is closed only once the server is gone, which is what lets the
