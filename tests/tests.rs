@@ -6,6 +6,7 @@ mod util;
 mod attack;
 mod config;
 mod config_fuzz;
+mod control;
 mod deployment;
 mod docs;
 mod echo;
