@@ -142,7 +142,8 @@ pub fn send(path: &Path, command: Command) -> Sent {
         Ok(stream) => stream,
         Err(e) if is_no_server(&e) => {
             return Sent::NoServer(format!(
-                "no server is running (control socket {}: {})",
+                "no server is running (control socket {}: {}; a server started with another \
+                 control_socket or pid_file is reached with those)",
                 path.display(),
                 crate::os_error_text(&e)
             ))
@@ -181,14 +182,31 @@ fn is_no_server(e: &io::Error) -> bool {
     )
 }
 
+/// Sends the request and reads the answer to its end. A server that turns the client away
+/// (not allowed, busy) answers at once and closes, perhaps before the request arrives: the
+/// request's write may then fail and the read end in a reset, after the answer. What was
+/// read counts.
 fn exchange(stream: &mut UnixStream, command: Command, timeout: Duration) -> io::Result<Vec<u8>> {
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(ANSWER_TIMEOUT))?;
-    stream.write_all(format!("{}\n", command.request()).as_bytes())?;
+    match stream.write_all(format!("{}\n", command.request()).as_bytes()) {
+        Err(e) if !is_turned_away(&e) => return Err(e),
+        _ => {}
+    }
     let mut answer = Vec::new();
     // An answer is a few lines: a bound keeps a confused peer from filling our memory.
-    stream.take(1 << 20).read_to_end(&mut answer)?;
-    Ok(answer)
+    match stream.take(1 << 20).read_to_end(&mut answer) {
+        Err(e) if !(is_turned_away(&e) && !answer.is_empty()) => Err(e),
+        _ => Ok(answer),
+    }
+}
+
+/// The errors of a connection the server closed without reading all of it.
+fn is_turned_away(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    )
 }
 
 fn parse_answer(bytes: &[u8]) -> Sent {

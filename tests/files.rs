@@ -137,7 +137,12 @@ fn exit_leaves_a_pid_file_that_is_no_longer_ours() {
     let path = dir.path().join("forkecho.pid");
     let mut first = Server::builder().args(["--pid-file", &text(&path)]).start();
     std::fs::remove_file(&path).unwrap();
-    let second = Server::builder().args(["--pid-file", &text(&path)]).start();
+    // A control socket of its own: the one beside the pid file is the first's, which answers.
+    let second_control = dir.path().join("second.ctl");
+    let second = Server::builder()
+        .args(["--pid-file", &text(&path)])
+        .args(["--control-socket", &text(&second_control)])
+        .start();
     assert_eq!(
         std::fs::read_to_string(&path).unwrap(),
         format!("{}\n", second.pid())

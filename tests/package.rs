@@ -43,7 +43,9 @@ static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Builds the release binary and the package into `dir`; `None` where cargo-deb is missing.
 fn build_package(dir: &Path) -> Option<PathBuf> {
-    let _one_at_a_time = BUILDING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _one_at_a_time = BUILDING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let has_cargo_deb = cargo()
         .args(["deb", "--version"])
         .output()

@@ -374,14 +374,31 @@ impl Config {
             let text = read_config_file(path)
                 .and_then(utf8_text)
                 .map_err(|reason| fail(None, reason))?;
-            let table = parse_toml(&text).map_err(|(key, reason)| fail(key, reason))?;
-            for (key, value) in table
-                .iter()
-                .filter(|(k, _)| KEYS.contains(&k.get_ref().as_str()))
-            {
-                config
-                    .apply_key(key.get_ref(), value.get_ref(), &text[value.span()])
-                    .map_err(|reason| fail(Some(key.get_ref().clone()), reason))?;
+            match parse_toml(&text) {
+                Ok(table) => {
+                    let wanted = table
+                        .iter()
+                        .filter(|(k, _)| KEYS.contains(&k.get_ref().as_str()));
+                    for (key, value) in wanted {
+                        config
+                            .apply_key(key.get_ref(), value.get_ref(), &text[value.span()])
+                            .map_err(|reason| fail(Some(key.get_ref().clone()), reason))?;
+                    }
+                }
+                // A file broken by an edit since the start: its two lines may still say where
+                // the server is.
+                Err((key, reason)) => {
+                    let found = plain_string_settings(&text, &KEYS);
+                    if found.is_empty() {
+                        return Err(fail(key, reason));
+                    }
+                    for (key, value) in found {
+                        let written = format!("{value:?}");
+                        config
+                            .apply_key(key, &toml::Value::String(value), &written)
+                            .map_err(|reason| fail(Some(key.to_string()), reason))?;
+                    }
+                }
             }
             let dir = path.parent().unwrap_or(Path::new("."));
             for file in [&mut config.pid_file, &mut config.control_socket]
@@ -822,6 +839,35 @@ impl Origins<'_> {
             reason,
         }
     }
+}
+
+/// The top-level settings of `keys` written as `key = "text"` (a plain string, on one line,
+/// before any table), found line by line in a file that does not parse as a whole.
+fn plain_string_settings<'k>(text: &str, keys: &[&'k str]) -> Vec<(&'k str, String)> {
+    let mut found = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            break;
+        }
+        let Some((name, value)) = line.split_once('=') else {
+            continue;
+        };
+        let Some(&key) = keys.iter().find(|k| **k == name.trim()) else {
+            continue;
+        };
+        let value = value.trim();
+        let quoted = value
+            .strip_prefix('"')
+            .and_then(|v| v.split_once('"'))
+            .filter(|(v, _)| !v.contains('\\'))
+            .or_else(|| value.strip_prefix('\'').and_then(|v| v.split_once('\'')));
+        if let Some((value, rest)) = quoted {
+            if rest.trim().is_empty() || rest.trim().starts_with('#') {
+                found.push((key, value.to_string()));
+            }
+        }
+    }
+    found
 }
 
 /// The token bucket, or none when the rate is 0. Without an explicit burst a source may open

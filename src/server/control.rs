@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use mio::Interest;
-use socket2::Socket;
 
 use super::exchange::{self, Exchanges, Read};
 use super::token::Source;
@@ -32,9 +31,6 @@ pub(super) struct Control {
     listener: Listener,
     /// Slot `i` is polled as `Source::Control(i)`.
     talking: Exchanges,
-    /// Connections whose `stop` was accepted: closed when the parent exits (their EOF tells the
-    /// command the server is gone).
-    stopping: Vec<Socket>,
 }
 
 impl Control {
@@ -54,7 +50,6 @@ impl Control {
                 control::MAX_REQUEST,
                 REQUEST_TIMEOUT,
             ),
-            stopping: Vec::new(),
         })
     }
 
@@ -191,14 +186,16 @@ impl Server {
         }
     }
 
-    /// `stop`: says so, keeps the connection until the parent exits (its EOF tells the command
-    /// the server is gone), and shuts down.
+    /// `stop`: says so, and shuts down. The connection's descriptor is let go, never closed:
+    /// the kernel closes it when the process exits, after the pid file is removed, so the
+    /// command's end of file means the server is gone. (Children close it with every other
+    /// inherited descriptor.)
     fn stop_on_command(&mut self, i: usize, mode: control::Mode) {
         if let Some(control) = &mut self.control {
             if let Some(exchange) = control.talking.take(i, self.poll.registry()) {
                 let text = format!("shutting down ({} shutdown)", mode.name());
                 let _ = exchange::send_once(&exchange.stream, &control::answer(Outcome::Ok, &text));
-                control.stopping.push(exchange.stream);
+                let _ = std::os::fd::IntoRawFd::into_raw_fd(exchange.stream);
             }
         }
         self.shutdown(mode, "the stop command");
