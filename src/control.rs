@@ -196,7 +196,7 @@ fn exchange(stream: &mut UnixStream, command: Command, timeout: Duration) -> io:
     let mut answer = Vec::new();
     // An answer is a few lines: a bound keeps a confused peer from filling our memory.
     match stream.take(1 << 20).read_to_end(&mut answer) {
-        Err(e) if !(is_turned_away(&e) && !answer.is_empty()) => Err(e),
+        Err(e) if !is_turned_away(&e) || answer.is_empty() => Err(e),
         _ => Ok(answer),
     }
 }
