@@ -154,6 +154,33 @@ impl Durations {
     }
 }
 
+/// The line of a reaped child: `child 5037 (127.0.0.1:50000) exited with code 0 (client
+/// closed) after 0.01s`, with its fields (`code` or `signal`).
+fn log_ending(
+    level: Level,
+    pid: Pid,
+    peer: &Peer,
+    ending: Ending,
+    meaning: Option<&'static str>,
+    lasted: Duration,
+) {
+    let (child, duration, meaning) = (pid.as_raw(), lasted.as_secs_f64(), Parenthesised(meaning));
+    let lasted = seconds(lasted);
+    match ending {
+        Ending::Exited(code) => log!(
+            level,
+            event = "ended", child = child, peer:% = peer, code = code, duration = duration;
+            "child {pid} ({peer}) {ending}{meaning} after {lasted}"
+        ),
+        Ending::Killed { signal, .. } => log!(
+            level,
+            event = "ended", child = child, peer:% = peer, signal:% = SignalName(signal),
+            duration = duration;
+            "child {pid} ({peer}) {ending}{meaning} after {lasted}"
+        ),
+    }
+}
+
 /// A table that only the parent uses, kept in memory the children do not inherit.
 type ParentTable<K, V> = hashbrown::HashMap<K, V, RandomState, ParentOnly>;
 
@@ -400,13 +427,7 @@ impl Children {
             Ending::Exited(code) => child.kind.meaning(code),
             Ending::Killed { .. } => None,
         };
-        log!(
-            level,
-            "child {pid} ({}) {ending}{} after {}",
-            child.peer,
-            Parenthesised(meaning),
-            seconds(lasted)
-        );
+        log_ending(level, pid, &child.peer, ending, meaning, lasted);
     }
 
     /// Shutdown: SIGTERM to every live child's process group, so that whatever a program

@@ -128,8 +128,14 @@ pub fn run(conn: Conn, settings: &Settings) -> Outcome {
     };
     let peer = conn.peer;
     match &outcome {
-        Outcome::IoError(e) => warn!("session {peer} failed: {e} ({})", Described(&conn)),
-        other => debug!("session {peer} ended: {other:?} ({})", Described(&conn)),
+        Outcome::IoError(e) => warn!(
+            event = "session", peer:% = peer, reason:% = e;
+            "session {peer} failed: {e} ({})", Described(&conn)
+        ),
+        other => debug!(
+            event = "session", peer:% = peer, reason:? = other;
+            "session {peer} ended: {other:?} ({})", Described(&conn)
+        ),
     }
     outcome
 }

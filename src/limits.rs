@@ -172,6 +172,21 @@ pub enum Refusal {
     ProxyHeader(&'static str),
 }
 
+impl Refusal {
+    /// The reason as one word, as the metrics and structured logs name it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Refusal::Denied(_) => "denied",
+            Refusal::NotAllowed => "not_allowed",
+            Refusal::PerSource { .. } => "per_source",
+            Refusal::Rate { .. } => "rate",
+            Refusal::Closing => "closing",
+            Refusal::UntrustedProxy { .. } => "untrusted_proxy",
+            Refusal::ProxyHeader(_) => "proxy_header",
+        }
+    }
+}
+
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

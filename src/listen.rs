@@ -157,6 +157,19 @@ impl Listener {
         }
     }
 
+    /// Whether this listener is the one `address` names: as configured, as bound (the port 0
+    /// gave it), or for a UNIX-domain socket by the file at that path, whatever path leads
+    /// there.
+    pub fn serves(&self, address: &ListenAddr) -> bool {
+        if *address == self.configured || *address == self.local {
+            return true;
+        }
+        match (address, &self.file) {
+            (ListenAddr::Unix(path), Some(file)) => file.is_at(path),
+            _ => false,
+        }
+    }
+
     /// Removes the socket file this listener made, now, if the path still holds it: no new
     /// client can reach the listener by its path after this (a connect fails: no such file),
     /// while those already queued can still be accepted. Call it before draining a listener
@@ -224,7 +237,13 @@ impl SocketFile {
     }
 
     fn still_ours(&self) -> bool {
-        std::fs::symlink_metadata(&self.path).is_ok_and(|meta| {
+        self.is_at(&self.path)
+    }
+
+    /// Whether `path` (followed through symbolic links on the way, but not at its end) is
+    /// this socket file.
+    fn is_at(&self, path: &Path) -> bool {
+        std::fs::symlink_metadata(path).is_ok_and(|meta| {
             meta.file_type().is_socket() && meta.dev() == self.dev && meta.ino() == self.ino
         })
     }

@@ -113,6 +113,7 @@ fn start_and_serve(cli: Cli, readiness: &mut Readiness) -> Result<(), Failure> {
     let keep: Vec<_> = pid_file.iter().map(AsFd::as_fd).collect();
     let log_on_ready;
     (*readiness, log_on_ready) = detach(&config, &keep).map_err(Failure::Start)?;
+    logging::set_format(config.log_format);
     logging::init(config.log_level.filter());
     let (listeners, from_systemd) = listeners(&config)?;
     let passed = if from_systemd { listeners.len() } else { 0 };

@@ -55,6 +55,14 @@ pub fn check(config: &Config) -> Result<(), Problem> {
         check_writable(path, false, libc::R_OK | libc::W_OK).map_err(problem)?;
         crate::pidfile::inspect(path).map_err(|e| problem(e.to_string()))?;
     }
+    if config
+        .listen
+        .iter()
+        .any(|a| matches!(a, ListenAddr::Unix(_)))
+    {
+        let settings = config.bind_settings();
+        check_socket_owner(settings.unix_owner, settings.unix_group)?;
+    }
     if let Some(addr) = config.metrics_listen {
         check_address(addr).map_err(|reason| Problem {
             key: "metrics_listen",
@@ -76,23 +84,26 @@ pub fn check(config: &Config) -> Result<(), Problem> {
     Ok(())
 }
 
-/// A UNIX-domain socket can be made at `path`: its directory exists, and nothing but a socket
-/// (the running instance's, or a stale one the start replaces) is there already.
+/// A UNIX-domain socket can be made at `path`: its directory exists and this process may
+/// create (and remove) files in it, and nothing but a socket (the running instance's, or a
+/// stale one the start replaces) is there already.
 fn check_socket_path(path: &Path) -> Result<(), String> {
+    let shown = format!("unix:{}", path.display());
     let dir = path.parent().unwrap_or(Path::new("/"));
     match std::fs::metadata(dir) {
-        Ok(meta) if meta.is_dir() => {}
-        Ok(_) => {
+        Ok(meta) if !meta.is_dir() => {
+            return Err(format!("{shown}: {} is not a directory", dir.display()))
+        }
+        Ok(_) if !may_write(dir, libc::W_OK | libc::X_OK) => {
             return Err(format!(
-                "unix:{}: {} is not a directory",
-                path.display(),
+                "{shown}: the socket cannot be made there: {} is not writable",
                 dir.display()
             ))
         }
+        Ok(_) => {}
         Err(e) => {
             return Err(format!(
-                "unix:{}: directory {}: {}",
-                path.display(),
+                "{shown}: directory {}: {}",
                 dir.display(),
                 crate::os_error_text(&e)
             ))
@@ -100,12 +111,52 @@ fn check_socket_path(path: &Path) -> Result<(), String> {
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => Err(format!(
-            "unix:{}: it is {}, not a socket; the start would refuse it and leave it as it is",
-            path.display(),
+            "{shown}: it is {}, not a socket; the start would refuse it and leave it as it is",
             crate::listen::what_is_there(&meta)
         )),
         _ => Ok(()),
     }
+}
+
+/// The socket files can be given to `owner` and `group`: as root (or with CAP_CHOWN), or to
+/// this process's own user and one of its groups. The key at fault is returned with the
+/// reason.
+fn check_socket_owner(owner: Option<u32>, group: Option<u32>) -> Result<(), Problem> {
+    if nix::unistd::geteuid().is_root() || has_capability(CAP_CHOWN) {
+        return Ok(());
+    }
+    if let Some(uid) = owner.filter(|&uid| uid != nix::unistd::geteuid().as_raw()) {
+        return Err(Problem {
+            key: "unix_socket_owner",
+            reason: format!("giving the socket file to uid {uid} needs root or CAP_CHOWN"),
+        });
+    }
+    let groups = nix::unistd::getgroups().unwrap_or_default();
+    let mine = |gid: u32| {
+        gid == nix::unistd::getegid().as_raw() || groups.iter().any(|g| g.as_raw() == gid)
+    };
+    if let Some(gid) = group.filter(|&gid| !mine(gid)) {
+        return Err(Problem {
+            key: "unix_socket_group",
+            reason: format!(
+                "giving the socket file to gid {gid}, not one of this user's groups, needs \
+                 root or CAP_CHOWN"
+            ),
+        });
+    }
+    Ok(())
+}
+
+const CAP_CHOWN: u32 = 0;
+
+/// Whether this process's effective capabilities hold `capability` (/proc/self/status).
+fn has_capability(capability: u32) -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << capability) != 0)
 }
 
 /// `addr`'s IP is one this host can bind: binding it with port 0 (any free port, so a port the

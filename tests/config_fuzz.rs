@@ -332,7 +332,8 @@ fn mode_key() -> BoxedStrategy<Setting> {
         vec![
             (Val::Str("0660".into()), true, true),
             (Val::Str("600".into()), true, true),
-            (Val::Int(0o640), true, true),
+            // Written in decimal in a file (416): refused there; a flag's text is octal.
+            (Val::Int(0o640), false, true),
             (Val::Str("0999".into()), false, false),
             (Val::Str("4777".into()), false, false),
             (Val::Str("rw-rw----".into()), false, false),
@@ -639,6 +640,20 @@ fn generators(start_safe: bool) -> Vec<(&'static str, BoxedStrategy<Setting>)> {
         ),
         ("log_level", log_level_key()),
         ("log_file", path_key("log_file", "forkecho.log")),
+        (
+            "log_format",
+            pick(
+                "log_format",
+                vec![
+                    (Val::Str("text".into()), true, true),
+                    (Val::Str("json".into()), true, true),
+                    (Val::Str("logfmt".into()), true, true),
+                    (Val::Str("JSON".into()), true, true),
+                    (Val::Str("xml".into()), false, false),
+                    (Val::Int(1), false, false),
+                ],
+            ),
+        ),
         (
             "user",
             identity_key("user", &KNOWN_USERS, "no-such-user-forkecho"),

@@ -14,6 +14,7 @@ mod exec;
 mod faults;
 mod files;
 mod limits;
+mod log_format;
 mod logs;
 mod metrics;
 mod operations;

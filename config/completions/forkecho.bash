@@ -53,7 +53,7 @@ _forkecho() {
 
     case "${cmd}" in
         forkecho)
-            opts="-c -l -h -V --config --listen --banner --backlog --idle-timeout --shutdown-timeout --kill-timeout --max-session-time --max-children --max-per-source --source-prefix-v4 --source-prefix-v6 --allow --deny --max-rate-per-source --rate-burst --refusal-message --reuse-port --unix-socket-mode --unix-socket-owner --unix-socket-group --pid-file --control-socket --metrics-listen --log-file --daemonize --user --group --log-level --session-stderr --env --clear-env --session-limits --nice --working-directory --proxy-protocol --trusted-proxy --trusted-proxies --proxy-header-timeout --check-config --help --version status reload stop reopen-logs help"
+            opts="-c -l -h -V --config --listen --banner --backlog --idle-timeout --shutdown-timeout --kill-timeout --max-session-time --max-children --max-per-source --source-prefix-v4 --source-prefix-v6 --allow --deny --max-rate-per-source --rate-burst --refusal-message --reuse-port --unix-socket-mode --unix-socket-owner --unix-socket-group --pid-file --control-socket --metrics-listen --log-file --daemonize --user --group --log-level --log-format --session-stderr --env --clear-env --session-limits --nice --working-directory --proxy-protocol --trusted-proxy --trusted-proxies --proxy-header-timeout --check-config --help --version status reload stop reopen-logs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -180,6 +180,10 @@ _forkecho() {
                     return 0
                     ;;
                 --log-level)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --log-format)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

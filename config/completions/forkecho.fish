@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_forkecho_global_optspecs
-    string join \n c/config= l/listen= banner= backlog= idle-timeout= shutdown-timeout= kill-timeout= max-session-time= max-children= max-per-source= source-prefix-v4= source-prefix-v6= allow= deny= max-rate-per-source= rate-burst= refusal-message= reuse-port= unix-socket-mode= unix-socket-owner= unix-socket-group= pid-file= control-socket= metrics-listen= log-file= daemonize= user= group= log-level= session-stderr= env= clear-env= session-limits= nice= working-directory= proxy-protocol= trusted-proxies= proxy-header-timeout= check-config h/help V/version
+    string join \n c/config= l/listen= banner= backlog= idle-timeout= shutdown-timeout= kill-timeout= max-session-time= max-children= max-per-source= source-prefix-v4= source-prefix-v6= allow= deny= max-rate-per-source= rate-burst= refusal-message= reuse-port= unix-socket-mode= unix-socket-owner= unix-socket-group= pid-file= control-socket= metrics-listen= log-file= daemonize= user= group= log-level= log-format= session-stderr= env= clear-env= session-limits= nice= working-directory= proxy-protocol= trusted-proxies= proxy-header-timeout= check-config h/help V/version
 end
 
 function __fish_forkecho_needs_command
@@ -53,6 +53,7 @@ complete -c forkecho -n "__fish_forkecho_needs_command" -l daemonize -d 'Detach 
 complete -c forkecho -n "__fish_forkecho_needs_command" -l user -d 'After binding, drop privileges to this user (name or uid); needs root' -r
 complete -c forkecho -n "__fish_forkecho_needs_command" -l group -d 'With --user: the group (name or gid) [default: the user\'s primary group]' -r
 complete -c forkecho -n "__fish_forkecho_needs_command" -l log-level -d 'error, warn, info, debug, trace or off; RUST_LOG, when set, wins [default: info]' -r
+complete -c forkecho -n "__fish_forkecho_needs_command" -l log-format -d 'Layout of log lines: text, json or logfmt (the same fields in each) [default: text]' -r
 complete -c forkecho -n "__fish_forkecho_needs_command" -l session-stderr -d 'Where a program\'s stderr goes: log (forkecho\'s log, bytes unchanged) or null [default: log]' -r
 complete -c forkecho -n "__fish_forkecho_needs_command" -l env -d 'Add this variable to a program\'s environment; repeatable' -r
 complete -c forkecho -n "__fish_forkecho_needs_command" -l clear-env -d 'Start a program\'s environment empty instead of from forkecho\'s (the connection\'s variables and --env are still set)' -r

@@ -164,7 +164,7 @@ fn plain_or_none<T: ToString>(value: Option<T>) -> Shown<'static> {
 }
 
 /// Every key, in the order `--help` and the documentation list them.
-pub(super) const TABLE: [Key; 39] = [
+pub(super) const TABLE: [Key; 40] = [
     Key {
         name: "listen",
         help: "Address to listen on, IP:PORT (`[::1]:PORT` for IPv6) or unix:/PATH (a \
@@ -511,6 +511,19 @@ pub(super) const TABLE: [Key; 39] = [
             Ok(())
         },
         on_reload: OnReload::Applies(|c| plain(c.log_level)),
+    },
+    Key {
+        name: "log_format",
+        help: "Layout of log lines: text, json or logfmt (the same fields in each)",
+        default: Some(r#""text""#),
+        flag: Flag::Text("FORMAT"),
+        set: |c, v, w| {
+            let word = expect_str(v, w)?;
+            c.log_format = crate::logging::Format::parse(word)
+                .ok_or_else(|| format!("`{word}` is not a log format (text, json or logfmt)"))?;
+            Ok(())
+        },
+        on_reload: OnReload::Applies(|c| plain(c.log_format)),
     },
     Key {
         name: "exec",
@@ -967,9 +980,14 @@ fn rules_from_toml(value: &toml::Value, written: &str) -> Result<(Vec<IpNet>, Ve
     Ok((prefixes, uids))
 }
 
-/// A file mode in octal, as text (`"0660"`) or a TOML integer (`0o660`); permission bits only.
+/// A file mode in octal, as text (`"0660"`) or a TOML octal integer (`0o660`); permission bits
+/// only. A decimal integer (`440`) is refused: read as octal it is not what was meant, and read
+/// as decimal (0670) it would silently grant more than was written.
 fn parse_mode(value: &toml::Value, written: &str) -> Result<u32, String> {
     let mode = match value {
+        toml::Value::Integer(_) if !written.trim().starts_with("0o") => return Err(format!(
+            "integer {written} is decimal; write the mode in octal: \"0{written}\" or 0o{written}"
+        )),
         toml::Value::Integer(n) => u32::try_from(*n).ok(),
         toml::Value::String(s) => u32::from_str_radix(s.trim(), 8).ok(),
         _ => None,
@@ -1232,6 +1250,11 @@ mod tests {
         assert!(mode("0999").is_err());
         assert!(mode("4777").is_err());
         assert_eq!(parse_mode(&toml::Value::Integer(0o640), "0o640"), Ok(0o640));
+        let decimal = parse_mode(&toml::Value::Integer(440), "440").unwrap_err();
+        assert!(
+            decimal.contains("decimal") && decimal.contains("\"0440\""),
+            "{decimal}"
+        );
     }
 
     #[test]

@@ -159,6 +159,8 @@ pub struct Config {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// How much to log (unless `RUST_LOG` is set).
     pub log_level: LogLevel,
+    /// How log lines are laid out.
+    pub log_format: crate::logging::Format,
     /// Where the log goes instead of stderr; none = stderr.
     pub log_file: Option<PathBuf>,
     /// Detach into the background at start.

@@ -83,7 +83,7 @@ impl Server {
     /// balancer); dropping the stream closed it.
     #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
     pub(super) fn refuse_quietly(&mut self, peer: Peer, refusal: &Refusal) {
-        info!("refused {peer}: {refusal}");
+        info!(event = "refused", peer:% = peer, reason = refusal.name(); "refused {peer}: {refusal}");
         self.admission.refused.count(refusal);
     }
 
@@ -197,10 +197,7 @@ impl Server {
                     Kind::Echo => None,
                 };
                 self.children.add(pid, peer, source, kind, end_by);
-                info!(
-                    "accepted {peer}{via} -> child {pid} ({} active)",
-                    self.children.len()
-                );
+                log_accepted(peer, via, &source, pid, self.children.len());
                 self.fork_recovered();
                 self.pause_or_resume_at_max_children();
             }
@@ -277,16 +274,18 @@ impl Server {
     fn fork_failed(&mut self, stream: Socket, peer: Peer, e: &io::Error) {
         self.fork_failures += 1;
         if self.fork_failure_run.record() {
+            let reason = crate::os_error_text(e);
             warn!(
-                "cannot fork for {peer}: {}; refused it; accepting pauses until a session \
-                 ends, or for {} growing to 5s, until a fork succeeds",
-                crate::os_error_text(e),
+                event = "fork_failed", peer:% = peer, reason:% = reason;
+                "cannot fork for {peer}: {reason}; refused it; accepting pauses until a \
+                 session ends, or for {} growing to 5s, until a fork succeeds",
                 seconds(ACCEPT_BACKOFF)
             );
         } else {
+            let reason = crate::os_error_text(e);
             debug!(
-                "cannot fork for {peer}: {}; refused",
-                crate::os_error_text(e)
+                event = "fork_failed", peer:% = peer, reason:% = reason;
+                "cannot fork for {peer}: {reason}; refused"
             );
         }
         self.send_refusal(stream);
@@ -307,7 +306,7 @@ impl Server {
     /// loop never waits for a client it is turning away.
     #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
     pub(super) fn refuse(&mut self, stream: Socket, peer: Peer, refusal: &Refusal) {
-        info!("refused {peer}: {refusal}");
+        info!(event = "refused", peer:% = peer, reason = refusal.name(); "refused {peer}: {refusal}");
         if *refusal == Refusal::Closing {
             // Admission counts its own refusals; this one is the loop's.
             self.admission.refused.count(refusal);
@@ -324,6 +323,29 @@ impl Server {
             let _ = stream.send_with_flags(&self.limits.refusal_message, flags);
         }
         close_after_taking_what_arrived(stream);
+    }
+}
+
+/// The line of an admitted connection: `accepted CLIENT [via BALANCER] -> child PID (N
+/// active)`, with its fields.
+fn log_accepted(
+    peer: Peer,
+    via: Via,
+    source: &limits::Source,
+    pid: nix::unistd::Pid,
+    active: usize,
+) {
+    let child = pid.as_raw();
+    match via.0 {
+        None => info!(
+            event = "accepted", peer:% = peer, source:% = source, child = child, active = active;
+            "accepted {peer} -> child {pid} ({active} active)"
+        ),
+        Some(proxy) => info!(
+            event = "accepted", peer:% = peer, via:% = proxy, source:% = source, child = child,
+            active = active;
+            "accepted {peer}{via} -> child {pid} ({active} active)"
+        ),
     }
 }
 

@@ -142,7 +142,8 @@ impl Server {
         let Some(peer) = control.talking.peer(i) else {
             return;
         };
-        info!("control command `{}` from {peer}", command.request());
+        let request = command.request();
+        info!(event = "control", command:% = request, peer:% = peer; "control command `{request}` from {peer}");
         self.run_control_command(i, command);
     }
 

@@ -348,7 +348,11 @@ impl Server {
     fn refuse_header(&mut self, i: usize, problem: &'static str) {
         if let Some(entry) = self.take_header_entry(i) {
             let refusal = Refusal::ProxyHeader(problem);
-            log::info!("refused {}: {refusal}", entry.proxy);
+            let peer = entry.proxy;
+            log::info!(
+                event = "refused", peer:% = peer, reason = refusal.name();
+                "refused {peer}: {refusal}"
+            );
             self.admission.refused.count(&refusal);
             close_after_taking_what_arrived(entry.stream);
         }

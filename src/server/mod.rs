@@ -200,7 +200,8 @@ impl Server {
         // Announced only now that the signal handlers are installed: whoever waits for this
         // line (a test, a supervisor) may send SIGTERM at once and must not kill us.
         for slot in self.listeners.iter() {
-            info!("listening on {}", slot.listener.local);
+            let address = &slot.listener.local;
+            info!(event = "listening", address:% = address; "listening on {address}");
         }
         if let Handler::Exec { program, .. } = &self.handler {
             info!("each connection runs {program}");
@@ -255,7 +256,7 @@ impl Server {
             self.serve_headers();
             self.accept_ready();
         }
-        info!("shutdown complete");
+        info!(event = "stopped"; "shutdown complete");
         Ok(())
     }
 

@@ -40,7 +40,10 @@ impl Server {
     ) -> Result<String, String> {
         let also = log_reopened.map_or(String::new(), |r| format!(" ({r})"));
         let refused = |reason: String| {
-            error!("reload refused: {reason}; the running configuration stays{also}");
+            error!(
+                event = "reload", result = "refused", reason:% = reason;
+                "reload refused: {reason}; the running configuration stays{also}"
+            );
             Err(reason)
         };
         let new = match (self.reload)(&self.config) {
@@ -83,6 +86,7 @@ impl Server {
         self.shutdown_timeout = new.shutdown_timeout;
         self.kill_timeout = new.kill_timeout;
         crate::logging::set_level(new.log_level.filter());
+        crate::logging::set_format(new.log_format);
         if serving {
             changes.extend(self.install_listeners(&new, fresh, &swapped));
         }
@@ -96,7 +100,7 @@ impl Server {
             true => "reloaded configuration: nothing changed".to_string(),
             false => format!("reloaded configuration: {}", changes.join(", ")),
         };
-        info!("{line}");
+        info!(event = "reload", result = "applied"; "{line}");
         self.pause_or_resume_at_max_children();
         // A large configuration (a long deny list) was parsed, copied and perhaps replaced:
         // give the freed heap back, or every later fork would copy its page tables.
@@ -117,9 +121,11 @@ impl Server {
             .collect();
         let wanted: HashSet<&ListenAddr> = listen.iter().collect();
         let removed: Vec<&ListenAddr> = current.difference(&wanted).copied().collect();
+        // A socket file named by another path (a symlink on the way) is the same listener.
+        let served = |a: &ListenAddr| self.listeners.iter().any(|s| s.listener.serves(a));
         listen
             .iter()
-            .filter(|a| !current.contains(a))
+            .filter(|a| !current.contains(a) && !served(a))
             .cloned()
             .partition(|a| removed.iter().any(|r| r.overlaps(a)))
     }
@@ -158,14 +164,16 @@ impl Server {
         // Tokens are indexes into `listeners`: take every listener out of the poll set and
         // put the survivors and the new ones back under their new tokens.
         self.set_polling(false);
-        let wanted =
-            |l: &Listener| new.listen.contains(&l.configured) || new.listen.contains(&l.local);
+        let wanted = |l: &Listener| new.listen.iter().any(|a| l.serves(a));
         let (mut kept, dropped): (Vec<Listener>, Vec<Listener>) =
             self.listeners.take_all().into_iter().partition(wanted);
         for listener in &mut kept {
-            // Kept by the address port 0 gave it: that is its configured address from now on.
+            // Kept under another spelling (the address port 0 gave it, a path through a
+            // symlink): that is its configured address from now on.
             if !new.listen.contains(&listener.configured) {
-                listener.configured = listener.local.clone();
+                if let Some(address) = new.listen.iter().find(|a| listener.serves(a)) {
+                    listener.configured = address.clone();
+                }
             }
         }
         let mut changes = Vec::new();
@@ -183,7 +191,8 @@ impl Server {
             added.extend(self.bind_swapped(new, swapped, &closed, &mut changes));
         }
         for listener in &added {
-            info!("listening on {}", listener.local);
+            let address = &listener.local;
+            info!(event = "listening", address:% = address; "listening on {address}");
             changes.push(format!("listen +{}", listener.local));
         }
         let mut all: Vec<Listener> = kept.into_iter().chain(added).collect();

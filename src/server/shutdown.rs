@@ -44,7 +44,10 @@ impl Server {
         match (self.phase, mode) {
             (Phase::Killing, _) => {}
             (_, Mode::Immediate) | (Phase::Terminating { .. }, _) => {
-                info!("shutting down on {sig} (immediate): sending SIGKILL to {n} sessions");
+                info!(
+                    event = "shutdown", mode = "immediate", cause = sig, active = n;
+                    "shutting down on {sig} (immediate): sending SIGKILL to {n} sessions"
+                );
                 self.stop_listening(false);
                 self.kill_children();
             }
@@ -52,11 +55,12 @@ impl Server {
                 // Clients queued in the backlog are served first (and join the draining).
                 self.stop_listening(true);
                 // Logged once true: a client that connects after this line is refused.
+                let active = self.children.len();
                 info!(
+                    event = "shutdown", mode = "smart", cause = sig, active = active;
                     "shutting down on {sig} (smart): stopped listening; waiting up to {} for \
-                     {} sessions (SIGTERM again or SIGINT: fast; SIGQUIT: immediate)",
-                    seconds(self.shutdown_timeout),
-                    self.children.len()
+                     {active} sessions (SIGTERM again or SIGINT: fast; SIGQUIT: immediate)",
+                    seconds(self.shutdown_timeout)
                 );
                 self.phase = Phase::Draining {
                     until: Instant::now() + self.shutdown_timeout,
@@ -64,6 +68,7 @@ impl Server {
             }
             (Phase::Serving, Mode::Fast) | (Phase::Draining { .. }, _) => {
                 info!(
+                    event = "shutdown", mode = "fast", cause = sig, active = n;
                     "shutting down on {sig} (fast): sending SIGTERM to {n} sessions, SIGKILL \
                      to those left after {}",
                     seconds(self.kill_timeout)

@@ -18,6 +18,7 @@ impl Server {
     pub(super) fn log_status(&self) {
         let f = self.facts();
         info!(
+            event = "status";
             "status: {} active (max {}), {} accepted, {} ended [{}], {} refused [{}], \
              {} fork failures, {} waiting, {} awaiting a PROXY header, busiest sources [{}], \
              {} log lines dropped, \

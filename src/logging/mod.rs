@@ -69,6 +69,10 @@
 //! lock lives in a static, one more page. For the same reason the line-per-line path only
 //! reads this module's state; it writes it only while lines are being lost.
 
+mod format;
+
+pub use format::{set_format, Format};
+
 use std::fmt::{self, Write as _};
 use std::io;
 use std::os::fd::RawFd;
@@ -103,6 +107,7 @@ pub fn init(level: log::LevelFilter) {
     let filter = builder.build();
     LOG.parent_pid.store(std::process::id(), Ordering::Relaxed);
     let attached = LOG.attach();
+    format::detect_journal(LOG.stderr);
     log::set_max_level(filter.filter());
     log::set_boxed_logger(Box::new(Logger { filter })).expect("the logger is installed once");
     set_level(level);
@@ -118,6 +123,7 @@ pub fn stderr_replaced() {
         "stderr_replaced in a child"
     );
     warn_if_blocking(LOG.attach());
+    format::detect_journal(LOG.stderr);
 }
 
 /// Lines the parent could not write since it started (its log reader stalled, the disk was
@@ -173,7 +179,8 @@ fn write_line(record: &log::Record<'_>) {
     // Looked up per line: after fork the same code runs in the child, with its own pid.
     let pid = std::process::id();
     let mut line = LineBuffer::<STACK_LINE>::stopping_when_full();
-    if format_line(&mut line, record.level(), pid, record.args()).is_ok() {
+    let fields = Some(record.key_values());
+    if format_line(&mut line, record.level(), pid, record.args(), fields).is_ok() {
         LOG.write(pid, line.finish());
     } else {
         write_long_line(record, pid);
@@ -184,19 +191,39 @@ fn write_line(record: &log::Record<'_>) {
 #[cold]
 fn write_long_line(record: &log::Record<'_>, pid: u32) {
     let mut line = LineBuffer::<MAX_LINE>::cutting();
-    let _ = format_line(&mut line, record.level(), pid, record.args());
+    let fields = Some(record.key_values());
+    let _ = format_line(&mut line, record.level(), pid, record.args(), fields);
     LOG.write(pid, line.finish());
 }
 
-fn format_line(
-    out: &mut impl fmt::Write,
+/// One record, laid out as `log_format` says (see `format`), into `out`.
+fn format_line<const N: usize>(
+    out: &mut LineBuffer<N>,
     level: log::Level,
     pid: u32,
     message: &fmt::Arguments<'_>,
+    fields: Option<&dyn log::kv::Source>,
 ) -> fmt::Result {
-    let now = jiff::Timestamp::try_from(std::time::SystemTime::now())
-        .unwrap_or(jiff::Timestamp::UNIX_EPOCH);
-    write!(out, "{now:.3} {level:<5} forkecho[{pid}] {message}")
+    format_line_as(format::current(), out, level, pid, message, fields)
+}
+
+fn format_line_as<const N: usize>(
+    layout: Format,
+    out: &mut LineBuffer<N>,
+    level: log::Level,
+    pid: u32,
+    message: &fmt::Arguments<'_>,
+    fields: Option<&dyn log::kv::Source>,
+) -> fmt::Result {
+    format::write_record(
+        out,
+        layout,
+        |line, suffix| line.quote_until_end(suffix),
+        level,
+        pid,
+        message,
+        fields,
+    )
 }
 
 /// One line being formatted into a fixed array: the text that fits, and how many bytes of it
@@ -212,6 +239,12 @@ struct LineBuffer<const N: usize> {
     /// Fail at the first byte that does not fit (the stack buffer, whose caller starts over in
     /// a larger one) instead of counting on.
     stop_when_full: bool,
+    /// Text is inside a quoted value (JSON, logfmt): `"` and `\` are escaped too, and control
+    /// characters as JSON writes them (`\n`, `\u001b`).
+    quoting: bool,
+    /// What closes the line before its newline (`"}` for JSON): room is kept for it, and it
+    /// follows the cut marker, so that a cut line is still a valid record.
+    suffix: &'static str,
 }
 
 impl<const N: usize> LineBuffer<N> {
@@ -222,6 +255,8 @@ impl<const N: usize> LineBuffer<N> {
             limit: N - 1,
             cut: 0,
             stop_when_full: true,
+            quoting: false,
+            suffix: "",
         }
     }
 
@@ -232,7 +267,16 @@ impl<const N: usize> LineBuffer<N> {
             limit: N - CUT_MARKER_ROOM,
             cut: 0,
             stop_when_full: false,
+            quoting: false,
+            suffix: "",
         }
+    }
+
+    /// From now on text goes inside a quoted value, and `suffix` will close the line.
+    fn quote_until_end(&mut self, suffix: &'static str) {
+        self.quoting = true;
+        self.suffix = suffix;
+        self.limit -= suffix.len();
     }
 
     /// The line with its ending: the cut marker if text was cut, and the newline.
@@ -243,6 +287,7 @@ impl<const N: usize> LineBuffer<N> {
         if cut > 0 {
             let _ = write!(self, "… [{cut} bytes cut]");
         }
+        let _ = self.push(self.suffix, false);
         let _ = self.push("\n", true);
         &self.bytes[..self.len]
     }
@@ -280,25 +325,30 @@ impl<const N: usize> fmt::Write for LineBuffer<N> {
     /// control character becomes its escape, kept whole or cut whole.
     fn write_str(&mut self, s: &str) -> fmt::Result {
         let mut rest = s;
-        while let Some((at, control)) = find_control(rest) {
+        while let Some((at, special)) = find_special(rest, self.quoting) {
             self.push(&rest[..at], true)?;
             let mut escaped = [0u8; 10];
-            self.push(escape(control, &mut escaped), false)?;
-            rest = &rest[at + control.len_utf8()..];
+            let escaped = match self.quoting {
+                true => json_escape(special, &mut escaped),
+                false => escape(special, &mut escaped),
+            };
+            self.push(escaped, false)?;
+            rest = &rest[at + special.len_utf8()..];
         }
         self.push(rest, true)
     }
 }
 
 /// The first control character in `s` and where it starts: C0 (below U+0020), DEL, or C1
-/// (U+0080 to U+009F, which some terminals act on as escape sequences). A byte scan: C1 are
-/// the two-byte characters `C2 80` to `C2 9F`.
-fn find_control(s: &str) -> Option<(usize, char)> {
+/// (U+0080 to U+009F, which some terminals act on as escape sequences); with `quoting`, also
+/// `"` and `\`. A byte scan: C1 are the two-byte characters `C2 80` to `C2 9F`.
+fn find_special(s: &str, quoting: bool) -> Option<(usize, char)> {
     let bytes = s.as_bytes();
     let mut at = 0;
     while at < bytes.len() {
         match bytes[at] {
             b @ (0x00..=0x1f | 0x7f) => return Some((at, char::from(b))),
+            b @ (b'"' | b'\\') if quoting => return Some((at, char::from(b))),
             0xc2 if matches!(bytes.get(at + 1), Some(0x80..=0x9f)) => {
                 return Some((at, char::from(bytes[at + 1])));
             }
@@ -306,6 +356,26 @@ fn find_control(s: &str) -> Option<(usize, char)> {
         }
     }
     None
+}
+
+/// `special` written as JSON escapes it inside a string (`\"`, `\\`, `\n`, `\u001b`), in `out`;
+/// logfmt's quoted values read the same escapes.
+fn json_escape(special: char, out: &mut [u8; 10]) -> &str {
+    let text: &str = match special {
+        '"' => "\\\"",
+        '\\' => "\\\\",
+        '\n' => "\\n",
+        '\r' => "\\r",
+        '\t' => "\\t",
+        other => {
+            let mut cursor = std::io::Cursor::new(&mut out[..]);
+            let _ = std::io::Write::write_fmt(&mut cursor, format_args!("\\u{:04x}", other as u32));
+            let len = cursor.position() as usize;
+            return std::str::from_utf8(&out[..len]).expect("escapes are ASCII");
+        }
+    };
+    out[..text.len()].copy_from_slice(text.as_bytes());
+    std::str::from_utf8(&out[..text.len()]).expect("escapes are ASCII")
 }
 
 /// `control` written as Rust escapes it (`\n`, `\t`, `\u{1b}`), in `out`.
@@ -482,6 +552,7 @@ impl Log {
                 "log: {lost} line{} dropped while the log could not be written ({reason})",
                 if lost == 1 { "" } else { "s" },
             ),
+            None,
         );
         self.put(sink, fd, line.finish())?;
         self.unreported.store(0, Ordering::Relaxed);
@@ -747,8 +818,54 @@ mod tests {
 
     fn formatted(message: std::fmt::Arguments<'_>) -> String {
         let mut line = LineBuffer::<MAX_LINE>::cutting();
-        let _ = format_line(&mut line, log::Level::Info, std::process::id(), &message);
+        let _ = format_line(
+            &mut line,
+            log::Level::Info,
+            std::process::id(),
+            &message,
+            None,
+        );
         String::from_utf8(line.finish().to_vec()).unwrap()
+    }
+
+    /// A record in `layout`, cut to `MAX_LINE` if need be, without its newline.
+    fn laid_out(layout: Format, message: std::fmt::Arguments<'_>) -> String {
+        let mut line = LineBuffer::<MAX_LINE>::cutting();
+        let _ = format_line_as(layout, &mut line, log::Level::Warn, 7, &message, None);
+        let text = String::from_utf8(line.finish().to_vec()).unwrap();
+        text.strip_suffix('\n').unwrap().to_string()
+    }
+
+    #[test]
+    fn json_lines_stay_valid_with_quotes_controls_and_a_cut() {
+        let tricky = format!("say \"hi\" \\ then\n\u{1b}[31m{}", "é".repeat(3000));
+        let line = laid_out(Format::Json, format_args!("{tricky}"));
+        assert!(line.len() <= MAX_LINE, "{}", line.len());
+        let record: serde_json::Value = serde_json::from_str(&line).expect(&line);
+        let msg = record["msg"].as_str().unwrap();
+        assert!(msg.starts_with("say \"hi\" \\ then\n\u{1b}[31m"), "{msg}");
+        assert!(msg.ends_with(" bytes cut]"), "{msg}");
+        assert_eq!(record["level"], "warn");
+        assert_eq!(record["pid"], 7);
+        assert_eq!(record["event"], "log");
+        let short = laid_out(Format::Json, format_args!("plain"));
+        let record: serde_json::Value = serde_json::from_str(&short).unwrap();
+        assert_eq!(record["msg"], "plain");
+    }
+
+    #[test]
+    fn logfmt_lines_quote_the_message_and_keep_it_one_line() {
+        let line = laid_out(Format::Logfmt, format_args!("a \"b\"\nc"));
+        assert!(
+            line.contains(" level=warn pid=7 event=log msg=\"a \\\"b\\\"\\nc\""),
+            "{line}"
+        );
+        assert!(!line.contains('\n'));
+        let long = laid_out(Format::Logfmt, format_args!("{}", "x".repeat(5000)));
+        assert!(
+            long.len() <= MAX_LINE && long.ends_with(" bytes cut]\""),
+            "{long}"
+        );
     }
 
     #[test]
@@ -772,7 +889,14 @@ mod tests {
         // The stack path reports overflow instead of cutting, which sends such a line the
         // long way.
         let mut short = LineBuffer::<STACK_LINE>::stopping_when_full();
-        assert!(format_line(&mut short, log::Level::Info, 1, &format_args!("{long}")).is_err());
+        assert!(format_line(
+            &mut short,
+            log::Level::Info,
+            1,
+            &format_args!("{long}"),
+            None
+        )
+        .is_err());
     }
 
     #[test]
@@ -823,7 +947,7 @@ mod tests {
         );
         // The stack path escapes the same way.
         let mut short = LineBuffer::<STACK_LINE>::stopping_when_full();
-        format_line(&mut short, log::Level::Info, 1, &format_args!("a\nb")).unwrap();
+        format_line(&mut short, log::Level::Info, 1, &format_args!("a\nb"), None).unwrap();
         assert!(short.finish().ends_with(b"a\\nb\n"));
     }
 
