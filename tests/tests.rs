@@ -18,4 +18,5 @@ mod proxy;
 mod review_config;
 mod review_exec;
 mod review_proxy;
+mod review_unix;
 mod supervision;
