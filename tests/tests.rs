@@ -23,5 +23,6 @@ mod proxy;
 mod review_config;
 mod review_exec;
 mod review_proxy;
+mod review_unix;
 mod supervision;
 mod unix;
