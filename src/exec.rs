@@ -393,6 +393,9 @@ struct Prepared<'a> {
     socket: RawFd,
     /// The session's own variables; `envp` points into these and `program.env`.
     _own_env: Vec<CString>,
+    /// `UNIXLOCALPID=` and room for the program's pid, which only the child knows: it writes
+    /// it there before `execve` (see [`OwnPid`]). `envp` points into this too.
+    own_pid: Option<OwnPid>,
     argv: Vec<*const libc::c_char>,
     envp: Vec<*const libc::c_char>,
     /// `Step as i32 + 1` of a failure, 0 if none; and its errno. Written by the child,
@@ -403,7 +406,14 @@ struct Prepared<'a> {
 
 impl<'a> Prepared<'a> {
     fn new(program: &'a Program, conn: &Conn) -> io::Result<Prepared<'a>> {
-        let own_env = connection_env(conn, program)?;
+        let mut own_env = connection_env(conn, program)?;
+        let own_pid = match own_env
+            .iter()
+            .position(|v| v.as_bytes().starts_with(OwnPid::NAME))
+        {
+            Some(i) => Some(OwnPid::new(own_env.remove(i))),
+            None => None,
+        };
         let argv = program
             .argv
             .iter()
@@ -415,11 +425,13 @@ impl<'a> Prepared<'a> {
             .iter()
             .chain(own_env.iter())
             .map(|v| v.as_ptr())
+            .chain(own_pid.as_ref().map(OwnPid::as_ptr))
             .chain(std::iter::once(std::ptr::null()))
             .collect();
         Ok(Prepared {
             program,
             socket: conn.stream.as_raw_fd(),
+            own_pid,
             _own_env: own_env,
             argv,
             envp,
@@ -515,7 +527,8 @@ fn unix_env(conn: &Conn, client: Credentials) -> Vec<(&'static str, String)> {
         vars.push(("UNIXLOCALPATH", path.display().to_string()));
     }
     vars.extend([
-        ("UNIXLOCALPID", std::process::id().to_string()),
+        // Written by the child: see `OwnPid`.
+        ("UNIXLOCALPID", OwnPid::PLACEHOLDER.to_string()),
         ("UNIXLOCALUID", nix::unistd::geteuid().to_string()),
         ("UNIXLOCALGID", nix::unistd::getegid().to_string()),
         ("UNIXREMOTEPID", client.pid.to_string()),
@@ -609,12 +622,67 @@ unsafe fn become_program(prepared: &Prepared) {
             return prepared.report(Step::WorkingDirectory);
         }
     }
+    if let Some(own_pid) = &prepared.own_pid {
+        own_pid.write(libc::getpid());
+    }
     libc::execve(
         program.path.as_ptr(),
         prepared.argv.as_ptr(),
         prepared.envp.as_ptr(),
     );
     prepared.report(Step::Exec)
+}
+
+/// ucspi-unix's `UNIXLOCALPID`: the pid of the process that runs the program (unixserver forks
+/// and then execs), which only the child knows. The parent lays out `UNIXLOCALPID=` followed
+/// by room for any pid; the child writes its pid's digits and a NUL there before `execve`,
+/// without allocating (an async-signal-safe step: the parent is suspended meanwhile, and no
+/// reference to the buffer exists but this pointer).
+struct OwnPid {
+    entry: Box<[u8]>,
+    value: *mut u8,
+}
+
+impl OwnPid {
+    const NAME: &'static [u8] = b"UNIXLOCALPID=";
+    /// Room for the digits of any pid (pid_max is at most 2^22) and the NUL.
+    const ROOM: usize = 12;
+    /// What `unix_env` writes as the value; replaced in the child.
+    const PLACEHOLDER: &'static str = "00000000000";
+
+    fn new(entry: CString) -> OwnPid {
+        let mut entry = entry.into_bytes_with_nul().into_boxed_slice();
+        debug_assert!(entry.len() >= Self::NAME.len() + Self::ROOM);
+        // Safe: NAME.len() is within the entry (it starts with NAME).
+        let value = unsafe { entry.as_mut_ptr().add(Self::NAME.len()) };
+        OwnPid { entry, value }
+    }
+
+    fn as_ptr(&self) -> *const libc::c_char {
+        self.entry.as_ptr().cast()
+    }
+
+    /// Writes `pid` in decimal, NUL-terminated, into the room after the name.
+    ///
+    /// # Safety
+    /// In the child only, before `execve`: nothing else reads or writes the entry then.
+    unsafe fn write(&self, pid: libc::pid_t) {
+        let mut digits = [0u8; Self::ROOM];
+        let mut n = pid.max(0) as u32;
+        let mut len = 0;
+        loop {
+            digits[len] = b'0' + (n % 10) as u8;
+            len += 1;
+            n /= 10;
+            if n == 0 || len == Self::ROOM - 1 {
+                break;
+            }
+        }
+        for i in 0..len {
+            *self.value.add(i) = digits[len - 1 - i];
+        }
+        *self.value.add(len) = 0;
+    }
 }
 
 /// Sets signals 32 and 33 to the default with the raw system call: glibc reserves them for its

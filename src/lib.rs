@@ -39,6 +39,8 @@
 //! - [`privileges`]: dropping root after binding (setgroups, setgid, setuid).
 //! - [`daemon`]: `--daemonize` (detach, then report readiness to the starting command) and
 //!   `log_file`.
+//! - `unix_diag`: whether a UNIX-domain socket file has a listener, asked of the kernel
+//!   (sock_diag) rather than by connecting.
 //! - `signals`: signal-hook's self-pipe, what each signal means, and resetting them in a child.
 //!
 //! `main.rs` only parses the command line, binds, and hands over to [`server::Server::run`].
@@ -66,6 +68,7 @@ pub mod server;
 mod signals;
 mod spawn;
 pub mod systemd;
+mod unix_diag;
 
 /// The version `--version`, `status` and the metrics give: the package's, the commit it was
 /// built from, and whether the binary is linked statically.

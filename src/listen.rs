@@ -489,8 +489,10 @@ fn bind_unix(path: &Path, settings: &BindSettings) -> io::Result<Listener> {
 /// Makes `path` free for a new socket, or says why it cannot be: nothing there is fine; a
 /// socket nothing answers on (its server died without removing it) is removed; a socket a
 /// live server answers on, or anything that is not a socket, is an error and left as it is.
-/// Never waits: the probe's connect is non-blocking, and a server whose backlog is full
-/// (EAGAIN) is as alive as one that accepts.
+/// A listener the kernel knows of (see `unix_diag`) is live without being connected to; any
+/// other socket is probed by a connect, for a server the kernel's answer cannot show (another
+/// network namespace). Never waits: the probe's connect is non-blocking, and a server whose
+/// backlog is full (EAGAIN) is as alive as one that accepts.
 fn clear_stale_socket(path: &Path) -> io::Result<()> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
@@ -505,6 +507,11 @@ fn clear_stale_socket(path: &Path) -> io::Result<()> {
                 what_is_there(&meta)
             ),
         ));
+    }
+    // A listener the kernel shows is live, and is not connected to: a server that forks per
+    // connection would start a session for the probe.
+    if crate::unix_diag::has_listener(meta.dev(), meta.ino()) == Some(true) {
+        return Err(server_listening());
     }
     let probe = Socket::new(Domain::UNIX, Type::STREAM, None)?;
     probe.set_nonblocking(true)?;

@@ -914,8 +914,8 @@ fn max_rate_per_source_counts_per_uid() {
 const PRINT_ENV: &[&str] = &["sh", "-c", "env -0; printf 'END\\000'; exec cat >/dev/null"];
 
 /// A program serving a UNIX connection gets ucspi-unix's variables: PROTO=UNIX, the socket's
-/// path, the parent's pid/uid/gid and the client's pid/euid/egid (root's, then nobody's); and
-/// no TCP variables.
+/// path, its own pid (as under unixserver, which forks and execs) with the server's uid/gid,
+/// and the client's pid/euid/egid (root's, then nobody's); and no TCP variables.
 #[test]
 fn program_environment_for_a_unix_connection() {
     let (_dir, path) = socket_dir("exec.sock");
@@ -929,11 +929,30 @@ fn program_environment_for_a_unix_connection() {
     let parent = [
         ("PROTO", "UNIX".to_string()),
         ("UNIXLOCALPATH", path.display().to_string()),
-        ("UNIXLOCALPID", server.pid().to_string()),
         ("UNIXLOCALUID", geteuid().to_string()),
         ("UNIXLOCALGID", getegid().to_string()),
     ];
     assert_variables(&env, &parent, "root's session");
+    // The program's own pid: the session's child, which exec'd it.
+    let me = format!(
+        "accepted uid:{},gid:{},pid:{}",
+        geteuid(),
+        getegid(),
+        std::process::id()
+    );
+    let accepted = server.wait_for_line(&me);
+    let child = accepted
+        .split("-> child ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap();
+    assert_eq!(
+        env.get("UNIXLOCALPID").map(String::as_str),
+        Some(child),
+        "{env:#?}"
+    );
     let client = [
         ("UNIXREMOTEPID", std::process::id().to_string()),
         ("UNIXREMOTEEUID", geteuid().to_string()),
@@ -948,6 +967,7 @@ fn program_environment_for_a_unix_connection() {
     let mut nobody = NobodyClient::connect(&path);
     let env = nobody.read_within_wait(read_environment);
     assert_variables(&env, &parent, "nobody's session");
+    assert_ne!(env.get("UNIXLOCALPID"), Some(&server.pid().to_string()));
     let client = [
         ("UNIXREMOTEPID", nobody.child.id().to_string()),
         ("UNIXREMOTEEUID", NOBODY.to_string()),

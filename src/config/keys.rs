@@ -985,9 +985,11 @@ fn rules_from_toml(value: &toml::Value, written: &str) -> Result<(Vec<IpNet>, Ve
 /// as decimal (0670) it would silently grant more than was written.
 fn parse_mode(value: &toml::Value, written: &str) -> Result<u32, String> {
     let mode = match value {
-        toml::Value::Integer(_) if !written.trim().starts_with("0o") => return Err(format!(
+        toml::Value::Integer(_) if !written.trim().starts_with("0o") => {
+            return Err(format!(
             "integer {written} is decimal; write the mode in octal: \"0{written}\" or 0o{written}"
-        )),
+        ))
+        }
         toml::Value::Integer(n) => u32::try_from(*n).ok(),
         toml::Value::String(s) => u32::from_str_radix(s.trim(), 8).ok(),
         _ => None,
