@@ -407,13 +407,10 @@ struct Prepared<'a> {
 impl<'a> Prepared<'a> {
     fn new(program: &'a Program, conn: &Conn) -> io::Result<Prepared<'a>> {
         let mut own_env = connection_env(conn, program)?;
-        let own_pid = match own_env
+        let own_pid = own_env
             .iter()
             .position(|v| v.as_bytes().starts_with(OwnPid::NAME))
-        {
-            Some(i) => Some(OwnPid::new(own_env.remove(i))),
-            None => None,
-        };
+            .map(|i| OwnPid::new(own_env.remove(i)));
         let argv = program
             .argv
             .iter()
