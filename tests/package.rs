@@ -222,6 +222,23 @@ fn the_debian_package_installs_and_purges() {
             .output()
             .unwrap();
         succeeded("getent passwd forkecho (the system user)", &user);
+        // The installed units, with the installed binary and man pages they name.
+        if Command::new("systemd-analyze")
+            .arg("--version")
+            .output()
+            .is_ok()
+        {
+            let verify = Command::new("systemd-analyze")
+                .args(["verify", "/usr/lib/systemd/system/forkecho.socket"])
+                .arg("/usr/lib/systemd/system/forkecho.service")
+                .output()
+                .unwrap();
+            let complaints = String::from_utf8_lossy(&verify.stderr);
+            assert!(
+                verify.status.success() && !complaints.contains("forkecho"),
+                "systemd-analyze verify: {complaints}"
+            );
+        }
         // No server runs: the control command says so with pg_ctl's code.
         let status = Command::new("/usr/bin/forkecho")
             .args(["--control-socket", "/run/forkecho/control.sock", "status"])
