@@ -574,7 +574,7 @@ fn check_config_refuses_a_privileged_port_it_could_not_bind() {
     let dir = TempDir::new();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let program = dir.path().join("forkecho");
-    std::fs::copy(BIN, &program).unwrap();
+    copy_binary_to(&program);
     let out = Command::new(&program)
         .args(["-l", "127.0.0.1:81", "--check-config"])
         .uid(65534)

@@ -149,7 +149,7 @@ fn binary_for_nobody() -> (TempDir, PathBuf) {
     let dir = TempDir::new();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let program = dir.path().join("forkecho");
-    std::fs::copy(BIN, &program).unwrap();
+    copy_binary_to(&program);
     (dir, program)
 }
 

@@ -642,7 +642,7 @@ fn server_with_two_process_slots() -> Option<(Server, MutexGuard<'static, ()>)> 
     // A copy in a world-readable directory, so that user may execute it wherever the tree is.
     let dir = TempDir::new();
     let program = dir.path().join("forkecho");
-    std::fs::copy(BIN, &program).unwrap();
+    copy_binary_to(&program);
     const NPROC: u64 = 3;
     let server = Server::builder()
         .program(program)

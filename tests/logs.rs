@@ -292,7 +292,7 @@ fn a_stalled_log_pipe_created_by_another_user_does_not_stop_serving() {
     // A copy the other user can run (the build directory may be private).
     let dir = TempDir::new();
     let program = dir.path().join("forkecho");
-    std::fs::copy(BIN, &program).unwrap();
+    copy_binary_to(&program);
     let builder = Server::builder().program(program).tweak(move |cmd| {
         cmd.uid(uid).gid(uid);
     });

@@ -46,7 +46,7 @@ fn binary_nobody_may_run() -> (TempDir, PathBuf) {
     let dir = TempDir::new();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let program = dir.path().join("forkecho");
-    std::fs::copy(BIN, &program).unwrap();
+    copy_binary_to(&program);
     (dir, program)
 }
 

@@ -695,6 +695,19 @@ impl Drop for Server {
     }
 }
 
+/// Copies the binary to `path`, for a test that runs it as another user (the build tree may be
+/// private). The copy is written by `cp`, in a process of its own: written here, its descriptor
+/// could be inherited by a child another test thread forks at that moment, and running the
+/// copy would then fail with ETXTBSY ("text file busy") until that child execs.
+pub fn copy_binary_to(path: &Path) {
+    let status = Command::new("cp")
+        .arg(BIN)
+        .arg(path)
+        .status()
+        .expect("run cp");
+    assert!(status.success(), "cp {BIN} {}: {status}", path.display());
+}
+
 /// SIGKILLs one process by pid when dropped: for a process no `Server` guards (an orphaned
 /// child, a daemon that detached, a helper).
 pub struct KillOnDrop(pub Pid);
