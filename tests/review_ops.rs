@@ -112,3 +112,90 @@ fn a_reload_refused_for_a_long_reason_keeps_the_server_and_json_lines_whole() {
     assert!(server.wait_exit(WAIT).success());
     assert_json_records(&server.log_lines());
 }
+
+/// A copy of the binary in a 0755 directory, for a server started as another user (the build
+/// tree may not be reachable for it).
+fn binary_for_others() -> (TempDir, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let program = dir.path().join("forkecho");
+    std::fs::copy(BIN, &program).unwrap();
+    (dir, program)
+}
+
+/// The packaged service runs forkecho as its own unprivileged user (`User=forkecho`), and the
+/// packaged logrotate snippet, run as root as logrotate is, recreates the log as `create 0640
+/// root adm` before its postrotate asks the server to reopen it: the server cannot open a
+/// root-owned 0640 file, the reopen fails (exit 1), logrotate reports an error after every
+/// rotation, and the server goes on writing into the rotated file. Here the server runs as
+/// `nobody` (as the service's user would) with its log in a directory of its own; the snippet
+/// is the shipped one with only the paths pointed at this test's files.
+#[test]
+fn the_shipped_logrotate_snippet_works_for_a_server_run_as_its_own_user() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    const NOBODY: u32 = 65534;
+    let Some(logrotate) = ["/usr/sbin/logrotate", "/sbin/logrotate"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        eprintln!("skipping: logrotate is not installed");
+        return;
+    };
+    if !is_root_or_skip("starting a server as nobody") {
+        return;
+    }
+    let (_bin_dir, program) = binary_for_others();
+    let dir = TempDir::new();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    nix::unistd::chown(
+        dir.path(),
+        Some(nix::unistd::Uid::from_raw(NOBODY)),
+        Some(nix::unistd::Gid::from_raw(NOBODY)),
+    )
+    .unwrap();
+    let log = dir.path().join("forkecho.log");
+    let socket = dir.path().join("forkecho.ctl");
+    let server = Server::builder()
+        .program(&program)
+        .args(["--control-socket", socket.to_str().unwrap()])
+        .log_file(&log)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::null())
+        .tweak(|c| {
+            c.uid(NOBODY).gid(NOBODY);
+        })
+        .start();
+
+    let snippet = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/forkecho.logrotate"
+    ))
+    .unwrap()
+    .replace("/var/log/forkecho.log", log.to_str().unwrap())
+    .replace("/run/forkecho/control.sock", socket.to_str().unwrap())
+    .replace(
+        "forkecho --control-socket",
+        &format!("{} --control-socket", program.display()),
+    );
+    let conf = dir.path().join("logrotate.conf");
+    std::fs::write(&conf, snippet).unwrap();
+    let state = dir.path().join("logrotate.state");
+    let out = std::process::Command::new(logrotate)
+        .args([
+            "--force",
+            "--state",
+            state.to_str().unwrap(),
+            conf.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "logrotate failed: {}\n--- log ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(dir.path().join("forkecho.log.1")).unwrap_or_default()
+    );
+    server.wait_for_line("log_file reopened");
+}
