@@ -199,3 +199,58 @@ fn the_shipped_logrotate_snippet_works_for_a_server_run_as_its_own_user() {
     );
     server.wait_for_line("log_file reopened");
 }
+
+/// A command to a server that does not accept (stopped, hung) must still end: `status` says
+/// it waits at most 30 s for an answer, and logrotate's postrotate or systemd's ExecReload
+/// run it unattended. But the command connects without a timeout, and a UNIX-domain
+/// `connect` to a socket whose queue is full waits until the server accepts: here the server
+/// is stopped (SIGSTOP) and its control socket's queue (16) is filled, and `status` never
+/// returns. Allowed: 30 s for the answer and 15 s of slack.
+#[test]
+fn a_command_to_a_server_that_does_not_accept_ends_in_bounded_time() {
+    use std::os::unix::process::ExitStatusExt;
+    let deployment = Deployment::new("");
+    let server = Server::builder()
+        .args(["-c", deployment.config_arg()])
+        .start();
+    server.freeze();
+    // Queued connections, up to what the listener's backlog takes.
+    let mut queued = Vec::new();
+    loop {
+        let socket =
+            socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        match socket.connect(&socket2::SockAddr::unix(deployment.socket()).unwrap()) {
+            Ok(()) => queued.push(socket),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("connect to the control socket: {e}"),
+        }
+        assert!(
+            queued.len() < 1000,
+            "the control socket's queue never fills"
+        );
+    }
+    let mut status = std::process::Command::new(BIN)
+        .args(["-c", deployment.config_arg(), "status"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _guard = KillOnDrop(nix::unistd::Pid::from_raw(status.id() as i32));
+    let allowed = std::time::Duration::from_secs(45);
+    let ended = wait_until(allowed, || status.try_wait().unwrap().is_some());
+    assert!(
+        ended,
+        "`forkecho status` still waiting after {allowed:?} for a server that does not accept \
+         (waiting in {})",
+        std::fs::read_to_string(format!("/proc/{}/wchan", status.id())).unwrap_or_default()
+    );
+    let code = status.wait().unwrap();
+    assert_eq!(
+        code.code(),
+        Some(1),
+        "{code:?} (signal {:?})",
+        code.signal()
+    );
+}
