@@ -6,8 +6,6 @@
 
 use crate::util::*;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::Output;
 
