@@ -22,6 +22,7 @@ mod package;
 mod proxy;
 mod review_config;
 mod review_exec;
+mod review_ops;
 mod review_proxy;
 mod review_unix;
 mod supervision;
