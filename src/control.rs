@@ -21,6 +21,9 @@ pub use crate::signals::Mode;
 /// Longest request line the server reads.
 pub const MAX_REQUEST: usize = 64;
 
+/// How long a command waits for room in the control socket's queue (a server that does not
+/// accept is stopped or hung).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a command waits for its answer; `stop` waits for the whole shutdown.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -138,7 +141,7 @@ impl Sent {
 /// Sends `command` to the server whose control socket is `path` and waits for its answer (for
 /// `stop`, until the server is gone).
 pub fn send(path: &Path, command: Command) -> Sent {
-    let mut stream = match UnixStream::connect(path) {
+    let mut stream = match connect(path, CONNECT_TIMEOUT) {
         Ok(stream) => stream,
         Err(e) if is_no_server(&e) => {
             return Sent::NoServer(format!(
@@ -156,12 +159,18 @@ pub fn send(path: &Path, command: Command) -> Sent {
             ))
         }
     };
+    let stopping = matches!(command, Command::Stop(_));
     let timeout = match command {
         Command::Stop(_) => STOP_TIMEOUT,
         _ => ANSWER_TIMEOUT,
     };
     match exchange(&mut stream, command, timeout) {
         Ok(answer) => parse_answer(&answer),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && stopping => Sent::Failed(format!(
+            "the server is still shutting down after {}s (its shutdown_timeout and \
+             kill_timeout may be longer); `status` shows how it goes",
+            timeout.as_secs()
+        )),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Sent::Failed(format!(
             "no complete answer from the server within {}s",
             timeout.as_secs()
@@ -172,6 +181,40 @@ pub fn send(path: &Path, command: Command) -> Sent {
             crate::os_error_text(&e)
         )),
     }
+}
+
+/// Connects to the control socket at `path`, waiting at most `timeout` for room in its queue:
+/// a server that is stopped or hung does not accept, and a full queue would otherwise make
+/// `connect` wait for ever (logrotate's postrotate, and every rotation after it, with it).
+fn connect(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    let address = SockAddr::unix(path)?;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match socket.connect(&address) {
+            Ok(()) => break,
+            // A UNIX-domain connect does not complete later: EAGAIN is a full queue.
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "the server has not accepted for {}s (stopped or hung?)",
+                            timeout.as_secs()
+                        ),
+                    ));
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    socket.set_nonblocking(false)?;
+    Ok(socket.into())
 }
 
 /// A socket path with nothing behind it: no file, or a stale socket.

@@ -736,7 +736,7 @@ fn shipped_logrotate_snippet_rotates_and_the_control_command_reopens_the_log() {
         "/config/forkecho.logrotate"
     ))
     .unwrap()
-    .replace("/var/log/forkecho.log", log.to_str().unwrap())
+    .replace("/var/log/forkecho/forkecho.log", log.to_str().unwrap())
     .replace(
         "/run/forkecho/control.sock",
         dir.path().join("forkecho.ctl").to_str().unwrap(),
@@ -745,7 +745,7 @@ fn shipped_logrotate_snippet_rotates_and_the_control_command_reopens_the_log() {
         "forkecho --control-socket",
         &format!("{BIN} --control-socket"),
     )
-    .replace("create 0640 root adm", "create 0640");
+    .replace("create 0640 forkecho adm", "create 0640");
     let conf = dir.path().join("logrotate.conf");
     std::fs::write(&conf, snippet).unwrap();
     let state = dir.path().join("logrotate.state");

@@ -171,7 +171,9 @@ fn the_shipped_logrotate_snippet_works_for_a_server_run_as_its_own_user() {
         "/config/forkecho.logrotate"
     ))
     .unwrap()
-    .replace("/var/log/forkecho.log", log.to_str().unwrap())
+    .replace("/var/log/forkecho/forkecho.log", log.to_str().unwrap())
+    // The service's user, as the snippet names it: here that user is nobody.
+    .replace("create 0640 forkecho adm", "create 0640 nobody nogroup")
     .replace("/run/forkecho/control.sock", socket.to_str().unwrap())
     .replace(
         "forkecho --control-socket",
@@ -251,4 +253,24 @@ fn a_command_to_a_server_that_does_not_accept_ends_in_bounded_time() {
         "{code:?} (signal {:?})",
         code.signal()
     );
+}
+
+/// A reload while a smart shutdown drains is refused (nothing new will start), through the
+/// control command and its exit code.
+#[test]
+fn a_reload_during_a_smart_shutdown_is_refused() {
+    let dir = TempDir::new();
+    let pid_file = dir.path().join("forkecho.pid");
+    let pid_arg = pid_file.to_str().unwrap().to_string();
+    let mut server = Server::builder().args(["--pid-file", &pid_arg]).start();
+    let mut held = server.connect_greeted();
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    server.wait_for_line("shutting down on SIGTERM (smart)");
+    let out = run(&["--pid-file", &pid_arg, "reload"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("shutting down"), "{stderr}");
+    assert_eq!(echo_roundtrip(&mut held, b"still\n"), b"still\n");
+    drop(held);
+    assert!(server.wait_exit(WAIT).success());
 }

@@ -229,11 +229,30 @@ impl<'kvs, W: fmt::Write> log::kv::VisitSource<'kvs> for LogfmtFields<'_, W> {
     }
 }
 
+/// Longest field value written, in bytes before escaping: with at most a handful of fields a
+/// record, the fields always fit a line, and only `msg`, last and inside its quotes, is ever
+/// cut, so a cut line is still a valid record. (A long reason stays whole in `msg`.)
+const MAX_FIELD: usize = 256;
+
+/// Cuts `text` to `MAX_FIELD` bytes at a character boundary, marking the cut with `…`.
+fn shorten(text: &mut String) {
+    if text.len() <= MAX_FIELD {
+        return;
+    }
+    let mut end = MAX_FIELD;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push('…');
+}
+
 /// Writes `value` escaped for a JSON string (`json`), or as a logfmt value: bare when it is
 /// one plain word, else quoted and escaped.
 fn write_escaped<W: fmt::Write>(out: &mut W, value: &dyn fmt::Display, json: bool) -> fmt::Result {
     let mut text = String::new();
     let _ = write!(text, "{value}");
+    shorten(&mut text);
     let plain = !text.is_empty()
         && !text
             .chars()

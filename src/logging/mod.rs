@@ -276,7 +276,9 @@ impl<const N: usize> LineBuffer<N> {
     fn quote_until_end(&mut self, suffix: &'static str) {
         self.quoting = true;
         self.suffix = suffix;
-        self.limit -= suffix.len();
+        // The fields before fit (see `format`): a line already past this point was cut, and
+        // its ending goes where the room was kept for the cut marker.
+        self.limit = self.limit.saturating_sub(suffix.len());
     }
 
     /// The line with its ending: the cut marker if text was cut, and the newline.
@@ -295,7 +297,7 @@ impl<const N: usize> LineBuffer<N> {
     /// Appends `s` as it is (no escaping), or what fits of it: cut at a character boundary if
     /// `splittable`, else all or nothing.
     fn push(&mut self, s: &str, splittable: bool) -> fmt::Result {
-        let room = self.limit - self.len;
+        let room = self.limit.saturating_sub(self.len);
         if self.cut == 0 && s.len() <= room {
             self.bytes[self.len..self.len + s.len()].copy_from_slice(s.as_bytes());
             self.len += s.len();

@@ -39,6 +39,15 @@ impl Server {
         log_reopened: Option<&'static str>,
     ) -> Result<String, String> {
         let also = log_reopened.map_or(String::new(), |r| format!(" ({r})"));
+        if self.phase != Phase::Serving {
+            // Nothing new will start: there is nothing for a configuration to apply to.
+            let reason = "the server is shutting down".to_string();
+            error!(
+                event = "reload", result = "refused", reason:% = reason;
+                "reload refused: {reason}{also}"
+            );
+            return Err(reason);
+        }
         let refused = |reason: String| {
             error!(
                 event = "reload", result = "refused", reason:% = reason;
