@@ -21,6 +21,7 @@ use crate::handler::Kind;
 use crate::limits::Source;
 use crate::parent_memory::ParentOnly;
 use crate::spawn::EXIT_PANIC;
+use crate::upgrade::{ChildState, LingeringState, TotalsState};
 
 /// One live child.
 #[derive(Debug, Clone, Copy)]
@@ -181,6 +182,11 @@ fn log_ending(
     }
 }
 
+/// `d` as whole nanoseconds, for an upgrade's state.
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// A table that only the parent uses, kept in memory the children do not inherit.
 type ParentTable<K, V> = hashbrown::HashMap<K, V, RandomState, ParentOnly>;
 
@@ -205,6 +211,8 @@ pub struct Children {
     deadlines: BinaryHeap<Reverse<Deadline>>,
     /// Groups of programs reaped after a SIGTERM from the parent, with members left.
     lingering: Vec<Lingering>,
+    /// The latest processes reaped that were not sessions, and how they ended (at most 16).
+    others: Vec<(Pid, Ending)>,
 }
 
 impl Default for Children {
@@ -222,6 +230,7 @@ impl Children {
             totals: allocator_api2::boxed::Box::new_in(Totals::default(), ParentOnly),
             deadlines: BinaryHeap::new(),
             lingering: Vec::new(),
+            others: Vec::new(),
         }
     }
 
@@ -296,6 +305,126 @@ impl Children {
         }
         *self.per_source.entry(source).or_default() += 1;
         self.totals.forked += 1;
+    }
+
+    /// The table as an upgrade passes it on: each live child with its age and the time left to
+    /// the parent's next action on it, the lingering groups, and the totals.
+    pub fn export(&self, now: Instant) -> (Vec<ChildState>, Vec<LingeringState>, TotalsState) {
+        let children = self
+            .live
+            .iter()
+            .map(|(pid, child)| {
+                let next = self
+                    .deadlines
+                    .iter()
+                    .map(|Reverse(d)| *d)
+                    .filter(|d| d.pid == pid.as_raw() && d.started == child.started)
+                    .min();
+                ChildState {
+                    pid: pid.as_raw(),
+                    peer: child.peer.to_string(),
+                    source: child.source.to_string(),
+                    program: child.kind == Kind::Program,
+                    age_ns: nanos(now.saturating_duration_since(child.started)),
+                    deadline_in_ns: next.map(|d| nanos(d.at.saturating_duration_since(now))),
+                    deadline_kills: next.is_some_and(|d| d.kill),
+                    kill_in_ns: child
+                        .kill_at
+                        .map(|t| nanos(t.saturating_duration_since(now))),
+                }
+            })
+            .collect();
+        let lingering = self
+            .lingering
+            .iter()
+            .map(|group| LingeringState {
+                pgid: group.pgid.as_raw(),
+                peer: group.peer.to_string(),
+                kill_in_ns: nanos(group.kill_at.saturating_duration_since(now)),
+            })
+            .collect();
+        let totals = &self.totals;
+        let totals = TotalsState {
+            forked: totals.forked,
+            exited: totals.exited().collect(),
+            killed: (0..).zip(totals.killed).filter(|(_, n)| *n > 0).collect(),
+            duration_buckets: totals.durations.buckets.to_vec(),
+            duration_sum_seconds: totals.durations.sum_seconds,
+        };
+        (children, lingering, totals)
+    }
+
+    /// Takes over the table an upgrade passed on (see [`Children::export`]). A child that
+    /// ended meanwhile is reaped by the next [`Children::reap`], as usual.
+    pub fn import(
+        &mut self,
+        children: &[ChildState],
+        lingering: &[LingeringState],
+        totals: &TotalsState,
+        now: Instant,
+    ) -> Result<(), String> {
+        let since = |ns: u64| now.checked_sub(Duration::from_nanos(ns)).unwrap_or(now);
+        let after = |ns: u64| now + Duration::from_nanos(ns);
+        for state in children {
+            let pid = Pid::from_raw(state.pid);
+            let peer: Peer = state.peer.parse()?;
+            let source: Source = state.source.parse()?;
+            let started = since(state.age_ns);
+            let kind = match state.program {
+                true => Kind::Program,
+                false => Kind::Echo,
+            };
+            self.live.insert(
+                pid,
+                Child {
+                    peer,
+                    started,
+                    source,
+                    kind,
+                    kill_at: state.kill_in_ns.map(after),
+                },
+            );
+            if let Some(ns) = state.deadline_in_ns {
+                self.deadlines.push(Reverse(Deadline {
+                    at: after(ns),
+                    pid: state.pid,
+                    started,
+                    kill: state.deadline_kills,
+                }));
+            }
+            *self.per_source.entry(source).or_default() += 1;
+        }
+        for group in lingering {
+            self.lingering.push(Lingering {
+                pgid: Pid::from_raw(group.pgid),
+                peer: group.peer.parse()?,
+                kill_at: after(group.kill_in_ns),
+            });
+        }
+        self.totals.forked = totals.forked;
+        for &(code, n) in &totals.exited {
+            self.totals.exited[(code & 0xff) as usize] = n;
+        }
+        for &(signal, n) in &totals.killed {
+            self.totals.killed[signal.clamp(0, 64) as usize] = n;
+        }
+        for (bucket, &n) in self
+            .totals
+            .durations
+            .buckets
+            .iter_mut()
+            .zip(&totals.duration_buckets)
+        {
+            *bucket = n;
+        }
+        self.totals.durations.sum_seconds = totals.duration_sum_seconds;
+        Ok(())
+    }
+
+    /// How process `pid`, not a session (see `end_child`), ended, if it has been reaped.
+    pub fn take_other_ending(&mut self, pid: Pid) -> Option<Ending> {
+        let i = self.others.iter().position(|(p, _)| *p == pid)?;
+        Some(self.others.remove(i).1)
     }
 
     /// Reaps every child that has ended, then returns. SIGCHLD coalesces, so one signal may
@@ -395,9 +524,14 @@ impl Children {
     /// The one place a reaped child is accounted for: table, totals, log line.
     fn end_child(&mut self, pid: Pid, ending: Ending) {
         let Some(child) = self.live.remove(&pid) else {
-            // Not a session: an orphan a program left (we are its subreaper), or a process
-            // this one inherited; reaping it is still right.
+            // Not a session: an orphan a program left (we are its subreaper), a process this
+            // one inherited, or a helper the parent started (an upgrade's check); reaping it
+            // is still right, and the parent may ask how it ended.
             debug!("reaped unknown process {pid}: {ending}");
+            if self.others.len() >= 16 {
+                self.others.remove(0);
+            }
+            self.others.push((pid, ending));
             return;
         };
         if let Some(kill_at) = child.kill_at.filter(|_| group_has_members(pid)) {

@@ -53,6 +53,31 @@ impl fmt::Display for Peer {
     }
 }
 
+/// The peer a log line (and an upgrade's state) writes: an address, or
+/// `uid:U,gid:G,pid:P`.
+impl std::str::FromStr for Peer {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Peer, String> {
+        if let Ok(addr) = s.parse() {
+            return Ok(Peer::Ip(addr));
+        }
+        let field = |name: &str| {
+            s.split(',')
+                .find_map(|part| part.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|n| n.parse::<i64>().ok())
+        };
+        match (field("uid"), field("gid"), field("pid")) {
+            (Some(uid), Some(gid), Some(pid)) => Ok(Peer::Local(Credentials {
+                pid: pid as i32,
+                uid: uid as u32,
+                gid: gid as u32,
+            })),
+            _ => Err(format!("`{s}` is not a peer")),
+        }
+    }
+}
+
 /// The listener a connection came in on, as a connection carries it: an IP listener's
 /// address, or the mark of a UNIX-domain one (whose path a child asks its socket for, so
 /// that no path is copied for each connection in the parent).

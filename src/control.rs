@@ -39,6 +39,8 @@ pub enum Command {
     Stop(Mode),
     /// Reopen `log_file` (after logrotate renamed it).
     ReopenLogs,
+    /// Replace the running binary by the one now on disk, in place (see `crate::upgrade`).
+    Upgrade,
 }
 
 impl Command {
@@ -49,6 +51,7 @@ impl Command {
             Command::Reload => "reload".into(),
             Command::Stop(mode) => format!("stop {}", mode.name()),
             Command::ReopenLogs => "reopen-logs".into(),
+            Command::Upgrade => "upgrade".into(),
         }
     }
 
@@ -59,6 +62,7 @@ impl Command {
             ("status", None) => Command::Status,
             ("reload", None) => Command::Reload,
             ("reopen-logs", None) => Command::ReopenLogs,
+            ("upgrade", None) => Command::Upgrade,
             ("stop", None) => Command::Stop(Mode::Smart),
             ("stop", Some(mode)) => Command::Stop(parse_mode(mode)?),
             _ => return None,

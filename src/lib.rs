@@ -69,6 +69,7 @@ mod signals;
 mod spawn;
 pub mod systemd;
 mod unix_diag;
+pub mod upgrade;
 
 /// The version `--version`, `status` and the metrics give: the package's, the commit it was
 /// built from, and whether the binary is linked statically.

@@ -295,6 +295,23 @@ impl fmt::Display for Source {
     }
 }
 
+impl std::str::FromStr for Source {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Source, String> {
+        match s.strip_prefix("uid:") {
+            Some(uid) => uid
+                .parse()
+                .map(Source::Uid)
+                .map_err(|_| format!("`{s}`: no uid")),
+            None => s
+                .parse()
+                .map(Source::Net)
+                .map_err(|_| format!("`{s}` is not a source")),
+        }
+    }
+}
+
 /// The source `peer` counts under.
 pub fn source_of(peer: &Peer, limits: &Limits) -> Source {
     match peer {
@@ -364,6 +381,52 @@ impl Admission {
             self.refused.count(refusal);
         }
         verdict
+    }
+
+    /// The token buckets and refusal counts, as an upgrade passes them on.
+    pub fn export(&self, now: Instant) -> (Vec<crate::upgrade::BucketState>, Vec<u64>) {
+        let buckets = self
+            .buckets
+            .iter()
+            .map(|(source, bucket)| crate::upgrade::BucketState {
+                source: source.to_string(),
+                tokens: bucket.tokens,
+                age_ns: u64::try_from(now.saturating_duration_since(bucket.updated).as_nanos())
+                    .unwrap_or(u64::MAX),
+            })
+            .collect();
+        let refused = self.refused.by_reason().iter().map(|(_, n)| *n).collect();
+        (buckets, refused)
+    }
+
+    /// Takes over what [`Admission::export`] gave.
+    pub fn import(
+        &mut self,
+        buckets: &[crate::upgrade::BucketState],
+        refused: &[u64],
+        now: Instant,
+    ) -> Result<(), String> {
+        for state in buckets {
+            let updated = now
+                .checked_sub(Duration::from_nanos(state.age_ns))
+                .unwrap_or(now);
+            let bucket = Bucket {
+                tokens: state.tokens,
+                updated,
+            };
+            self.buckets.insert(state.source.parse()?, bucket);
+        }
+        let count = |i: usize| refused.get(i).copied().unwrap_or(0);
+        self.refused = RefusalCounts {
+            denied: count(0),
+            not_allowed: count(1),
+            per_source: count(2),
+            rate: count(3),
+            closing: count(4),
+            untrusted_proxy: count(5),
+            proxy_header: count(6),
+        };
+        Ok(())
     }
 
     /// Number of sources with a token bucket.

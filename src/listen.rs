@@ -46,6 +46,21 @@ impl ListenAddr {
     }
 }
 
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+
+    /// As [`fmt::Display`] writes it.
+    fn from_str(s: &str) -> Result<ListenAddr, String> {
+        match s.strip_prefix("unix:") {
+            Some(path) => Ok(ListenAddr::Unix(PathBuf::from(path))),
+            None => s
+                .parse()
+                .map(ListenAddr::Ip)
+                .map_err(|_| format!("`{s}` is not a listen address")),
+        }
+    }
+}
+
 /// `127.0.0.1:2333`, `[::1]:2333` or `unix:/run/forkecho.sock`: as the configuration writes it.
 impl fmt::Display for ListenAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -155,6 +170,52 @@ impl Listener {
             ListenAddr::Ip(addr) => Local::Ip(*addr),
             ListenAddr::Unix(_) => Local::Unix,
         }
+    }
+
+    /// This listener as an upgrade passes it on: its descriptor is kept across `execve` by
+    /// the caller.
+    pub fn passed(&self) -> crate::upgrade::PassedListener {
+        crate::upgrade::PassedListener {
+            fd: self.socket.as_raw_fd(),
+            configured: self.configured.to_string(),
+            local: self.local.to_string(),
+            from_systemd: self.from_systemd,
+            backlog: self.backlog,
+            socket_file: self.file.as_ref().map(|f| (f.dev, f.ino)),
+        }
+    }
+
+    /// The listener the previous image passed on (see [`Listener::passed`]).
+    pub fn adopt(passed: &crate::upgrade::PassedListener) -> io::Result<Listener> {
+        let local: ListenAddr = passed.local.parse().map_err(io::Error::other)?;
+        let configured: ListenAddr = passed.configured.parse().map_err(io::Error::other)?;
+        let fd = crate::upgrade::adopt(passed.fd)?;
+        let socket = match &local {
+            ListenAddr::Ip(_) => {
+                ListenSocket::Tcp(TcpListener::from_std(std::net::TcpListener::from(fd)))
+            }
+            ListenAddr::Unix(_) => ListenSocket::Unix(UnixListener::from_std(
+                std::os::unix::net::UnixListener::from(fd),
+            )),
+        };
+        let file = match (&local, passed.socket_file) {
+            (ListenAddr::Unix(path), Some((dev, ino))) => Some(SocketFile {
+                path: path.clone(),
+                dev,
+                ino,
+                creator: std::process::id(),
+            }),
+            _ => None,
+        };
+        Ok(Listener {
+            file,
+            socket,
+            configured,
+            local,
+            from_systemd: passed.from_systemd,
+            backlog: passed.backlog,
+            proxy: None,
+        })
     }
 
     /// Whether this listener is the one `address` names: as configured, as bound (the port 0

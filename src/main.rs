@@ -102,10 +102,14 @@ fn start_and_serve(cli: Cli, readiness: &mut Readiness) -> Result<(), Failure> {
         // Also what the host would refuse at start, found without disturbing a running
         // instance.
         Config::check(&cli).map_err(|e| Failure::Config(e.to_string()))?;
+        check_upgrade_format()?;
         println!("configuration OK");
         return Ok(());
     }
     let config = Config::load(&cli).map_err(|e| Failure::Config(e.to_string()))?;
+    if let Some(state_fd) = forkecho::upgrade::state_fd_from_env() {
+        return continue_after_upgrade(cli, &config, state_fd);
+    }
     // The pid-file lock comes first; see `PidFile::lock`. Its fd survives daemonizing.
     let pid_file = config.pid_file.as_deref().map(PidFile::lock).transpose();
     let mut pid_file = pid_file.map_err(|e| Failure::Start(e.to_string()))?;
@@ -123,7 +127,7 @@ fn start_and_serve(cli: Cli, readiness: &mut Readiness) -> Result<(), Failure> {
     // From here on signals are requests handled by the loop, never default actions.
     let control = control_socket(&config)?;
     let metrics = metrics_endpoint(&config)?;
-    let server = server::Server::new(&config, listeners, control, metrics, reload)
+    let mut server = server::Server::new(&config, listeners, control, metrics, reload)
         .map_err(|e| Failure::Start(format!("cannot set up the loop: {e}")))?;
     // Written only now: a script that signals the pid as soon as it appears must not kill us.
     if let Some(pid_file) = &mut pid_file {
@@ -158,6 +162,7 @@ fn start_and_serve(cli: Cli, readiness: &mut Readiness) -> Result<(), Failure> {
         report.ready();
         forkecho::systemd::ready("serving");
     });
+    server.prepare_upgrades(upgrade_context(pid_file.as_ref()));
     let result = server.run(ready);
     // Held (locked) until here, then emptied and removed.
     if let Some(pid_file) = pid_file {
@@ -178,6 +183,89 @@ fn listeners(config: &Config) -> Result<(Vec<listen::Listener>, bool), Failure> 
             "cannot use the sockets passed by systemd: {e}"
         ))),
     }
+}
+
+/// Before an upgrade (see `forkecho::upgrade`): whether this binary reads the state format
+/// the running one writes.
+fn check_upgrade_format() -> Result<(), Failure> {
+    use forkecho::upgrade;
+    let Some(theirs) = std::env::var_os(upgrade::CHECK_ENV) else {
+        return Ok(());
+    };
+    match theirs.to_str().and_then(|s| s.parse::<u32>().ok()) {
+        Some(format) if format == upgrade::FORMAT => Ok(()),
+        _ => Err(Failure::Config(format!(
+            "this binary reads upgrade state format {}, the running one writes {}",
+            upgrade::FORMAT,
+            theirs.to_string_lossy()
+        ))),
+    }
+}
+
+/// What an upgrade in place needs to start the next image: the binary's path as it was at
+/// start (`/proc/self/exe`; a package upgrade replaces the file there), the arguments, and the
+/// pid file.
+fn upgrade_context(pid_file: Option<&PidFile>) -> server::UpgradeContext {
+    use std::os::fd::AsRawFd;
+    server::UpgradeContext {
+        exe: std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into()),
+        args: std::env::args_os().collect(),
+        pid_file: pid_file.map(|p| (p.as_fd().as_raw_fd(), p.path().to_path_buf())),
+    }
+}
+
+/// The start of an image an upgrade executed (see `forkecho::upgrade`): no binding, no pid
+/// file to lock, no daemonizing, no root to drop; the previous image's descriptors and state
+/// are taken over, and the control command that asked is answered.
+fn continue_after_upgrade(
+    cli: Cli,
+    config: &Config,
+    state_fd: std::os::fd::RawFd,
+) -> Result<(), Failure> {
+    use forkecho::upgrade::{self, State};
+    // Programs the sessions run must not see it (nor a later upgrade's check).
+    std::env::remove_var(upgrade::STATE_ENV);
+    let state = State::read_from(state_fd).map_err(Failure::Start)?;
+    drop(upgrade::adopt(state_fd));
+    logging::set_format(config.log_format);
+    logging::init(config.log_level.filter());
+    let adopt_failed = |e: std::io::Error| Failure::Start(format!("adopting a descriptor: {e}"));
+    let pid_file = state
+        .pid_file
+        .as_ref()
+        .map(PidFile::adopt)
+        .transpose()
+        .map_err(|e| Failure::Start(e.to_string()))?;
+    let listeners = state
+        .listeners
+        .iter()
+        .map(listen::Listener::adopt)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(adopt_failed)?;
+    let control = state.control.as_ref().map(listen::Listener::adopt);
+    let control = control.transpose().map_err(adopt_failed)?;
+    let metrics = state.metrics.as_ref().map(listen::Listener::adopt);
+    let metrics = metrics.transpose().map_err(adopt_failed)?;
+    let reload: server::Reloader = Box::new(move |running| Config::reload(&cli, running));
+    let mut server = server::Server::new(config, listeners, control, metrics, reload)
+        .map_err(|e| Failure::Start(format!("cannot set up the loop: {e}")))?;
+    server.restore(&state.server).map_err(Failure::Start)?;
+    log::info!(
+        "upgraded in place from {} to {}: {} sessions kept",
+        state.from_version,
+        forkecho::VERSION,
+        state.server.children.len()
+    );
+    if let Some(fd) = state.requester {
+        server.answer_upgrade_requester(fd, &state.from_version);
+    }
+    server.prepare_upgrades(upgrade_context(pid_file.as_ref()));
+    let ready = Box::new(|| forkecho::systemd::ready("serving (upgraded)"));
+    let result = server.run(ready);
+    if let Some(pid_file) = pid_file {
+        pid_file.remove();
+    }
+    result.map_err(Failure::Serve)
 }
 
 /// The control socket, bound (replacing a stale one; a live one means another forkecho runs

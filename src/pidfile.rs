@@ -211,6 +211,23 @@ impl PidFile {
         }
     }
 
+    /// The pid file the previous image passed on in an upgrade: its descriptor still holds
+    /// the lock (a lock belongs to the open file description, which `execve` keeps).
+    pub fn adopt(passed: &crate::upgrade::PassedFile) -> Result<PidFile, PidFileError> {
+        let path = PathBuf::from(&passed.path);
+        let fd = crate::upgrade::adopt(passed.fd).map_err(|e| io_error(&path, e))?;
+        let lock = match Flock::lock(File::from(fd), FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((_, errno)) => return Err(io_error(&path, errno.into())),
+        };
+        Ok(PidFile {
+            path,
+            lock,
+            remove_on_drop: true,
+            written: passed.written,
+        })
+    }
+
     /// Writes this process's pid (call once listening, with signal handlers installed, so a
     /// script that signals the pid as soon as it appears does not kill us).
     pub fn write_pid(&mut self) -> Result<(), PidFileError> {
@@ -221,6 +238,11 @@ impl PidFile {
         self.lock.rewind().map_err(|e| io_error(&path, e))?;
         writeln!(self.lock, "{}", std::process::id()).map_err(|e| io_error(&path, e))?;
         self.lock.sync_data().map_err(|e| io_error(&path, e))
+    }
+
+    /// Where the file is.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// The daemon ran and stops: empty the file and remove it, if the path still names it.

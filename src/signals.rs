@@ -17,11 +17,11 @@
 use std::io;
 
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal};
-use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
+use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 
 /// Every signal the parent hooks; the child restores each of these to `SIG_DFL`.
-pub const HOOKED: [i32; 6] = [SIGCHLD, SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1];
+pub const HOOKED: [i32; 7] = [SIGCHLD, SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2];
 
 /// What the loop is asked to do, one variant per meaning (several signals may share one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +34,8 @@ pub enum Request {
     Reload,
     /// SIGUSR1: log one status line.
     Status,
+    /// SIGUSR2: upgrade in place to the binary now on disk.
+    Upgrade,
 }
 
 /// How hard a shutdown is, as in PostgreSQL. Ordered: a later request can only make the
@@ -97,6 +99,7 @@ pub struct Requests {
     pub shutdown: Option<(Mode, Signal)>,
     pub reload: bool,
     pub status: bool,
+    pub upgrade: bool,
 }
 
 impl Requests {
@@ -110,6 +113,7 @@ impl Requests {
             }
             Request::Reload => self.reload = true,
             Request::Status => self.status = true,
+            Request::Upgrade => self.upgrade = true,
         }
     }
 }
@@ -134,6 +138,7 @@ fn request_for(signal: i32) -> Option<Request> {
         Signal::SIGQUIT => Request::Shutdown(Mode::Immediate, sig),
         Signal::SIGHUP => Request::Reload,
         Signal::SIGUSR1 => Request::Status,
+        Signal::SIGUSR2 => Request::Upgrade,
         _ => return None,
     })
 }
@@ -147,6 +152,19 @@ pub fn block_all() -> io::Result<SigSet> {
         Some(&SigSet::all()),
         Some(&mut old),
     )?;
+    Ok(old)
+}
+
+/// Blocks the hooked signals until the next image has its handlers (an upgrade's `execve`
+/// keeps the mask and the pending signals, but resets caught signals to their default, which
+/// for SIGTERM is death). The new image unblocks them once hooked (see [`hook`]).
+pub fn block_hooked() -> io::Result<SigSet> {
+    let mut hooked = SigSet::empty();
+    for signal in HOOKED {
+        hooked.add(Signal::try_from(signal)?);
+    }
+    let mut old = SigSet::empty();
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&hooked), Some(&mut old))?;
     Ok(old)
 }
 
@@ -198,6 +216,7 @@ pub(crate) fn discard_pending_meant_for_parent() -> io::Result<()> {
         Signal::SIGQUIT,
         Signal::SIGHUP,
         Signal::SIGUSR1,
+        Signal::SIGUSR2,
     ] {
         // Safe: reads a set filled by sigpending.
         if unsafe { libc::sigismember(&pending, sig as libc::c_int) } == 1 {

@@ -109,6 +109,9 @@ pub enum ControlCommand {
     },
     /// Reopen log_file (after logrotate renamed it)
     ReopenLogs,
+    /// Replace the running binary by the one now on disk, in place, keeping every session;
+    /// exit 1 with the reason if the new one was refused (the old one keeps serving)
+    Upgrade,
 }
 
 impl ControlCommand {
@@ -119,6 +122,7 @@ impl ControlCommand {
             ControlCommand::Reload => Command::Reload,
             ControlCommand::Stop { mode } => Command::Stop(mode),
             ControlCommand::ReopenLogs => Command::ReopenLogs,
+            ControlCommand::Upgrade => Command::Upgrade,
         }
     }
 }
@@ -308,7 +312,11 @@ impl Config {
         config.run_as = config.resolve_identity(&origins)?;
         config.unix_socket_ids = config.resolve_unix_socket_owner(&origins)?;
         config.check_sessions_can_run(&origins, config.run_as.as_ref())?;
-        crate::preflight::check(&config).map_err(|p| origins.error(p.key, p.reason))?;
+        // Before an upgrade, the running instance holds its ports, files and sockets, perhaps
+        // after dropping root: what the host would refuse a fresh start does not apply.
+        if !crate::upgrade::is_upgrade_check() {
+            crate::preflight::check(&config).map_err(|p| origins.error(p.key, p.reason))?;
+        }
         Ok(config)
     }
 

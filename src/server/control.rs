@@ -53,6 +53,11 @@ impl Control {
         })
     }
 
+    /// The control socket itself (an upgrade passes it on).
+    pub(super) fn listener(&self) -> &Listener {
+        &self.listener
+    }
+
     /// Where the control socket is.
     pub(super) fn address(&self) -> &crate::listen::ListenAddr {
         &self.listener.local
@@ -178,6 +183,16 @@ impl Server {
             },
             Command::Stop(mode) => {
                 self.stop_on_command(i, mode);
+                return;
+            }
+            Command::Upgrade => {
+                // Answered when the upgrade ends: by this image if it fails, else by the next.
+                let requester = self
+                    .control
+                    .as_mut()
+                    .and_then(|c| c.talking.take(i, self.poll.registry()))
+                    .map(|exchange| exchange.stream);
+                self.start_upgrade(requester);
                 return;
             }
         };

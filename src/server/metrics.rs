@@ -55,6 +55,11 @@ impl Metrics {
         })
     }
 
+    /// The endpoint's socket itself (an upgrade passes it on).
+    pub(super) fn listener(&self) -> &Listener {
+        &self.listener
+    }
+
     pub(super) fn address(&self) -> &crate::listen::ListenAddr {
         &self.listener.local
     }

@@ -48,6 +48,9 @@ mod reload;
 mod shutdown;
 mod status;
 mod token;
+mod upgrade;
+
+pub use upgrade::Context as UpgradeContext;
 
 use accept::FailureRun;
 use capacity::CapacityReports;
@@ -114,6 +117,10 @@ pub struct Server {
     counts: status::Counts,
     /// When the server started, as wall-clock time: for the metrics.
     started_at: std::time::SystemTime,
+    /// How to start a successor (see `upgrade`); none: upgrades are refused.
+    upgrade_context: Option<upgrade::Context>,
+    /// An upgrade whose check is running.
+    checking: Option<upgrade::Checking>,
     started: Instant,
 }
 
@@ -166,6 +173,8 @@ impl Server {
             metrics,
             counts: status::Counts::default(),
             started_at: std::time::SystemTime::now(),
+            upgrade_context: None,
+            checking: None,
             poll,
             signals,
             // Connections may already be queued before the first edge is seen.
@@ -192,6 +201,11 @@ impl Server {
             capacity_reports: CapacityReports::default(),
             started: Instant::now(),
         })
+    }
+
+    /// Makes upgrades in place possible (SIGUSR2, `forkecho upgrade`).
+    pub fn prepare_upgrades(&mut self, context: UpgradeContext) {
+        self.upgrade_context = Some(context);
     }
 
     /// Serves until a shutdown completes. `ready` runs once the daemon can be signalled and
@@ -320,6 +334,7 @@ impl Server {
             }
             self.pause_or_resume_at_max_children();
             self.decide_pending();
+            self.continue_upgrade();
         }
         // One shutdown step per batch: a SIGTERM and a SIGINT that arrive together are one
         // request (the harder: fast), not a request and its escalation.
@@ -335,6 +350,9 @@ impl Server {
         }
         if requests.status {
             self.log_status();
+        }
+        if requests.upgrade {
+            self.start_upgrade(None);
         }
     }
 

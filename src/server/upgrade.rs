@@ -1,0 +1,349 @@
+//! The running image's side of an upgrade in place (see `crate::upgrade`), asked by SIGUSR2 or
+//! the `upgrade` control command:
+//!
+//! 1. **Check first.** The binary now at the running one's path runs `--check-config` with the
+//!    same arguments, as a child the loop reaps like any other (it never waits for it); its
+//!    output goes to a memfd, read once it has exited. If it fails, one error line says why,
+//!    the control command hears it, and nothing changes.
+//! 2. **Hand over.** The state goes into a memfd; the descriptors the next image adopts are
+//!    kept across `execve`; the hooked signals are blocked, so that none is lost or acted on
+//!    by default while no handler is installed (the mask and pending signals survive the
+//!    exec); then `execve` of the same path, same arguments. The pid stays, and with it every
+//!    session. If the `execve` itself fails, all is undone and the loop goes on.
+//!
+//! While the check runs, the loop serves as always. A shutdown meanwhile cancels the upgrade.
+
+use std::ffi::{CString, OsString};
+use std::io::{Read, Seek};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Instant, UNIX_EPOCH};
+
+use log::{error, info};
+use nix::unistd::Pid;
+use socket2::Socket;
+
+use super::{Phase, Server};
+use crate::children::Ending;
+use crate::control::{self, Outcome};
+use crate::upgrade::{self, PassedFile, ServerState, State};
+
+/// What the running image needs to start its successor: set by `main` at start.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The path the running binary was started from: the one an upgrade executes (a package
+    /// upgrade replaces the file there).
+    pub exe: PathBuf,
+    /// The arguments it was started with, `argv[0]` included.
+    pub args: Vec<OsString>,
+    /// The pid file, locked and written, which the successor keeps.
+    pub pid_file: Option<(RawFd, PathBuf)>,
+}
+
+/// An upgrade whose check is running.
+pub(super) struct Checking {
+    pid: Pid,
+    /// Where the check writes what it says.
+    output: std::fs::File,
+    /// The control connection that asked, answered when the upgrade ends either way.
+    requester: Option<Socket>,
+}
+
+impl Server {
+    /// Starts an upgrade (SIGUSR2, or the `upgrade` command from `requester`).
+    #[inline(never)] // off the accept path: see `HOT_PATH_NOTE`
+    pub(super) fn start_upgrade(&mut self, requester: Option<Socket>) {
+        let refuse = |requester: Option<Socket>, reason: &str| {
+            error!(event = "upgrade", result = "refused", reason:% = reason; "upgrade refused: {reason}");
+            answer(
+                requester,
+                Outcome::Refused,
+                &format!("upgrade refused: {reason}"),
+            );
+        };
+        let Some(context) = &self.upgrade_context else {
+            return refuse(
+                requester,
+                "this server was not started in a way it can upgrade",
+            );
+        };
+        if self.phase != Phase::Serving {
+            return refuse(requester, "the server is shutting down");
+        }
+        if self.checking.is_some() {
+            return refuse(requester, "an upgrade is already in progress");
+        }
+        let output = match memfd("forkecho-upgrade-check") {
+            Ok(file) => file,
+            Err(e) => return refuse(requester, &format!("cannot start the check: {e}")),
+        };
+        let mut check = Command::new(&context.exe);
+        check
+            .arg("--check-config")
+            .args(context.args.iter().skip(1))
+            .env(upgrade::CHECK_ENV, upgrade::FORMAT.to_string())
+            .stdin(Stdio::null());
+        let spawned = output
+            .try_clone()
+            .and_then(|out| Ok((out.try_clone()?, out)))
+            .and_then(|(out, err)| check.stdout(out).stderr(err).spawn());
+        match spawned {
+            Ok(child) => {
+                info!(
+                    event = "upgrade", result = "checking";
+                    "upgrade: checking {} with the running configuration",
+                    context.exe.display()
+                );
+                self.checking = Some(Checking {
+                    pid: Pid::from_raw(child.id() as i32),
+                    output,
+                    requester,
+                });
+            }
+            Err(e) => refuse(
+                requester,
+                &format!("cannot run {}: {e}", context.exe.display()),
+            ),
+        }
+    }
+
+    /// After a reap: if the upgrade's check has ended, hand over or give up.
+    pub(super) fn continue_upgrade(&mut self) {
+        let Some(checking) = &self.checking else {
+            return;
+        };
+        let Some(ending) = self.children.take_other_ending(checking.pid) else {
+            return;
+        };
+        let Some(mut checking) = self.checking.take() else {
+            return;
+        };
+        if ending != Ending::Exited(0) {
+            let said = read_bounded(&mut checking.output);
+            let reason = format!("the new binary's check {ending}: {}", said.trim());
+            error!(event = "upgrade", result = "refused", reason:% = reason; "upgrade refused: {reason}");
+            answer(
+                checking.requester,
+                Outcome::Refused,
+                &format!("upgrade refused: {reason}"),
+            );
+            return;
+        }
+        if self.phase != Phase::Serving {
+            let reason = "the server began shutting down during the check";
+            error!("upgrade cancelled: {reason}");
+            answer(
+                checking.requester,
+                Outcome::Refused,
+                &format!("upgrade cancelled: {reason}"),
+            );
+            return;
+        }
+        if let Err(reason) = self.hand_over(checking.requester.as_ref()) {
+            error!(event = "upgrade", result = "failed", reason:% = reason; "upgrade failed: {reason}; the running binary goes on");
+            answer(
+                checking.requester,
+                Outcome::Error,
+                &format!("upgrade failed: {reason}"),
+            );
+        }
+    }
+
+    /// Executes the new image with the state; returns only if that could not be done (with
+    /// everything as it was).
+    fn hand_over(&mut self, requester: Option<&Socket>) -> Result<(), String> {
+        if !self.pending.is_empty() || !self.headers.is_empty() {
+            return Err(format!(
+                "{} connections await a decision; try again in a moment",
+                self.pending.len() + self.headers.len()
+            ));
+        }
+        let context = self.upgrade_context.clone().ok_or("no upgrade context")?;
+        let state = self.state(&context, requester);
+        let memfd = state
+            .write_to_memfd()
+            .map_err(|e| format!("cannot write the state: {e}"))?;
+        let passed = passed_fds(&state);
+        for &fd in &passed {
+            upgrade::keep_across_exec(fd, true).map_err(|e| format!("descriptor {fd}: {e}"))?;
+        }
+        let (exe, argv, envp) = exec_arguments(&context, memfd.as_raw_fd())?;
+        info!(
+            event = "upgrade", result = "executing", sessions = self.children.len();
+            "upgrade: executing {} ({} sessions pass on)",
+            context.exe.display(),
+            self.children.len()
+        );
+        crate::systemd::reloading();
+        let mask = crate::signals::block_hooked().map_err(|e| format!("blocking signals: {e}"))?;
+        let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+        let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
+        envp_ptrs.push(std::ptr::null());
+        // Safe: NUL-terminated strings and NULL-terminated arrays, alive for the call. On
+        // success this does not return.
+        unsafe { libc::execve(exe.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr()) };
+        let e = std::io::Error::last_os_error();
+        // Undo: the mask as it was, the descriptors close-on-exec again.
+        let _ = crate::signals::restore_mask(&mask);
+        for &fd in &passed {
+            let _ = upgrade::keep_across_exec(fd, false);
+        }
+        crate::systemd::ready("serving (upgrade failed)");
+        drop(memfd);
+        Err(format!(
+            "execve {}: {}",
+            context.exe.display(),
+            crate::os_error_text(&e)
+        ))
+    }
+
+    /// Everything the next image takes over.
+    fn state(&self, context: &Context, requester: Option<&Socket>) -> State {
+        let now = Instant::now();
+        let (children, lingering, totals) = self.children.export(now);
+        let (buckets, refused) = self.admission.export(now);
+        let started_at = self
+            .started_at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        State {
+            format: upgrade::FORMAT,
+            from_version: crate::VERSION.to_string(),
+            pid_file: context.pid_file.as_ref().map(|(fd, path)| PassedFile {
+                fd: *fd,
+                path: path.display().to_string(),
+                written: true,
+            }),
+            listeners: self
+                .listeners
+                .iter()
+                .map(|slot| slot.listener.passed())
+                .collect(),
+            control: self.control.as_ref().map(|c| c.listener().passed()),
+            metrics: self.metrics.as_ref().map(|m| m.listener().passed()),
+            requester: requester.map(|s| s.as_raw_fd()),
+            server: ServerState {
+                admitted: self.admitted,
+                uptime_ns: self.started.elapsed().as_nanos() as u64,
+                started_at_unix_ns: started_at,
+                fork_failures: self.fork_failures,
+                accepted: self.counts.accepted,
+                accept_failures: self.counts.accept_failures,
+                reloads_applied: self.counts.reloads_applied,
+                reloads_refused: self.counts.reloads_refused,
+                refused,
+                children,
+                lingering,
+                totals,
+                buckets,
+            },
+        }
+    }
+
+    /// Takes over what the previous image passed on (see `crate::upgrade`).
+    pub fn restore(&mut self, state: &ServerState) -> Result<(), String> {
+        let now = Instant::now();
+        self.admitted = state.admitted;
+        self.fork_failures = state.fork_failures;
+        self.counts.accepted = state.accepted;
+        self.counts.accept_failures = state.accept_failures;
+        self.counts.reloads_applied = state.reloads_applied;
+        self.counts.reloads_refused = state.reloads_refused;
+        self.started = now
+            .checked_sub(std::time::Duration::from_nanos(state.uptime_ns))
+            .unwrap_or(now);
+        self.started_at = UNIX_EPOCH + std::time::Duration::from_nanos(state.started_at_unix_ns);
+        self.admission.import(&state.buckets, &state.refused, now)?;
+        self.children
+            .import(&state.children, &state.lingering, &state.totals, now)?;
+        // Children that ended during the exec: their SIGCHLD is pending, but reap now anyway.
+        self.children.reap();
+        self.pause_or_resume_at_max_children();
+        Ok(())
+    }
+
+    /// The control connection that asked for the upgrade the previous image made: told that
+    /// it is done.
+    pub fn answer_upgrade_requester(&self, fd: RawFd, from_version: &str) {
+        match upgrade::adopt(fd) {
+            Ok(fd) => {
+                let socket = Socket::from(fd);
+                let text = format!(
+                    "upgraded from {from_version} to {} ({} sessions kept)",
+                    crate::VERSION,
+                    self.children.len()
+                );
+                answer(Some(socket), Outcome::Ok, &text);
+            }
+            Err(e) => log::debug!("the upgrade's control connection: {e}"),
+        }
+    }
+}
+
+/// The descriptors a state names, which must survive `execve`.
+fn passed_fds(state: &State) -> Vec<RawFd> {
+    let mut fds: Vec<RawFd> = state.listeners.iter().map(|l| l.fd).collect();
+    fds.extend(state.control.iter().map(|c| c.fd));
+    fds.extend(state.metrics.iter().map(|m| m.fd));
+    fds.extend(state.pid_file.iter().map(|p| p.fd));
+    fds.extend(state.requester);
+    fds
+}
+
+/// The path, arguments and environment of the next image: the same, plus where the state is.
+fn exec_arguments(
+    context: &Context,
+    state_fd: RawFd,
+) -> Result<(CString, Vec<CString>, Vec<CString>), String> {
+    let c = |bytes: &[u8]| CString::new(bytes).map_err(|_| "a NUL in an argument".to_string());
+    let exe = c(context.exe.as_os_str().as_bytes())?;
+    let argv = context
+        .args
+        .iter()
+        .map(|a| c(a.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut envp = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        if name == upgrade::STATE_ENV {
+            continue;
+        }
+        let mut entry = name.as_bytes().to_vec();
+        entry.push(b'=');
+        entry.extend_from_slice(value.as_bytes());
+        envp.push(c(&entry)?);
+    }
+    envp.push(c(format!("{}={state_fd}", upgrade::STATE_ENV).as_bytes())?);
+    Ok((exe, argv, envp))
+}
+
+/// Writes an answer to the control connection that asked, if one did, and closes it.
+fn answer(requester: Option<Socket>, outcome: Outcome, text: &str) {
+    if let Some(socket) = requester {
+        let _ = super::exchange::answer_and_close(socket, &control::answer(outcome, text));
+    }
+}
+
+/// An anonymous file, close-on-exec.
+fn memfd(name: &str) -> std::io::Result<std::fs::File> {
+    let name = CString::new(name).expect("no NUL");
+    // Safe: a NUL-terminated name; the descriptor is owned at once.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // Safe: just created, owned by nobody else.
+    Ok(std::fs::File::from(unsafe {
+        <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+    }))
+}
+
+/// What the check wrote, at most 2 KiB of it, on one line.
+fn read_bounded(file: &mut std::fs::File) -> String {
+    let mut text = String::new();
+    let _ = file.rewind();
+    let _ = file.take(2048).read_to_string(&mut text);
+    text.lines().collect::<Vec<_>>().join(" / ")
+}

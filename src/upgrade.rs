@@ -1,0 +1,264 @@
+//! Upgrading the binary in place (`forkecho upgrade`, SIGUSR2): what passes from the running
+//! image to the next through `execve`, which keeps the pid (so every session stays this
+//! process's child), the descriptors not marked close-on-exec, the signal mask and the pending
+//! signals.
+//!
+//! The state is a TOML document with a format version, in a memfd whose descriptor the new
+//! image finds in [`STATE_ENV`]: the descriptors it must adopt (listeners, the pid file and its
+//! lock, the control and metrics sockets, the control connection that asked), and what the
+//! loop knows (the children table with each session's peer, source and age, deadlines, totals,
+//! refusal counts, token buckets, the connection counter). Times pass as ages and time left:
+//! `Instant`s mean nothing to another image, and the exec takes milliseconds.
+//!
+//! The steps, and who takes them, are in `server::upgrade` (the running image) and `main`
+//! (the new one).
+
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use serde::{Deserialize, Serialize};
+
+/// Names the memfd that holds the state, in the new image's environment.
+pub const STATE_ENV: &str = "FORKECHO_UPGRADE_STATE";
+/// Set for the `--check-config` run that precedes an upgrade: checks of what the running
+/// instance already holds (its pid file, log file, sockets) do not apply.
+pub const CHECK_ENV: &str = "FORKECHO_UPGRADE_CHECK";
+/// The state's format; an image refuses a state of another version.
+pub const FORMAT: u32 = 1;
+
+/// Everything that passes to the next image.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct State {
+    pub format: u32,
+    /// The version of the image that wrote it, for the log line.
+    pub from_version: String,
+    pub pid_file: Option<PassedFile>,
+    pub listeners: Vec<PassedListener>,
+    pub control: Option<PassedListener>,
+    pub metrics: Option<PassedListener>,
+    /// The control connection that asked for the upgrade: the new image answers it.
+    pub requester: Option<RawFd>,
+    pub server: ServerState,
+}
+
+/// An open file that passes as a descriptor.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PassedFile {
+    pub fd: RawFd,
+    pub path: String,
+    /// The pid has been written into it.
+    pub written: bool,
+}
+
+/// A listening socket that passes as a descriptor, with what the loop knows of it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PassedListener {
+    pub fd: RawFd,
+    /// As `ListenAddr` displays: `127.0.0.1:2333` or `unix:/path`.
+    pub configured: String,
+    pub local: String,
+    pub from_systemd: bool,
+    pub backlog: u32,
+    /// The socket file this listener made (UNIX-domain), by device and inode: still removed
+    /// only while it is that file.
+    pub socket_file: Option<(u64, u64)>,
+}
+
+/// What the loop knows.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct ServerState {
+    pub admitted: u64,
+    pub uptime_ns: u64,
+    pub started_at_unix_ns: u64,
+    pub fork_failures: u64,
+    pub accepted: u64,
+    pub accept_failures: u64,
+    pub reloads_applied: u64,
+    pub reloads_refused: u64,
+    /// Refusals by reason, in `RefusalCounts::by_reason`'s order.
+    pub refused: Vec<u64>,
+    pub children: Vec<ChildState>,
+    pub lingering: Vec<LingeringState>,
+    pub totals: TotalsState,
+    pub buckets: Vec<BucketState>,
+}
+
+/// One live child.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChildState {
+    pub pid: i32,
+    /// `Peer` as displayed.
+    pub peer: String,
+    /// `Source` as displayed.
+    pub source: String,
+    pub program: bool,
+    pub age_ns: u64,
+    /// Time left to the parent's next action on it (SIGTERM at `max_session_time`, or its
+    /// SIGKILL), and whether that is the SIGKILL.
+    pub deadline_in_ns: Option<u64>,
+    pub deadline_kills: bool,
+    pub kill_in_ns: Option<u64>,
+}
+
+/// A process group of an ended program, still with members, due a SIGKILL.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LingeringState {
+    pub pgid: i32,
+    pub peer: String,
+    pub kill_in_ns: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct TotalsState {
+    pub forked: u64,
+    /// `(exit code, count)`, codes with a count only.
+    pub exited: Vec<(i32, u64)>,
+    /// `(signal number, count)`.
+    pub killed: Vec<(i32, u64)>,
+    pub duration_buckets: Vec<u64>,
+    pub duration_sum_seconds: f64,
+}
+
+/// One source's token bucket.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BucketState {
+    pub source: String,
+    pub tokens: f64,
+    pub age_ns: u64,
+}
+
+impl State {
+    /// Writes the state into a new memfd, left open across `execve`; returns it.
+    pub fn write_to_memfd(&self) -> io::Result<OwnedFd> {
+        let text = toml::to_string(self).map_err(io::Error::other)?;
+        // Safe: the name is a NUL-terminated literal; the descriptor is owned at once.
+        let fd = unsafe { libc::memfd_create(c"forkecho-upgrade-state".as_ptr(), 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // Safe: just created, owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut file = std::fs::File::from(fd);
+        file.write_all(text.as_bytes())?;
+        Ok(OwnedFd::from(file))
+    }
+
+    /// Reads the state from the memfd `fd` (from its start: a rollback reads it again).
+    pub fn read_from(fd: RawFd) -> Result<State, String> {
+        // Safe: the descriptor was passed for this; it is borrowed, not closed, here.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let owned = borrowed
+            .try_clone_to_owned()
+            .map_err(|e| format!("the state's descriptor {fd}: {e}"))?;
+        let mut file = std::fs::File::from(owned);
+        file.rewind()
+            .map_err(|e| format!("reading the state: {e}"))?;
+        let mut text = String::new();
+        file.take(64 << 20)
+            .read_to_string(&mut text)
+            .map_err(|e| format!("reading the state: {e}"))?;
+        let state: State =
+            toml::from_str(&text).map_err(|e| format!("the state does not parse: {e}"))?;
+        if state.format != FORMAT {
+            return Err(format!(
+                "the state's format is {}, this binary reads format {FORMAT}",
+                state.format
+            ));
+        }
+        Ok(state)
+    }
+}
+
+/// Lets `fd` survive `execve` (clears FD_CLOEXEC), or makes it close there again.
+pub fn keep_across_exec(fd: RawFd, keep: bool) -> io::Result<()> {
+    // Safe: fcntl on a descriptor we own, flags only.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let flags = match keep {
+        true => flags & !libc::FD_CLOEXEC,
+        false => flags | libc::FD_CLOEXEC,
+    };
+    // Safe: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The descriptor named by [`STATE_ENV`], if this image was started by an upgrade.
+pub fn state_fd_from_env() -> Option<RawFd> {
+    std::env::var(STATE_ENV).ok()?.parse().ok()
+}
+
+/// Whether this process runs the check that precedes an upgrade.
+pub fn is_upgrade_check() -> bool {
+    std::env::var_os(CHECK_ENV).is_some()
+}
+
+/// Marks a descriptor adopted from the previous image close-on-exec again: it must not leak
+/// into a program a session runs (children close it anyway) or into a later upgrade's exec
+/// unless passed on purpose.
+pub fn adopt(fd: RawFd) -> io::Result<OwnedFd> {
+    keep_across_exec(fd, false)?;
+    // Safe: the previous image passed this descriptor for us to own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The raw descriptor of anything that has one.
+pub fn raw(fd: &impl AsRawFd) -> RawFd {
+    fd.as_raw_fd()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_survives_its_memfd() {
+        let state = State {
+            format: FORMAT,
+            from_version: "0.1.0".into(),
+            pid_file: Some(PassedFile {
+                fd: 5,
+                path: "/run/f.pid".into(),
+                written: true,
+            }),
+            listeners: vec![PassedListener {
+                fd: 7,
+                configured: "127.0.0.1:0".into(),
+                local: "127.0.0.1:40000".into(),
+                from_systemd: false,
+                backlog: 1024,
+                socket_file: None,
+            }],
+            control: None,
+            metrics: None,
+            requester: Some(9),
+            server: ServerState {
+                admitted: 12,
+                children: vec![ChildState {
+                    pid: 4242,
+                    peer: "uid:0,gid:0,pid:1".into(),
+                    source: "uid:0".into(),
+                    program: true,
+                    age_ns: 5,
+                    deadline_in_ns: Some(7),
+                    deadline_kills: false,
+                    kill_in_ns: None,
+                }],
+                totals: TotalsState {
+                    exited: vec![(0, 3)],
+                    duration_buckets: vec![1, 2],
+                    ..TotalsState::default()
+                },
+                ..ServerState::default()
+            },
+        };
+        let fd = state.write_to_memfd().unwrap();
+        assert_eq!(State::read_from(fd.as_raw_fd()).unwrap(), state);
+        // Again, as a rollback reads it.
+        assert_eq!(State::read_from(fd.as_raw_fd()).unwrap(), state);
+    }
+}
