@@ -274,6 +274,7 @@ mod tests {
                 shutdown: Some((Mode::Fast, Signal::SIGINT)),
                 reload: false,
                 status: true,
+                upgrade: false,
             }
         );
     }
