@@ -241,7 +241,8 @@ mod tests {
             Some(Request::Shutdown(Mode::Fast, Signal::SIGINT))
         );
         assert!(Mode::Smart < Mode::Fast && Mode::Fast < Mode::Immediate);
-        assert_eq!(request_for(libc::SIGUSR2), None);
+        assert_eq!(request_for(libc::SIGUSR2), Some(Request::Upgrade));
+        assert_eq!(request_for(libc::SIGWINCH), None);
     }
 
     #[test]
