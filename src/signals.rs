@@ -168,6 +168,28 @@ pub fn block_hooked() -> io::Result<SigSet> {
     Ok(old)
 }
 
+/// Raises again, for the next image, what a batch asked: with the hooked signals blocked
+/// (see [`block_hooked`]) they stay pending through `execve`. An upgrade asked again is left
+/// out: the one in progress is it.
+pub fn raise_again(requests: &Requests) {
+    let mut signals = Vec::new();
+    if requests.reap {
+        signals.push(Signal::SIGCHLD);
+    }
+    if let Some((_, signal)) = requests.shutdown {
+        signals.push(signal);
+    }
+    if requests.reload {
+        signals.push(Signal::SIGHUP);
+    }
+    if requests.status {
+        signals.push(Signal::SIGUSR1);
+    }
+    for signal in signals {
+        let _ = nix::sys::signal::kill(nix::unistd::getpid(), signal);
+    }
+}
+
 /// Restores the mask `block_all` returned (the parent's side of the fork).
 pub fn restore_mask(mask: &SigSet) -> io::Result<()> {
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(mask), None)?;

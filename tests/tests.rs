@@ -27,3 +27,4 @@ mod review_proxy;
 mod review_unix;
 mod supervision;
 mod unix;
+mod upgrade;

@@ -334,7 +334,6 @@ impl Server {
             }
             self.pause_or_resume_at_max_children();
             self.decide_pending();
-            self.continue_upgrade();
         }
         // One shutdown step per batch: a SIGTERM and a SIGINT that arrive together are one
         // request (the harder: fast), not a request and its escalation.
@@ -353,6 +352,11 @@ impl Server {
         }
         if requests.upgrade {
             self.start_upgrade(None);
+        }
+        // Last: an upgrade whose check has ended hands over by `execve`, and every request of
+        // this batch (a SIGTERM that came with the check's SIGCHLD) must be acted on first.
+        if requests.reap {
+            self.continue_upgrade();
         }
     }
 

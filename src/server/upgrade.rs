@@ -178,6 +178,9 @@ impl Server {
         );
         crate::systemd::reloading();
         let mask = crate::signals::block_hooked().map_err(|e| format!("blocking signals: {e}"))?;
+        // A signal handled after this turn's batch was read (a SIGTERM a moment ago) would be
+        // lost with this image: raised again, it waits, blocked, for the next one.
+        crate::signals::raise_again(&crate::signals::pending(&mut self.signals));
         let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
         argv_ptrs.push(std::ptr::null());
         let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();

@@ -1,0 +1,274 @@
+//! Upgrading the binary in place (`forkecho upgrade`, SIGUSR2) as an operator sees it: under a
+//! steady load through ten upgrades no connection fails, a session opened before the first
+//! echoes after the last and its end is logged with its original peer and whole duration, the
+//! totals go on, and the pid (and the pid file's) stays; a new binary whose check fails is
+//! refused while the old one serves; a shutdown or a reload racing an upgrade.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use crate::util::*;
+
+/// A copy of the binary in a directory of the test's own (an upgrade executes the file at the
+/// path the server was started from), and a pid file beside it.
+struct Deployment {
+    dir: TempDir,
+    binary: PathBuf,
+    pid_file: PathBuf,
+}
+
+impl Deployment {
+    fn new() -> Deployment {
+        let dir = TempDir::new();
+        let binary = dir.path().join("forkecho");
+        copy_binary_to(&binary);
+        let pid_file = dir.path().join("forkecho.pid");
+        Deployment {
+            dir,
+            binary,
+            pid_file,
+        }
+    }
+
+    fn start(&self, extra: &[&str]) -> Server {
+        Server::builder()
+            .program(&self.binary)
+            .args(["--pid-file", self.pid_file.to_str().unwrap()])
+            .args(extra.iter().copied())
+            .env("RUST_LOG", "info")
+            .start()
+    }
+
+    /// Runs a control command with the deployment's binary.
+    fn command(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(&self.binary)
+            .args(["--pid-file", self.pid_file.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn pid_in_file(&self) -> String {
+        std::fs::read_to_string(&self.pid_file)
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+}
+
+/// `name: value` from `forkecho status`.
+fn status_field(out: &std::process::Output, name: &str) -> String {
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+        .to_string()
+}
+
+#[test]
+fn ten_upgrades_under_load_lose_no_connection_and_no_session() {
+    let deployment = Deployment::new();
+    let server = deployment.start(&[]);
+    let addr = server.addr();
+    let pid = server.pid().to_string();
+    let mut long = server.connect_greeted();
+    let long_peer = long.local_addr().unwrap();
+    let opened = Instant::now();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (served, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, served, failed) = (stop.clone(), served.clone(), failed.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let ok = std::net::TcpStream::connect(addr).is_ok_and(|mut s| {
+                        let _ = s.set_read_timeout(Some(WAIT));
+                        let mut banner = [0u8; BANNER.len()];
+                        std::io::Read::read_exact(&mut s, &mut banner).is_ok()
+                            && banner == *BANNER
+                            && std::io::Write::write_all(&mut s, b"load\n").is_ok()
+                            && {
+                                let mut back = [0u8; 5];
+                                std::io::Read::read_exact(&mut s, &mut back).is_ok()
+                                    && &back == b"load\n"
+                            }
+                    });
+                    let counter = if ok { &served } else { &failed };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+
+    let mut accepted = 0u64;
+    for round in 1..=10 {
+        let out = deployment.command(&["upgrade"]);
+        assert!(out.status.success(), "upgrade {round}: {out:?}");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("upgraded from"), "{said}");
+        // The session from before the first upgrade still echoes.
+        assert_eq!(echo_roundtrip(&mut long, b"still\n"), b"still\n");
+        let status = deployment.command(&["status"]);
+        assert_eq!(status_field(&status, "pid"), pid);
+        let now: u64 = status_field(&status, "accepted").parse().unwrap();
+        assert!(now >= accepted, "totals went back: {now} after {accepted}");
+        accepted = now;
+        assert_eq!(
+            deployment.pid_in_file(),
+            pid,
+            "the pid file after upgrade {round}"
+        );
+    }
+    // Some load after the last upgrade too.
+    let after = served.load(Ordering::Relaxed) + 20;
+    assert!(wait_until(WAIT, || served.load(Ordering::Relaxed) >= after));
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.join().unwrap();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "failed connections");
+    assert!(served.load(Ordering::Relaxed) > 20);
+    server.assert_line_count("upgraded in place from", 10, "upgrades");
+
+    drop(long);
+    let ending = server.wait_child_ending(long_peer);
+    let line = server
+        .log_lines()
+        .into_iter()
+        .find(|l| l.contains(&format!("({long_peer}) exited")))
+        .unwrap();
+    let lasted: f64 = line
+        .rsplit("after ")
+        .next()
+        .and_then(|t| t.trim_end_matches('s').parse().ok())
+        .unwrap();
+    assert!(
+        lasted + 0.05 >= opened.elapsed().as_secs_f64() - 1.0 && lasted > 0.0,
+        "the session's duration spans the upgrades: {line} ({ending:?})"
+    );
+}
+
+#[test]
+fn a_new_binary_whose_check_fails_is_refused_and_the_old_one_serves() {
+    let deployment = Deployment::new();
+    let server = deployment.start(&[]);
+    let mut session = server.connect_greeted();
+    // What a broken package would put there: a binary that cannot even check the config.
+    let broken = deployment.dir.path().join("broken");
+    std::fs::write(
+        &broken,
+        "#!/bin/sh\necho 'forkecho: cannot load: a broken build' >&2\nexit 2\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let saved = deployment.dir.path().join("forkecho.good");
+    std::fs::rename(&deployment.binary, &saved).unwrap();
+    std::fs::rename(&broken, &deployment.binary).unwrap();
+
+    let out = std::process::Command::new(&saved)
+        .args([
+            "--pid-file",
+            deployment.pid_file.to_str().unwrap(),
+            "upgrade",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("upgrade refused") && stderr.contains("a broken build"),
+        "{stderr}"
+    );
+    server.assert_line_count("upgrade refused", 1, "the refusal");
+    assert_eq!(echo_roundtrip(&mut session, b"on\n"), b"on\n");
+    assert_serves(&server, b"new\n");
+    // SIGUSR2 alike: refused, logged, nothing else changes.
+    server.signal(Signal::SIGUSR2);
+    server.wait_for_lines("upgrade refused", 2);
+    assert_eq!(echo_roundtrip(&mut session, b"still\n"), b"still\n");
+}
+
+/// SIGUSR2 and SIGTERM together: whichever comes first, the smart shutdown completes (the
+/// session may finish), and the process exits 0 with no child left.
+#[test]
+fn a_shutdown_racing_an_upgrade_completes() {
+    for round in 0..3 {
+        let deployment = Deployment::new();
+        let mut server = deployment.start(&[]);
+        let mut session = server.connect_greeted();
+        server.signal(Signal::SIGUSR2);
+        if round > 0 {
+            // Let the check start, or the exec happen, before the SIGTERM.
+            server.wait_for_line("upgrade: checking");
+        }
+        server.signal(Signal::SIGTERM);
+        server.wait_for_line("shutting down on SIGTERM (smart)");
+        assert_eq!(echo_roundtrip(&mut session, b"last\n"), b"last\n");
+        drop(session);
+        let status = server.wait_exit(WAIT);
+        assert!(
+            status.success(),
+            "round {round}: {status:?}\n{}",
+            server.log_text()
+        );
+        assert!(!Path::new(&deployment.pid_file).exists());
+    }
+}
+
+/// A reload and an upgrade asked together: both happen, and the server serves with the new
+/// configuration in the new image.
+#[test]
+fn a_reload_racing_an_upgrade_both_apply() {
+    let deployment = Deployment::new();
+    let config = |banner: &str| format!("listen = [\"127.0.0.1:0\"]\nbanner = \"{banner}\\n\"\n");
+    let server = Server::builder()
+        .program(&deployment.binary)
+        .args(["--pid-file", deployment.pid_file.to_str().unwrap()])
+        .config(&config("one"))
+        .env("RUST_LOG", "info")
+        .start();
+    server.rewrite_config(&config("two"));
+    server.signal(Signal::SIGHUP);
+    server.signal(Signal::SIGUSR2);
+    server.wait_for_line("upgraded in place from");
+    server.wait_for_line("reloaded configuration");
+    let mut s = server.connect();
+    assert_eq!(read_exactly(&mut s, 4), b"two\n");
+    assert_eq!(echo_roundtrip(&mut s, b"x\n"), b"x\n");
+}
+
+/// Each upgrade pauses accepting only for the exec: the worst connect latency of a client
+/// looping meanwhile stays far from a refused connection (the bench measures it).
+#[test]
+fn an_upgrade_refuses_no_connection_to_a_looping_client() {
+    let deployment = Deployment::new();
+    let server = deployment.start(&[]);
+    let addr = server.addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let refused = Arc::new(AtomicU64::new(0));
+    let looping = {
+        let (stop, refused) = (stop.clone(), refused.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                    Ok(s) => drop(s),
+                    Err(_) => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        })
+    };
+    for _ in 0..3 {
+        let out = deployment.command(&["upgrade"]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    looping.join().unwrap();
+    assert_eq!(refused.load(Ordering::Relaxed), 0);
+}
