@@ -5,6 +5,7 @@
 //! configuration or usage error.
 
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStringExt;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -23,6 +24,15 @@ enum Failure {
     Serve(std::io::Error),
 }
 
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Config(m) | Failure::Start(m) => f.write_str(m),
+            Failure::Serve(e) => write!(f, "server failed: {e}"),
+        }
+    }
+}
+
 impl Failure {
     fn exit_code(&self) -> u8 {
         match self {
@@ -33,7 +43,19 @@ impl Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = with_absolute_paths(Cli::parse());
+    let cli = match Cli::try_parse() {
+        Ok(cli) => with_absolute_paths(cli),
+        Err(e) => match forkecho::upgrade::state_fd_from_env() {
+            // Started by an upgrade with a command line this binary refuses: the previous
+            // image takes over again.
+            Some(state_fd) => {
+                let why = forkecho::upgrade::roll_back(state_fd, &e.to_string());
+                eprintln!("forkecho: {e}; {why}");
+                return ExitCode::from(2);
+            }
+            None => e.exit(),
+        },
+    };
     if let Some(command) = cli.command {
         return control(&cli, command.command());
     }
@@ -106,10 +128,14 @@ fn start_and_serve(cli: Cli, readiness: &mut Readiness) -> Result<(), Failure> {
         println!("configuration OK");
         return Ok(());
     }
-    let config = Config::load(&cli).map_err(|e| Failure::Config(e.to_string()))?;
     if let Some(state_fd) = forkecho::upgrade::state_fd_from_env() {
-        return continue_after_upgrade(cli, &config, state_fd);
+        // Whatever keeps this image from serving hands back to the previous one.
+        return match Config::load(&cli) {
+            Ok(config) => continue_after_upgrade(cli, &config, state_fd),
+            Err(e) => Err(roll_back(state_fd, Failure::Config(e.to_string()))),
+        };
     }
+    let config = Config::load(&cli).map_err(|e| Failure::Config(e.to_string()))?;
     // The pid-file lock comes first; see `PidFile::lock`. Its fd survives daemonizing.
     let pid_file = config.pid_file.as_deref().map(PidFile::lock).transpose();
     let mut pid_file = pid_file.map_err(|e| Failure::Start(e.to_string()))?;
@@ -223,10 +249,13 @@ fn continue_after_upgrade(
     state_fd: std::os::fd::RawFd,
 ) -> Result<(), Failure> {
     use forkecho::upgrade::{self, State};
-    // Programs the sessions run must not see it (nor a later upgrade's check).
-    std::env::remove_var(upgrade::STATE_ENV);
-    let state = State::read_from(state_fd).map_err(Failure::Start)?;
-    drop(upgrade::adopt(state_fd));
+    // Until serving, a failure hands back to the previous image: taken while every descriptor
+    // adopted so far is still open (`back` is called before any of them is dropped).
+    let back = |failure: Failure| roll_back(state_fd, failure);
+    let state = State::read_from(state_fd)
+        .map_err(Failure::Start)
+        .map_err(back)?;
+    let rolled_back = std::env::var(upgrade::ROLLBACK_ENV).ok();
     logging::set_format(config.log_format);
     logging::init(config.log_level.filter());
     let adopt_failed = |e: std::io::Error| Failure::Start(format!("adopting a descriptor: {e}"));
@@ -235,37 +264,77 @@ fn continue_after_upgrade(
         .as_ref()
         .map(PidFile::adopt)
         .transpose()
-        .map_err(|e| Failure::Start(e.to_string()))?;
+        .map_err(|e| Failure::Start(e.to_string()))
+        .map_err(back)?;
     let listeners = state
         .listeners
         .iter()
         .map(listen::Listener::adopt)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(adopt_failed)?;
+        .map_err(adopt_failed)
+        .map_err(back)?;
     let control = state.control.as_ref().map(listen::Listener::adopt);
-    let control = control.transpose().map_err(adopt_failed)?;
+    let control = control.transpose().map_err(adopt_failed).map_err(back)?;
     let metrics = state.metrics.as_ref().map(listen::Listener::adopt);
-    let metrics = metrics.transpose().map_err(adopt_failed)?;
+    let metrics = metrics.transpose().map_err(adopt_failed).map_err(back)?;
     let reload: server::Reloader = Box::new(move |running| Config::reload(&cli, running));
     let mut server = server::Server::new(config, listeners, control, metrics, reload)
-        .map_err(|e| Failure::Start(format!("cannot set up the loop: {e}")))?;
-    server.restore(&state.server).map_err(Failure::Start)?;
-    log::info!(
-        "upgraded in place from {} to {}: {} sessions kept",
-        state.from_version,
-        forkecho::VERSION,
-        state.server.children.len()
-    );
-    if let Some(fd) = state.requester {
-        server.answer_upgrade_requester(fd, &state.from_version);
+        .map_err(|e| Failure::Start(format!("cannot set up the loop: {e}")))
+        .map_err(back)?;
+    server
+        .restore(&state.server)
+        .map_err(Failure::Start)
+        .map_err(back)?;
+    // Serving from here: nothing more to roll back to. Programs the sessions run must not see
+    // these (nor a later upgrade's check).
+    std::env::remove_var(upgrade::STATE_ENV);
+    std::env::remove_var(upgrade::ROLLBACK_ENV);
+    drop(upgrade::adopt(state_fd));
+    drop(state.previous_exe.map(upgrade::adopt));
+    match &rolled_back {
+        Some(reason) => log::error!(
+            event = "upgrade", result = "rolled_back", reason:% = reason;
+            "upgrade failed: the new binary could not start ({reason}); the previous binary \
+             serves again, with all {} sessions",
+            state.server.children.len()
+        ),
+        None => log::info!(
+            event = "upgrade", result = "done";
+            "upgraded in place from {} to {}: {} sessions kept",
+            state.from_version,
+            forkecho::VERSION,
+            state.server.children.len()
+        ),
     }
-    server.prepare_upgrades(upgrade_context(pid_file.as_ref()));
+    if let Some(fd) = state.requester {
+        server.answer_upgrade_requester(fd, &state.from_version, rolled_back.as_deref());
+    }
+    let mut context = upgrade_context(pid_file.as_ref());
+    // The path it was started from, not this image's: a rollback runs the previous image from
+    // its descriptor, wherever its file is now.
+    context.exe = std::path::PathBuf::from(std::ffi::OsString::from_vec(state.exe.clone()));
+    context.args = state
+        .args
+        .iter()
+        .cloned()
+        .map(std::ffi::OsString::from_vec)
+        .collect();
+    server.prepare_upgrades(context);
     let ready = Box::new(|| forkecho::systemd::ready("serving (upgraded)"));
     let result = server.run(ready);
     if let Some(pid_file) = pid_file {
         pid_file.remove();
     }
     result.map_err(Failure::Serve)
+}
+
+/// Hands back to the previous image (see `forkecho::upgrade::roll_back`), which takes over
+/// the state and the descriptors this one has not let go of (the caller keeps them open);
+/// returns only if that cannot be done, with why.
+fn roll_back(state_fd: std::os::fd::RawFd, failure: Failure) -> Failure {
+    let reason = failure.to_string();
+    let why = forkecho::upgrade::roll_back(state_fd, &reason);
+    Failure::Start(format!("{reason}; {why}"))
 }
 
 /// The control socket, bound (replacing a stale one; a live one means another forkecho runs

@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
 
 /// Names the memfd that holds the state, in the new image's environment.
 pub const STATE_ENV: &str = "FORKECHO_UPGRADE_STATE";
+/// Set, with the reason, in the previous image started again after the new one failed.
+pub const ROLLBACK_ENV: &str = "FORKECHO_UPGRADE_ROLLBACK";
 /// Set for the `--check-config` run that precedes an upgrade: checks of what the running
 /// instance already holds (its pid file, log file, sockets) do not apply.
 pub const CHECK_ENV: &str = "FORKECHO_UPGRADE_CHECK";
@@ -38,6 +40,14 @@ pub struct State {
     pub metrics: Option<PassedListener>,
     /// The control connection that asked for the upgrade: the new image answers it.
     pub requester: Option<RawFd>,
+    /// The previous image's executable, open (`/proc/self/exe` outlives a file replaced on
+    /// disk): a new image that cannot start executes it again with this state.
+    pub previous_exe: Option<RawFd>,
+    /// The arguments the server was started with (bytes), for that.
+    pub args: Vec<Vec<u8>>,
+    /// The path the server was started from (bytes): the one the next upgrade executes, also
+    /// after a rollback started the previous image from its descriptor.
+    pub exe: Vec<u8>,
     pub server: ServerState,
 }
 
@@ -128,6 +138,17 @@ pub struct BucketState {
 }
 
 impl State {
+    /// Every descriptor the state names, the previous executable included.
+    pub fn descriptors(&self) -> Vec<RawFd> {
+        let mut fds: Vec<RawFd> = self.listeners.iter().map(|l| l.fd).collect();
+        fds.extend(self.control.iter().map(|c| c.fd));
+        fds.extend(self.metrics.iter().map(|m| m.fd));
+        fds.extend(self.pid_file.iter().map(|p| p.fd));
+        fds.extend(self.requester);
+        fds.extend(self.previous_exe);
+        fds
+    }
+
     /// Writes the state into a new memfd, left open across `execve`; returns it.
     pub fn write_to_memfd(&self) -> io::Result<OwnedFd> {
         let text = toml::to_string(self).map_err(io::Error::other)?;
@@ -187,6 +208,82 @@ pub fn keep_across_exec(fd: RawFd, keep: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Gives up on this image, which an upgrade started but which cannot serve (`reason`): the
+/// previous image's executable is started again in this process, with the same state and
+/// arguments, and [`ROLLBACK_ENV`] saying why; it takes over as this one would have. Returns
+/// only if that cannot be done (no previous executable, a state that does not read, or a
+/// failed `execveat`), with why.
+pub fn roll_back(state_fd: RawFd, reason: &str) -> String {
+    let state = match State::read_from(state_fd) {
+        Ok(state) => state,
+        Err(e) => return format!("cannot roll back: {e}"),
+    };
+    let Some(previous) = state.previous_exe else {
+        return "cannot roll back: no previous executable".into();
+    };
+    if std::env::var_os(ROLLBACK_ENV).is_some() {
+        return "cannot roll back: this is the previous image already".into();
+    }
+    for fd in state.descriptors().into_iter().chain([state_fd]) {
+        let _ = keep_across_exec(fd, true);
+    }
+    let _ = crate::signals::block_hooked();
+    let argv: Vec<std::ffi::CString> = state
+        .args
+        .iter()
+        .filter_map(|a| std::ffi::CString::new(a.clone()).ok())
+        .collect();
+    let reason: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(1000)
+        .collect();
+    let mut envp: Vec<std::ffi::CString> = std::env::vars_os()
+        .filter(|(name, _)| name != STATE_ENV && name != ROLLBACK_ENV)
+        .filter_map(|(name, value)| {
+            use std::os::unix::ffi::OsStrExt;
+            let mut entry = name.as_bytes().to_vec();
+            entry.push(b'=');
+            entry.extend_from_slice(value.as_bytes());
+            std::ffi::CString::new(entry).ok()
+        })
+        .collect();
+    envp.extend(std::ffi::CString::new(format!("{STATE_ENV}={state_fd}")).ok());
+    envp.extend(std::ffi::CString::new(format!("{ROLLBACK_ENV}={reason}")).ok());
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
+    envp_ptrs.push(std::ptr::null());
+    // Safe: NUL-terminated strings and NULL-terminated arrays, alive for the call; an empty
+    // path with AT_EMPTY_PATH executes the file `previous` is open on.
+    unsafe {
+        libc::syscall(
+            libc::SYS_execveat,
+            previous,
+            c"".as_ptr(),
+            argv_ptrs.as_ptr(),
+            envp_ptrs.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    format!(
+        "cannot roll back: execveat: {}",
+        crate::os_error_text(&io::Error::last_os_error())
+    )
+}
+
+/// Opens this process's executable for a later rollback (not close-on-exec: it must survive
+/// the upgrade's `execve`).
+pub fn open_own_executable() -> io::Result<OwnedFd> {
+    // Safe: a NUL-terminated path; the descriptor is owned at once.
+    let fd = unsafe { libc::open(c"/proc/self/exe".as_ptr(), libc::O_RDONLY) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Safe: just opened, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// The descriptor named by [`STATE_ENV`], if this image was started by an upgrade.
 pub fn state_fd_from_env() -> Option<RawFd> {
     std::env::var(STATE_ENV).ok()?.parse().ok()
@@ -236,6 +333,9 @@ mod tests {
             control: None,
             metrics: None,
             requester: Some(9),
+            previous_exe: Some(11),
+            args: vec![b"forkecho".to_vec(), vec![0xff, b'-']],
+            exe: b"/usr/bin/forkecho".to_vec(),
             server: ServerState {
                 admitted: 12,
                 children: vec![ChildState {

@@ -272,3 +272,53 @@ fn an_upgrade_refuses_no_connection_to_a_looping_client() {
     looping.join().unwrap();
     assert_eq!(refused.load(Ordering::Relaxed), 0);
 }
+
+/// A new binary that passes the check but cannot start with the state (here: a wrapper that
+/// starts it with a bad flag only when it takes over) hands back to the previous one, which
+/// serves on with every session; one error line, and the command says it failed.
+#[test]
+fn a_new_image_that_cannot_start_rolls_back_to_the_previous_one() {
+    let deployment = Deployment::new();
+    let server = deployment.start(&[]);
+    let mut session = server.connect_greeted();
+    let good = deployment.dir.path().join("forkecho.good");
+    std::fs::rename(&deployment.binary, &good).unwrap();
+    let wrapper = format!(
+        "#!/bin/sh\nif [ -n \"$FORKECHO_UPGRADE_STATE\" ]; then exec {good} --max-children 0 \"$@\"; fi\nexec {good} \"$@\"\n",
+        good = good.display()
+    );
+    std::fs::write(&deployment.binary, wrapper).unwrap();
+    std::fs::set_permissions(
+        &deployment.binary,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+
+    let out = deployment.command(&["upgrade"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("could not start") && stderr.contains("serves again"),
+        "{stderr}"
+    );
+    server.assert_line_count(
+        "upgrade failed: the new binary could not start",
+        1,
+        "rollback",
+    );
+    assert_eq!(echo_roundtrip(&mut session, b"kept\n"), b"kept\n");
+    assert_serves(&server, b"new client\n");
+    let status = deployment.command(&["status"]);
+    assert_eq!(status_field(&status, "pid"), server.pid().to_string());
+    let active: usize = status_field(&status, "active").parse().unwrap();
+    assert!(
+        active >= 1,
+        "the session kept through the rollback is counted"
+    );
+
+    // With the good binary back in place, the next upgrade succeeds.
+    std::fs::rename(&good, &deployment.binary).unwrap();
+    let out = deployment.command(&["upgrade"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(echo_roundtrip(&mut session, b"again\n"), b"again\n");
+}

@@ -161,11 +161,14 @@ impl Server {
             ));
         }
         let context = self.upgrade_context.clone().ok_or("no upgrade context")?;
-        let state = self.state(&context, requester);
+        let previous_exe = upgrade::open_own_executable()
+            .map_err(|e| format!("cannot open this executable for a rollback: {e}"))?;
+        let mut state = self.state(&context, requester);
+        state.previous_exe = Some(previous_exe.as_raw_fd());
         let memfd = state
             .write_to_memfd()
             .map_err(|e| format!("cannot write the state: {e}"))?;
-        let passed = passed_fds(&state);
+        let passed = state.descriptors();
         for &fd in &passed {
             upgrade::keep_across_exec(fd, true).map_err(|e| format!("descriptor {fd}: {e}"))?;
         }
@@ -195,7 +198,7 @@ impl Server {
             let _ = upgrade::keep_across_exec(fd, false);
         }
         crate::systemd::ready("serving (upgrade failed)");
-        drop(memfd);
+        drop((memfd, previous_exe));
         Err(format!(
             "execve {}: {}",
             context.exe.display(),
@@ -228,6 +231,9 @@ impl Server {
             control: self.control.as_ref().map(|c| c.listener().passed()),
             metrics: self.metrics.as_ref().map(|m| m.listener().passed()),
             requester: requester.map(|s| s.as_raw_fd()),
+            previous_exe: None,
+            exe: context.exe.as_os_str().as_bytes().to_vec(),
+            args: context.args.iter().map(|a| a.as_bytes().to_vec()).collect(),
             server: ServerState {
                 admitted: self.admitted,
                 uptime_ns: self.started.elapsed().as_nanos() as u64,
@@ -270,30 +276,40 @@ impl Server {
 
     /// The control connection that asked for the upgrade the previous image made: told that
     /// it is done.
-    pub fn answer_upgrade_requester(&self, fd: RawFd, from_version: &str) {
+    /// `rolled_back`: the new image could not start, for that reason, and this is the
+    /// previous one again.
+    pub fn answer_upgrade_requester(
+        &self,
+        fd: RawFd,
+        from_version: &str,
+        rolled_back: Option<&str>,
+    ) {
         match upgrade::adopt(fd) {
             Ok(fd) => {
                 let socket = Socket::from(fd);
-                let text = format!(
-                    "upgraded from {from_version} to {} ({} sessions kept)",
-                    crate::VERSION,
-                    self.children.len()
-                );
-                answer(Some(socket), Outcome::Ok, &text);
+                match rolled_back {
+                    Some(reason) => answer(
+                        Some(socket),
+                        Outcome::Error,
+                        &format!(
+                            "upgrade failed: the new binary could not start ({reason}); the \
+                             previous binary serves again"
+                        ),
+                    ),
+                    None => answer(
+                        Some(socket),
+                        Outcome::Ok,
+                        &format!(
+                            "upgraded from {from_version} to {} ({} sessions kept)",
+                            crate::VERSION,
+                            self.children.len()
+                        ),
+                    ),
+                }
             }
             Err(e) => log::debug!("the upgrade's control connection: {e}"),
         }
     }
-}
-
-/// The descriptors a state names, which must survive `execve`.
-fn passed_fds(state: &State) -> Vec<RawFd> {
-    let mut fds: Vec<RawFd> = state.listeners.iter().map(|l| l.fd).collect();
-    fds.extend(state.control.iter().map(|c| c.fd));
-    fds.extend(state.metrics.iter().map(|m| m.fd));
-    fds.extend(state.pid_file.iter().map(|p| p.fd));
-    fds.extend(state.requester);
-    fds
 }
 
 /// The path, arguments and environment of the next image: the same, plus where the state is.
