@@ -31,6 +31,9 @@ _forkecho() {
             forkecho,stop)
                 cmd="forkecho__subcmd__stop"
                 ;;
+            forkecho,upgrade)
+                cmd="forkecho__subcmd__upgrade"
+                ;;
             forkecho__subcmd__help,help)
                 cmd="forkecho__subcmd__help__subcmd__help"
                 ;;
@@ -46,6 +49,9 @@ _forkecho() {
             forkecho__subcmd__help,stop)
                 cmd="forkecho__subcmd__help__subcmd__stop"
                 ;;
+            forkecho__subcmd__help,upgrade)
+                cmd="forkecho__subcmd__help__subcmd__upgrade"
+                ;;
             *)
                 ;;
         esac
@@ -53,7 +59,7 @@ _forkecho() {
 
     case "${cmd}" in
         forkecho)
-            opts="-c -l -h -V --config --listen --banner --backlog --idle-timeout --shutdown-timeout --kill-timeout --max-session-time --max-children --max-per-source --source-prefix-v4 --source-prefix-v6 --allow --deny --max-rate-per-source --rate-burst --refusal-message --reuse-port --unix-socket-mode --unix-socket-owner --unix-socket-group --pid-file --control-socket --metrics-listen --log-file --daemonize --user --group --log-level --log-format --session-stderr --env --clear-env --session-limits --nice --working-directory --proxy-protocol --trusted-proxy --trusted-proxies --proxy-header-timeout --check-config --help --version status reload stop reopen-logs help"
+            opts="-c -l -h -V --config --listen --banner --backlog --idle-timeout --shutdown-timeout --kill-timeout --max-session-time --max-children --max-per-source --source-prefix-v4 --source-prefix-v6 --allow --deny --max-rate-per-source --rate-burst --refusal-message --reuse-port --unix-socket-mode --unix-socket-owner --unix-socket-group --pid-file --control-socket --metrics-listen --log-file --daemonize --user --group --log-level --log-format --session-stderr --env --clear-env --session-limits --nice --working-directory --proxy-protocol --trusted-proxy --trusted-proxies --proxy-header-timeout --check-config --help --version status reload stop reopen-logs upgrade help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -235,7 +241,7 @@ _forkecho() {
             return 0
             ;;
         forkecho__subcmd__help)
-            opts="status reload stop reopen-logs help"
+            opts="status reload stop reopen-logs upgrade help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -318,6 +324,20 @@ _forkecho() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        forkecho__subcmd__help__subcmd__upgrade)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         forkecho__subcmd__reload)
             opts="-h --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -375,6 +395,20 @@ _forkecho() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        forkecho__subcmd__upgrade)
+            opts="-h --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
                 *)
                     COMPREPLY=()
                     ;;
