@@ -205,6 +205,8 @@ pub fn start_exec_contenders(only: &[String]) -> Vec<Contender> {
 /// PROXY v2 listener, whose clients send a v2 header first.
 pub const FORKECHO_PLAIN: &str = "forkecho, plain listener";
 pub const FORKECHO_PROXY: &str = "forkecho, PROXY v2 listener";
+/// Phase 7's forkecho, upgraded in place while a client loops.
+pub const FORKECHO_UPGRADE: &str = "forkecho, upgraded in place";
 
 /// Starts the contenders of phase 6 that `only` selects, the same build of forkecho on a plain
 /// listener and on a PROXY v2 one (trusting 127.0.0.1, where the load comes from), and waits
@@ -234,6 +236,27 @@ pub fn start_proxy_contenders(only: &[String]) -> Vec<Contender> {
                 .ok()
         })
         .collect()
+}
+
+/// forkecho for phase 7, with a control socket to upgrade it through; also returns its binary
+/// and that socket. None when `only` leaves it out or it cannot start.
+pub fn start_upgrade_contender(only: &[String]) -> Option<(Contender, PathBuf, PathBuf)> {
+    if !selected(only, FORKECHO_UPGRADE) {
+        return None;
+    }
+    let build = fresh_copy(env!("CARGO_BIN_EXE_forkecho"), "forkecho-upgrade");
+    let control = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("forkecho-upgrade.ctl");
+    let _ = std::fs::remove_file(&control);
+    let (binary, socket) = (build.clone(), control.clone());
+    let spec = Spec::new(FORKECHO_UPGRADE, BANNER.len(), move |port| {
+        let mut c = forkecho_command(&binary, port);
+        c.arg("--control-socket").arg(&socket);
+        c
+    });
+    spec.start()
+        .map_err(|e| eprintln!("note: {e}; phase 7 left out"))
+        .ok()
+        .map(|c| (c, build, control))
 }
 
 /// Whether `only` selects the contender `name` (a name containing one of its strings; all

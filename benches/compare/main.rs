@@ -37,7 +37,10 @@
 //!    ≥ 0.95×) and to socat (target ≥ 1.8×) listed under the table;
 //! 6. PROXY protocol: connection rate at 4 clients of forkecho on a PROXY v2 listener, whose
 //!    clients send a v2 header (TCP over IPv4, 127.0.0.1) before the banner is due, against
-//!    forkecho on a plain listener; the ratio (target ≥ 0.9×) is listed under the table.
+//!    forkecho on a plain listener; the ratio (target ≥ 0.9×) is listed under the table;
+//! 7. upgrade in place: one client loops connect → banner while forkecho is upgraded ten times
+//!    through its control command; its worst latency during the upgrades (target ≤ 50 ms),
+//!    its median, and how long an upgrade took (three rounds).
 //!
 //! Phases 3 and 4 run one round (they are heavy) and one contender at a time: each waits until
 //! the previous contender's children are gone. The bench lifts its soft RLIMIT_NOFILE to the
@@ -79,8 +82,8 @@ struct Flags {
     /// the base of the ratios. A partial run writes nothing.
     #[arg(long, value_name = "NAME")]
     only: Vec<String>,
-    /// Run only phase N, 1 to 6 (repeatable). A partial run writes nothing.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=6))]
+    /// Run only phase N, 1 to 7 (repeatable). A partial run writes nothing.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=7))]
     phase: Vec<u32>,
     /// Added by `cargo bench` to every bench target's arguments.
     #[arg(long, hide = true)]
@@ -145,6 +148,22 @@ fn main() {
         proxy_complete = contenders.iter().any(|c| c.name == FORKECHO_PROXY);
         if !contenders.is_empty() {
             targets.push(proxy_phase(&flags, &plan, &contenders, &mut table));
+        }
+    }
+    if flags.runs(7) {
+        // Last, alone: it upgrades its server in place ten times.
+        if let Some((contender, binary, control)) = contenders::start_upgrade_contender(&flags.only)
+        {
+            measured += 1;
+            eprintln!(
+                "phase 7: the accept gap during {} upgrades",
+                phases::UPGRADES
+            );
+            let rounds = if flags.quick { 1 } else { 3 };
+            let gaps: Vec<phases::Gap> = (0..rounds)
+                .map(|_| phases::upgrade_gap(&contender, &binary, &control))
+                .collect();
+            table.extend(report::upgrade_rows(&contender, &gaps));
         }
     }
     if measured == 0 {

@@ -107,6 +107,54 @@ pub fn rate_rows(contenders: &[Contender], load: &str, results: &[Vec<RateTrial>
     rows
 }
 
+/// Rows of the upgrade phase: the worst latency during the upgrades against its target, the
+/// median, how long an upgrade took, and failures if any.
+pub fn upgrade_rows(c: &Contender, gaps: &[crate::phases::Gap]) -> Vec<Row> {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let worst = gaps.iter().map(|g| g.worst).max().unwrap_or_default();
+    let target = crate::phases::UPGRADE_TARGET;
+    let mut rows = vec![
+        Row {
+            metric: format!(
+                "worst connect→banner latency during {} upgrades (target ≤ {} ms: {})",
+                crate::phases::UPGRADES,
+                target.as_millis(),
+                if worst <= target { "met" } else { "NOT met" }
+            ),
+            contender: c.name,
+            value: ms(worst),
+            unit: "ms",
+            ratio: f64::NAN,
+        },
+        Row {
+            metric: "median connect→banner latency, upgrade trial".into(),
+            contender: c.name,
+            value: gaps.iter().map(|g| ms(g.median)).sum::<f64>() / gaps.len().max(1) as f64,
+            unit: "ms",
+            ratio: f64::NAN,
+        },
+        Row {
+            metric: "median `forkecho upgrade` (check + handover)".into(),
+            contender: c.name,
+            value: gaps.iter().map(|g| ms(g.upgrade)).sum::<f64>() / gaps.len().max(1) as f64,
+            unit: "ms",
+            ratio: f64::NAN,
+        },
+    ];
+    let failures: u64 = gaps.iter().map(|g| g.failures).sum();
+    let upgrades_failed: usize = gaps.iter().map(|g| g.upgrades_failed).sum();
+    if failures > 0 || upgrades_failed > 0 {
+        rows.push(Row {
+            metric: format!("failed connections ({upgrades_failed} upgrades failed)"),
+            contender: c.name,
+            value: failures as f64,
+            unit: "",
+            ratio: f64::NAN,
+        });
+    }
+    rows
+}
+
 pub fn stream_rows(contenders: &[Contender], bytes: usize, results: &[Vec<Duration>]) -> Vec<Row> {
     let mib_per_sec = |trials: &[Duration]| {
         let secs: f64 = trials.iter().map(Duration::as_secs_f64).sum();

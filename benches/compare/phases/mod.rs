@@ -1,4 +1,4 @@
-//! The six measurements, each a trial on one contender; `interleave` runs a trial across all
+//! The seven measurements, each a trial on one contender; `interleave` runs a trial across all
 //! contenders, round by round.
 
 mod exec;
@@ -8,6 +8,7 @@ mod rate;
 mod sessions;
 mod storm;
 mod stream;
+mod upgrade;
 
 pub use exec::{exec_rate, CLIENTS as EXEC_CLIENTS};
 pub use hold::{hold_sessions, Held};
@@ -16,6 +17,7 @@ pub use rate::{connection_rate, RateTrial};
 pub use sessions::CHILDREN_WAIT;
 pub use storm::{reap_storm, Storm};
 pub use stream::stream;
+pub use upgrade::{upgrade_gap, Gap, TARGET as UPGRADE_TARGET, UPGRADES};
 
 use crate::contenders::Contender;
 
