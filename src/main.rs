@@ -252,6 +252,7 @@ fn continue_after_upgrade(
     // Until serving, a failure hands back to the previous image: taken while every descriptor
     // adopted so far is still open (`back` is called before any of them is dropped).
     let back = |failure: Failure| roll_back(state_fd, failure);
+    upgrade::start_adopting();
     let state = State::read_from(state_fd)
         .map_err(Failure::Start)
         .map_err(back)?;
@@ -281,10 +282,21 @@ fn continue_after_upgrade(
     let mut server = server::Server::new(config, listeners, control, metrics, reload)
         .map_err(|e| Failure::Start(format!("cannot set up the loop: {e}")))
         .map_err(back)?;
+    // A panic from here until serving hands back too, before unwinding would close what was
+    // adopted (the listeners, the pid file).
+    let serving_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::process::id() == forkecho::upgrade::adopting_pid() {
+            let why = forkecho::upgrade::roll_back(state_fd, &format!("panicked: {info}"));
+            eprintln!("forkecho: {why}");
+        }
+        serving_hook(info);
+    }));
     server
         .restore(&state.server)
         .map_err(Failure::Start)
         .map_err(back)?;
+    forkecho::upgrade::stop_adopting();
     // Serving from here: nothing more to roll back to. Programs the sessions run must not see
     // these (nor a later upgrade's check).
     std::env::remove_var(upgrade::STATE_ENV);

@@ -284,6 +284,25 @@ pub fn open_own_executable() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// The process still taking over from the previous image (0 once it serves): a panic there
+/// rolls back (see `main`); one in a child, or later, does not.
+static ADOPTING: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// The pid of the process taking over, 0 if none is.
+pub fn adopting_pid() -> u32 {
+    ADOPTING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Marks this process as taking over from the previous image.
+pub fn start_adopting() {
+    ADOPTING.store(std::process::id(), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// This process serves: a failure is no longer handed back.
+pub fn stop_adopting() {
+    ADOPTING.store(0, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The descriptor named by [`STATE_ENV`], if this image was started by an upgrade.
 pub fn state_fd_from_env() -> Option<RawFd> {
     std::env::var(STATE_ENV).ok()?.parse().ok()
