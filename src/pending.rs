@@ -93,6 +93,53 @@ impl Pending {
         decidable
     }
 
+    /// The waiting connections as an upgrade passes them on (their descriptors are kept
+    /// across `execve` by the caller).
+    pub fn export(&self, now: Instant) -> Vec<crate::upgrade::WaitingState> {
+        use std::os::fd::AsRawFd;
+        self.waiting
+            .iter()
+            .map(|w| crate::upgrade::WaitingState {
+                fd: w.accepted.stream.as_raw_fd(),
+                peer: w.accepted.peer.to_string(),
+                listener: match w.accepted.listener {
+                    crate::conn::Local::Ip(addr) => Some(addr.to_string()),
+                    crate::conn::Local::Unix => None,
+                },
+                via: w.accepted.via.map(|a| a.to_string()),
+                destination: w.accepted.destination.map(|a| a.to_string()),
+                until_in_ns: w.until.saturating_duration_since(now).as_nanos() as u64,
+            })
+            .collect()
+    }
+
+    /// Takes over what [`Pending::export`] gave.
+    pub fn import(
+        &mut self,
+        states: &[crate::upgrade::WaitingState],
+        now: Instant,
+    ) -> Result<(), String> {
+        for state in states {
+            let addr = |s: &String| s.parse().map_err(|_| format!("`{s}`: not an address"));
+            let stream = socket2::Socket::from(
+                crate::upgrade::adopt(state.fd).map_err(|e| format!("descriptor: {e}"))?,
+            );
+            let accepted = Accepted {
+                stream,
+                peer: state.peer.parse()?,
+                listener: match &state.listener {
+                    Some(addr_text) => crate::conn::Local::Ip(addr(addr_text)?),
+                    None => crate::conn::Local::Unix,
+                },
+                via: state.via.as_ref().map(addr).transpose()?,
+                destination: state.destination.as_ref().map(addr).transpose()?,
+            };
+            let until = now + Duration::from_nanos(state.until_in_ns);
+            self.waiting.push_back(Waiting { accepted, until });
+        }
+        Ok(())
+    }
+
     /// Removes and returns every waiting connection (shutdown).
     pub fn take_all(&mut self) -> Vec<Waiting> {
         self.waiting.drain(..).collect()

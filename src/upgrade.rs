@@ -91,6 +91,37 @@ pub struct ServerState {
     pub lingering: Vec<LingeringState>,
     pub totals: TotalsState,
     pub buckets: Vec<BucketState>,
+    /// Connections waiting for a session of their source to end (`max_per_source`).
+    pub waiting: Vec<WaitingState>,
+    /// Connections on PROXY listeners waiting for their header, or for room after it.
+    pub awaiting_header: Vec<HeaderState>,
+}
+
+/// A connection waiting for a decision; its descriptor passes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WaitingState {
+    pub fd: RawFd,
+    pub peer: String,
+    /// The IP listener it came in on; none for a UNIX-domain one.
+    pub listener: Option<String>,
+    pub via: Option<String>,
+    pub destination: Option<String>,
+    pub until_in_ns: u64,
+}
+
+/// A connection waiting for its PROXY header; its descriptor passes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HeaderState {
+    pub fd: RawFd,
+    pub proxy: String,
+    pub listener: String,
+    pub mode: String,
+    pub until_in_ns: u64,
+    /// The header's client and destination, once it has been taken (then the connection waits
+    /// for room); `header_taken` with no addresses: LOCAL or UNKNOWN.
+    pub header_taken: bool,
+    pub client: Option<String>,
+    pub destination: Option<String>,
 }
 
 /// One live child.
@@ -146,6 +177,8 @@ impl State {
         fds.extend(self.pid_file.iter().map(|p| p.fd));
         fds.extend(self.requester);
         fds.extend(self.previous_exe);
+        fds.extend(self.server.waiting.iter().map(|w| w.fd));
+        fds.extend(self.server.awaiting_header.iter().map(|h| h.fd));
         fds
     }
 

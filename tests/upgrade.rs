@@ -322,3 +322,23 @@ fn a_new_image_that_cannot_start_rolls_back_to_the_previous_one() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(echo_roundtrip(&mut session, b"again\n"), b"again\n");
 }
+
+/// A balancer's connection whose PROXY header is half there when the upgrade comes: it passes
+/// to the new image, which takes the rest of the header and serves the real client.
+#[test]
+fn a_connection_waiting_for_its_proxy_header_passes_to_the_new_image() {
+    use std::io::Write;
+    let deployment = Deployment::new();
+    let server = deployment.start(&["--proxy-protocol", "v1", "--trusted-proxy", "127.0.0.1"]);
+    let mut balancer = server.connect();
+    balancer
+        .write_all(b"PROXY TCP4 203.0.113.7 192.0.2.1 5555 ")
+        .unwrap();
+    server.wait_for_line("listening on");
+    let out = deployment.command(&["upgrade"]);
+    assert!(out.status.success(), "{out:?}");
+    balancer.write_all(b"2333\r\n").unwrap();
+    expect_banner(&mut balancer);
+    assert_eq!(echo_roundtrip(&mut balancer, b"through\n"), b"through\n");
+    server.wait_for_line("accepted 203.0.113.7:5555 via 127.0.0.1:");
+}

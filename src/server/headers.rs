@@ -183,6 +183,74 @@ enum Peeked {
 }
 
 impl Server {
+    /// The waiting connections as an upgrade passes them on (their descriptors are kept
+    /// across `execve` by the caller).
+    pub(super) fn export_headers(&self, now: Instant) -> Vec<crate::upgrade::HeaderState> {
+        self.headers
+            .entries()
+            .map(|(_, e)| {
+                let taken = e.header.flatten();
+                crate::upgrade::HeaderState {
+                    fd: e.stream.as_raw_fd(),
+                    proxy: e.proxy.to_string(),
+                    listener: e.listener.to_string(),
+                    mode: e.mode.to_string(),
+                    until_in_ns: e.until.saturating_duration_since(now).as_nanos() as u64,
+                    header_taken: e.header.is_some(),
+                    client: taken.map(|(client, _)| client.to_string()),
+                    destination: taken.map(|(_, destination)| destination.to_string()),
+                }
+            })
+            .collect()
+    }
+
+    /// Takes over what [`Server::export_headers`] gave: a connection whose header is still
+    /// to come is looked at again at once.
+    pub(super) fn import_headers(
+        &mut self,
+        states: &[crate::upgrade::HeaderState],
+        now: Instant,
+    ) -> Result<(), String> {
+        let addr = |s: &str| -> Result<SocketAddr, String> {
+            s.parse().map_err(|_| format!("`{s}`: not an address"))
+        };
+        for state in states {
+            let stream = Socket::from(crate::upgrade::adopt(state.fd).map_err(|e| format!("{e}"))?);
+            let header = match (state.header_taken, &state.client, &state.destination) {
+                (false, _, _) => None,
+                (true, Some(client), Some(destination)) => {
+                    Some(Some((addr(client)?, addr(destination)?)))
+                }
+                (true, _, _) => Some(None),
+            };
+            let waiting_for_header = header.is_none();
+            let fd = stream.as_raw_fd();
+            let i = self.headers.insert(Awaiting {
+                stream,
+                proxy: addr(&state.proxy)?,
+                listener: addr(&state.listener)?,
+                mode: Mode::parse(&state.mode)?,
+                until: now + std::time::Duration::from_nanos(state.until_in_ns),
+                arrival: 0,
+                registered: waiting_for_header,
+                readable: waiting_for_header,
+                closed: false,
+                header,
+            });
+            if waiting_for_header {
+                self.poll
+                    .registry()
+                    .register(
+                        &mut SourceFd(&fd),
+                        Source::Header(i).token(),
+                        Interest::READABLE,
+                    )
+                    .map_err(|e| format!("polling a PROXY connection: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Puts a connection from a trusted balancer in the table, to wait for its header. The
     /// caller has checked that the table has room.
     pub(super) fn await_header(

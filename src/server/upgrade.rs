@@ -154,12 +154,6 @@ impl Server {
     /// Executes the new image with the state; returns only if that could not be done (with
     /// everything as it was).
     fn hand_over(&mut self, requester: Option<&Socket>) -> Result<(), String> {
-        if !self.pending.is_empty() || !self.headers.is_empty() {
-            return Err(format!(
-                "{} connections await a decision; try again in a moment",
-                self.pending.len() + self.headers.len()
-            ));
-        }
         let context = self.upgrade_context.clone().ok_or("no upgrade context")?;
         let previous_exe = upgrade::open_own_executable()
             .map_err(|e| format!("cannot open this executable for a rollback: {e}"))?;
@@ -248,6 +242,8 @@ impl Server {
                 lingering,
                 totals,
                 buckets,
+                waiting: self.pending.export(now),
+                awaiting_header: self.export_headers(now),
             },
         }
     }
@@ -268,6 +264,8 @@ impl Server {
         self.admission.import(&state.buckets, &state.refused, now)?;
         self.children
             .import(&state.children, &state.lingering, &state.totals, now)?;
+        self.pending.import(&state.waiting, now)?;
+        self.import_headers(&state.awaiting_header, now)?;
         // Children that ended during the exec: their SIGCHLD is pending, but reap now anyway.
         self.children.reap();
         self.pause_or_resume_at_max_children();
