@@ -42,7 +42,12 @@ impl Failure {
     }
 }
 
+/// The path this binary was started by (see `start_path`), taken before anything could change
+/// the working directory (`--daemonize` moves to /).
+static START_PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
 fn main() -> ExitCode {
+    START_PATH.get_or_init(start_path);
     let cli = match Cli::try_parse() {
         Ok(cli) => with_absolute_paths(cli),
         Err(e) => match forkecho::upgrade::state_fd_from_env() {
@@ -211,6 +216,30 @@ fn listeners(config: &Config) -> Result<(Vec<listen::Listener>, bool), Failure> 
     }
 }
 
+/// The path this binary was started by, as the command named it (made absolute, or found in
+/// PATH): an upgrade executes whatever that path names then, a symbolic link repointed to a
+/// new version included. `/proc/self/exe` would name the old link's target.
+fn start_path() -> std::path::PathBuf {
+    let fallback = || std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
+    let Some(arg0) = std::env::args_os().next() else {
+        return fallback();
+    };
+    let named = std::path::PathBuf::from(&arg0);
+    if named.components().count() > 1 || named.is_absolute() {
+        return std::path::absolute(&named).unwrap_or_else(|_| fallback());
+    }
+    // A bare name: where PATH found it (the first executable of that name).
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(&named))
+        .find(|candidate| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .unwrap_or_else(fallback)
+}
+
 /// Before an upgrade (see `forkecho::upgrade`): whether this binary reads the state format
 /// the running one writes.
 fn check_upgrade_format() -> Result<(), Failure> {
@@ -234,7 +263,7 @@ fn check_upgrade_format() -> Result<(), Failure> {
 fn upgrade_context(pid_file: Option<&PidFile>) -> server::UpgradeContext {
     use std::os::fd::AsRawFd;
     server::UpgradeContext {
-        exe: std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into()),
+        exe: START_PATH.get_or_init(start_path).clone(),
         args: std::env::args_os().collect(),
         pid_file: pid_file.map(|p| (p.as_fd().as_raw_fd(), p.path().to_path_buf())),
     }

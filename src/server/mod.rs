@@ -314,8 +314,11 @@ impl Server {
             earliest(
                 self.headers.next_deadline(),
                 earliest(
-                    self.control.as_ref().and_then(|c| c.next_deadline()),
-                    self.metrics.as_ref().and_then(|m| m.next_deadline()),
+                    earliest(
+                        self.control.as_ref().and_then(|c| c.next_deadline()),
+                        self.metrics.as_ref().and_then(|m| m.next_deadline()),
+                    ),
+                    self.upgrade_check_deadline(),
                 ),
             ),
         )?;
@@ -382,6 +385,9 @@ impl Server {
 
     fn handle_deadlines(&mut self) {
         let now = Instant::now();
+        if self.upgrade_check_deadline().is_some_and(|t| t <= now) {
+            self.end_late_upgrade_check(now);
+        }
         if self
             .control
             .as_ref()

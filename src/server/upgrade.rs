@@ -42,9 +42,15 @@ pub struct Context {
     pub pid_file: Option<(RawFd, PathBuf)>,
 }
 
+/// Longest the new binary's check may take: a binary that hangs must not hold upgrades off
+/// for good. Killed then, it counts as a failed check.
+const CHECK_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// An upgrade whose check is running.
 pub(super) struct Checking {
     pid: Pid,
+    /// When it is killed if it has not ended.
+    until: Instant,
     /// Where the check writes what it says.
     output: std::fs::File,
     /// The control connection that asked, answered when the upgrade ends either way.
@@ -98,6 +104,7 @@ impl Server {
                 );
                 self.checking = Some(Checking {
                     pid: Pid::from_raw(child.id() as i32),
+                    until: Instant::now() + CHECK_TIME,
                     output,
                     requester,
                 });
@@ -106,6 +113,24 @@ impl Server {
                 requester,
                 &format!("cannot run {}: {e}", context.exe.display()),
             ),
+        }
+    }
+
+    /// When the running check must be given up, if one runs.
+    pub(super) fn upgrade_check_deadline(&self) -> Option<Instant> {
+        self.checking.as_ref().map(|c| c.until)
+    }
+
+    /// Kills a check past its time: its reap then refuses the upgrade.
+    pub(super) fn end_late_upgrade_check(&mut self, now: Instant) {
+        if let Some(checking) = self.checking.as_mut().filter(|c| c.until <= now) {
+            error!(
+                "upgrade: the new binary's check did not finish in {}s; killing it",
+                CHECK_TIME.as_secs()
+            );
+            let _ = nix::sys::signal::kill(checking.pid, nix::sys::signal::Signal::SIGKILL);
+            // Not again: the reap ends it.
+            checking.until = now + CHECK_TIME;
         }
     }
 
