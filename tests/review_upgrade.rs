@@ -1,0 +1,252 @@
+//! Review of upgrading in place (issue 17): what an operator sees around `forkecho upgrade`
+//! and SIGUSR2 in the less travelled cases.
+
+use crate::util::*;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+/// A copy of the binary in a directory of the test's own, and a pid file beside it.
+struct Deployment {
+    dir: TempDir,
+    binary: PathBuf,
+    pid_file: PathBuf,
+}
+
+impl Deployment {
+    fn new() -> Deployment {
+        let dir = TempDir::new();
+        let binary = dir.path().join("forkecho");
+        copy_binary_to(&binary);
+        let pid_file = dir.path().join("forkecho.pid");
+        Deployment {
+            dir,
+            binary,
+            pid_file,
+        }
+    }
+
+    fn builder(&self) -> ServerBuilder {
+        Server::builder()
+            .program(&self.binary)
+            .args(["--pid-file", self.pid_file.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+    }
+
+    fn start(&self, extra: &[&str]) -> Server {
+        self.builder().args(extra.iter().copied()).start()
+    }
+
+    fn command(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(&self.binary)
+            .args(["--pid-file", self.pid_file.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn upgrade(&self) -> std::process::Output {
+        self.command(&["upgrade"])
+    }
+}
+
+fn assert_upgraded(out: &std::process::Output) {
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("upgraded from"),
+        "upgrade: {out:?}"
+    );
+}
+
+/// Writes an executable shell script.
+fn write_script(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn upgrades_leave_the_parent_no_more_descriptors_than_before() {
+    let deployment = Deployment::new();
+    let server = deployment.start(&[]);
+    let before = fds_of(server.pid());
+    for _ in 0..3 {
+        assert_upgraded(&deployment.upgrade());
+    }
+    let after = fds_of(server.pid());
+    let targets: Vec<String> = after
+        .iter()
+        .map(|&fd| fd_target(server.pid(), fd))
+        .collect();
+    assert_eq!(
+        before.len(),
+        after.len(),
+        "descriptors before {before:?}, after {after:?}: {targets:?}"
+    );
+    assert!(
+        !targets
+            .iter()
+            .any(|t| t.contains("memfd:") || t.ends_with("/forkecho") || t.ends_with("(deleted)")),
+        "the state's memfd or an executable stays open: {targets:?}"
+    );
+}
+
+/// An install where the path started from is a symlink to a versioned file (alternatives,
+/// stow, /usr/local/bin → /opt/forkecho-1.2/forkecho): the package moves the link to the new
+/// version, and the upgrade must run what the link names now.
+#[test]
+fn an_upgrade_runs_the_binary_the_started_symlink_names_now() {
+    let dir = TempDir::new();
+    let (one, two) = (dir.path().join("forkecho-1"), dir.path().join("forkecho-2"));
+    copy_binary_to(&one);
+    copy_binary_to(&two);
+    let link = dir.path().join("forkecho");
+    std::os::unix::fs::symlink(&one, &link).unwrap();
+    let pid_file = dir.path().join("forkecho.pid");
+    let server = Server::builder()
+        .program(&link)
+        .args(["--pid-file", pid_file.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .start();
+    // The package manager's step: a new link renamed over the old one.
+    let new_link = dir.path().join("forkecho.new");
+    std::os::unix::fs::symlink(&two, &new_link).unwrap();
+    std::fs::rename(&new_link, &link).unwrap();
+    let out = std::process::Command::new(&link)
+        .args(["--pid-file", pid_file.to_str().unwrap(), "upgrade"])
+        .output()
+        .unwrap();
+    assert_upgraded(&out);
+    let running = std::fs::read_link(format!("/proc/{}/exe", server.pid())).unwrap();
+    assert_eq!(running, two, "the upgrade ran {}", running.display());
+}
+
+/// A new binary whose check never ends (it waits on something that never comes): the upgrade
+/// must end, refused, and a later upgrade with a good binary must go through.
+#[test]
+fn a_check_that_hangs_does_not_block_upgrades_forever() {
+    let deployment = Deployment::new();
+    let server = deployment.start(&[]);
+    let good = deployment.dir.path().join("forkecho.good");
+    std::fs::rename(&deployment.binary, &good).unwrap();
+    write_script(
+        &deployment.binary,
+        &format!(
+            "#!/bin/sh\ncase \"$*\" in *--check-config*) exec sleep 300;; esac\nexec {} \"$@\"\n",
+            good.display()
+        ),
+    );
+    let out = deployment.upgrade();
+    eprintln!("first: {out:?}");
+    assert!(!out.status.success(), "{out:?}");
+    std::fs::rename(&good, &deployment.binary).unwrap();
+    let out = deployment.upgrade();
+    assert_upgraded(&out);
+    drop(server);
+}
+
+/// A server that dropped root (`--user nobody`) upgrades: the check and the new image run as
+/// nobody, with the pid file and its lock kept.
+#[test]
+fn a_server_that_dropped_root_upgrades() {
+    if !is_root_or_skip("switching to nobody") {
+        return;
+    }
+    let deployment = Deployment::new();
+    std::fs::set_permissions(
+        deployment.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let server = deployment.start(&["--user", "nobody"]);
+    let mut session = server.connect_greeted();
+    assert_upgraded(&deployment.upgrade());
+    assert_eq!(echo_roundtrip(&mut session, b"kept\n"), b"kept\n");
+    assert_serves(&server, b"new\n");
+    assert_upgraded(&deployment.upgrade());
+}
+
+/// A program session (`-- cat`) with `max_session_time` across an upgrade: its SIGTERM comes
+/// on time, from the new image.
+#[test]
+fn a_programs_max_session_time_survives_an_upgrade() {
+    let deployment = Deployment::new();
+    let pid_file = deployment.pid_file.to_str().unwrap();
+    let server = exec_server(
+        &["--max-session-time", "3", "--pid-file", pid_file],
+        &["cat"],
+    )
+    .program(&deployment.binary)
+    .env("RUST_LOG", "info")
+    .start();
+    let mut s = server.connect();
+    let opened = std::time::Instant::now();
+    assert_eq!(echo_roundtrip(&mut s, b"hi\n"), b"hi\n");
+    assert_upgraded(&deployment.upgrade());
+    assert_eq!(echo_roundtrip(&mut s, b"after\n"), b"after\n");
+    assert_closed_by_server(&mut s, "the session at max_session_time");
+    let took = opened.elapsed();
+    assert!(
+        took >= Duration::from_millis(2900) && took < Duration::from_secs(6),
+        "ended after {took:?}"
+    );
+    server.wait_for_line("reached max_session_time");
+}
+
+/// A UNIX-domain listener's socket file is still removed when the server stops after an
+/// upgrade.
+#[test]
+fn a_unix_listeners_socket_file_is_removed_at_exit_after_an_upgrade() {
+    let deployment = Deployment::new();
+    let socket = deployment.dir.path().join("echo.sock");
+    let listen = format!("unix:{}", socket.display());
+    let mut server = deployment
+        .builder()
+        .args(["-l", "127.0.0.1:0", "-l", &listen])
+        .start();
+    assert_upgraded(&deployment.upgrade());
+    let mut c = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    let mut banner = [0u8; BANNER.len()];
+    std::io::Read::read_exact(&mut c, &mut banner).unwrap();
+    drop(c);
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait_exit(WAIT).success());
+    assert!(!socket.exists(), "the socket file stays after exit");
+}
+
+/// On a PROXY listener, a client that is slow to send its header (up to
+/// proxy_header_timeout) must not make an upgrade fail.
+#[test]
+fn a_slow_proxy_header_does_not_fail_an_upgrade() {
+    let deployment = Deployment::new();
+    let server = deployment.start(&["--proxy-protocol", "v1", "--trusted-proxy", "127.0.0.1"]);
+    let _slow = server.connect();
+    // The parent holds it, waiting for the header.
+    server.wait_for_line("control commands on");
+    let out = deployment.upgrade();
+    assert_upgraded(&out);
+}
+
+/// At max_children, the listeners are paused; after an upgrade they still are, and resume
+/// when the session ends.
+#[test]
+fn an_upgrade_at_max_children_keeps_the_pause_and_resumes() {
+    let deployment = Deployment::new();
+    let server = deployment.start(&["--max-children", "1"]);
+    let mut first = server.connect_greeted();
+    assert_upgraded(&deployment.upgrade());
+    let mut second = server.connect();
+    second
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        std::io::Read::read(&mut second, &mut byte).is_err(),
+        "the second client was served beyond max_children"
+    );
+    assert_eq!(echo_roundtrip(&mut first, b"x\n"), b"x\n");
+    drop(first);
+    second.set_read_timeout(Some(WAIT)).unwrap();
+    expect_banner(&mut second);
+}
