@@ -250,3 +250,143 @@ fn an_upgrade_at_max_children_keeps_the_pause_and_resumes() {
     second.set_read_timeout(Some(WAIT)).unwrap();
     expect_banner(&mut second);
 }
+
+/// One HTTP GET of /metrics: the body.
+fn scrape(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: forkecho\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    answer.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// The samples that count events (no gauges of time or memory).
+fn counters(body: &str) -> Vec<String> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| !l.contains("seconds") && !l.contains("bytes") && !l.contains("process_"))
+        .filter(|l| !l.contains("metrics_scrapes") && !l.contains("control"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_metrics_counters_are_the_same_after_an_upgrade() {
+    let deployment = Deployment::new();
+    let server = deployment.start(&["--metrics-listen", "127.0.0.1:0", "--deny", "127.0.0.2"]);
+    let line = server.wait_for_line("metrics on http://");
+    let metrics: std::net::SocketAddr = line
+        .split_once("metrics on http://")
+        .unwrap()
+        .1
+        .trim()
+        .trim_end_matches("/metrics")
+        .parse()
+        .unwrap();
+    for _ in 0..3 {
+        let mut s = server.connect_greeted();
+        assert_eq!(echo_roundtrip(&mut s, b"x\n"), b"x\n");
+        let peer = s.local_addr().unwrap();
+        drop(s);
+        server.wait_child_ending(peer);
+    }
+    let mut refused = connect_from(server.addr(), "127.0.0.2");
+    assert_closed_by_server(&mut refused, "denied");
+    let before = counters(&scrape(metrics));
+    assert_upgraded(&deployment.upgrade());
+    let after = counters(&scrape(metrics));
+    assert_eq!(before, after);
+}
+
+/// A shutdown while a check hangs: the server still stops, and leaves no checker behind.
+#[test]
+fn a_shutdown_during_a_hanging_check_stops_and_leaves_no_checker() {
+    let deployment = Deployment::new();
+    let mut server = deployment.start(&[]);
+    let good = deployment.dir.path().join("forkecho.good");
+    std::fs::rename(&deployment.binary, &good).unwrap();
+    write_script(
+        &deployment.binary,
+        &format!(
+            "#!/bin/sh\ncase \"$*\" in *--check-config*) exec sleep 300;; esac\nexec {} \"$@\"\n",
+            good.display()
+        ),
+    );
+    server.signal(Signal::SIGUSR2);
+    server.wait_for_line("upgrade: checking");
+    let checker = server.children();
+    assert_eq!(checker.len(), 1, "{checker:?}");
+    let _guard = KillOnDrop(checker[0].pid);
+    server.signal(Signal::SIGTERM);
+    let status = server.wait_exit(WAIT);
+    assert!(status.success(), "{status:?}");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", checker[0].pid)).exists()
+            || std::fs::read_to_string(format!("/proc/{}/stat", checker[0].pid))
+                .is_ok_and(|s| s.contains(") Z ")),
+        "the checker runs on after the server stopped"
+    );
+}
+
+/// The config file was edited (a port added, a new banner) but not reloaded, then an upgrade:
+/// the new image must not apply half of it silently (the banner but not the port).
+#[test]
+fn an_upgrade_with_an_edited_config_applies_it_whole_or_not_at_all() {
+    let deployment = Deployment::new();
+    let port = free_port();
+    let config = |banner: &str, listen: &str| {
+        format!(
+            "listen = [{listen}]\nbanner = \"{banner}\\n\"\npid_file = \"{}\"\n",
+            deployment.pid_file.display()
+        )
+    };
+    let server = Server::builder()
+        .program(&deployment.binary)
+        .config(&config("one", "\"127.0.0.1:0\""))
+        .env("RUST_LOG", "info")
+        .start();
+    server.rewrite_config(&config(
+        "two",
+        &format!("\"127.0.0.1:0\", \"127.0.0.1:{port}\""),
+    ));
+    assert_upgraded(&deployment.upgrade());
+    let mut s = server.connect();
+    let banner = read_exactly(&mut s, 4);
+    let added = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+    assert!(
+        (banner == b"one\n" && !added) || (banner == b"two\n" && added),
+        "banner {:?}, the added port listened on: {added}\n{}",
+        String::from_utf8_lossy(&banner),
+        server.log_text()
+    );
+}
+
+/// A rollback leaves the parent with no more descriptors than before.
+#[test]
+fn a_rollback_leaves_no_descriptor_behind() {
+    let deployment = Deployment::new();
+    let server = deployment.start(&[]);
+    let before = fds_of(server.pid());
+    let good = deployment.dir.path().join("forkecho.good");
+    std::fs::rename(&deployment.binary, &good).unwrap();
+    write_script(
+        &deployment.binary,
+        &format!(
+            "#!/bin/sh\nif [ -n \"$FORKECHO_UPGRADE_STATE\" ]; then exec {good} --max-children 0 \"$@\"; fi\nexec {good} \"$@\"\n",
+            good = good.display()
+        ),
+    );
+    for _ in 0..2 {
+        let out = deployment.upgrade();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+    }
+    let after = fds_of(server.pid());
+    let targets: Vec<String> = after
+        .iter()
+        .map(|&fd| fd_target(server.pid(), fd))
+        .collect();
+    assert_eq!(before.len(), after.len(), "{targets:?}");
+}
