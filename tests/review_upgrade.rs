@@ -390,3 +390,34 @@ fn a_rollback_leaves_no_descriptor_behind() {
         .collect();
     assert_eq!(before.len(), after.len(), "{targets:?}");
 }
+
+/// A daemon started from its directory with a relative `-c` (the config's own paths relative
+/// to it): it works from / once detached, and an upgrade must still find the configuration.
+#[test]
+fn a_daemon_started_with_a_relative_config_path_upgrades() {
+    let deployment = Deployment::new();
+    let dir = deployment.dir.path();
+    std::fs::write(
+        dir.join("forkecho.toml"),
+        "listen = [\"127.0.0.1:0\"]\npid_file = \"forkecho.pid\"\nlog_file = \"forkecho.log\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(&deployment.binary)
+        .current_dir(dir)
+        .args(["--daemonize", "-c", "forkecho.toml"])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let daemon = KillOnDrop::daemon_in(&deployment.pid_file);
+    let addr = listening_address_in(&dir.join("forkecho.log"));
+    let mut s = connect(addr);
+    expect_banner(&mut s);
+    let out = std::process::Command::new(&deployment.binary)
+        .args(["-c", dir.join("forkecho.toml").to_str().unwrap(), "upgrade"])
+        .output()
+        .unwrap();
+    assert_upgraded(&out);
+    assert_eq!(echo_roundtrip(&mut s, b"kept\n"), b"kept\n");
+    drop(daemon);
+}
