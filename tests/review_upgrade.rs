@@ -421,3 +421,39 @@ fn a_daemon_started_with_a_relative_config_path_upgrades() {
     assert_eq!(echo_roundtrip(&mut s, b"kept\n"), b"kept\n");
     drop(daemon);
 }
+
+/// The package brought a new binary and a configuration using a key only it knows; the new
+/// image passes its check but cannot start (here: a wrapper gives it a bad flag). The previous
+/// image rolled back to must serve on with the configuration it was running, not die on a
+/// file it cannot read, taking every session's parent with it.
+#[test]
+fn a_rollback_does_not_depend_on_the_config_file_the_new_binary_was_given() {
+    let deployment = Deployment::new();
+    let config = deployment.dir.path().join("forkecho.toml");
+    std::fs::write(&config, "listen = [\"127.0.0.1:0\"]\n").unwrap();
+    let mut server = deployment
+        .builder()
+        .args(["-c", config.to_str().unwrap()])
+        .start();
+    let mut session = server.connect_greeted();
+    let good = deployment.dir.path().join("forkecho.good");
+    std::fs::rename(&deployment.binary, &good).unwrap();
+    // At the takeover, the file gains what the old binary does not know (the check saw it
+    // without: the key stands for one only the new version has).
+    write_script(
+        &deployment.binary,
+        &format!(
+            "#!/bin/sh\nif [ -n \"$FORKECHO_UPGRADE_STATE\" ]; then echo 'new_key = 1' >> {config}; exec {good} --max-children 0 \"$@\"; fi\nexec {good} \"$@\"\n",
+            config = config.display(),
+            good = good.display()
+        ),
+    );
+    let out = deployment.upgrade();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        server.is_running(),
+        "the server died:\n{}",
+        server.log_text()
+    );
+    assert_eq!(echo_roundtrip(&mut session, b"kept\n"), b"kept\n");
+}
