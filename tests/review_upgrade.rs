@@ -137,7 +137,6 @@ fn a_check_that_hangs_does_not_block_upgrades_forever() {
         ),
     );
     let out = deployment.upgrade();
-    eprintln!("first: {out:?}");
     assert!(!out.status.success(), "{out:?}");
     std::fs::rename(&good, &deployment.binary).unwrap();
     let out = deployment.upgrade();
@@ -221,9 +220,10 @@ fn a_unix_listeners_socket_file_is_removed_at_exit_after_an_upgrade() {
 fn a_slow_proxy_header_does_not_fail_an_upgrade() {
     let deployment = Deployment::new();
     let server = deployment.start(&["--proxy-protocol", "v1", "--trusted-proxy", "127.0.0.1"]);
+    let before = fds_of(server.pid()).len();
     let _slow = server.connect();
-    // The parent holds it, waiting for the header.
-    server.wait_for_line("control commands on");
+    // Once the parent holds it, waiting for the header (one more descriptor).
+    assert!(wait_until(WAIT, || fds_of(server.pid()).len() > before));
     let out = deployment.upgrade();
     assert_upgraded(&out);
 }
@@ -456,4 +456,24 @@ fn a_rollback_does_not_depend_on_the_config_file_the_new_binary_was_given() {
         server.log_text()
     );
     assert_eq!(echo_roundtrip(&mut session, b"kept\n"), b"kept\n");
+}
+
+/// After an upgrade (and after a rollback) the parent blocks no signal, and a session's
+/// program starts with none blocked and none ignored: the mask the exec carried is undone.
+#[test]
+fn no_signal_stays_blocked_after_an_upgrade() {
+    let deployment = Deployment::new();
+    let pid_file = deployment.pid_file.to_str().unwrap();
+    let server = exec_server(&["--pid-file", pid_file], &["cat"])
+        .program(&deployment.binary)
+        .env("RUST_LOG", "info")
+        .start();
+    assert_eq!(signal_mask(server.pid(), "SigBlk"), 0);
+    assert_upgraded(&deployment.upgrade());
+    assert_eq!(signal_mask(server.pid(), "SigBlk"), 0, "the parent");
+    let mut s = server.connect();
+    assert_eq!(echo_roundtrip(&mut s, b"x\n"), b"x\n");
+    let child = server.child_pid_for(s.local_addr().unwrap());
+    assert_eq!(signal_mask(child, "SigBlk"), 0, "the program");
+    assert_eq!(signal_mask(child, "SigIgn"), 0, "the program");
 }
