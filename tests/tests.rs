@@ -25,6 +25,7 @@ mod review_exec;
 mod review_ops;
 mod review_proxy;
 mod review_unix;
+mod review_upgrade;
 mod supervision;
 mod unix;
 mod upgrade;
