@@ -46,8 +46,13 @@ impl Failure {
 /// the working directory (`--daemonize` moves to /).
 static START_PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
 
+/// The directory this binary was started in, taken at once: relative paths in its arguments
+/// are from there, for an upgrade too.
+static START_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
 fn main() -> ExitCode {
     START_PATH.get_or_init(start_path);
+    START_DIR.get_or_init(|| std::env::current_dir().unwrap_or_else(|_| "/".into()));
     let cli = match Cli::try_parse() {
         Ok(cli) => with_absolute_paths(cli),
         Err(e) => match forkecho::upgrade::state_fd_from_env() {
@@ -128,15 +133,22 @@ fn start_and_serve(cli: Cli, readiness: &mut Readiness) -> Result<(), Failure> {
     if cli.check_config {
         // Also what the host would refuse at start, found without disturbing a running
         // instance.
-        Config::check(&cli).map_err(|e| Failure::Config(e.to_string()))?;
+        // Before an upgrade, the running configuration comes on stdin.
+        let running = forkecho::upgrade::is_upgrade_check()
+            .then(read_running_config)
+            .flatten();
+        Config::check_text(&cli, running.as_deref()).map_err(|e| Failure::Config(e.to_string()))?;
         check_upgrade_format()?;
         println!("configuration OK");
         return Ok(());
     }
     if let Some(state_fd) = forkecho::upgrade::state_fd_from_env() {
         // Whatever keeps this image from serving hands back to the previous one.
-        return match Config::load(&cli) {
-            Ok(config) => continue_after_upgrade(cli, &config, state_fd),
+        let state = forkecho::upgrade::State::read_from(state_fd)
+            .map_err(|e| roll_back(state_fd, Failure::Start(e)))?;
+        // The configuration the running image had, not the file as it is now.
+        return match Config::load_as_running(&cli, state.config_text.as_deref()) {
+            Ok(config) => continue_after_upgrade(cli, &config, state_fd, state),
             Err(e) => Err(roll_back(state_fd, Failure::Config(e.to_string()))),
         };
     }
@@ -240,6 +252,18 @@ fn start_path() -> std::path::PathBuf {
         .unwrap_or_else(fallback)
 }
 
+/// Before an upgrade: the running configuration file's text, which the running image passes
+/// on stdin (at most the size a config file may have); None when nothing came.
+fn read_running_config() -> Option<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::io::stdin()
+        .take(32 << 20)
+        .read_to_string(&mut text)
+        .ok()?;
+    (!text.is_empty()).then_some(text)
+}
+
 /// Before an upgrade (see `forkecho::upgrade`): whether this binary reads the state format
 /// the running one writes.
 fn check_upgrade_format() -> Result<(), Failure> {
@@ -263,6 +287,9 @@ fn check_upgrade_format() -> Result<(), Failure> {
 fn upgrade_context(pid_file: Option<&PidFile>) -> server::UpgradeContext {
     use std::os::fd::AsRawFd;
     server::UpgradeContext {
+        start_dir: START_DIR
+            .get_or_init(|| std::env::current_dir().unwrap_or_else(|_| "/".into()))
+            .clone(),
         exe: START_PATH.get_or_init(start_path).clone(),
         args: std::env::args_os().collect(),
         pid_file: pid_file.map(|p| (p.as_fd().as_raw_fd(), p.path().to_path_buf())),
@@ -276,15 +303,18 @@ fn continue_after_upgrade(
     cli: Cli,
     config: &Config,
     state_fd: std::os::fd::RawFd,
+    state: forkecho::upgrade::State,
 ) -> Result<(), Failure> {
-    use forkecho::upgrade::{self, State};
+    use forkecho::upgrade;
     // Until serving, a failure hands back to the previous image: taken while every descriptor
     // adopted so far is still open (`back` is called before any of them is dropped).
     let back = |failure: Failure| roll_back(state_fd, failure);
     upgrade::start_adopting();
-    let state = State::read_from(state_fd)
-        .map_err(Failure::Start)
-        .map_err(back)?;
+    // A daemon works from / (the previous image moved to where it was started, to parse the
+    // same arguments the same way).
+    if config.daemonize {
+        let _ = std::env::set_current_dir("/");
+    }
     let rolled_back = std::env::var(upgrade::ROLLBACK_ENV).ok();
     logging::set_format(config.log_format);
     logging::init(config.log_level.filter());
@@ -354,6 +384,8 @@ fn continue_after_upgrade(
     // The path it was started from, not this image's: a rollback runs the previous image from
     // its descriptor, wherever its file is now.
     context.exe = std::path::PathBuf::from(std::ffi::OsString::from_vec(state.exe.clone()));
+    context.start_dir =
+        std::path::PathBuf::from(std::ffi::OsString::from_vec(state.start_dir.clone()));
     context.args = state
         .args
         .iter()

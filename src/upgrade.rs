@@ -48,6 +48,12 @@ pub struct State {
     /// The path the server was started from (bytes): the one the next upgrade executes, also
     /// after a rollback started the previous image from its descriptor.
     pub exe: Vec<u8>,
+    /// The directory it was started in (bytes): relative paths in its arguments are from
+    /// there.
+    pub start_dir: Vec<u8>,
+    /// The config file's text as the running image read it: the next image runs with it
+    /// (an upgrade changes the binary, not the configuration), and so does a rollback.
+    pub config_text: Option<String>,
     pub server: ServerState,
 }
 
@@ -261,6 +267,11 @@ pub fn roll_back(state_fd: RawFd, reason: &str) -> String {
         let _ = keep_across_exec(fd, true);
     }
     let _ = crate::signals::block_hooked();
+    // The arguments' relative paths are from where the server was started.
+    if let Ok(dir) = std::ffi::CString::new(state.start_dir.clone()) {
+        // Safe: a NUL-terminated path.
+        unsafe { libc::chdir(dir.as_ptr()) };
+    }
     let argv: Vec<std::ffi::CString> = state
         .args
         .iter()
@@ -388,6 +399,8 @@ mod tests {
             previous_exe: Some(11),
             args: vec![b"forkecho".to_vec(), vec![0xff, b'-']],
             exe: b"/usr/bin/forkecho".to_vec(),
+            start_dir: b"/".to_vec(),
+            config_text: Some("listen = [\"127.0.0.1:0\"]\n".into()),
             server: ServerState {
                 admitted: 12,
                 children: vec![ChildState {

@@ -140,6 +140,9 @@ fn parse_stop_mode(word: &str) -> Result<crate::control::Mode, String> {
 pub struct Config {
     /// The file this was read from (`-c`), if any.
     pub file: Option<PathBuf>,
+    /// That file's text as it was read: an upgrade runs the next image with it (not with the
+    /// file as it is then), and a rollback the previous one.
+    pub source: SourceText,
     /// Where to listen; never empty.
     pub listen: Vec<ListenAddr>,
     /// Bytes sent to each client before echoing; empty = none (plain RFC 862 echo).
@@ -220,6 +223,17 @@ pub struct Config {
     top_policy: Option<crate::proxy::Policy>,
     /// For each address of `listen`, the `[[listener]]` table it came from (1-based), if any.
     listen_tables: Vec<Option<usize>>,
+}
+
+/// A config file's text, kept with the configuration read from it. Compared as equal always:
+/// it is where the values came from, not a value.
+#[derive(Debug, Clone, Default)]
+pub struct SourceText(pub Option<std::sync::Arc<str>>);
+
+impl PartialEq for SourceText {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// One `[[listener]]` table: an address, and the PROXY settings that differ from the
@@ -305,10 +319,22 @@ impl Config {
         Ok(config)
     }
 
+    /// For an image an upgrade started: [`Config::load`], with the config file's content as
+    /// the running image had it (`text`), whatever the file holds now.
+    pub fn load_as_running(cli: &Cli, text: Option<&str>) -> Result<Config, ConfigError> {
+        let (mut config, origins) = Config::merge_with(cli, text)?;
+        config.run_as = config.resolve_identity(&origins)?;
+        config.unix_socket_ids = config.resolve_unix_socket_owner(&origins)?;
+        config.check_sessions_can_run(&origins, config.run_as.as_ref())?;
+        Ok(config)
+    }
+
     /// For `--check-config`: [`Config::load`], then what this host would refuse at start (see
     /// `preflight`), named with the file or flag that set the key, like every other error.
-    pub fn check(cli: &Cli) -> Result<Config, ConfigError> {
-        let (mut config, origins) = Config::merge(cli)?;
+    /// `text`, if given, is the config file's content (an upgrade's check of the running
+    /// configuration).
+    pub fn check_text(cli: &Cli, text: Option<&str>) -> Result<Config, ConfigError> {
+        let (mut config, origins) = Config::merge_with(cli, text)?;
         config.run_as = config.resolve_identity(&origins)?;
         config.unix_socket_ids = config.resolve_unix_socket_owner(&origins)?;
         config.check_sessions_can_run(&origins, config.run_as.as_ref())?;
@@ -318,6 +344,11 @@ impl Config {
             crate::preflight::check(&config).map_err(|p| origins.error(p.key, p.reason))?;
         }
         Ok(config)
+    }
+
+    /// [`Config::check_text`] of the file itself.
+    pub fn check(cli: &Cli) -> Result<Config, ConfigError> {
+        Config::check_text(cli, None)
     }
 
     /// For a reload: the same layers and checks as [`Config::load`], but `run_as` is kept from
@@ -492,11 +523,19 @@ impl Config {
     /// Defaults, file and flags merged, with every rule checked but one: that the user and
     /// group exist. Also returns where each value came from, for the errors of that check.
     fn merge(cli: &Cli) -> Result<(Config, Origins<'_>), ConfigError> {
+        Config::merge_with(cli, None)
+    }
+
+    /// [`Config::merge`], with `text` as the config file's content instead of reading it.
+    fn merge_with<'a>(
+        cli: &'a Cli,
+        text: Option<&str>,
+    ) -> Result<(Config, Origins<'a>), ConfigError> {
         let mut config = Config::built_in();
         config.file = cli.config.clone();
         let mut origins = Origins { cli, file: None };
         if let Some(path) = &cli.config {
-            let keys = config.apply_file(path)?;
+            let keys = config.apply_file(path, text)?;
             origins.file = Some((path.display().to_string(), keys));
         }
         // Each flag was checked as clap parsed it; an error here is one more safety net.
@@ -756,15 +795,25 @@ impl Config {
     }
 
     /// Applies the file's keys; returns which keys it set.
-    fn apply_file(&mut self, path: &Path) -> Result<HashSet<String>, ConfigError> {
+    /// Applies the file's keys (its content `text`, if given, instead of reading it); returns
+    /// which keys it set.
+    fn apply_file(
+        &mut self,
+        path: &Path,
+        text: Option<&str>,
+    ) -> Result<HashSet<String>, ConfigError> {
         let origin = path.display().to_string();
         let fail = |reason| ConfigError {
             origin: origin.clone(),
             key: None,
             reason,
         };
-        let text = utf8_text(read_config_file(path).map_err(fail)?).map_err(fail)?;
+        let text = match text {
+            Some(text) => text.to_string(),
+            None => utf8_text(read_config_file(path).map_err(fail)?).map_err(fail)?,
+        };
         let keys = self.apply_toml(&origin, &text)?;
+        self.source = SourceText(Some(text.into()));
         // Relative paths in a file mean relative to that file, whatever the working directory
         // is (a daemon's is /), so a reload finds the same files as the start did.
         let dir = path.parent().unwrap_or(Path::new("."));

@@ -40,6 +40,7 @@ impl Server {
         let n = self.children.len();
         if self.phase == Phase::Serving {
             crate::systemd::stopping(&format!("{} shutdown on {sig}", mode.name()));
+            self.cancel_upgrade();
         }
         match (self.phase, mode) {
             (Phase::Killing, _) => {}

@@ -38,13 +38,16 @@ pub struct Context {
     pub exe: PathBuf,
     /// The arguments it was started with, `argv[0]` included.
     pub args: Vec<OsString>,
+    /// The directory it was started in: relative paths in `args` are from there.
+    pub start_dir: PathBuf,
     /// The pid file, locked and written, which the successor keeps.
     pub pid_file: Option<(RawFd, PathBuf)>,
 }
 
 /// Longest the new binary's check may take: a binary that hangs must not hold upgrades off
-/// for good. Killed then, it counts as a failed check.
-const CHECK_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+/// for good. Killed then, it counts as a failed check; shorter than the control command's
+/// wait for an answer, so that the command hears why.
+const CHECK_TIME: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// An upgrade whose check is running.
 pub(super) struct Checking {
@@ -85,12 +88,19 @@ impl Server {
             Ok(file) => file,
             Err(e) => return refuse(requester, &format!("cannot start the check: {e}")),
         };
+        // The configuration in force, not the file as it is now: the next image runs with it.
+        let config_text = match self.config.source.0.as_deref().map(config_for_check) {
+            Some(Ok(file)) => Stdio::from(file),
+            Some(Err(e)) => return refuse(requester, &format!("cannot start the check: {e}")),
+            None => Stdio::null(),
+        };
         let mut check = Command::new(&context.exe);
         check
             .arg("--check-config")
             .args(context.args.iter().skip(1))
+            .current_dir(&context.start_dir)
             .env(upgrade::CHECK_ENV, upgrade::FORMAT.to_string())
-            .stdin(Stdio::null());
+            .stdin(config_text);
         let spawned = output
             .try_clone()
             .and_then(|out| Ok((out.try_clone()?, out)))
@@ -131,6 +141,20 @@ impl Server {
             let _ = nix::sys::signal::kill(checking.pid, nix::sys::signal::Signal::SIGKILL);
             // Not again: the reap ends it.
             checking.until = now + CHECK_TIME;
+        }
+    }
+
+    /// A shutdown began: an upgrade whose check runs is cancelled, the check killed (its reap
+    /// is the shutdown's like any other).
+    pub(super) fn cancel_upgrade(&mut self) {
+        if let Some(checking) = self.checking.take() {
+            let _ = nix::sys::signal::kill(checking.pid, nix::sys::signal::Signal::SIGKILL);
+            error!("upgrade cancelled: the server is shutting down");
+            answer(
+                checking.requester,
+                Outcome::Refused,
+                "upgrade cancelled: the server is shutting down",
+            );
         }
     }
 
@@ -199,6 +223,10 @@ impl Server {
             self.children.len()
         );
         crate::systemd::reloading();
+        // The arguments' relative paths are from where the server was started (a daemon
+        // works from /).
+        let cwd = std::env::current_dir().ok();
+        let _ = std::env::set_current_dir(&context.start_dir);
         let mask = crate::signals::block_hooked().map_err(|e| format!("blocking signals: {e}"))?;
         // A signal handled after this turn's batch was read (a SIGTERM a moment ago) would be
         // lost with this image: raised again, it waits, blocked, for the next one.
@@ -213,6 +241,9 @@ impl Server {
         let e = std::io::Error::last_os_error();
         // Undo: the mask as it was, the descriptors close-on-exec again.
         let _ = crate::signals::restore_mask(&mask);
+        if let Some(cwd) = cwd {
+            let _ = std::env::set_current_dir(cwd);
+        }
         for &fd in &passed {
             let _ = upgrade::keep_across_exec(fd, false);
         }
@@ -252,6 +283,8 @@ impl Server {
             requester: requester.map(|s| s.as_raw_fd()),
             previous_exe: None,
             exe: context.exe.as_os_str().as_bytes().to_vec(),
+            start_dir: context.start_dir.as_os_str().as_bytes().to_vec(),
+            config_text: self.config.source.0.as_deref().map(str::to_string),
             args: context.args.iter().map(|a| a.as_bytes().to_vec()).collect(),
             server: ServerState {
                 admitted: self.admitted,
@@ -366,6 +399,16 @@ fn answer(requester: Option<Socket>, outcome: Outcome, text: &str) {
     if let Some(socket) = requester {
         let _ = super::exchange::answer_and_close(socket, &control::answer(outcome, text));
     }
+}
+
+/// The running configuration's text in an anonymous file, read from its start: the check's
+/// stdin.
+fn config_for_check(text: &str) -> std::io::Result<std::fs::File> {
+    use std::io::Write;
+    let mut file = memfd("forkecho-upgrade-config")?;
+    file.write_all(text.as_bytes())?;
+    file.rewind()?;
+    Ok(file)
 }
 
 /// An anonymous file, close-on-exec.
