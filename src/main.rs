@@ -51,6 +51,8 @@ static START_PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock
 static START_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
 
 fn main() -> ExitCode {
+    // First, while no thread exists: it takes the upgrade's variables out of the environment.
+    let _ = forkecho::upgrade::state_fd_from_env();
     START_PATH.get_or_init(start_path);
     START_DIR.get_or_init(|| std::env::current_dir().unwrap_or_else(|_| "/".into()));
     let cli = match Cli::try_parse() {
@@ -315,7 +317,7 @@ fn continue_after_upgrade(
     if config.daemonize {
         let _ = std::env::set_current_dir("/");
     }
-    let rolled_back = std::env::var(upgrade::ROLLBACK_ENV).ok();
+    let rolled_back = upgrade::rolled_back().map(str::to_string);
     logging::set_format(config.log_format);
     logging::init(config.log_level.filter());
     let adopt_failed = |e: std::io::Error| Failure::Start(format!("adopting a descriptor: {e}"));
@@ -356,10 +358,8 @@ fn continue_after_upgrade(
         .map_err(Failure::Start)
         .map_err(back)?;
     forkecho::upgrade::stop_adopting();
-    // Serving from here: nothing more to roll back to. Programs the sessions run must not see
-    // these (nor a later upgrade's check).
-    std::env::remove_var(upgrade::STATE_ENV);
-    std::env::remove_var(upgrade::ROLLBACK_ENV);
+    // Serving from here: nothing more to roll back to, so the state and the previous
+    // executable are let go.
     drop(upgrade::adopt(state_fd));
     drop(state.previous_exe.map(upgrade::adopt));
     match &rolled_back {

@@ -260,7 +260,7 @@ pub fn roll_back(state_fd: RawFd, reason: &str) -> String {
     let Some(previous) = state.previous_exe else {
         return "cannot roll back: no previous executable".into();
     };
-    if std::env::var_os(ROLLBACK_ENV).is_some() {
+    if rolled_back().is_some() {
         return "cannot roll back: this is the previous image already".into();
     }
     for fd in state.descriptors().into_iter().chain([state_fd]) {
@@ -347,9 +347,38 @@ pub fn stop_adopting() {
     ADOPTING.store(0, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// The descriptor named by [`STATE_ENV`], if this image was started by an upgrade.
+/// What this image's environment said of the upgrade that started it, taken out of it.
+struct Started {
+    state_fd: Option<RawFd>,
+    rolled_back: Option<String>,
+}
+
+static STARTED: std::sync::OnceLock<Started> = std::sync::OnceLock::new();
+
+/// Reads [`STATE_ENV`] and [`ROLLBACK_ENV`] once and removes them from the environment: the
+/// programs sessions run (whose environment is forkecho's) and later checks must not see them.
+fn started() -> &'static Started {
+    STARTED.get_or_init(|| {
+        let state_fd = std::env::var(STATE_ENV).ok().and_then(|v| v.parse().ok());
+        let rolled_back = std::env::var(ROLLBACK_ENV).ok();
+        // Before any thread exists: main calls this first.
+        std::env::remove_var(STATE_ENV);
+        std::env::remove_var(ROLLBACK_ENV);
+        Started {
+            state_fd,
+            rolled_back,
+        }
+    })
+}
+
+/// The descriptor of the state, if an upgrade started this image.
 pub fn state_fd_from_env() -> Option<RawFd> {
-    std::env::var(STATE_ENV).ok()?.parse().ok()
+    started().state_fd
+}
+
+/// Why the new image could not start, if this is the previous one started again.
+pub fn rolled_back() -> Option<&'static str> {
+    started().rolled_back.as_deref()
 }
 
 /// Whether this process runs the check that precedes an upgrade.

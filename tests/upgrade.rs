@@ -342,3 +342,17 @@ fn a_connection_waiting_for_its_proxy_header_passes_to_the_new_image() {
     assert_eq!(echo_roundtrip(&mut balancer, b"through\n"), b"through\n");
     server.wait_for_line("accepted 203.0.113.7:5555 via 127.0.0.1:");
 }
+
+/// In exec mode, a program started after an upgrade sees none of the upgrade's variables, and
+/// no descriptor but its own three.
+#[test]
+fn a_program_started_after_an_upgrade_sees_nothing_of_it() {
+    let deployment = Deployment::new();
+    let server = deployment.start(&["--", "sh", "-c", "env; ls /proc/self/fd"]);
+    let out = deployment.command(&["upgrade"]);
+    assert!(out.status.success(), "{out:?}");
+    let mut s = server.connect();
+    let said = String::from_utf8_lossy(&read_to_eof(&mut s)).to_string();
+    assert!(!said.contains("FORKECHO_UPGRADE"), "{said}");
+    assert!(said.contains("PROTO=TCP"), "{said}");
+}
