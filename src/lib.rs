@@ -8,14 +8,22 @@
 //!   defines every key in one row (name, help, default, flag, check, what a reload does with
 //!   it); `flags.rs` makes the command line's flags from those rows; `diff.rs` says what a
 //!   reload changes, for its log line.
-//! - [`logging`]: one whole line per event, tagged with the writing process's pid.
+//! - [`logging`]: one whole line per event, tagged with the writing process's pid;
+//!   `format.rs` lays it out (`log_format`: text, json, logfmt; the journal's priorities).
 //! - [`listen`]: binding the listening sockets (SO_REUSEADDR, backlog, IPv6-only; a UNIX-domain
 //!   socket's file: a stale one replaced, ours removed), and accepting from them.
 //! - [`server`]: the parent's `mio::Poll` loop: signals first, then accept → admit → fork
 //!   (`mod.rs`), one file per concern: `accept.rs` (accepting, admission, waiting, fork
 //!   failures), `capacity.rs` (`max_children`), `shutdown.rs` (the three modes, closing
 //!   listeners without resets), `reload.rs` (SIGHUP), `headers.rs` (connections waiting for
-//!   their PROXY header), `token.rs` (what a poll event is about).
+//!   their PROXY header), `token.rs` (what a poll event is about), `control.rs` (the control
+//!   socket), `metrics.rs` (the Prometheus endpoint), `exchange.rs` (the bounded request and
+//!   answer table both use), `status.rs` (the status line and the `status` answer),
+//!   `upgrade.rs` (the running image's side of an upgrade in place).
+//! - [`control`]: the control commands (`status`, `reload`, `stop`, `reopen-logs`, `upgrade`):
+//!   their protocol and the client the command line runs.
+//! - [`upgrade`]: what passes from one image to the next in an upgrade in place, and the
+//!   rollback to the previous one.
 //! - `proxy`: the PROXY protocol (v1, v2): a listener's policy, and what received bytes say.
 //! - `limits`: admission before fork: access rules, per-source and rate limits, refusal
 //!   counts; `max_children` pauses accepting instead.
@@ -43,7 +51,8 @@
 //!   (sock_diag) rather than by connecting.
 //! - `signals`: signal-hook's self-pipe, what each signal means, and resetting them in a child.
 //!
-//! `main.rs` only parses the command line, binds, and hands over to [`server::Server::run`].
+//! `main.rs` only parses the command line, binds (or, started by an upgrade, takes over what
+//! the previous image passed on), and hands over to [`server::Server::run`].
 //! The modules it uses are public; the rest are private to the crate (`cargo doc
 //! --document-private-items` shows them).
 
