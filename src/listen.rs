@@ -5,7 +5,7 @@
 //! by a server that died is replaced only when nothing answers on it (a connect is refused);
 //! one a live server answers on, or anything that is not a socket, is refused and left as it
 //! is. The file a listener created is removed when the listener is closed, if the path still
-//! holds that file (see [`SocketFile`]).
+//! holds that file (see `SocketFile`).
 
 use std::fmt;
 use std::io::{self, ErrorKind};
