@@ -134,6 +134,15 @@ fn ten_upgrades_under_load_lose_no_connection_and_no_session() {
     assert_eq!(failed.load(Ordering::Relaxed), 0, "failed connections");
     assert!(served.load(Ordering::Relaxed) > 20);
     server.assert_line_count("upgraded in place from", 10, "upgrades");
+    // Each new image says its listener is the one it took over, not a new one.
+    let kept = server
+        .log_lines()
+        .iter()
+        .filter(|l| {
+            l.contains("listening on") && l.ends_with("(taken over from the previous image)")
+        })
+        .count();
+    assert_eq!(kept, 10, "{}", server.log_text());
 
     drop(long);
     let ending = server.wait_child_ending(long_peer);

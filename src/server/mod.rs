@@ -121,6 +121,8 @@ pub struct Server {
     upgrade_context: Option<upgrade::Context>,
     /// An upgrade whose check is running.
     checking: Option<upgrade::Checking>,
+    /// This image took over from a previous one (an upgrade).
+    taken_over: bool,
     started: Instant,
 }
 
@@ -175,6 +177,7 @@ impl Server {
             started_at: std::time::SystemTime::now(),
             upgrade_context: None,
             checking: None,
+            taken_over: false,
             poll,
             signals,
             // Connections may already be queued before the first edge is seen.
@@ -213,18 +216,24 @@ impl Server {
     pub fn run(mut self, ready: Box<dyn FnOnce()>) -> io::Result<()> {
         // Announced only now that the signal handlers are installed: whoever waits for this
         // line (a test, a supervisor) may send SIGTERM at once and must not kill us.
+        // After an upgrade the sockets are the previous image's, listening all along: said so,
+        // for whoever counts these lines.
+        let kept = match self.taken_over {
+            true => " (taken over from the previous image)",
+            false => "",
+        };
         for slot in self.listeners.iter() {
             let address = &slot.listener.local;
-            info!(event = "listening", address:% = address; "listening on {address}");
+            info!(event = "listening", address:% = address; "listening on {address}{kept}");
         }
         if let Handler::Exec { program, .. } = &self.handler {
             info!("each connection runs {program}");
         }
         if let Some(control) = &self.control {
-            info!("control commands on {}", control.address());
+            info!("control commands on {}{kept}", control.address());
         }
         if let Some(metrics) = &self.metrics {
-            info!("metrics on http://{}/metrics", metrics.address());
+            info!("metrics on http://{}/metrics{kept}", metrics.address());
         }
         ready();
         release_startup_memory();

@@ -309,6 +309,7 @@ impl Server {
     /// Takes over what the previous image passed on (see `crate::upgrade`).
     pub fn restore(&mut self, state: &ServerState) -> Result<(), String> {
         let now = Instant::now();
+        self.taken_over = true;
         self.admitted = state.admitted;
         self.fork_failures = state.fork_failures;
         self.counts.accepted = state.accepted;
