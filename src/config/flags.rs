@@ -8,7 +8,7 @@ use clap::{Arg, ArgAction, ArgMatches, Command};
 use super::keys::{Flag, Key, TABLE};
 use super::Config;
 
-/// The keys the command line gives, each with the value it gives, in [`TABLE`]'s order.
+/// The keys the command line gives, each with the value it gives, in `keys::TABLE`'s order.
 #[derive(Debug, Clone, Default)]
 pub struct KeyFlags {
     given: Vec<Given>,
