@@ -845,7 +845,7 @@ const CAP_SYS_NICE: u32 = 23;
 const CAP_SYS_RESOURCE: u32 = 24;
 
 /// Whether capability `cap` is in this process's effective set (capget(2), version 3).
-fn has_capability(cap: u32) -> bool {
+pub(crate) fn has_capability(cap: u32) -> bool {
     #[repr(C)]
     struct Header {
         version: u32,

@@ -122,7 +122,7 @@ fn check_socket_path(path: &Path) -> Result<(), String> {
 /// this process's own user and one of its groups. The key at fault is returned with the
 /// reason.
 fn check_socket_owner(owner: Option<u32>, group: Option<u32>) -> Result<(), Problem> {
-    if nix::unistd::geteuid().is_root() || has_capability(CAP_CHOWN) {
+    if nix::unistd::geteuid().is_root() || crate::exec::has_capability(CAP_CHOWN) {
         return Ok(());
     }
     if let Some(uid) = owner.filter(|&uid| uid != nix::unistd::geteuid().as_raw()) {
@@ -148,16 +148,6 @@ fn check_socket_owner(owner: Option<u32>, group: Option<u32>) -> Result<(), Prob
 }
 
 const CAP_CHOWN: u32 = 0;
-
-/// Whether this process's effective capabilities hold `capability` (/proc/self/status).
-fn has_capability(capability: u32) -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .is_some_and(|caps| caps & (1 << capability) != 0)
-}
 
 /// `addr`'s IP is one this host can bind: binding it with port 0 (any free port, so a port the
 /// running instance holds does not matter) succeeds. Wildcards always can.

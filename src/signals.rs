@@ -60,16 +60,21 @@ impl Mode {
     }
 }
 
+/// [`HOOKED`] as a signal set.
+fn hooked_set() -> io::Result<SigSet> {
+    let mut hooked = SigSet::empty();
+    for signal in HOOKED {
+        hooked.add(Signal::try_from(signal)?);
+    }
+    Ok(hooked)
+}
+
 /// Installs the handlers and returns the pipe's read end, ready to register with `mio`.
 pub fn hook() -> io::Result<Signals> {
     let signals = Signals::new(HOOKED)?;
     // Why: a launcher may have left some of them blocked (the mask survives exec). A blocked
     // SIGCHLD would leave every child a zombie and a blocked SIGTERM would make us unstoppable.
-    let mut hooked = SigSet::empty();
-    for signal in HOOKED {
-        hooked.add(Signal::try_from(signal)?);
-    }
-    nix::sys::signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&hooked), None)?;
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&hooked_set()?), None)?;
     // Why: a log file that reaches RLIMIT_FSIZE would otherwise kill the parent (and orphan
     // every session) with SIGXFSZ; ignored, the write fails with EFBIG and the logger counts
     // the line as dropped, as on a full disk.
@@ -159,12 +164,8 @@ pub fn block_all() -> io::Result<SigSet> {
 /// keeps the mask and the pending signals, but resets caught signals to their default, which
 /// for SIGTERM is death). The new image unblocks them once hooked (see [`hook`]).
 pub fn block_hooked() -> io::Result<SigSet> {
-    let mut hooked = SigSet::empty();
-    for signal in HOOKED {
-        hooked.add(Signal::try_from(signal)?);
-    }
     let mut old = SigSet::empty();
-    nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&hooked), Some(&mut old))?;
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&hooked_set()?), Some(&mut old))?;
     Ok(old)
 }
 

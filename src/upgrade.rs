@@ -191,14 +191,7 @@ impl State {
     /// Writes the state into a new memfd, left open across `execve`; returns it.
     pub fn write_to_memfd(&self) -> io::Result<OwnedFd> {
         let text = toml::to_string(self).map_err(io::Error::other)?;
-        // Safe: the name is a NUL-terminated literal; the descriptor is owned at once.
-        let fd = unsafe { libc::memfd_create(c"forkecho-upgrade-state".as_ptr(), 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // Safe: just created, owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let mut file = std::fs::File::from(fd);
+        let mut file = memfd(c"forkecho-upgrade-state", false)?;
         file.write_all(text.as_bytes())?;
         Ok(OwnedFd::from(file))
     }
@@ -226,6 +219,63 @@ impl State {
             ));
         }
         Ok(state)
+    }
+}
+
+/// An anonymous file (memfd), close-on-exec if `cloexec`.
+pub fn memfd(name: &std::ffi::CStr, cloexec: bool) -> io::Result<std::fs::File> {
+    let flags = if cloexec { libc::MFD_CLOEXEC } else { 0 };
+    // Safe: a NUL-terminated name; the descriptor is owned at once.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Safe: just created, owned by nobody else.
+    Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// The next image's command line and environment, laid out for `execve`: the arguments
+/// given, and this environment without the upgrade's variables, plus `extra`.
+pub struct ExecImage {
+    _strings: Vec<std::ffi::CString>,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+}
+
+impl ExecImage {
+    pub fn new<'a>(args: impl Iterator<Item = &'a [u8]>, extra: &[(&str, &str)]) -> ExecImage {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |bytes: Vec<u8>| std::ffi::CString::new(bytes).ok();
+        let argv: Vec<std::ffi::CString> = args.filter_map(|a| c(a.to_vec())).collect();
+        let inherited = std::env::vars_os()
+            .filter(|(name, _)| name != STATE_ENV && name != ROLLBACK_ENV)
+            .map(|(name, value)| [name.as_bytes(), b"=", value.as_bytes()].concat());
+        let added = extra
+            .iter()
+            .map(|(name, value)| format!("{name}={value}").into_bytes());
+        let envp: Vec<std::ffi::CString> = inherited.chain(added).filter_map(c).collect();
+        let pointers = |strings: &[std::ffi::CString]| {
+            let mut pointers: Vec<*const libc::c_char> =
+                strings.iter().map(|s| s.as_ptr()).collect();
+            pointers.push(std::ptr::null());
+            pointers
+        };
+        let (argv_ptrs, envp_ptrs) = (pointers(&argv), pointers(&envp));
+        ExecImage {
+            _strings: argv.into_iter().chain(envp).collect(),
+            argv: argv_ptrs,
+            envp: envp_ptrs,
+        }
+    }
+
+    /// `argv` for `execve`: NULL-terminated, valid while `self` lives.
+    pub fn argv(&self) -> *const *const libc::c_char {
+        self.argv.as_ptr()
+    }
+
+    /// `envp` for `execve`.
+    pub fn envp(&self) -> *const *const libc::c_char {
+        self.envp.as_ptr()
     }
 }
 
@@ -272,41 +322,27 @@ pub fn roll_back(state_fd: RawFd, reason: &str) -> String {
         // Safe: a NUL-terminated path.
         unsafe { libc::chdir(dir.as_ptr()) };
     }
-    let argv: Vec<std::ffi::CString> = state
-        .args
-        .iter()
-        .filter_map(|a| std::ffi::CString::new(a.clone()).ok())
-        .collect();
     let reason: String = reason
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .take(1000)
         .collect();
-    let mut envp: Vec<std::ffi::CString> = std::env::vars_os()
-        .filter(|(name, _)| name != STATE_ENV && name != ROLLBACK_ENV)
-        .filter_map(|(name, value)| {
-            use std::os::unix::ffi::OsStrExt;
-            let mut entry = name.as_bytes().to_vec();
-            entry.push(b'=');
-            entry.extend_from_slice(value.as_bytes());
-            std::ffi::CString::new(entry).ok()
-        })
-        .collect();
-    envp.extend(std::ffi::CString::new(format!("{STATE_ENV}={state_fd}")).ok());
-    envp.extend(std::ffi::CString::new(format!("{ROLLBACK_ENV}={reason}")).ok());
-    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
-    argv_ptrs.push(std::ptr::null());
-    let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
-    envp_ptrs.push(std::ptr::null());
-    // Safe: NUL-terminated strings and NULL-terminated arrays, alive for the call; an empty
-    // path with AT_EMPTY_PATH executes the file `previous` is open on.
+    let image = ExecImage::new(
+        state.args.iter().map(Vec::as_slice),
+        &[
+            (STATE_ENV, &state_fd.to_string()),
+            (ROLLBACK_ENV, &reason),
+        ],
+    );
+    // Safe: `image` holds NUL-terminated strings and NULL-terminated arrays, alive for the
+    // call; an empty path with AT_EMPTY_PATH executes the file `previous` is open on.
     unsafe {
         libc::syscall(
             libc::SYS_execveat,
             previous,
             c"".as_ptr(),
-            argv_ptrs.as_ptr(),
-            envp_ptrs.as_ptr(),
+            image.argv(),
+            image.envp(),
             libc::AT_EMPTY_PATH,
         )
     };

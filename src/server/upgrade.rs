@@ -15,7 +15,7 @@
 
 use std::ffi::{CString, OsString};
 use std::io::{Read, Seek};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -84,7 +84,7 @@ impl Server {
         if self.checking.is_some() {
             return refuse(requester, "an upgrade is already in progress");
         }
-        let output = match memfd("forkecho-upgrade-check") {
+        let output = match upgrade::memfd(c"forkecho-upgrade-check", true) {
             Ok(file) => file,
             Err(e) => return refuse(requester, &format!("cannot start the check: {e}")),
         };
@@ -211,11 +211,19 @@ impl Server {
         let memfd = state
             .write_to_memfd()
             .map_err(|e| format!("cannot write the state: {e}"))?;
+        // Open across exec from here: nothing forks before the `execve` (and a child would
+        // close them anyway, as it closes every inherited descriptor).
         let passed = state.descriptors();
         for &fd in &passed {
             upgrade::keep_across_exec(fd, true).map_err(|e| format!("descriptor {fd}: {e}"))?;
         }
-        let (exe, argv, envp) = exec_arguments(&context, memfd.as_raw_fd())?;
+        let exe = CString::new(context.exe.as_os_str().as_bytes())
+            .map_err(|_| "a NUL in the binary's path")?;
+        let state_fd = memfd.as_raw_fd().to_string();
+        let image = upgrade::ExecImage::new(
+            context.args.iter().map(|a| a.as_bytes()),
+            &[(upgrade::STATE_ENV, &state_fd)],
+        );
         info!(
             event = "upgrade", result = "executing", sessions = self.children.len();
             "upgrade: executing {} ({} sessions pass on)",
@@ -231,13 +239,9 @@ impl Server {
         // A signal handled after this turn's batch was read (a SIGTERM a moment ago) would be
         // lost with this image: raised again, it waits, blocked, for the next one.
         crate::signals::raise_again(&crate::signals::pending(&mut self.signals));
-        let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
-        argv_ptrs.push(std::ptr::null());
-        let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
-        envp_ptrs.push(std::ptr::null());
         // Safe: NUL-terminated strings and NULL-terminated arrays, alive for the call. On
         // success this does not return.
-        unsafe { libc::execve(exe.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr()) };
+        unsafe { libc::execve(exe.as_ptr(), image.argv(), image.envp()) };
         let e = std::io::Error::last_os_error();
         // Undo: the mask as it was, the descriptors close-on-exec again.
         let _ = crate::signals::restore_mask(&mask);
@@ -369,32 +373,6 @@ impl Server {
     }
 }
 
-/// The path, arguments and environment of the next image: the same, plus where the state is.
-fn exec_arguments(
-    context: &Context,
-    state_fd: RawFd,
-) -> Result<(CString, Vec<CString>, Vec<CString>), String> {
-    let c = |bytes: &[u8]| CString::new(bytes).map_err(|_| "a NUL in an argument".to_string());
-    let exe = c(context.exe.as_os_str().as_bytes())?;
-    let argv = context
-        .args
-        .iter()
-        .map(|a| c(a.as_bytes()))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut envp = Vec::new();
-    for (name, value) in std::env::vars_os() {
-        if name == upgrade::STATE_ENV {
-            continue;
-        }
-        let mut entry = name.as_bytes().to_vec();
-        entry.push(b'=');
-        entry.extend_from_slice(value.as_bytes());
-        envp.push(c(&entry)?);
-    }
-    envp.push(c(format!("{}={state_fd}", upgrade::STATE_ENV).as_bytes())?);
-    Ok((exe, argv, envp))
-}
-
 /// Writes an answer to the control connection that asked, if one did, and closes it.
 fn answer(requester: Option<Socket>, outcome: Outcome, text: &str) {
     if let Some(socket) = requester {
@@ -406,24 +384,10 @@ fn answer(requester: Option<Socket>, outcome: Outcome, text: &str) {
 /// stdin.
 fn config_for_check(text: &str) -> std::io::Result<std::fs::File> {
     use std::io::Write;
-    let mut file = memfd("forkecho-upgrade-config")?;
+    let mut file = upgrade::memfd(c"forkecho-upgrade-config", true)?;
     file.write_all(text.as_bytes())?;
     file.rewind()?;
     Ok(file)
-}
-
-/// An anonymous file, close-on-exec.
-fn memfd(name: &str) -> std::io::Result<std::fs::File> {
-    let name = CString::new(name).expect("no NUL");
-    // Safe: a NUL-terminated name; the descriptor is owned at once.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // Safe: just created, owned by nobody else.
-    Ok(std::fs::File::from(unsafe {
-        <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
-    }))
 }
 
 /// What the check wrote, at most 2 KiB of it, on one line.
