@@ -329,10 +329,7 @@ pub fn roll_back(state_fd: RawFd, reason: &str) -> String {
         .collect();
     let image = ExecImage::new(
         state.args.iter().map(Vec::as_slice),
-        &[
-            (STATE_ENV, &state_fd.to_string()),
-            (ROLLBACK_ENV, &reason),
-        ],
+        &[(STATE_ENV, &state_fd.to_string()), (ROLLBACK_ENV, &reason)],
     );
     // Safe: `image` holds NUL-terminated strings and NULL-terminated arrays, alive for the
     // call; an empty path with AT_EMPTY_PATH executes the file `previous` is open on.

@@ -3,54 +3,10 @@
 
 use crate::util::*;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-
-/// A copy of the binary in a directory of the test's own, and a pid file beside it.
-struct Deployment {
-    dir: TempDir,
-    binary: PathBuf,
-    pid_file: PathBuf,
-}
-
-impl Deployment {
-    fn new() -> Deployment {
-        let dir = TempDir::new();
-        let binary = dir.path().join("forkecho");
-        copy_binary_to(&binary);
-        let pid_file = dir.path().join("forkecho.pid");
-        Deployment {
-            dir,
-            binary,
-            pid_file,
-        }
-    }
-
-    fn builder(&self) -> ServerBuilder {
-        Server::builder()
-            .program(&self.binary)
-            .args(["--pid-file", self.pid_file.to_str().unwrap()])
-            .env("RUST_LOG", "info")
-    }
-
-    fn start(&self, extra: &[&str]) -> Server {
-        self.builder().args(extra.iter().copied()).start()
-    }
-
-    fn command(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new(&self.binary)
-            .args(["--pid-file", self.pid_file.to_str().unwrap()])
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn upgrade(&self) -> std::process::Output {
-        self.command(&["upgrade"])
-    }
-}
 
 fn assert_upgraded(out: &std::process::Output) {
     assert!(

@@ -4,7 +4,7 @@
 //! totals go on, and the pid (and the pid file's) stays; a new binary whose check fails is
 //! refused while the old one serves; a shutdown or a reload racing an upgrade.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,53 +12,6 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use crate::util::*;
-
-/// A copy of the binary in a directory of the test's own (an upgrade executes the file at the
-/// path the server was started from), and a pid file beside it.
-struct Deployment {
-    dir: TempDir,
-    binary: PathBuf,
-    pid_file: PathBuf,
-}
-
-impl Deployment {
-    fn new() -> Deployment {
-        let dir = TempDir::new();
-        let binary = dir.path().join("forkecho");
-        copy_binary_to(&binary);
-        let pid_file = dir.path().join("forkecho.pid");
-        Deployment {
-            dir,
-            binary,
-            pid_file,
-        }
-    }
-
-    fn start(&self, extra: &[&str]) -> Server {
-        Server::builder()
-            .program(&self.binary)
-            .args(["--pid-file", self.pid_file.to_str().unwrap()])
-            .args(extra.iter().copied())
-            .env("RUST_LOG", "info")
-            .start()
-    }
-
-    /// Runs a control command with the deployment's binary.
-    fn command(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new(&self.binary)
-            .args(["--pid-file", self.pid_file.to_str().unwrap()])
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn pid_in_file(&self) -> String {
-        std::fs::read_to_string(&self.pid_file)
-            .unwrap()
-            .trim()
-            .to_string()
-    }
-}
 
 /// `name: value` from `forkecho status`.
 fn status_field(out: &std::process::Output, name: &str) -> String {

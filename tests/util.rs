@@ -708,6 +708,62 @@ pub fn copy_binary_to(path: &Path) {
     assert!(status.success(), "cp {BIN} {}: {status}", path.display());
 }
 
+/// A copy of the binary in a directory of the test's own, and a pid file beside it: a server
+/// to upgrade in place (an upgrade executes the file at the path the server was started
+/// from, which a test may replace), and its control commands.
+pub struct Deployment {
+    pub dir: TempDir,
+    pub binary: PathBuf,
+    pub pid_file: PathBuf,
+}
+
+impl Deployment {
+    pub fn new() -> Deployment {
+        let dir = TempDir::new();
+        let binary = dir.path().join("forkecho");
+        copy_binary_to(&binary);
+        let pid_file = dir.path().join("forkecho.pid");
+        Deployment {
+            dir,
+            binary,
+            pid_file,
+        }
+    }
+
+    /// A server of this binary with this pid file, logging at info.
+    pub fn builder(&self) -> ServerBuilder {
+        Server::builder()
+            .program(&self.binary)
+            .args(["--pid-file", self.pid_file.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+    }
+
+    pub fn start(&self, extra: &[&str]) -> Server {
+        self.builder().args(extra.iter().copied()).start()
+    }
+
+    /// Runs a control command with this binary, for the server of this pid file.
+    pub fn command(&self, args: &[&str]) -> Output {
+        Command::new(&self.binary)
+            .args(["--pid-file", self.pid_file.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub fn upgrade(&self) -> Output {
+        self.command(&["upgrade"])
+    }
+
+    /// What the pid file holds, trimmed.
+    pub fn pid_in_file(&self) -> String {
+        std::fs::read_to_string(&self.pid_file)
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+}
+
 /// SIGKILLs one process by pid when dropped: for a process no `Server` guards (an orphaned
 /// child, a daemon that detached, a helper).
 pub struct KillOnDrop(pub Pid);

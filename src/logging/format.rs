@@ -141,7 +141,7 @@ pub(super) fn write_record<W: fmt::Write>(
                 event_of(fields)
             )?;
             if let Some(fields) = fields {
-                let _ = fields.visit(&mut JsonFields { out });
+                let _ = fields.visit(&mut Fields { out, json: true });
             }
             out.write_str(",\"msg\":\"")?;
             quote_rest(out, "\"}");
@@ -154,7 +154,7 @@ pub(super) fn write_record<W: fmt::Write>(
             let level = level.as_str().to_ascii_lowercase();
             write!(out, "level={level} pid={pid} event={}", event_of(fields))?;
             if let Some(fields) = fields {
-                let _ = fields.visit(&mut LogfmtFields { out });
+                let _ = fields.visit(&mut Fields { out, json: false });
             }
             out.write_str(" msg=\"")?;
             quote_rest(out, "\"");
@@ -184,11 +184,14 @@ fn is_number(value: &log::kv::Value<'_>) -> bool {
     value.to_u64().is_some() || value.to_i64().is_some() || value.to_f64().is_some()
 }
 
-struct JsonFields<'w, W> {
+/// Writes a record's fields (all but `event`, written first), as JSON members (`json`) or
+/// logfmt pairs; each value through [`write_escaped`].
+struct Fields<'w, W> {
     out: &'w mut W,
+    json: bool,
 }
 
-impl<'kvs, W: fmt::Write> log::kv::VisitSource<'kvs> for JsonFields<'_, W> {
+impl<'kvs, W: fmt::Write> log::kv::VisitSource<'kvs> for Fields<'_, W> {
     fn visit_pair(
         &mut self,
         key: log::kv::Key<'kvs>,
@@ -197,35 +200,16 @@ impl<'kvs, W: fmt::Write> log::kv::VisitSource<'kvs> for JsonFields<'_, W> {
         if key.as_str() == "event" {
             return Ok(());
         }
-        let written = if is_number(&value) {
-            write!(self.out, ",\"{key}\":{value}")
-        } else {
-            // The writer escapes what needs escaping only inside the message: values here
-            // are addresses, names and numbers, written through the same escaping below.
-            write!(self.out, ",\"{key}\":\"")
+        let written = match self.json {
+            true if is_number(&value) => write!(self.out, ",\"{key}\":{value}"),
+            true => write!(self.out, ",\"{key}\":\"")
                 .and_then(|()| write_escaped(self.out, &value, true))
-                .and_then(|()| self.out.write_char('"'))
+                .and_then(|()| self.out.write_char('"')),
+            false => {
+                write!(self.out, " {key}=").and_then(|()| write_escaped(self.out, &value, false))
+            }
         };
         written.map_err(|_| log::kv::Error::msg("line full"))
-    }
-}
-
-struct LogfmtFields<'w, W> {
-    out: &'w mut W,
-}
-
-impl<'kvs, W: fmt::Write> log::kv::VisitSource<'kvs> for LogfmtFields<'_, W> {
-    fn visit_pair(
-        &mut self,
-        key: log::kv::Key<'kvs>,
-        value: log::kv::Value<'kvs>,
-    ) -> Result<(), log::kv::Error> {
-        if key.as_str() == "event" {
-            return Ok(());
-        }
-        write!(self.out, " {key}=")
-            .and_then(|()| write_escaped(self.out, &value, false))
-            .map_err(|_| log::kv::Error::msg("line full"))
     }
 }
 
