@@ -101,6 +101,8 @@ impl Server {
             .current_dir(&context.start_dir)
             .env(upgrade::CHECK_ENV, upgrade::FORMAT.to_string())
             .stdin(config_text);
+        // `spawn` waits for the check's exec, as `fork` waits for the copy: bounded, never for
+        // the check itself (its end comes as a SIGCHLD).
         let spawned = output
             .try_clone()
             .and_then(|out| Ok((out.try_clone()?, out)))
