@@ -385,3 +385,79 @@ fn a_metrics_scrape_in_flight_during_an_upgrade_is_answered() {
         "the scrape got {answer:?} (cut off by the upgrade)"
     );
 }
+
+/// A reload that adds a UNIX-domain listener whose path holds a FIFO, a file or a directory:
+/// refused, the running listeners kept, the file left as it was and never opened.
+#[test]
+fn a_reload_onto_an_odd_file_at_a_unix_listen_path_is_refused_and_leaves_it() {
+    let deployment = Deployment::new();
+    let config = deployment.dir.path().join("forkecho.toml");
+    std::fs::write(&config, "listen = [\"127.0.0.1:0\"]\n").unwrap();
+    let server = deployment
+        .builder()
+        .args(["-c", config.to_str().unwrap()])
+        .start();
+    let path = deployment.dir.path().join("odd.sock");
+    type Make = fn(&Path);
+    let kinds: [(&str, Make); 3] = [
+        ("fifo", |p| {
+            nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap()
+        }),
+        ("file", |p| std::fs::write(p, "operator data").unwrap()),
+        ("dir", |p| std::fs::create_dir(p).unwrap()),
+    ];
+    for (kind, make) in kinds {
+        make(&path);
+        let before = std::fs::symlink_metadata(&path).unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                "listen = [\"{}\", \"unix:{}\"]\n",
+                server.addr(),
+                path.display()
+            ),
+        )
+        .unwrap();
+        let out = deployment.command(&["-c", config.to_str().unwrap(), "reload"]);
+        assert!(!out.status.success(), "{kind}: reload applied: {out:?}");
+        let after = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!(before.ino(), after.ino(), "{kind} replaced");
+        assert_eq!(before.file_type(), after.file_type(), "{kind} changed");
+        if kind == "file" {
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), "operator data");
+        }
+        assert_serves(&server, b"after a refused reload\n");
+        if after.is_dir() {
+            std::fs::remove_dir(&path).unwrap();
+        } else {
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+}
+
+/// Control clients that trickle garbage, one byte at a time, in every slot: echo is served
+/// meanwhile, and `status` answers once their time is up.
+#[test]
+fn control_clients_trickling_garbage_do_not_stop_echo_or_status_for_long() {
+    let deployment = Deployment::new();
+    let server = deployment.builder().start();
+    let socket = deployment.control_socket();
+    let mut tricklers: Vec<UnixStream> = (0..16)
+        .filter_map(|_| UnixStream::connect(&socket).ok())
+        .collect();
+    for round in 0..20 {
+        for t in &mut tricklers {
+            let _ = t.write_all(&[b'a' + (round % 26) as u8]);
+        }
+        assert_serves(&server, b"trickle\n");
+    }
+    let started = Instant::now();
+    loop {
+        let out = deployment.command(&["status"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "status never answered: {out:?}");
+    }
+    drop(tricklers);
+}
