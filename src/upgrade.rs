@@ -5,8 +5,9 @@
 //!
 //! The state is a TOML document with a format version, in a memfd whose descriptor the new
 //! image finds in [`STATE_ENV`]: the descriptors it must adopt (listeners, the pid file and its
-//! lock, the control and metrics sockets, the control connection that asked), and what the
-//! loop knows (the children table with each session's peer, source and age, deadlines, totals,
+//! lock, the control and metrics sockets, the control connection that asked, control and
+//! metrics clients in mid-exchange, connections waiting for a decision or a PROXY header), and
+//! what the loop knows (the children table with each session's peer, source and age, deadlines, totals,
 //! refusal counts, token buckets, the connection counter). Times pass as ages and time left:
 //! `Instant`s mean nothing to another image, and the exec takes milliseconds.
 //!
@@ -101,6 +102,26 @@ pub struct ServerState {
     pub waiting: Vec<WaitingState>,
     /// Connections on PROXY listeners waiting for their header, or for room after it.
     pub awaiting_header: Vec<HeaderState>,
+    /// Control connections in the middle of their exchange.
+    pub control_exchanges: Vec<ExchangeState>,
+    /// Metrics scrapes in the middle of theirs.
+    pub metrics_exchanges: Vec<ExchangeState>,
+}
+
+/// A connection to the control socket or the metrics endpoint, in the middle of its
+/// exchange; its descriptor passes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExchangeState {
+    pub fd: RawFd,
+    /// `Peer` as displayed.
+    pub peer: String,
+    /// What has come of its request, while it is not whole.
+    pub request: Vec<u8>,
+    /// What is still to send of its answer, once it has one.
+    pub answer_left: Option<Vec<u8>>,
+    /// All of the answer is sent: what the client still sends is read and dropped.
+    pub lingering: bool,
+    pub until_in_ns: u64,
 }
 
 /// A connection waiting for a decision; its descriptor passes.
@@ -185,6 +206,8 @@ impl State {
         fds.extend(self.previous_exe);
         fds.extend(self.server.waiting.iter().map(|w| w.fd));
         fds.extend(self.server.awaiting_header.iter().map(|h| h.fd));
+        fds.extend(self.server.control_exchanges.iter().map(|e| e.fd));
+        fds.extend(self.server.metrics_exchanges.iter().map(|e| e.fd));
         fds
     }
 
@@ -480,6 +503,32 @@ mod tests {
                     duration_buckets: vec![1, 2],
                     ..TotalsState::default()
                 },
+                control_exchanges: vec![
+                    ExchangeState {
+                        fd: 13,
+                        peer: "uid:0,gid:0,pid:1".into(),
+                        request: b"sta".to_vec(),
+                        answer_left: None,
+                        lingering: false,
+                        until_in_ns: 3,
+                    },
+                    ExchangeState {
+                        fd: 14,
+                        peer: "uid:0,gid:0,pid:2".into(),
+                        request: Vec::new(),
+                        answer_left: Some(Vec::new()),
+                        lingering: true,
+                        until_in_ns: 4,
+                    },
+                ],
+                metrics_exchanges: vec![ExchangeState {
+                    fd: 15,
+                    peer: "127.0.0.1:5000".into(),
+                    request: Vec::new(),
+                    answer_left: Some(vec![0xff, b'\n']),
+                    lingering: false,
+                    until_in_ns: 5,
+                }],
                 ..ServerState::default()
             },
         };

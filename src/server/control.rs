@@ -30,7 +30,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub(super) struct Control {
     listener: Listener,
     /// Slot `i` is polled as `Source::Control(i)`.
-    talking: Exchanges,
+    pub(super) talking: Exchanges,
 }
 
 impl Control {

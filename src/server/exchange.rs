@@ -19,6 +19,7 @@ use mio::{Interest, Registry, Token};
 use socket2::Socket;
 
 use crate::conn::Peer;
+use crate::upgrade::ExchangeState;
 
 /// One client of a service.
 pub(super) struct Exchange {
@@ -216,6 +217,66 @@ impl Exchanges {
             .filter_map(|i| self.take(i, registry))
             .map(|e| e.peer)
             .collect()
+    }
+
+    /// Every connection as the next image takes it over (see `crate::upgrade`): its request
+    /// so far, or what is left of its answer.
+    pub(super) fn export(&self, now: Instant) -> Vec<ExchangeState> {
+        self.slots
+            .iter()
+            .flatten()
+            .map(|e| ExchangeState {
+                fd: e.stream.as_raw_fd(),
+                peer: e.peer.to_string(),
+                request: e.request.clone(),
+                answer_left: e
+                    .answer
+                    .as_ref()
+                    .map(|(answer, sent)| answer[*sent..].to_vec()),
+                lingering: e.lingering,
+                until_in_ns: e.until.saturating_duration_since(now).as_nanos() as u64,
+            })
+            .collect()
+    }
+
+    /// Takes over what [`Exchanges::export`] gave, each connection where it was: reading its
+    /// request, sending its answer, or lingering. Registering a socket that is ready already
+    /// reports it at once (epoll looks at it on `EPOLL_CTL_ADD`), so what arrived during the
+    /// exec is served in the first turn. Connections beyond the table (an image with fewer
+    /// slots) are closed.
+    pub(super) fn import(
+        &mut self,
+        states: &[ExchangeState],
+        registry: &Registry,
+        now: Instant,
+    ) -> Result<(), String> {
+        for state in states {
+            // Checked before the descriptor is owned here: a refused state rolls back, and the
+            // previous image adopts it again.
+            let peer: Peer = state.peer.parse()?;
+            let stream = Socket::from(crate::upgrade::adopt(state.fd).map_err(|e| e.to_string())?);
+            let Some(i) = self.slots.iter().position(Option::is_none) else {
+                continue;
+            };
+            let interest = match (&state.answer_left, state.lingering) {
+                (Some(_), false) => Interest::WRITABLE,
+                _ => Interest::READABLE,
+            };
+            let fd = stream.as_raw_fd();
+            stream
+                .set_nonblocking(true)
+                .and_then(|()| registry.register(&mut SourceFd(&fd), (self.token_of)(i), interest))
+                .map_err(|e| format!("polling a connection taken over: {e}"))?;
+            self.slots[i] = Some(Exchange {
+                stream,
+                peer,
+                request: state.request.clone(),
+                answer: state.answer_left.clone().map(|answer| (answer, 0)),
+                lingering: state.lingering,
+                until: now + Duration::from_nanos(state.until_in_ns),
+            });
+        }
+        Ok(())
     }
 }
 

@@ -30,7 +30,7 @@ const EXCHANGE_TIME: Duration = Duration::from_secs(5);
 /// The endpoint's listener and the scrapes in progress.
 pub(super) struct Metrics {
     listener: Listener,
-    scrapes: Exchanges,
+    pub(super) scrapes: Exchanges,
     /// Scrapers wait in the backlog while every slot is taken: accepted when one frees.
     backlogged: bool,
 }

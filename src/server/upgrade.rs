@@ -308,6 +308,14 @@ impl Server {
                 buckets,
                 waiting: self.pending.export(now),
                 awaiting_header: self.export_headers(now),
+                control_exchanges: self
+                    .control
+                    .as_ref()
+                    .map_or_else(Vec::new, |c| c.talking.export(now)),
+                metrics_exchanges: self
+                    .metrics
+                    .as_ref()
+                    .map_or_else(Vec::new, |m| m.scrapes.export(now)),
             },
         }
     }
@@ -331,6 +339,17 @@ impl Server {
             .import(&state.children, &state.lingering, &state.totals, now)?;
         self.pending.import(&state.waiting, now)?;
         self.import_headers(&state.awaiting_header, now)?;
+        let registry = self.poll.registry();
+        if let Some(control) = &mut self.control {
+            control
+                .talking
+                .import(&state.control_exchanges, registry, now)?;
+        }
+        if let Some(metrics) = &mut self.metrics {
+            metrics
+                .scrapes
+                .import(&state.metrics_exchanges, registry, now)?;
+        }
         // Children that ended during the exec: their SIGCHLD is pending, but reap now anyway.
         self.children.reap();
         self.pause_or_resume_at_max_children();
