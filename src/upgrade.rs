@@ -26,8 +26,10 @@ pub const ROLLBACK_ENV: &str = "FORKECHO_UPGRADE_ROLLBACK";
 /// Set for the `--check-config` run that precedes an upgrade: checks of what the running
 /// instance already holds (its pid file, log file, sockets) do not apply.
 pub const CHECK_ENV: &str = "FORKECHO_UPGRADE_CHECK";
-/// The state's format; an image refuses a state of another version.
-pub const FORMAT: u32 = 1;
+/// The state's format; an image refuses a state of another version (and the check before an
+/// upgrade, a binary of another). Raised whenever the state changes: an image reading a
+/// state it half knows would leave descriptors it does not know of open and unserved.
+pub const FORMAT: u32 = 2;
 
 /// Everything that passes to the next image.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -242,31 +242,35 @@ impl Exchanges {
     /// Takes over what [`Exchanges::export`] gave, each connection where it was: reading its
     /// request, sending its answer, or lingering. Registering a socket that is ready already
     /// reports it at once (epoll looks at it on `EPOLL_CTL_ADD`), so what arrived during the
-    /// exec is served in the first turn. Connections beyond the table (an image with fewer
-    /// slots) are closed.
+    /// exec is served in the first turn. On an error no descriptor not yet taken over is
+    /// closed: the state rolls back, and the previous image adopts them again.
     pub(super) fn import(
         &mut self,
         states: &[ExchangeState],
         registry: &Registry,
         now: Instant,
     ) -> Result<(), String> {
+        let free = self.slots.iter().filter(|slot| slot.is_none()).count();
+        if states.len() > free {
+            return Err(format!(
+                "{} connections passed, room for {free}",
+                states.len()
+            ));
+        }
         for state in states {
-            // Checked before the descriptor is owned here: a refused state rolls back, and the
-            // previous image adopts it again.
             let peer: Peer = state.peer.parse()?;
-            let stream = Socket::from(crate::upgrade::adopt(state.fd).map_err(|e| e.to_string())?);
             let Some(i) = self.slots.iter().position(Option::is_none) else {
-                continue;
+                break;
             };
             let interest = match (&state.answer_left, state.lingering) {
                 (Some(_), false) => Interest::WRITABLE,
                 _ => Interest::READABLE,
             };
-            let fd = stream.as_raw_fd();
-            stream
-                .set_nonblocking(true)
-                .and_then(|()| registry.register(&mut SourceFd(&fd), (self.token_of)(i), interest))
-                .map_err(|e| format!("polling a connection taken over: {e}"))?;
+            registry
+                .register(&mut SourceFd(&state.fd), (self.token_of)(i), interest)
+                .map_err(|e| format!("polling connection {}: {e}", state.fd))?;
+            // Non-blocking already (the flag is the open socket's, and survives the exec).
+            let stream = Socket::from(crate::upgrade::adopt(state.fd).map_err(|e| e.to_string())?);
             self.slots[i] = Some(Exchange {
                 stream,
                 peer,

@@ -340,15 +340,17 @@ impl Server {
         self.pending.import(&state.waiting, now)?;
         self.import_headers(&state.awaiting_header, now)?;
         let registry = self.poll.registry();
-        if let Some(control) = &mut self.control {
-            control
+        match &mut self.control {
+            Some(control) => control
                 .talking
-                .import(&state.control_exchanges, registry, now)?;
+                .import(&state.control_exchanges, registry, now)?,
+            None => close_passed(&state.control_exchanges),
         }
-        if let Some(metrics) = &mut self.metrics {
-            metrics
+        match &mut self.metrics {
+            Some(metrics) => metrics
                 .scrapes
-                .import(&state.metrics_exchanges, registry, now)?;
+                .import(&state.metrics_exchanges, registry, now)?,
+            None => close_passed(&state.metrics_exchanges),
         }
         // Children that ended during the exec: their SIGCHLD is pending, but reap now anyway.
         self.children.reap();
@@ -391,6 +393,15 @@ impl Server {
             }
             Err(e) => log::debug!("the upgrade's control connection: {e}"),
         }
+    }
+}
+
+/// Closes connections passed for a service this image does not run (the same configuration
+/// runs the same services; this is for a state that says otherwise): left open, they would
+/// pass on to every later image unserved.
+fn close_passed(exchanges: &[upgrade::ExchangeState]) {
+    for exchange in exchanges {
+        drop(upgrade::adopt(exchange.fd));
     }
 }
 
