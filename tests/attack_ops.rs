@@ -9,60 +9,12 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
-
-/// A copy of the binary in a directory of the test's own, and a pid file beside it (the
-/// control socket is then `forkecho.ctl` beside it).
-struct Deployment {
-    dir: TempDir,
-    binary: PathBuf,
-    pid_file: PathBuf,
-}
-
-impl Deployment {
-    fn new() -> Deployment {
-        let dir = TempDir::new();
-        let binary = dir.path().join("forkecho");
-        copy_binary_to(&binary);
-        let pid_file = dir.path().join("forkecho.pid");
-        Deployment {
-            dir,
-            binary,
-            pid_file,
-        }
-    }
-
-    fn builder(&self) -> ServerBuilder {
-        Server::builder()
-            .program(&self.binary)
-            .args(["--pid-file", self.pid_file.to_str().unwrap()])
-            .env("RUST_LOG", "info")
-    }
-
-    fn control_socket(&self) -> PathBuf {
-        self.dir.path().join("forkecho.ctl")
-    }
-
-    fn command(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new(&self.binary)
-            .args(["--pid-file", self.pid_file.to_str().unwrap()])
-            .args(args)
-            .output()
-            .unwrap()
-    }
-}
-
-fn assert_upgraded(out: &std::process::Output) {
-    assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("upgraded from"),
-        "upgrade: {out:?}"
-    );
-}
 
 /// Where each descriptor of `pid` points, by number.
 fn fd_targets(pid: nix::unistd::Pid) -> Vec<(u64, String)> {

@@ -19,80 +19,12 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::thread;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 /// The second user, who may not control a server run by root.
 const NOBODY: u32 = 65534;
-
-// ---- Deployments ----
-
-/// A directory holding a config file whose pid file (and so the control socket, `.ctl`
-/// beside it) is relative to the file's directory, as a packaged deployment has it.
-struct Deployment {
-    dir: TempDir,
-    config: PathBuf,
-}
-
-impl Deployment {
-    /// A config with `listen` on a free loopback port, `pid_file = "forkecho.pid"`, and
-    /// `extra` keys.
-    fn new(extra: &str) -> Self {
-        let dir = TempDir::new();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let config = dir.path().join("forkecho.toml");
-        let deployment = Deployment { dir, config };
-        deployment.write_config(extra);
-        deployment
-    }
-
-    /// Rewrites the config file: the same `listen` and `pid_file`, and `extra` keys.
-    fn write_config(&self, extra: &str) {
-        let text = format!("listen = [\"127.0.0.1:0\"]\npid_file = \"forkecho.pid\"\n{extra}\n");
-        std::fs::write(&self.config, text).unwrap();
-    }
-
-    fn pid_file(&self) -> PathBuf {
-        self.dir.path().join("forkecho.pid")
-    }
-
-    /// Where the server binds its control socket: beside the pid file, `.ctl`.
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("forkecho.ctl")
-    }
-
-    fn config_arg(&self) -> &str {
-        self.config.to_str().unwrap()
-    }
-
-    /// Starts a server with `-c` this config and waits until it listens.
-    fn start(&self) -> Server {
-        self.builder().start()
-    }
-
-    fn builder(&self) -> ServerBuilder {
-        Server::builder().args(["-c", self.config_arg()])
-    }
-
-    /// Runs `forkecho -c <config> <command...>` to completion.
-    fn ctl(&self, command: &[&str]) -> Output {
-        let mut args = vec!["-c", self.config_arg()];
-        args.extend_from_slice(command);
-        run(&args)
-    }
-
-    /// Runs `forkecho -c <config> <command...>` in a thread, for a command that waits (stop).
-    fn ctl_in_background(&self, command: &[&str]) -> thread::JoinHandle<Output> {
-        let mut args = vec!["-c".to_string(), self.config_arg().to_string()];
-        args.extend(command.iter().map(|s| s.to_string()));
-        thread::spawn(move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            run(&args)
-        })
-    }
-}
 
 /// The `name: value` lines of a `status` answer.
 fn status_fields(out: &Output) -> BTreeMap<String, String> {
@@ -104,7 +36,7 @@ fn status_fields(out: &Output) -> BTreeMap<String, String> {
 }
 
 /// `status` through `deployment`, which must succeed; its fields.
-fn status_of(deployment: &Deployment) -> BTreeMap<String, String> {
+fn status_of(deployment: &ConfigDeployment) -> BTreeMap<String, String> {
     let out = deployment.ctl(&["status"]);
     expect_exit(&out, 0);
     status_fields(&out)
@@ -185,7 +117,7 @@ fn run_as(program: &Path, uid: u32, gid: u32, args: &[&str]) -> Output {
 /// who asked.
 #[test]
 fn status_reports_what_the_running_server_does() {
-    let deployment = Deployment::new("max_children = 7");
+    let deployment = ConfigDeployment::new("max_children = 7");
     let server = deployment.start();
     // One session that ended, one that is open.
     let mut done = server.connect_greeted();
@@ -236,7 +168,7 @@ fn status_reports_what_the_running_server_does() {
 /// (exit 2, naming control_socket).
 #[test]
 fn the_server_is_found_through_its_config_pid_file_or_socket() {
-    let deployment = Deployment::new("");
+    let deployment = ConfigDeployment::new("");
     let elsewhere = TempDir::new();
     let cwd = elsewhere.path().to_path_buf();
     let server = deployment
@@ -322,7 +254,7 @@ fn status_with_no_server_running_exits_3() {
     assert!(stale.exists(), "the command left the stale socket alone");
 
     // A server that was killed leaves its socket and pid file: still "no server".
-    let deployment = Deployment::new("");
+    let deployment = ConfigDeployment::new("");
     let mut server = deployment.start();
     server.signal(Signal::SIGKILL);
     server.wait_exit(WAIT);
@@ -341,7 +273,7 @@ fn status_with_no_server_running_exits_3() {
 /// changed, and new clients get the new banner from the same process.
 #[test]
 fn reload_applies_a_valid_changed_config() {
-    let deployment = Deployment::new("banner = \"one\\n\"");
+    let deployment = ConfigDeployment::new("banner = \"one\\n\"");
     let server = deployment.start();
     assert_served_with_banner(&server, b"one\n");
 
@@ -366,7 +298,7 @@ fn reload_applies_a_valid_changed_config() {
 /// same process, same pid file.
 #[test]
 fn reload_of_an_invalid_config_is_refused_and_the_old_one_keeps_serving() {
-    let deployment = Deployment::new("banner = \"old\\n\"\nmax_children = 9");
+    let deployment = ConfigDeployment::new("banner = \"old\\n\"\nmax_children = 9");
     let server = deployment.start();
     assert_served_with_banner(&server, b"old\n");
 
@@ -400,7 +332,7 @@ fn reload_of_an_invalid_config_is_refused_and_the_old_one_keeps_serving() {
 /// `reload` is what reports the breakage (exit 1).
 #[test]
 fn a_config_broken_elsewhere_still_allows_status_and_stop() {
-    let deployment = Deployment::new("");
+    let deployment = ConfigDeployment::new("");
     let mut server = deployment.start();
     deployment.write_config("max_children = \"lots\"\nno_such_key = 1");
 
@@ -422,7 +354,7 @@ fn a_config_broken_elsewhere_still_allows_status_and_stop() {
 /// elsewhere does: the pid_file line is intact. `reload` is what reports the breakage.
 #[test]
 fn a_config_with_a_syntax_error_elsewhere_still_allows_status_and_stop() {
-    let deployment = Deployment::new("");
+    let deployment = ConfigDeployment::new("");
     let mut server = deployment.start();
     deployment.write_config("banner = \"unclosed");
 
@@ -441,7 +373,7 @@ fn a_config_with_a_syntax_error_elsewhere_still_allows_status_and_stop() {
 /// its pid file and control socket are gone.
 #[test]
 fn stop_smart_waits_for_an_open_session_to_finish() {
-    let deployment = Deployment::new("shutdown_timeout = 60");
+    let deployment = ConfigDeployment::new("shutdown_timeout = 60");
     let mut server = deployment.start();
     let mut session = server.connect_greeted();
     assert_eq!(echo_roundtrip(&mut session, b"1\n"), b"1\n");
@@ -488,7 +420,7 @@ fn stop_smart_waits_for_an_open_session_to_finish() {
 /// session), after which both stop commands return 0.
 #[test]
 fn a_fast_stop_escalates_a_waiting_smart_stop() {
-    let deployment = Deployment::new("shutdown_timeout = 60\nkill_timeout = 60");
+    let deployment = ConfigDeployment::new("shutdown_timeout = 60\nkill_timeout = 60");
     let mut server = deployment.start();
     let mut session = server.connect_greeted();
     let client = session.local_addr().unwrap();
@@ -521,7 +453,7 @@ fn a_fast_stop_escalates_a_waiting_smart_stop() {
 /// control socket are gone. Read here with a raw client, which sees the EOF at once.
 #[test]
 fn the_stop_connection_ends_only_once_the_server_is_gone() {
-    let deployment = Deployment::new("");
+    let deployment = ConfigDeployment::new("");
     let mut server = deployment.start();
     let mut s = UnixStream::connect(deployment.socket()).unwrap();
     s.set_read_timeout(Some(WAIT)).unwrap();
@@ -548,7 +480,7 @@ fn the_stop_connection_ends_only_once_the_server_is_gone() {
 #[test]
 fn stop_fast_and_immediate_end_sessions_that_do_not_close() {
     for (mode, signal) in [("fast", "SIGTERM"), ("immediate", "SIGKILL")] {
-        let deployment = Deployment::new("shutdown_timeout = 60\nkill_timeout = 60");
+        let deployment = ConfigDeployment::new("shutdown_timeout = 60\nkill_timeout = 60");
         let mut server = deployment.start();
         let mut session = server.connect_greeted();
         let client = session.local_addr().unwrap();
@@ -580,7 +512,7 @@ fn stop_fast_and_immediate_end_sessions_that_do_not_close() {
 /// a log_file the command says the log goes to stderr, and succeeds.
 #[test]
 fn reopen_logs_follows_a_renamed_log_file() {
-    let deployment = Deployment::new("log_file = \"forkecho.log\"");
+    let deployment = ConfigDeployment::new("log_file = \"forkecho.log\"");
     let log = deployment.dir.path().join("forkecho.log");
     let rotated = deployment.dir.path().join("forkecho.log.1");
     let server = deployment.builder().read_log_from(&log).start();
@@ -604,7 +536,7 @@ fn reopen_logs_follows_a_renamed_log_file() {
     assert!(!old.contains("control command `status`"), "{old}");
 
     // Without a log file.
-    let plain = Deployment::new("");
+    let plain = ConfigDeployment::new("");
     let _plain_server = plain.start();
     let out = plain.ctl(&["reopen-logs"]);
     expect_exit(&out, 0);
@@ -623,7 +555,7 @@ fn only_root_or_the_servers_user_may_control_it() {
         return;
     }
     let (_bin_dir, program) = binary_for_nobody();
-    let deployment = Deployment::new("");
+    let deployment = ConfigDeployment::new("");
     let mut server = deployment.start();
     let socket = deployment.socket();
     let locator = ["--control-socket", socket.to_str().unwrap()];
@@ -674,7 +606,7 @@ fn the_servers_own_user_may_control_it() {
         return;
     }
     let (_bin_dir, program) = binary_for_nobody();
-    let deployment = Deployment::new("user = \"nobody\"");
+    let deployment = ConfigDeployment::new("user = \"nobody\"");
     // The server's user removes its pid file and socket at exit: the directory is its.
     nix::unistd::chown(
         deployment.dir.path(),
@@ -714,7 +646,7 @@ fn the_servers_own_user_may_control_it() {
 /// get an `error` answer naming the commands; the silent connection is closed in the end.
 #[test]
 fn a_silent_or_garbage_control_connection_does_not_block_the_server() {
-    let deployment = Deployment::new("");
+    let deployment = ConfigDeployment::new("");
     let server = deployment.start();
     let mut silent = UnixStream::connect(deployment.socket()).unwrap();
     silent.set_read_timeout(Some(WAIT)).unwrap();
@@ -766,7 +698,7 @@ fn read_answer(s: &mut UnixStream) -> String {
 /// are answered again.
 #[test]
 fn a_command_beyond_the_control_connection_limit_hears_busy() {
-    let deployment = Deployment::new("");
+    let deployment = ConfigDeployment::new("");
     let mut server = deployment.start();
     let silent: Vec<UnixStream> = (0..8)
         .map(|_| UnixStream::connect(deployment.socket()).unwrap())
@@ -795,7 +727,7 @@ fn a_command_beyond_the_control_connection_limit_hears_busy() {
 /// control_socket is refused too (a live socket is never replaced).
 #[test]
 fn a_second_server_does_not_take_the_first_ones_control_socket() {
-    let deployment = Deployment::new("");
+    let deployment = ConfigDeployment::new("");
     let first = deployment.start();
     let inode = std::fs::metadata(deployment.socket()).unwrap().ino();
 

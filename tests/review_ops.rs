@@ -7,37 +7,8 @@
 use crate::util::*;
 
 use std::path::PathBuf;
-use std::process::Output;
 
-/// A directory with `forkecho.toml` (loopback listener on a kernel-picked port,
-/// `pid_file = "forkecho.pid"`, plus extra keys); the control socket is `forkecho.ctl` beside.
-struct Deployment {
-    dir: TempDir,
-    config: PathBuf,
-}
-
-impl Deployment {
-    fn new(extra: &str) -> Self {
-        let dir = TempDir::new();
-        let config = dir.path().join("forkecho.toml");
-        let deployment = Deployment { dir, config };
-        deployment.write_config(extra);
-        deployment
-    }
-
-    fn write_config(&self, extra: &str) {
-        let text = format!("listen = [\"127.0.0.1:0\"]\npid_file = \"forkecho.pid\"\n{extra}\n");
-        std::fs::write(&self.config, text).unwrap();
-    }
-
-    fn config_arg(&self) -> &str {
-        self.config.to_str().unwrap()
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("forkecho.ctl")
-    }
-
+impl ConfigDeployment {
     /// Starts a server on this config, its log read from `log`, and waits until its control
     /// socket answers `status` (whatever the log's format).
     fn start_logging_to(&self, log: &std::path::Path) -> Server {
@@ -51,13 +22,6 @@ impl Deployment {
             server.log_text()
         );
         server
-    }
-
-    /// `forkecho -c <config> <command...>`, run to completion.
-    fn ctl(&self, command: &[&str]) -> Output {
-        let mut args = vec!["-c", self.config_arg()];
-        args.extend_from_slice(command);
-        run(&args)
     }
 }
 
@@ -91,7 +55,7 @@ fn assert_json_records(lines: &[String]) {
 /// an invalid escape.
 #[test]
 fn a_reload_refused_for_a_long_reason_keeps_the_server_and_json_lines_whole() {
-    let deployment = Deployment::new("log_format = \"json\"");
+    let deployment = ConfigDeployment::new("log_format = \"json\"");
     let log = deployment.dir.path().join("forkecho.log");
     let mut server = deployment.start_logging_to(&log);
     for shift in ["", "a"] {
@@ -209,7 +173,7 @@ fn the_shipped_logrotate_snippet_works_for_a_server_run_as_its_own_user() {
 #[test]
 fn a_command_to_a_server_that_does_not_accept_ends_in_bounded_time() {
     use std::os::unix::process::ExitStatusExt;
-    let deployment = Deployment::new("");
+    let deployment = ConfigDeployment::new("");
     let server = Server::builder()
         .args(["-c", deployment.config_arg()])
         .start();

@@ -8,13 +8,6 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-fn assert_upgraded(out: &std::process::Output) {
-    assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("upgraded from"),
-        "upgrade: {out:?}"
-    );
-}
-
 /// Writes an executable shell script.
 fn write_script(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
@@ -29,6 +22,9 @@ fn upgrades_leave_the_parent_no_more_descriptors_than_before() {
     for _ in 0..3 {
         assert_upgraded(&deployment.upgrade());
     }
+    // The command may see its answer end (the socket shut down for writing) a moment before
+    // the server closes it.
+    wait_until(WAIT, || fds_of(server.pid()).len() <= before.len());
     let after = fds_of(server.pid());
     let targets: Vec<String> = after
         .iter()
@@ -339,6 +335,8 @@ fn a_rollback_leaves_no_descriptor_behind() {
         let out = deployment.upgrade();
         assert_eq!(out.status.code(), Some(1), "{out:?}");
     }
+    // The requester's socket is closed just after its answer ends.
+    wait_until(WAIT, || fds_of(server.pid()).len() <= before.len());
     let after = fds_of(server.pid());
     let targets: Vec<String> = after
         .iter()

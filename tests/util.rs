@@ -755,6 +755,11 @@ impl Deployment {
         self.command(&["upgrade"])
     }
 
+    /// The control socket a server of this pid file makes: `forkecho.ctl` beside it.
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.path().join("forkecho.ctl")
+    }
+
     /// What the pid file holds, trimmed.
     pub fn pid_in_file(&self) -> String {
         std::fs::read_to_string(&self.pid_file)
@@ -762,6 +767,83 @@ impl Deployment {
             .trim()
             .to_string()
     }
+}
+
+/// A directory holding a config file whose pid file (and so the control socket, `.ctl`
+/// beside it) is relative to the file's directory, as a packaged deployment has it.
+pub struct ConfigDeployment {
+    pub dir: TempDir,
+    pub config: PathBuf,
+}
+
+impl ConfigDeployment {
+    /// A config with `listen` on a free loopback port, `pid_file = "forkecho.pid"`, and
+    /// `extra` keys.
+    pub fn new(extra: &str) -> Self {
+        let dir = TempDir::new();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let config = dir.path().join("forkecho.toml");
+        let deployment = ConfigDeployment { dir, config };
+        deployment.write_config(extra);
+        deployment
+    }
+
+    /// Rewrites the config file: the same `listen` and `pid_file`, and `extra` keys.
+    pub fn write_config(&self, extra: &str) {
+        let text = format!("listen = [\"127.0.0.1:0\"]\npid_file = \"forkecho.pid\"\n{extra}\n");
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.path().join("forkecho.pid")
+    }
+
+    /// Where the server binds its control socket: beside the pid file, `.ctl`.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("forkecho.ctl")
+    }
+
+    pub fn config_arg(&self) -> &str {
+        self.config.to_str().unwrap()
+    }
+
+    /// Starts a server with `-c` this config and waits until it listens.
+    pub fn start(&self) -> Server {
+        self.builder().start()
+    }
+
+    pub fn builder(&self) -> ServerBuilder {
+        Server::builder().args(["-c", self.config_arg()])
+    }
+
+    /// Runs `forkecho -c <config> <command...>` to completion.
+    pub fn ctl(&self, command: &[&str]) -> Output {
+        let mut args = vec!["-c", self.config_arg()];
+        args.extend_from_slice(command);
+        run(&args)
+    }
+
+    /// Runs `forkecho -c <config> <command...>` in a thread, for a command that waits (stop).
+    pub fn ctl_in_background(&self, command: &[&str]) -> thread::JoinHandle<Output> {
+        let mut args = vec!["-c".to_string(), self.config_arg().to_string()];
+        args.extend(command.iter().map(|s| s.to_string()));
+        thread::spawn(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(&args)
+        })
+    }
+}
+
+/// Asserts that an `upgrade` command succeeded and said so.
+pub fn assert_upgraded(out: &Output) {
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("upgraded from"),
+        "upgrade: {out:?}"
+    );
 }
 
 /// SIGKILLs one process by pid when dropped: for a process no `Server` guards (an orphaned
