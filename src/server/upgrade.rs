@@ -216,8 +216,16 @@ impl Server {
         // Open across exec from here: nothing forks before the `execve` (and a child would
         // close them anyway, as it closes every inherited descriptor).
         let passed = state.descriptors();
-        for &fd in &passed {
-            upgrade::keep_across_exec(fd, true).map_err(|e| format!("descriptor {fd}: {e}"))?;
+        if let Some((fd, e)) = passed
+            .iter()
+            .find_map(|&fd| upgrade::keep_across_exec(fd, true).err().map(|e| (fd, e)))
+        {
+            // Else they would leak into the next check (a plain `spawn`); sessions close what
+            // they inherit anyway.
+            for &fd in &passed {
+                let _ = upgrade::keep_across_exec(fd, false);
+            }
+            return Err(format!("descriptor {fd}: {e}"));
         }
         let exe = CString::new(context.exe.as_os_str().as_bytes())
             .map_err(|_| "a NUL in the binary's path")?;
