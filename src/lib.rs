@@ -23,7 +23,8 @@
 //! - [`control`]: the control commands (`status`, `reload`, `stop`, `reopen-logs`, `upgrade`):
 //!   their protocol and the client the command line runs.
 //! - [`upgrade`]: what passes from one image to the next in an upgrade in place, and the
-//!   rollback to the previous one.
+//!   rollback to the previous one; `crash.rs` rolls back on a native crash too, from a signal
+//!   handler prepared in advance.
 //! - `proxy`: the PROXY protocol (v1, v2): a listener's policy, and what received bytes say.
 //! - `limits`: admission before fork: access rules, per-source and rate limits, refusal
 //!   counts; `max_children` pauses accepting instead.

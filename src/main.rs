@@ -148,6 +148,9 @@ fn start_and_serve(cli: Cli, readiness: &mut Readiness) -> Result<(), Failure> {
         // Whatever keeps this image from serving hands back to the previous one.
         let state = forkecho::upgrade::State::read_from(state_fd)
             .map_err(|e| roll_back(state_fd, Failure::Start(e)))?;
+        // A native crash from here until serving hands back too.
+        forkecho::upgrade::crash::arm(state_fd, &state)
+            .map_err(|e| roll_back(state_fd, Failure::Start(format!("preparing: {e}"))))?;
         // The configuration the running image had, not the file as it is now.
         return match Config::load_as_running(&cli, state.config_text.as_deref()) {
             Ok(config) => continue_after_upgrade(cli, &config, state_fd, state),
@@ -353,11 +356,13 @@ fn continue_after_upgrade(
         }
         serving_hook(info);
     }));
+    upgrade::crash::crash_if_a_test_asks();
     server
         .restore(&state.server)
         .map_err(Failure::Start)
         .map_err(back)?;
     forkecho::upgrade::stop_adopting();
+    upgrade::crash::disarm();
     // Serving from here: nothing more to roll back to, so the state and the previous
     // executable are let go.
     drop(upgrade::adopt(state_fd));

@@ -61,7 +61,7 @@ impl Mode {
 }
 
 /// [`HOOKED`] as a signal set.
-fn hooked_set() -> io::Result<SigSet> {
+pub(crate) fn hooked_set() -> io::Result<SigSet> {
     let mut hooked = SigSet::empty();
     for signal in HOOKED {
         hooked.add(Signal::try_from(signal)?);

@@ -235,18 +235,15 @@ fn an_upgrade_refuses_no_connection_to_a_looping_client() {
     assert_eq!(refused.load(Ordering::Relaxed), 0);
 }
 
-/// A new binary that passes the check but cannot start with the state (here: a wrapper that
-/// starts it with a bad flag only when it takes over) hands back to the previous one, which
-/// serves on with every session; one error line, and the command says it failed.
-#[test]
-fn a_new_image_that_cannot_start_rolls_back_to_the_previous_one() {
-    let deployment = Deployment::new();
-    let server = deployment.start(&[]);
-    let mut session = server.connect_greeted();
+/// Puts a wrapper at the deployment's binary path that runs the real binary (moved aside; its
+/// new path is returned) as `takeover` says when it takes over from a running image (an
+/// upgrade's exec), and as it is otherwise (the check before it).
+fn wrap_binary_for_takeover(deployment: &Deployment, takeover: &str) -> std::path::PathBuf {
     let good = deployment.dir.path().join("forkecho.good");
     std::fs::rename(&deployment.binary, &good).unwrap();
+    let takeover = takeover.replace("{good}", &good.display().to_string());
     let wrapper = format!(
-        "#!/bin/sh\nif [ -n \"$FORKECHO_UPGRADE_STATE\" ]; then exec {good} --max-children 0 \"$@\"; fi\nexec {good} \"$@\"\n",
+        "#!/bin/sh\nif [ -n \"$FORKECHO_UPGRADE_STATE\" ]; then {takeover}; fi\nexec {good} \"$@\"\n",
         good = good.display()
     );
     std::fs::write(&deployment.binary, wrapper).unwrap();
@@ -255,8 +252,20 @@ fn a_new_image_that_cannot_start_rolls_back_to_the_previous_one() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
+    good
+}
 
-    let out = deployment.command(&["upgrade"]);
+/// After a rollback for `why`: the command said it failed, one error line says why, the
+/// session opened before is kept (and counted), new clients are served by the same pid; and
+/// with the good binary back, the next upgrade succeeds.
+fn assert_rolled_back(
+    deployment: &Deployment,
+    server: &Server,
+    session: &mut std::net::TcpStream,
+    out: &std::process::Output,
+    why: &str,
+    good: &Path,
+) {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -268,8 +277,9 @@ fn a_new_image_that_cannot_start_rolls_back_to_the_previous_one() {
         1,
         "rollback",
     );
-    assert_eq!(echo_roundtrip(&mut session, b"kept\n"), b"kept\n");
-    assert_serves(&server, b"new client\n");
+    server.assert_line_count(why, 1, "the rollback's reason");
+    assert_eq!(echo_roundtrip(session, b"kept\n"), b"kept\n");
+    assert_serves(server, b"new client\n");
     let status = deployment.command(&["status"]);
     assert_eq!(status_field(&status, "pid"), server.pid().to_string());
     let active: usize = status_field(&status, "active").parse().unwrap();
@@ -278,11 +288,50 @@ fn a_new_image_that_cannot_start_rolls_back_to_the_previous_one() {
         "the session kept through the rollback is counted"
     );
 
-    // With the good binary back in place, the next upgrade succeeds.
-    std::fs::rename(&good, &deployment.binary).unwrap();
+    std::fs::rename(good, &deployment.binary).unwrap();
     let out = deployment.command(&["upgrade"]);
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(echo_roundtrip(&mut session, b"again\n"), b"again\n");
+    assert_eq!(echo_roundtrip(session, b"again\n"), b"again\n");
+}
+
+/// A new binary that passes the check but cannot start with the state (here: a wrapper that
+/// starts it with a bad flag only when it takes over) hands back to the previous one, which
+/// serves on with every session; one error line, and the command says it failed.
+#[test]
+fn a_new_image_that_cannot_start_rolls_back_to_the_previous_one() {
+    let deployment = Deployment::new();
+    let server = deployment.start(&[]);
+    let mut session = server.connect_greeted();
+    let good = wrap_binary_for_takeover(&deployment, "exec {good} --max-children 0 \"$@\"");
+    let out = deployment.command(&["upgrade"]);
+    let why = "--max-children";
+    assert_rolled_back(&deployment, &server, &mut session, &out, why, &good);
+}
+
+/// A new image that crashes natively while it takes over (a debug build's test hook makes
+/// the real binary write through a null pointer, or abort) rolls back as a refusal does.
+#[cfg(debug_assertions)]
+fn a_crash_while_taking_over_rolls_back(how: &str, signal: &str) {
+    let deployment = Deployment::new();
+    let server = deployment.start(&[]);
+    let mut session = server.connect_greeted();
+    let takeover = format!("FORKECHO_TEST_CRASH_WHILE_ADOPTING={how} exec {{good}} \"$@\"");
+    let good = wrap_binary_for_takeover(&deployment, &takeover);
+    let out = deployment.command(&["upgrade"]);
+    let why = format!("it crashed ({signal}) before serving");
+    assert_rolled_back(&deployment, &server, &mut session, &out, &why, &good);
+}
+
+#[cfg(debug_assertions)]
+#[test]
+fn a_new_image_that_segfaults_while_taking_over_rolls_back() {
+    a_crash_while_taking_over_rolls_back("segv", "SIGSEGV");
+}
+
+#[cfg(debug_assertions)]
+#[test]
+fn a_new_image_that_aborts_while_taking_over_rolls_back() {
+    a_crash_while_taking_over_rolls_back("abort", "SIGABRT");
 }
 
 /// A balancer's connection whose PROXY header is half there when the upgrade comes: it passes

@@ -19,6 +19,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use serde::{Deserialize, Serialize};
 
+pub mod crash;
+
 /// Names the memfd that holds the state, in the new image's environment.
 pub const STATE_ENV: &str = "FORKECHO_UPGRADE_STATE";
 /// Set, with the reason, in the previous image started again after the new one failed.
@@ -302,6 +304,15 @@ impl ExecImage {
     pub fn envp(&self) -> *const *const libc::c_char {
         self.envp.as_ptr()
     }
+
+    /// Replaces the environment's last entry (the last of `extra`) with `entry`, a
+    /// NUL-terminated `NAME=value` that must outlive the `execve`. Allocation-free: a signal
+    /// handler calls it (see `crash`).
+    pub fn set_last_env(&mut self, entry: *const libc::c_char) {
+        if let Some(last) = self.envp.len().checked_sub(2) {
+            self.envp[last] = entry;
+        }
+    }
 }
 
 /// Lets `fd` survive `execve` (clears FD_CLOEXEC), or makes it close there again.
@@ -409,6 +420,8 @@ pub fn stop_adopting() {
 struct Started {
     state_fd: Option<RawFd>,
     rolled_back: Option<String>,
+    /// [`crash::TEST_CRASH_ENV`]'s value (debug builds only).
+    test_crash: Option<String>,
 }
 
 static STARTED: std::sync::OnceLock<Started> = std::sync::OnceLock::new();
@@ -419,12 +432,17 @@ fn started() -> &'static Started {
     STARTED.get_or_init(|| {
         let state_fd = std::env::var(STATE_ENV).ok().and_then(|v| v.parse().ok());
         let rolled_back = std::env::var(ROLLBACK_ENV).ok();
+        let test_crash = cfg!(debug_assertions)
+            .then(|| std::env::var(crash::TEST_CRASH_ENV).ok())
+            .flatten();
         // Before any thread exists: main calls this first.
         std::env::remove_var(STATE_ENV);
         std::env::remove_var(ROLLBACK_ENV);
+        std::env::remove_var(crash::TEST_CRASH_ENV);
         Started {
             state_fd,
             rolled_back,
+            test_crash,
         }
     })
 }
