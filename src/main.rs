@@ -376,10 +376,14 @@ fn continue_after_upgrade(
         ),
         None => log::info!(
             event = "upgrade", result = "done";
-            "upgraded in place from {} to {}: {} sessions kept",
+            "upgraded in place from {} to {}: {} sessions kept{}",
             state.from_version,
             forkecho::VERSION,
-            state.server.children.len()
+            state.server.children.len(),
+            match state.server.shutdown {
+                Some(_) => "; the shutdown in progress goes on",
+                None => "",
+            }
         ),
     }
     if let Some(fd) = state.requester {
@@ -398,7 +402,11 @@ fn continue_after_upgrade(
         .map(std::ffi::OsString::from_vec)
         .collect();
     server.prepare_upgrades(context);
-    let ready = Box::new(|| forkecho::systemd::ready("serving (upgraded)"));
+    // Not READY while stopping: systemd heard STOPPING=1 from the previous image.
+    let ready: Box<dyn FnOnce()> = match state.server.shutdown {
+        None => Box::new(|| forkecho::systemd::ready("serving (upgraded)")),
+        Some(_) => Box::new(|| forkecho::systemd::status("shutting down (upgraded)")),
+    };
     let result = server.run(ready);
     if let Some(pid_file) = pid_file {
         pid_file.remove();

@@ -367,3 +367,52 @@ fn a_program_started_after_an_upgrade_sees_nothing_of_it() {
     assert!(!said.contains("FORKECHO_UPGRADE"), "{said}");
     assert!(said.contains("PROTO=TCP"), "{said}");
 }
+
+/// An upgrade during a smart shutdown's drain is carried out, and the new image goes on with
+/// the shutdown where it was: it does not listen again, says it is shutting down, the session
+/// kept echoes, and when that ends the server exits 0 and removes its pid file.
+#[test]
+fn an_upgrade_during_a_smart_shutdown_carries_the_shutdown_on() {
+    let deployment = Deployment::new();
+    let mut server = deployment.start(&["--shutdown-timeout", "120"]);
+    let mut session = server.connect_greeted();
+    server.signal(Signal::SIGTERM);
+    server.wait_for_line("shutting down on SIGTERM (smart)");
+    assert_upgraded(&deployment.upgrade());
+    server.wait_for_line("the shutdown in progress goes on");
+    let status = deployment.command(&["status"]);
+    assert_eq!(status_field(&status, "state"), "shutting down");
+    assert_eq!(status_field(&status, "pid"), server.pid().to_string());
+    assert_eq!(echo_roundtrip(&mut session, b"still\n"), b"still\n");
+    drop(session);
+    let exit = server.wait_exit(WAIT);
+    assert!(exit.success(), "{exit:?}\n{}", server.log_text());
+    assert!(!deployment.pid_file.exists());
+    server.assert_line_count("listening on", 1, "the new image listens on nothing");
+    server.assert_line_count("shutdown complete", 1, "one end");
+}
+
+/// An upgrade while a fast shutdown waits for a session that ignores SIGTERM: the new image
+/// keeps the SIGKILL deadline (the session is killed and the server exits; a new image that
+/// forgot the shutdown would serve on with no listener).
+#[test]
+fn an_upgrade_during_a_fast_shutdown_keeps_its_kill_deadline() {
+    let deployment = Deployment::new();
+    let program = [
+        "--",
+        "sh",
+        "-c",
+        "trap '' TERM; echo up; while :; do sleep 1; done",
+    ];
+    let mut server = deployment.start(&[&["--kill-timeout", "3"][..], &program].concat());
+    let mut session = server.connect();
+    assert_eq!(read_exactly(&mut session, 3), b"up\n");
+    server.signal(Signal::SIGINT);
+    server.wait_for_line("shutting down on SIGINT (fast)");
+    assert_upgraded(&deployment.upgrade());
+    server.wait_for_line("the shutdown in progress goes on");
+    server.wait_for_line("sending them SIGKILL");
+    let exit = server.wait_exit(WAIT);
+    assert!(exit.success(), "{exit:?}\n{}", server.log_text());
+    assert_closed_by_server(&mut session, "the session killed at the deadline");
+}

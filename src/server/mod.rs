@@ -279,6 +279,7 @@ impl Server {
             self.serve_headers();
             self.accept_ready();
         }
+        self.cancel_upgrade();
         info!(event = "stopped"; "shutdown complete");
         Ok(())
     }

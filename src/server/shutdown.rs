@@ -17,8 +17,35 @@ pub(super) enum Phase {
     Killing,
 }
 
+impl Phase {
+    /// The shutdown in progress, for the next image of an upgrade; none while serving.
+    pub(super) fn export(self, now: Instant) -> Option<ShutdownState> {
+        let left = |until: Instant| Some(until.saturating_duration_since(now).as_nanos() as u64);
+        let (phase, until_in_ns) = match self {
+            Phase::Serving => return None,
+            Phase::Draining { until } => (ShutdownPhase::Draining, left(until)),
+            Phase::Terminating { until } => (ShutdownPhase::Terminating, left(until)),
+            Phase::Killing => (ShutdownPhase::Killing, None),
+        };
+        Some(ShutdownState { phase, until_in_ns })
+    }
+
+    /// The phase the previous image was in (see [`Phase::export`]).
+    pub(super) fn import(state: Option<&ShutdownState>, now: Instant) -> Phase {
+        let Some(state) = state else {
+            return Phase::Serving;
+        };
+        let until = now + Duration::from_nanos(state.until_in_ns.unwrap_or(0));
+        match state.phase {
+            ShutdownPhase::Draining => Phase::Draining { until },
+            ShutdownPhase::Terminating => Phase::Terminating { until },
+            ShutdownPhase::Killing => Phase::Killing,
+        }
+    }
+}
+
 use std::io::ErrorKind;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use socket2::SockRef;
@@ -30,6 +57,7 @@ use crate::conn::Accepted;
 use crate::limits::Refusal;
 use crate::listen::Listener;
 use crate::signals::Mode;
+use crate::upgrade::{ShutdownPhase, ShutdownState};
 
 impl Server {
     /// A shutdown request: the first one enters the state machine at its mode's step; while
@@ -40,7 +68,6 @@ impl Server {
         let n = self.children.len();
         if self.phase == Phase::Serving {
             crate::systemd::stopping(&format!("{} shutdown on {sig}", mode.name()));
-            self.cancel_upgrade();
         }
         match (self.phase, mode) {
             (Phase::Killing, _) => {}
@@ -174,5 +201,43 @@ impl Server {
 pub(super) fn stop_accepting_everywhere(listener: &Listener) {
     if !listener.from_systemd {
         let _ = SockRef::from(&listener.socket).shutdown(std::net::Shutdown::Read);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shutdown_passes_to_the_next_image_with_its_time_left() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(3);
+        for phase in [
+            Phase::Draining { until: later },
+            Phase::Terminating { until: later },
+            Phase::Killing,
+        ] {
+            let passed = phase.export(now).unwrap();
+            // What passes is the time left (an exec takes milliseconds): imported 1 s later,
+            // the deadline is 1 s later.
+            let next = now + Duration::from_secs(1);
+            let shifted = |until: Instant| until + Duration::from_secs(1);
+            let expected = match phase {
+                Phase::Draining { until } => Phase::Draining {
+                    until: shifted(until),
+                },
+                Phase::Terminating { until } => Phase::Terminating {
+                    until: shifted(until),
+                },
+                other => other,
+            };
+            assert_eq!(Phase::import(Some(&passed), next), expected);
+        }
+        assert_eq!(Phase::Serving.export(now), None);
+        assert_eq!(Phase::import(None, now), Phase::Serving);
+        // A deadline already past passes as "now".
+        let past = Phase::Draining { until: now };
+        let passed = past.export(now + Duration::from_secs(5)).unwrap();
+        assert_eq!(passed.until_in_ns, Some(0));
     }
 }

@@ -11,7 +11,10 @@
 //!    exec); then `execve` of the same path, same arguments. The pid stays, and with it every
 //!    session. If the `execve` itself fails, all is undone and the loop goes on.
 //!
-//! While the check runs, the loop serves as always. A shutdown meanwhile cancels the upgrade.
+//! While the check runs, the loop serves as always. A shutdown is no reason to refuse or
+//! cancel one: the state carries the shutdown's step and deadline, and the next image goes on
+//! with it. Only a shutdown that completes while the check still runs cancels the upgrade
+//! (the check is killed; there is nothing left to upgrade).
 
 use std::ffi::{CString, OsString};
 use std::io::{Read, Seek};
@@ -78,9 +81,6 @@ impl Server {
                 "this server was not started in a way it can upgrade",
             );
         };
-        if self.phase != Phase::Serving {
-            return refuse(requester, "the server is shutting down");
-        }
         if self.checking.is_some() {
             return refuse(requester, "an upgrade is already in progress");
         }
@@ -146,16 +146,17 @@ impl Server {
         }
     }
 
-    /// A shutdown began: an upgrade whose check runs is cancelled, the check killed (its reap
-    /// is the shutdown's like any other).
+    /// The shutdown completed while an upgrade's check runs: the upgrade is cancelled and the
+    /// check killed (a zombie the process that adopts it reaps, once this one has exited).
     pub(super) fn cancel_upgrade(&mut self) {
         if let Some(checking) = self.checking.take() {
             let _ = nix::sys::signal::kill(checking.pid, nix::sys::signal::Signal::SIGKILL);
-            error!("upgrade cancelled: the server is shutting down");
+            let reason = "the shutdown completed during the new binary's check";
+            error!(event = "upgrade", result = "cancelled", reason:% = reason; "upgrade cancelled: {reason}");
             answer(
                 checking.requester,
                 Outcome::Refused,
-                "upgrade cancelled: the server is shutting down",
+                &format!("upgrade cancelled: {reason}"),
             );
         }
     }
@@ -179,16 +180,6 @@ impl Server {
                 checking.requester,
                 Outcome::Refused,
                 &format!("upgrade refused: {reason}"),
-            );
-            return;
-        }
-        if self.phase != Phase::Serving {
-            let reason = "the server began shutting down during the check";
-            error!("upgrade cancelled: {reason}");
-            answer(
-                checking.requester,
-                Outcome::Refused,
-                &format!("upgrade cancelled: {reason}"),
             );
             return;
         }
@@ -240,7 +231,11 @@ impl Server {
             context.exe.display(),
             self.children.len()
         );
-        crate::systemd::reloading();
+        // systemd knows no reload while stopping: a shutdown's "stopping" stands.
+        let serving = self.phase == Phase::Serving;
+        if serving {
+            crate::systemd::reloading();
+        }
         // The arguments' relative paths are from where the server was started (a daemon
         // works from /).
         let cwd = std::env::current_dir().ok();
@@ -261,7 +256,9 @@ impl Server {
         for &fd in &passed {
             let _ = upgrade::keep_across_exec(fd, false);
         }
-        crate::systemd::ready("serving (upgrade failed)");
+        if serving {
+            crate::systemd::ready("serving (upgrade failed)");
+        }
         drop((memfd, previous_exe));
         Err(format!(
             "execve {}: {}",
@@ -324,6 +321,7 @@ impl Server {
                     .metrics
                     .as_ref()
                     .map_or_else(Vec::new, |m| m.scrapes.export(now)),
+                shutdown: self.phase.export(now),
             },
         }
     }
@@ -332,6 +330,7 @@ impl Server {
     pub fn restore(&mut self, state: &ServerState) -> Result<(), String> {
         let now = Instant::now();
         self.taken_over = true;
+        self.phase = Phase::import(state.shutdown.as_ref(), now);
         self.admitted = state.admitted;
         self.fork_failures = state.fork_failures;
         self.counts.accepted = state.accepted;

@@ -31,7 +31,7 @@ pub const CHECK_ENV: &str = "FORKECHO_UPGRADE_CHECK";
 /// The state's format; an image refuses a state of another version (and the check before an
 /// upgrade, a binary of another). Raised whenever the state changes: an image reading a
 /// state it half knows would leave descriptors it does not know of open and unserved.
-pub const FORMAT: u32 = 2;
+pub const FORMAT: u32 = 3;
 
 /// Everything that passes to the next image.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -110,6 +110,28 @@ pub struct ServerState {
     pub control_exchanges: Vec<ExchangeState>,
     /// Metrics scrapes in the middle of theirs.
     pub metrics_exchanges: Vec<ExchangeState>,
+    /// A shutdown in progress: the next image carries it on from the same step, with the
+    /// same deadline.
+    pub shutdown: Option<ShutdownState>,
+}
+
+/// Where a shutdown is (see `server::shutdown`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct ShutdownState {
+    pub phase: ShutdownPhase,
+    /// Time left before its next step (none for `Killing`, which waits for the reaps).
+    pub until_in_ns: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum ShutdownPhase {
+    /// Listeners closed; sessions may finish until the deadline.
+    Draining,
+    /// Sessions were sent SIGTERM; SIGKILL follows at the deadline.
+    Terminating,
+    /// Sessions were sent SIGKILL.
+    Killing,
 }
 
 /// A connection to the control socket or the metrics endpoint, in the middle of its
@@ -549,6 +571,10 @@ mod tests {
                     lingering: false,
                     until_in_ns: 5,
                 }],
+                shutdown: Some(ShutdownState {
+                    phase: ShutdownPhase::Draining,
+                    until_in_ns: Some(6),
+                }),
                 ..ServerState::default()
             },
         };
