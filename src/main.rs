@@ -356,13 +356,15 @@ fn continue_after_upgrade(
         }
         serving_hook(info);
     }));
-    upgrade::crash::crash_if_a_test_asks();
     server
         .restore(&state.server)
         .map_err(Failure::Start)
         .map_err(back)?;
+    // The last moment a failure hands back: everything is taken over but nothing served.
+    upgrade::crash::crash_if_a_test_asks();
     forkecho::upgrade::stop_adopting();
     upgrade::crash::disarm();
+    server.took_over();
     // Serving from here: nothing more to roll back to, so the state and the previous
     // executable are let go.
     drop(upgrade::adopt(state_fd));

@@ -416,3 +416,30 @@ fn an_upgrade_during_a_fast_shutdown_keeps_its_kill_deadline() {
     assert!(exit.success(), "{exit:?}\n{}", server.log_text());
     assert_closed_by_server(&mut session, "the session killed at the deadline");
 }
+
+/// A session that ends during the exec of a new image that then crashes: the previous image,
+/// started again, reaps it and logs its end (the failed image must not have taken that exit
+/// with it, which would leave a session counted for good and a shutdown waiting forever).
+#[cfg(debug_assertions)]
+#[test]
+fn a_session_ending_during_a_failed_takeover_is_reaped_by_the_previous_image() {
+    let deployment = Deployment::new();
+    let server = deployment.start(&[]);
+    let session = server.connect_greeted();
+    let client = session.local_addr().unwrap();
+    let victim = deployment.dir.path().join("victim");
+    std::fs::write(&victim, server.child_pid_for(client).to_string()).unwrap();
+    // The wrapper runs as the server's own process, between the exec and the new image:
+    // the session's child dies there.
+    let takeover = format!(
+        "kill -KILL $(cat {}); FORKECHO_TEST_CRASH_WHILE_ADOPTING=segv exec {{good}} \"$@\"",
+        victim.display()
+    );
+    wrap_binary_for_takeover(&deployment, &takeover);
+    let out = deployment.upgrade();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let ending = server.wait_child_ending(client);
+    assert!(ending.how.contains("SIGKILL"), "{ending:?}");
+    let status = deployment.command(&["status"]);
+    assert_eq!(status_field(&status, "active"), "0");
+}

@@ -359,10 +359,16 @@ impl Server {
                 .import(&state.metrics_exchanges, registry, now)?,
             None => close_passed(&state.metrics_exchanges),
         }
-        // Children that ended during the exec: their SIGCHLD is pending, but reap now anyway.
+        Ok(())
+    }
+
+    /// The takeover is over (no rollback can follow): reaps the children that ended during
+    /// the exec (their SIGCHLD is pending too), and pauses at `max_children` if full. Not part
+    /// of [`Server::restore`]: a reap there, followed by a failure, would take exits the
+    /// previous image, started again with the state, could never see.
+    pub fn took_over(&mut self) {
         self.children.reap();
         self.pause_or_resume_at_max_children();
-        Ok(())
     }
 
     /// The control connection that asked for the upgrade the previous image made: told that
