@@ -364,7 +364,9 @@ fn continue_after_upgrade(
     upgrade::crash::crash_if_a_test_asks();
     forkecho::upgrade::stop_adopting();
     upgrade::crash::disarm();
-    server.took_over();
+    server
+        .took_over()
+        .map_err(|e| Failure::Start(format!("unblocking signals: {e}")))?;
     // Serving from here: nothing more to roll back to, so the state and the previous
     // executable are let go.
     drop(upgrade::adopt(state_fd));
@@ -405,9 +407,13 @@ fn continue_after_upgrade(
         .collect();
     server.prepare_upgrades(context);
     // Not READY while stopping: systemd heard STOPPING=1 from the previous image.
+    let how = match rolled_back {
+        Some(_) => "upgrade rolled back",
+        None => "upgraded",
+    };
     let ready: Box<dyn FnOnce()> = match state.server.shutdown {
-        None => Box::new(|| forkecho::systemd::ready("serving (upgraded)")),
-        Some(_) => Box::new(|| forkecho::systemd::status("shutting down (upgraded)")),
+        None => Box::new(move || forkecho::systemd::ready(&format!("serving ({how})"))),
+        Some(_) => Box::new(move || forkecho::systemd::status(&format!("shutting down ({how})"))),
     };
     let result = server.run(ready);
     if let Some(pid_file) = pid_file {

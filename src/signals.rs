@@ -74,7 +74,11 @@ pub fn hook() -> io::Result<Signals> {
     let signals = Signals::new(HOOKED)?;
     // Why: a launcher may have left some of them blocked (the mask survives exec). A blocked
     // SIGCHLD would leave every child a zombie and a blocked SIGTERM would make us unstoppable.
-    nix::sys::signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&hooked_set()?), None)?;
+    // Not while taking over from the previous image: what is pending waits until no rollback
+    // can follow (`unblock_hooked`), or a rollback would take it away with this image.
+    if crate::upgrade::adopting_pid() == 0 {
+        unblock_hooked()?;
+    }
     // Why: a log file that reaches RLIMIT_FSIZE would otherwise kill the parent (and orphan
     // every session) with SIGXFSZ; ignored, the write fails with EFBIG and the logger counts
     // the line as dropped, as on a full disk.
@@ -167,6 +171,12 @@ pub fn block_hooked() -> io::Result<SigSet> {
     let mut old = SigSet::empty();
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&hooked_set()?), Some(&mut old))?;
     Ok(old)
+}
+
+/// Lets the hooked signals through: those pending are handled now.
+pub fn unblock_hooked() -> io::Result<()> {
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&hooked_set()?), None)?;
+    Ok(())
 }
 
 /// Raises again, for the next image, what a batch asked: with the hooked signals blocked

@@ -22,6 +22,7 @@ mod operations;
 mod package;
 mod proxy;
 mod review_config;
+mod review_crash;
 mod review_exec;
 mod review_ops;
 mod review_proxy;

@@ -235,26 +235,6 @@ fn an_upgrade_refuses_no_connection_to_a_looping_client() {
     assert_eq!(refused.load(Ordering::Relaxed), 0);
 }
 
-/// Puts a wrapper at the deployment's binary path that runs the real binary (moved aside; its
-/// new path is returned) as `takeover` says when it takes over from a running image (an
-/// upgrade's exec), and as it is otherwise (the check before it).
-fn wrap_binary_for_takeover(deployment: &Deployment, takeover: &str) -> std::path::PathBuf {
-    let good = deployment.dir.path().join("forkecho.good");
-    std::fs::rename(&deployment.binary, &good).unwrap();
-    let takeover = takeover.replace("{good}", &good.display().to_string());
-    let wrapper = format!(
-        "#!/bin/sh\nif [ -n \"$FORKECHO_UPGRADE_STATE\" ]; then {takeover}; fi\nexec {good} \"$@\"\n",
-        good = good.display()
-    );
-    std::fs::write(&deployment.binary, wrapper).unwrap();
-    std::fs::set_permissions(
-        &deployment.binary,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    good
-}
-
 /// After a rollback for `why`: the command said it failed, one error line says why, the
 /// session opened before is kept (and counted), new clients are served by the same pid; and
 /// with the good binary back, the next upgrade succeeds.
@@ -302,7 +282,7 @@ fn a_new_image_that_cannot_start_rolls_back_to_the_previous_one() {
     let deployment = Deployment::new();
     let server = deployment.start(&[]);
     let mut session = server.connect_greeted();
-    let good = wrap_binary_for_takeover(&deployment, "exec {good} --max-children 0 \"$@\"");
+    let good = deployment.wrap_for_takeover("exec {good} --max-children 0 \"$@\"");
     let out = deployment.command(&["upgrade"]);
     let why = "--max-children";
     assert_rolled_back(&deployment, &server, &mut session, &out, why, &good);
@@ -316,7 +296,7 @@ fn a_crash_while_taking_over_rolls_back(how: &str, signal: &str) {
     let server = deployment.start(&[]);
     let mut session = server.connect_greeted();
     let takeover = format!("FORKECHO_TEST_CRASH_WHILE_ADOPTING={how} exec {{good}} \"$@\"");
-    let good = wrap_binary_for_takeover(&deployment, &takeover);
+    let good = deployment.wrap_for_takeover(&takeover);
     let out = deployment.command(&["upgrade"]);
     let why = format!("it crashed ({signal}) before serving");
     assert_rolled_back(&deployment, &server, &mut session, &out, &why, &good);
@@ -435,7 +415,7 @@ fn a_session_ending_during_a_failed_takeover_is_reaped_by_the_previous_image() {
         "kill -KILL $(cat {}); FORKECHO_TEST_CRASH_WHILE_ADOPTING=segv exec {{good}} \"$@\"",
         victim.display()
     );
-    wrap_binary_for_takeover(&deployment, &takeover);
+    deployment.wrap_for_takeover(&takeover);
     let out = deployment.upgrade();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let ending = server.wait_child_ending(client);

@@ -760,6 +760,26 @@ impl Deployment {
         self.dir.path().join("forkecho.ctl")
     }
 
+    /// Puts a wrapper at the binary's path that runs `takeover` (a shell fragment; `{good}`
+    /// names the real binary, moved aside) when an upgrade executes it, and the real binary
+    /// otherwise (the check before it). Returns the real binary's new path.
+    pub fn wrap_for_takeover(&self, takeover: &str) -> PathBuf {
+        let good = self.dir.path().join("forkecho.good");
+        std::fs::rename(&self.binary, &good).unwrap();
+        let takeover = takeover.replace("{good}", &good.display().to_string());
+        let wrapper = format!(
+            "#!/bin/sh\nif [ -n \"$FORKECHO_UPGRADE_STATE\" ]; then {takeover}; fi\nexec {good} \"$@\"\n",
+            good = good.display()
+        );
+        std::fs::write(&self.binary, wrapper).unwrap();
+        std::fs::set_permissions(
+            &self.binary,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        good
+    }
+
     /// What the pid file holds, trimmed.
     pub fn pid_in_file(&self) -> String {
         std::fs::read_to_string(&self.pid_file)

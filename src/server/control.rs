@@ -9,6 +9,7 @@
 //! [`MAX_CONNECTIONS`] talk at once, each for at most [`REQUEST_TIMEOUT`]: a client that
 //! connects and says nothing costs a slot for that long, never the loop's time.
 
+use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
@@ -31,6 +32,10 @@ pub(super) struct Control {
     listener: Listener,
     /// Slot `i` is polled as `Source::Control(i)`.
     pub(super) talking: Exchanges,
+    /// `stop` commands waiting for the server to exit: their descriptors are never closed by
+    /// us (the kernel closes them at exit, after the pid file is removed, and the command's
+    /// end of file says the server is gone); an upgrade passes them on.
+    pub(super) waiting_for_exit: Vec<RawFd>,
 }
 
 impl Control {
@@ -50,6 +55,7 @@ impl Control {
                 control::MAX_REQUEST,
                 REQUEST_TIMEOUT,
             ),
+            waiting_for_exit: Vec::new(),
         })
     }
 
@@ -202,16 +208,16 @@ impl Server {
         }
     }
 
-    /// `stop`: says so, and shuts down. The connection's descriptor is let go, never closed:
-    /// the kernel closes it when the process exits, after the pid file is removed, so the
-    /// command's end of file means the server is gone. (Children close it with every other
-    /// inherited descriptor.)
+    /// `stop`: says so, and shuts down. The connection waits for the exit (see
+    /// `Control::waiting_for_exit`). (Children close it with every other inherited
+    /// descriptor.)
     fn stop_on_command(&mut self, i: usize, mode: control::Mode) {
         if let Some(control) = &mut self.control {
             if let Some(exchange) = control.talking.take(i, self.poll.registry()) {
                 let text = format!("shutting down ({} shutdown)", mode.name());
                 let _ = exchange::send_once(&exchange.stream, &control::answer(Outcome::Ok, &text));
-                let _ = std::os::fd::IntoRawFd::into_raw_fd(exchange.stream);
+                let fd = std::os::fd::IntoRawFd::into_raw_fd(exchange.stream);
+                control.waiting_for_exit.push(fd);
             }
         }
         self.shutdown(mode, "the stop command");

@@ -321,6 +321,10 @@ impl Server {
                     .metrics
                     .as_ref()
                     .map_or_else(Vec::new, |m| m.scrapes.export(now)),
+                stop_waiters: self
+                    .control
+                    .as_ref()
+                    .map_or_else(Vec::new, |c| c.waiting_for_exit.clone()),
                 shutdown: self.phase.export(now),
             },
         }
@@ -353,6 +357,13 @@ impl Server {
                 .import(&state.control_exchanges, registry, now)?,
             None => close_passed(&state.control_exchanges),
         }
+        // Kept open, close-on-exec again, until this process exits.
+        for &fd in &state.stop_waiters {
+            let _ = upgrade::keep_across_exec(fd, false);
+        }
+        if let Some(control) = &mut self.control {
+            control.waiting_for_exit.extend(&state.stop_waiters);
+        }
         match &mut self.metrics {
             Some(metrics) => metrics
                 .scrapes
@@ -363,12 +374,14 @@ impl Server {
     }
 
     /// The takeover is over (no rollback can follow): reaps the children that ended during
-    /// the exec (their SIGCHLD is pending too), and pauses at `max_children` if full. Not part
-    /// of [`Server::restore`]: a reap there, followed by a failure, would take exits the
-    /// previous image, started again with the state, could never see.
-    pub fn took_over(&mut self) {
+    /// the exec (their SIGCHLD is pending too), pauses at `max_children` if full, and lets
+    /// through the signals that waited, blocked, since the previous image's exec. Not part of
+    /// [`Server::restore`]: a reap or a signal handled there, followed by a failure, would be
+    /// lost to the previous image, started again with the state.
+    pub fn took_over(&mut self) -> std::io::Result<()> {
         self.children.reap();
         self.pause_or_resume_at_max_children();
+        crate::signals::unblock_hooked()
     }
 
     /// The control connection that asked for the upgrade the previous image made: told that

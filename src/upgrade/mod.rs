@@ -31,7 +31,7 @@ pub const CHECK_ENV: &str = "FORKECHO_UPGRADE_CHECK";
 /// The state's format; an image refuses a state of another version (and the check before an
 /// upgrade, a binary of another). Raised whenever the state changes: an image reading a
 /// state it half knows would leave descriptors it does not know of open and unserved.
-pub const FORMAT: u32 = 3;
+pub const FORMAT: u32 = 4;
 
 /// Everything that passes to the next image.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -110,6 +110,8 @@ pub struct ServerState {
     pub control_exchanges: Vec<ExchangeState>,
     /// Metrics scrapes in the middle of theirs.
     pub metrics_exchanges: Vec<ExchangeState>,
+    /// `stop` commands waiting for the server to exit (kept open until then).
+    pub stop_waiters: Vec<RawFd>,
     /// A shutdown in progress: the next image carries it on from the same step, with the
     /// same deadline.
     pub shutdown: Option<ShutdownState>,
@@ -234,6 +236,7 @@ impl State {
         fds.extend(self.server.awaiting_header.iter().map(|h| h.fd));
         fds.extend(self.server.control_exchanges.iter().map(|e| e.fd));
         fds.extend(self.server.metrics_exchanges.iter().map(|e| e.fd));
+        fds.extend(self.server.stop_waiters.iter().copied());
         fds
     }
 
@@ -571,6 +574,7 @@ mod tests {
                     lingering: false,
                     until_in_ns: 5,
                 }],
+                stop_waiters: vec![16],
                 shutdown: Some(ShutdownState {
                     phase: ShutdownPhase::Draining,
                     until_in_ns: Some(6),
