@@ -58,6 +58,11 @@
 //! --document-private-items` shows them).
 
 mod children;
+mod lean_fork;
+
+/// See `parent_memory::ForkAware`.
+#[global_allocator]
+static ALLOCATOR: parent_memory::ForkAware = parent_memory::ForkAware;
 pub mod config;
 mod conn;
 pub mod control;

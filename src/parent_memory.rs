@@ -128,6 +128,68 @@ unsafe impl Allocator for ParentOnly {
     }
 }
 
+/// While set, the global allocator takes from the mapping (see [`with_allocations_parent_only`]).
+static DIVERTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Runs `f` with every heap allocation it makes (a library's, too) taken from the mapping:
+/// for what only the parent ever touches and touches between forks, such as signal-hook's
+/// registry, whose handler writes to it at each SIGCHLD (a copy-on-write fault per fork,
+/// measured, if it sat on the ordinary heap). A child sees such memory zeroed: it must never
+/// read it (a child resets every handler before it unblocks signals, so signal-hook's never
+/// runs there).
+pub fn with_allocations_parent_only<T>(f: impl FnOnce() -> T) -> T {
+    DIVERTED.store(true, Ordering::Relaxed);
+    let result = f();
+    DIVERTED.store(false, Ordering::Relaxed);
+    result
+}
+
+/// The process's allocator: the system's, except while [`with_allocations_parent_only`] runs.
+/// Memory from the mapping is never given back (see the module doc): freeing it is a no-op,
+/// and growing it copies it to the ordinary heap.
+pub struct ForkAware;
+
+// Safe: every block is valid for its layout: from the system allocator, or fresh (never
+// reused, so zero) from the mapping; a block goes back only to the allocator that made it.
+unsafe impl std::alloc::GlobalAlloc for ForkAware {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if DIVERTED.load(Ordering::Relaxed) && layout.size() > 0 {
+            if let Some(block) = bump(layout) {
+                return block.as_ptr().cast();
+            }
+        }
+        // Safe: the caller's layout, unchanged.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        match NonNull::new(ptr) {
+            Some(p) if in_region(p) => {}
+            // Safe: not from the mapping, so from the system allocator with this layout.
+            _ => unsafe { std::alloc::System.dealloc(ptr, layout) },
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        match NonNull::new(ptr) {
+            Some(p) if in_region(p) => {
+                // Safe: a valid layout (the caller's contract for `new_size`).
+                let new_layout =
+                    unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+                // Safe: as `alloc`.
+                let new = unsafe { self.alloc(new_layout) };
+                if !new.is_null() {
+                    // Safe: both blocks are valid for the smaller size and do not overlap.
+                    unsafe { std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size)) };
+                }
+                new
+            }
+            // Safe: from the system allocator, with this layout.
+            _ => unsafe { std::alloc::System.realloc(ptr, layout, new_size) },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

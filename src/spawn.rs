@@ -34,6 +34,7 @@ use crate::conn::Conn;
 use crate::echo;
 use crate::exec::Program;
 use crate::handler::Handler;
+use crate::lean_fork::Started;
 use crate::signals;
 
 /// Exit code of a child whose handler panicked (caught; never a core dump), or that could not
@@ -50,7 +51,16 @@ pub type NotStarted = Box<(Conn, io::Error)>;
 /// with the error, so the caller can still answer the client. The child never returns.
 pub fn spawn_session(conn: Conn, handler: &Handler) -> Result<Pid, crate::spawn::NotStarted> {
     match handler {
-        Handler::Echo(settings) => fork_session(conn, |conn| echo::run(conn, settings).exit_code()),
+        Handler::Echo(settings) => {
+            let start = crate::lean_fork::ChildStart { conn, settings };
+            match crate::lean_fork::spawn(start) {
+                Started::Child(pid) => Ok(Pid::from_raw(pid)),
+                Started::Failed(conn, e) => Err(Box::new((conn, e))),
+                Started::Unavailable(start) => crate::lean_fork::with_stack_inherited(|| {
+                    fork_session(start.conn, |conn| echo::run(conn, settings).exit_code())
+                }),
+            }
+        }
         Handler::Exec { program, banner } => spawn_program(conn, program, banner),
     }
 }
@@ -130,7 +140,7 @@ fn fork_session(
 
 /// Everything the child does: clean up what it inherited, hand the connection to `serve`,
 /// exit with its code. Never returns.
-fn child_main(conn: Conn, serve: impl FnOnce(Conn) -> i32) -> ! {
+pub(crate) fn child_main(conn: Conn, serve: impl FnOnce(Conn) -> i32) -> ! {
     // Rule 2: no panic may unwind out of here into the parent's accept loop, from the cleanup
     // or from the session.
     let code = panic::catch_unwind(AssertUnwindSafe(|| {

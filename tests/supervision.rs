@@ -385,6 +385,11 @@ fn child_runs_in_its_own_process_group_under_its_own_name() {
     assert_eq!(comm.trim(), "forkecho-child");
     let parent_comm = std::fs::read_to_string(format!("/proc/{}/comm", server.pid())).unwrap();
     assert_eq!(parent_comm.trim(), "forkecho");
+    // `ps` and `pgrep -f` see the parent's command line in the child: the top of the stack,
+    // where the kernel put it, stays the children's (only the loop's frames do not).
+    let cmdline = |pid: nix::unistd::Pid| std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(!cmdline(child).is_empty());
+    assert_eq!(cmdline(child), cmdline(server.pid()));
 }
 
 /// Signals to the parent's process group reach only the parent: `kill -USR1 -<pgid>` asks for

@@ -108,20 +108,27 @@ impl Spec {
 /// containing one of its strings; all when empty), in table order, and waits until each serves.
 pub fn start_contenders(only: &[String]) -> Vec<Contender> {
     let this_build = fresh_copy(env!("CARGO_BIN_EXE_forkecho"), "forkecho");
+    // Its two lines per connection go to a real file, as an operator's would.
+    let log = bench_log("forkecho-bench.log");
+    let log_arg = log.clone();
     let mut specs = vec![
         Spec::new("forkecho", BANNER.len(), move |port| {
-            forkecho_command(&this_build, port)
-        }),
+            forkecho_logging_command(&this_build, &log_arg, port)
+        })
+        .logging_to(log),
         Spec::new(floors::MIO_FLOOR, BANNER.len(), floors::mio_echo_command),
     ];
     // For A/B profiling: another build of forkecho (say, other link flags) measured beside
     // this one in the same interleaved run.
     if let Some(alt) = alt_build() {
-        specs.push(Spec::new(
-            "forkecho (FORKECHO_BENCH_ALT)",
-            BANNER.len(),
-            move |port| forkecho_command(&alt, port),
-        ));
+        let log = bench_log("forkecho-alt-bench.log");
+        let log_arg = log.clone();
+        specs.push(
+            Spec::new("forkecho (FORKECHO_BENCH_ALT)", BANNER.len(), move |port| {
+                forkecho_logging_command(&alt, &log_arg, port)
+            })
+            .logging_to(log),
+        );
     }
     // Compiled only when selected: a run that leaves it out needs no C compiler.
     if selected(only, floors::FORK_FLOOR) {
@@ -303,14 +310,26 @@ fn forkecho_command(program: &Path, port: u16) -> Command {
     c
 }
 
-/// forkecho on `port` running `program` per connection, limits lifted as in
-/// `forkecho_command`, with its log (two lines per connection: accept and reap, plus anything
-/// the program writes to fd 2) appended to `log`, a real file, emptied first: the cost of
-/// logging to a file is part of what is measured.
-fn forkecho_exec_command(forkecho: &Path, log: &Path, program: &Path, port: u16) -> Command {
+/// `forkecho_command` with its log (two lines per connection: accept and reap) appended to
+/// `log`, a real file, emptied first: the cost of logging to a file is part of what is
+/// measured.
+fn forkecho_logging_command(forkecho: &Path, log: &Path, port: u16) -> Command {
     let _ = std::fs::remove_file(log);
     let mut c = forkecho_command(forkecho, port);
-    c.arg("--log-file").arg(log).arg("--").arg(program);
+    c.arg("--log-file").arg(log);
+    c
+}
+
+/// Where the bench's forkecho logs `name`: cargo's temporary directory for benches.
+fn bench_log(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name)
+}
+
+/// forkecho on `port` running `program` per connection, limits lifted and logging to `log`
+/// as in `forkecho_logging_command` (plus anything the program writes to fd 2).
+fn forkecho_exec_command(forkecho: &Path, log: &Path, program: &Path, port: u16) -> Command {
+    let mut c = forkecho_logging_command(forkecho, log, port);
+    c.arg("--").arg(program);
     c
 }
 

@@ -220,6 +220,7 @@ fn echo_phases(flags: &Flags, plan: &Plan, contenders: &[Contender], table: &mut
         });
         table.extend(report::storm_rows(contenders, plan.storm, &results));
     }
+    report_log_lines("phases 1 to 4", contenders);
 }
 
 /// Phase 5, on the servers that run `cat` for each connection; returns its targets.
@@ -241,18 +242,23 @@ fn exec_phase(
         &results,
     ));
     let targets = report::exec_targets(contenders, &results);
+    report_log_lines("phase 5", contenders);
+    targets
+}
+
+/// Says how many lines each contender that logs to a file wrote there: the log was real.
+fn report_log_lines(phases: &str, contenders: &[Contender]) {
     for c in contenders {
         if let Some(log) = &c.log {
             let lines =
                 std::fs::read(log).map_or(0, |text| text.split(|&b| b == b'\n').count() - 1);
             eprintln!(
-                "phase 5: {} logged {lines} lines to {}",
+                "{phases}: {} logged {lines} lines to {}",
                 c.name,
                 log.display()
             );
         }
     }
-    targets
 }
 
 /// Phase 6, on forkecho's plain and PROXY v2 listeners; returns its target.

@@ -44,6 +44,8 @@ struct RateSummary {
     p50: Duration,
     p99: Duration,
     failures: usize,
+    /// The server process's page faults per connection.
+    parent_faults: Option<f64>,
 }
 
 impl RateSummary {
@@ -57,6 +59,11 @@ impl RateSummary {
             p50: percentile(&lat, 0.5),
             p99: percentile(&lat, 0.99),
             failures: trials.iter().map(|t| t.failures).sum(),
+            parent_faults: trials
+                .iter()
+                .map(|t| t.parent_faults)
+                .sum::<Option<u64>>()
+                .map(|faults| faults as f64 / lat.len().max(1) as f64),
         }
     }
 }
@@ -94,6 +101,18 @@ pub fn rate_rows(contenders: &[Contender], load: &str, results: &[Vec<RateTrial>
             unit: "µs",
             ratio: latency_ratio(s.p99, base.p99),
         });
+        if let Some(faults) = s.parent_faults {
+            rows.push(Row {
+                metric: format!("server process page faults per connection, {load}"),
+                contender: s.name,
+                value: faults,
+                unit: "faults",
+                ratio: base
+                    .parent_faults
+                    .filter(|&b| b > 0.001)
+                    .map_or(f64::NAN, |b| faults / b),
+            });
+        }
         if s.failures > 0 {
             rows.push(Row {
                 metric: format!("failed sessions, {load}"),

@@ -81,7 +81,8 @@ pub struct Server {
     listeners: Listeners,
     children: Children,
     /// What each new child does with its connection (as configured now).
-    handler: Handler,
+    /// On the heap: a lean child reads its settings, and the parent's stack is not its own.
+    handler: Box<Handler>,
     /// Connections admitted since start: the next one's `Conn::number` is this plus one.
     admitted: u64,
     /// The limits in force: one value, so a reload can replace it whole.
@@ -152,7 +153,8 @@ impl Server {
         if let Err(e) = Children::become_subreaper() {
             debug!("cannot become the subreaper of the sessions' orphans: {e}");
         }
-        let mut signals = signals::hook()?;
+        // Its handler writes to what it allocates at every signal: parent-only memory.
+        let mut signals = parent_memory::with_allocations_parent_only(signals::hook)?;
         let events = Events::with_capacity(64);
         poll.registry()
             .register(&mut signals, Source::Signals.token(), Interest::READABLE)?;
@@ -184,7 +186,7 @@ impl Server {
             listeners: Listeners::new(listeners, true),
             children: Children::with_capacity(16),
             events,
-            handler: Handler::from_config(config)?,
+            handler: Box::new(Handler::from_config(config)?),
             admitted: 0,
             config: config.clone(),
             reload,
@@ -213,7 +215,14 @@ impl Server {
 
     /// Serves until a shutdown completes. `ready` runs once the daemon can be signalled and
     /// serves (the pid file is written by then; `--daemonize` reports back; sd_notify READY).
-    pub fn run(mut self, ready: Box<dyn FnOnce()>) -> io::Result<()> {
+    pub fn run(self, ready: Box<dyn FnOnce()>) -> io::Result<()> {
+        // The loop writes its state between every two forks: in memory children do not
+        // inherit, not in the caller's frame, where it was passed (see `lean_fork`).
+        let mut server = allocator_api2::boxed::Box::new_in(self, parent_memory::ParentOnly);
+        server.announce_and_serve(ready)
+    }
+
+    fn announce_and_serve(&mut self, ready: Box<dyn FnOnce()>) -> io::Result<()> {
         // Announced only now that the signal handlers are installed: whoever waits for this
         // line (a test, a supervisor) may send SIGTERM at once and must not kill us.
         // After an upgrade the sockets are the previous image's, listening all along: said so,
@@ -226,7 +235,7 @@ impl Server {
             let address = &slot.listener.local;
             info!(event = "listening", address:% = address; "listening on {address}{kept}");
         }
-        if let Handler::Exec { program, .. } = &self.handler {
+        if let Handler::Exec { program, .. } = &*self.handler {
             info!("each connection runs {program}");
         }
         if let Some(control) = &self.control {
@@ -237,9 +246,13 @@ impl Server {
         }
         ready();
         release_startup_memory();
+        // The loop's frames are all below this point (`serve` is never inlined here): the
+        // stack from here down is not the children's (see `lean_fork`).
+        crate::lean_fork::prepare(crate::lean_fork::stack_pointer());
         self.serve()
     }
 
+    #[inline(never)] // its frames must be below `run`'s: see `lean_fork::prepare`
     fn serve(&mut self) -> io::Result<()> {
         while !self.finished() {
             let timeout = self.next_wakeup();

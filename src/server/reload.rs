@@ -87,7 +87,7 @@ impl Server {
         }
         let mut changes = described.applied;
         changes.extend(log_reopened.map(str::to_string));
-        self.handler = handler;
+        *self.handler = handler;
         self.headers.fit_to_descriptors();
         self.limits = new.limits.clone();
         // Built here, in the copy the loop reads, not in the configuration's copy.

@@ -106,7 +106,10 @@ impl Server {
         let spawned = output
             .try_clone()
             .and_then(|out| Ok((out.try_clone()?, out)))
-            .and_then(|(out, err)| check.stdout(out).stderr(err).spawn());
+            .and_then(|(out, err)| {
+                // `spawn` may fork, and its child returns into these frames before its exec.
+                crate::lean_fork::with_stack_inherited(|| check.stdout(out).stderr(err).spawn())
+            });
         match spawned {
             Ok(child) => {
                 info!(

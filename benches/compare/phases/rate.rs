@@ -13,6 +13,14 @@ pub struct RateTrial {
     pub elapsed: Duration,
     pub latencies: Vec<Duration>,
     pub failures: usize,
+    /// Page faults the server's own process (the parent of a forking server) took meanwhile:
+    /// after `fork`, every page it writes that a child still shares costs one.
+    pub parent_faults: Option<u64>,
+}
+
+/// The minor page faults `pid` has taken so far (`/proc/PID/stat`, field 10).
+pub fn minor_faults(pid: nix::unistd::Pid) -> Option<u64> {
+    crate::procfs::stat_field(pid, 10)?.parse().ok()
 }
 
 /// What one client thread did in a trial.
@@ -23,6 +31,7 @@ struct ClientTally {
 
 /// `clients` threads each loop connect → banner → 64-byte echo → close for `length`.
 pub fn connection_rate(c: &Contender, clients: usize, length: Duration) -> RateTrial {
+    let faults_before = minor_faults(c.pid());
     let started = Instant::now();
     let workers: Vec<_> = (0..clients)
         .map(|_| {
@@ -34,6 +43,7 @@ pub fn connection_rate(c: &Contender, clients: usize, length: Duration) -> RateT
         elapsed: Duration::ZERO,
         latencies: Vec::new(),
         failures: 0,
+        parent_faults: None,
     };
     for w in workers {
         let tally = w.join().expect("client thread");
@@ -41,6 +51,9 @@ pub fn connection_rate(c: &Contender, clients: usize, length: Duration) -> RateT
         trial.failures += tally.failures;
     }
     trial.elapsed = started.elapsed();
+    trial.parent_faults = faults_before
+        .zip(minor_faults(c.pid()))
+        .map(|(before, after)| after.saturating_sub(before));
     trial
 }
 
