@@ -237,6 +237,8 @@ pub fn stack_pointer() -> usize {
 pub fn prepare(stack_pointer: usize) {
     LEAN.get_or_init(|| {
         let boundary = stack_pointer.next_multiple_of(4096);
+        // Rule 2, once: nothing writes to stdout from here on (see `spawn`).
+        let _ = std::io::Write::flush(&mut std::io::stdout());
         let made = (|| -> std::io::Result<LeanFork> {
             let lean = LeanFork {
                 slots: Slots::new()?,

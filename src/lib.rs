@@ -39,7 +39,11 @@
 //!   `clone(CLONE_VM | CLONE_VFORK)`: its environment, limits, and the steps before `execve`.
 //! - `children`: the table of live children, the reaper, the totals, and the deadlines the
 //!   parent enforces (a program's `max_session_time`).
-//! - `parent_memory`: where that table lives: memory the children do not inherit.
+//! - `lean_fork`: how an echo session's child starts without costing the parent a
+//!   copy-on-write fault afterwards: `clone` onto a stack of its own, the loop's stack frames
+//!   not inherited, the connection handed over in a shared slot.
+//! - `parent_memory`: where that table lives: memory the children do not inherit (and the
+//!   global allocator that puts signal-hook's registry there).
 //! - `pending`: accepted connections waiting for a decision (a source at `max_per_source`
 //!   whose session may be ending), with a deadline each.
 //! - [`preflight`]: `--check-config`'s look at the host (addresses, log and pid file paths).

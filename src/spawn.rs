@@ -9,7 +9,10 @@
 //! 1. No threads in the parent, ever: a lock held by another thread at `fork` (the allocator's,
 //!    the logger's) would stay locked forever in the child. Nothing in this crate spawns one.
 //! 2. Flush stdout/stderr before `fork`, or buffered bytes are written twice, once by each
-//!    process. The child ends with `_exit`, never returning into the parent's code: returning
+//!    process. (A lean start flushes once, when serving begins: from then on the parent writes
+//!    nothing to stdout, and its log goes to fd 2 unbuffered.) The child ends with `_exit`,
+//!    never returning into the parent's code (a lean child has none of the loop's frames to
+//!    return into: see `lean_fork`): returning
 //!    would run the parent's accept loop (and its shutdown path) in a second process, and
 //!    `exit` would run at-exit hooks that belong to the parent. Panics are caught; a panicking
 //!    child exits 70.
@@ -22,6 +25,11 @@
 //! 4. (In `children`:) reaping loops, because SIGCHLD coalesces.
 //! 5. The parent closes its copy of the connection right after `fork`, or the client would never
 //!    see EOF when the child ends, and the parent's fd table would fill up.
+//!
+//! An echo session starts lean (`lean_fork`): `clone` onto a stack of the child's own, so
+//! that the parent takes no copy-on-write fault afterwards. The rules are the same; only how
+//! the child gets its connection and its first frame differs. A program starts without a copy
+//! at all (`exec`).
 
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};

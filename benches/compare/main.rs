@@ -23,7 +23,8 @@
 //!
 //! Phases:
 //! 1. connection rate at 1, 4 and 16 clients (connect → banner → 64-byte echo → close):
-//!    connections/s, p50 and p99 latency;
+//!    connections/s, p50 and p99 latency, and the page faults of the server's own process
+//!    per connection (forkecho logs to a real file here, as in phases 2 to 5);
 //! 2. one-stream echo throughput, writer and reader concurrent, every byte checked;
 //! 3. 10,000 sessions held at once (each opened with connect → banner → echo), an echo on every
 //!    one again, then all closed: failed sessions, the server's (parent's) RSS and the median
