@@ -25,12 +25,13 @@
 //! 1. connection rate at 1, 4 and 16 clients (connect → banner → 64-byte echo → close):
 //!    connections/s, p50 and p99 latency, and the page faults of the server's own process
 //!    per connection (forkecho logs to a real file here, as in phases 2 to 5);
-//! 2. one-stream echo throughput, writer and reader concurrent, every byte checked;
+//! 2. one-stream echo throughput, writer and reader concurrent, every byte checked (the median
+//!    of the rounds);
 //! 3. 10,000 sessions held at once (each opened with connect → banner → echo), an echo on every
 //!    one again, then all closed: failed sessions, the server's (parent's) RSS and the median
 //!    USS of its children (Private_Clean + Private_Dirty of `/proc/PID/smaps_rollup`), all
 //!    taken while the sessions are held;
-//! 4. reap storm: 1,000 sessions, every child SIGKILLed at once, time until the last one is
+//! 4. reap storm: 10,000 sessions, every child SIGKILLed at once, time until the last one is
 //!    reaped, while one more client keeps connecting (sessions served during the storm and
 //!    their worst latency show that the parent still accepts);
 //! 5. exec mode: connection rate at 4 clients (connect → 64-byte echo → close, no banner) of
@@ -310,7 +311,7 @@ impl Plan {
             rate_trial: Duration::from_secs(2),
             stream_bytes: 1 << 30,
             sessions: 10_000,
-            storm: 1_000,
+            storm: 10_000,
         }
     }
 

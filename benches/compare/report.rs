@@ -175,9 +175,14 @@ pub fn upgrade_rows(c: &Contender, gaps: &[crate::phases::Gap]) -> Vec<Row> {
 }
 
 pub fn stream_rows(contenders: &[Contender], bytes: usize, results: &[Vec<Duration>]) -> Vec<Row> {
+    // The median round: one slow round (a page-cache flush, a neighbour) does not decide.
     let mib_per_sec = |trials: &[Duration]| {
-        let secs: f64 = trials.iter().map(Duration::as_secs_f64).sum();
-        (bytes * trials.len()) as f64 / f64::from(1 << 20) / secs
+        let mut rates: Vec<f64> = trials
+            .iter()
+            .map(|t| bytes as f64 / f64::from(1 << 20) / t.as_secs_f64())
+            .collect();
+        rates.sort_by(f64::total_cmp);
+        rates.get(rates.len() / 2).copied().unwrap_or(f64::NAN)
     };
     let base = mib_per_sec(&results[0]);
     contenders
@@ -186,7 +191,11 @@ pub fn stream_rows(contenders: &[Contender], bytes: usize, results: &[Vec<Durati
         .map(|(c, trials)| {
             let value = mib_per_sec(trials);
             Row {
-                metric: format!("one-stream echo, {} MiB", bytes >> 20),
+                metric: format!(
+                    "one-stream echo, {} MiB, median of {} rounds",
+                    bytes >> 20,
+                    trials.len()
+                ),
                 contender: c.name,
                 value,
                 unit: "MiB/s",
