@@ -117,10 +117,11 @@ impl Outcome {
 }
 
 /// Runs the whole session on `stream` and says how it ended.
+///
+/// SIGPIPE is ignored, inherited from the parent (`signals::hook` makes sure): a write to a
+/// client that is gone fails with EPIPE (exit code 6) instead of killing the child, and
+/// splicing into a socket cannot say MSG_NOSIGNAL.
 pub fn run(conn: Conn, settings: &Settings) -> Outcome {
-    if let Err(e) = ignore_sigpipe() {
-        return Outcome::IoError(e);
-    }
     let tcp = matches!(conn.peer, Peer::Ip(_));
     let outcome = match serve(&conn.stream, settings, tcp) {
         Ok(()) => Outcome::ClientClosed,
@@ -159,16 +160,6 @@ impl std::fmt::Display for Described<'_> {
         }
         write!(f, ", {} live from {}", conn.from_source, conn.source)
     }
-}
-
-/// The echo's SIGPIPE policy: a write to a client that is gone fails with EPIPE (exit code 6)
-/// instead of killing the child. Splicing into a socket cannot say MSG_NOSIGNAL.
-fn ignore_sigpipe() -> io::Result<()> {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
-    // Safe: installs SIG_IGN, no handler code.
-    unsafe { sigaction(Signal::SIGPIPE, &ignore) }?;
-    Ok(())
 }
 
 fn serve(stream: &Socket, settings: &Settings, tcp: bool) -> Result<(), Outcome> {
@@ -224,7 +215,7 @@ const SPLICE_CHUNK: usize = 1 << 20;
 /// first splice never waits for pipe space, only for the client, as a read would.
 ///
 /// Note: splice into a socket sends without MSG_NOSIGNAL; a vanished client yields EPIPE rather
-/// than a fatal SIGPIPE because the child ignores SIGPIPE (`signals::reset_in_child`).
+/// than a fatal SIGPIPE because the child ignores SIGPIPE (inherited: `signals::hook`).
 fn splice_echo(
     stream: &Socket,
     pipe_in: &OwnedFd,

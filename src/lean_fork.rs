@@ -40,6 +40,8 @@ use crate::conn::Conn;
 pub struct ChildStart {
     pub conn: Conn,
     pub settings: *const crate::echo::Settings,
+    /// The kernel reset every handled signal to its default at `clone3`: the child need not.
+    pub handlers_default: bool,
 }
 
 /// Slots in flight at once: children created but not yet started. A child takes its slot
@@ -303,7 +305,7 @@ pub fn spawn(start: ChildStart) -> Started {
         Err(e) => return Started::Failed(unsafe { Slots::unfill(slot) }.conn, e),
     };
     // Safe: `child_entry` takes its slot and never returns; the stack is the lean one.
-    let pid = unsafe { clone_onto(lean.stack.top, slot.cast()) };
+    let pid = unsafe { clone_onto(&lean.stack, slot) };
     let error = std::io::Error::last_os_error();
     if let Err(e) = crate::signals::restore_mask(&parent_mask) {
         log::error!("cannot restore the signal mask after clone: {e}");
@@ -319,19 +321,80 @@ pub fn spawn(start: ChildStart) -> Started {
     Started::Child(pid)
 }
 
-/// `clone` with SIGCHLD as its only flag: a forked child that starts in [`child_entry`] on the
-/// stack whose top is `stack`, with `arg`. Returns the child's pid, or -1 with errno set.
+/// Whether `clone3` with `CLONE_CLEAR_SIGHAND` (Linux 5.5) works here; cleared, once, at the
+/// first refusal.
+static CLONE3: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// `clone3`'s argument, its first version (64 bytes).
+#[repr(C)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+}
+
+const CLONE_CLEAR_SIGHAND: u64 = 0x1_0000_0000;
+
+/// A forked child (exit signal SIGCHLD) that starts in [`child_entry`] with `slot`, on
+/// `stack`. Returns its pid, or -1 with errno set.
 ///
-/// On x86_64 the system call is made here, and the child finds its function and argument in
-/// registers the kernel copied: glibc's `clone` stores them on the child's stack first, a
-/// write of the parent's to a page the previous child still shares (a copy-on-write fault in
-/// every fork, measured). Elsewhere, glibc's `clone`.
+/// With `clone3` and `CLONE_CLEAR_SIGHAND`, the kernel gives the child every handled signal
+/// back at its default (ignored ones stay ignored), which saves the child a `sigaction` per
+/// hooked signal; the slot says so. Where the kernel refuses it, plain `clone`.
 ///
 /// # Safety
-/// `stack` is the top of a mapping the child inherits, 16-byte aligned; `child_entry` never
-/// returns.
+/// `slot` is filled; `child_entry` never returns.
+unsafe fn clone_onto(stack: &ChildStack, slot: *mut Slot) -> libc::pid_t {
+    if CLONE3.load(Ordering::Relaxed) {
+        (*(*slot).start.get()).assume_init_mut().handlers_default = true;
+        let args = CloneArgs {
+            flags: CLONE_CLEAR_SIGHAND,
+            pidfd: 0,
+            child_tid: 0,
+            parent_tid: 0,
+            exit_signal: libc::SIGCHLD as u64,
+            stack: (stack.top - STACK_SIZE) as u64,
+            stack_size: STACK_SIZE as u64,
+            tls: 0,
+        };
+        let size = std::mem::size_of::<CloneArgs>() as u64;
+        let pid = raw_clone(
+            libc::SYS_clone3,
+            &args as *const CloneArgs as u64,
+            size,
+            slot,
+        );
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENOSYS | libc::EINVAL | libc::E2BIG) if pid < 0 => {
+                CLONE3.store(false, Ordering::Relaxed);
+            }
+            _ => return pid,
+        }
+    }
+    (*(*slot).start.get()).assume_init_mut().handlers_default = false;
+    raw_clone(
+        libc::SYS_clone,
+        libc::SIGCHLD as u64,
+        stack.top as u64,
+        slot,
+    )
+}
+
+/// The system call `nr` (clone or clone3, with their first two arguments) made so that the
+/// child starts in [`child_entry`] with `slot`: its function and argument are in registers the
+/// kernel copied. (glibc's `clone` stores them on the child's stack first: a write of the
+/// parent's to a page the previous child still shares, a copy-on-write fault in every fork,
+/// measured.) Returns the child's pid, or -1 with errno set.
+///
+/// # Safety
+/// As [`clone_onto`]; the child's stack top is 16-byte aligned.
 #[cfg(target_arch = "x86_64")]
-unsafe fn clone_onto(stack: usize, arg: *mut libc::c_void) -> libc::pid_t {
+unsafe fn raw_clone(nr: libc::c_long, a0: u64, a1: u64, slot: *mut Slot) -> libc::pid_t {
     let entry: extern "C" fn(*mut libc::c_void) -> libc::c_int = child_entry;
     let ret: i64;
     std::arch::asm!(
@@ -345,13 +408,13 @@ unsafe fn clone_onto(stack: usize, arg: *mut libc::c_void) -> libc::pid_t {
         "call r13",
         "ud2",
         "2:",
-        inlateout("rax") libc::SYS_clone => ret,
-        in("rdi") libc::SIGCHLD as u64,
-        in("rsi") stack,
+        inlateout("rax") nr => ret,
+        in("rdi") a0,
+        in("rsi") a1,
         in("rdx") 0u64,
         in("r10") 0u64,
         in("r8") 0u64,
-        in("r12") arg,
+        in("r12") slot,
         in("r13") entry,
         lateout("rcx") _,
         lateout("r11") _,
@@ -364,9 +427,19 @@ unsafe fn clone_onto(stack: usize, arg: *mut libc::c_void) -> libc::pid_t {
     ret as libc::pid_t
 }
 
+/// Elsewhere: glibc's `clone` for plain `clone`; `clone3` is not tried.
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn clone_onto(stack: usize, arg: *mut libc::c_void) -> libc::pid_t {
-    libc::clone(child_entry, stack as *mut libc::c_void, libc::SIGCHLD, arg)
+unsafe fn raw_clone(nr: libc::c_long, _: u64, stack: u64, slot: *mut Slot) -> libc::pid_t {
+    if nr != libc::SYS_clone {
+        *libc::__errno_location() = libc::ENOSYS;
+        return -1;
+    }
+    libc::clone(
+        child_entry,
+        stack as *mut libc::c_void,
+        libc::SIGCHLD,
+        slot.cast(),
+    )
 }
 
 extern "C" fn child_entry(slot: *mut libc::c_void) -> libc::c_int {
@@ -375,7 +448,7 @@ extern "C" fn child_entry(slot: *mut libc::c_void) -> libc::c_int {
     // Safe: the settings were written before serving began and live on the parent's heap,
     // which the child has a copy of.
     let settings = unsafe { &*start.settings };
-    crate::spawn::child_main(start.conn, |conn| {
+    crate::spawn::child_main(start.conn, start.handlers_default, |conn| {
         crate::echo::run(conn, settings).exit_code()
     })
 }
@@ -392,6 +465,7 @@ mod tests {
         ChildStart {
             conn: Conn::admitted(accepted, source, 1, 1),
             settings: std::ptr::null(),
+            handlers_default: false,
         }
     }
 

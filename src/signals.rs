@@ -94,6 +94,11 @@ pub fn hook() -> io::Result<Signals> {
     // A child that runs another program must restore both (and SIGPIPE) to the default.
     // Safe: installs SIG_IGN, no handler code.
     unsafe { sigaction(Signal::SIGTTOU, &ignore) }?;
+    // Why: the echo's policy (a vanished client is EPIPE, not death), inherited by every
+    // child. The Rust runtime ignores SIGPIPE already; said here, where the children's
+    // dispositions are decided, rather than by a system call in each child.
+    // Safe: installs SIG_IGN, no handler code.
+    unsafe { sigaction(Signal::SIGPIPE, &ignore) }?;
     Ok(signals)
 }
 
@@ -219,10 +224,12 @@ pub fn restore_mask(mask: &SigSet) -> io::Result<()> {
 /// SIGQUIT, SIGHUP and SIGUSR1 can only have been meant for the parent, which sends its
 /// children nothing but SIGTERM and SIGKILL. Dispositions beyond these (SIGPIPE, for one) are
 /// the handler's policy (see `handler`).
-pub fn reset_in_child() -> io::Result<()> {
+///
+/// `handlers_default`: the kernel did the first part already (`CLONE_CLEAR_SIGHAND`).
+pub fn reset_in_child(handlers_default: bool) -> io::Result<()> {
     discard_pending_meant_for_parent()?;
     let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
-    for signal in HOOKED {
+    for signal in HOOKED.iter().copied().filter(|_| !handlers_default) {
         let sig = Signal::try_from(signal)?;
         // Safe: installs SIG_DFL, no Rust code runs as a handler.
         unsafe { sigaction(sig, &default) }?;

@@ -60,7 +60,11 @@ pub type NotStarted = Box<(Conn, io::Error)>;
 pub fn spawn_session(conn: Conn, handler: &Handler) -> Result<Pid, crate::spawn::NotStarted> {
     match handler {
         Handler::Echo(settings) => {
-            let start = crate::lean_fork::ChildStart { conn, settings };
+            let start = crate::lean_fork::ChildStart {
+                conn,
+                settings,
+                handlers_default: false,
+            };
             match crate::lean_fork::spawn(start) {
                 Started::Child(pid) => Ok(Pid::from_raw(pid)),
                 Started::Failed(conn, e) => Err(Box::new((conn, e))),
@@ -128,7 +132,7 @@ fn fork_session(
     // would not exist in the child; the child only runs `child_main`, which never returns.
     let forked = unsafe { fork() };
     if let Ok(ForkResult::Child) = forked {
-        child_main(conn, serve);
+        child_main(conn, false, serve);
     }
     if let Err(e) = signals::restore_mask(&parent_mask) {
         // Not a reason to lose track of a child that now exists: report it and carry on.
@@ -148,7 +152,9 @@ fn fork_session(
 
 /// Everything the child does: clean up what it inherited, hand the connection to `serve`,
 /// exit with its code. Never returns.
-pub(crate) fn child_main(conn: Conn, serve: impl FnOnce(Conn) -> i32) -> ! {
+/// `handlers_default`: the kernel already reset every handled signal (`clone3`'s
+/// `CLONE_CLEAR_SIGHAND`).
+pub(crate) fn child_main(conn: Conn, handlers_default: bool, serve: impl FnOnce(Conn) -> i32) -> ! {
     // Rule 2: no panic may unwind out of here into the parent's accept loop, from the cleanup
     // or from the session.
     let code = panic::catch_unwind(AssertUnwindSafe(|| {
@@ -159,7 +165,7 @@ pub(crate) fn child_main(conn: Conn, serve: impl FnOnce(Conn) -> i32) -> ! {
         leave_parents_process_group();
         // Rule 3: default actions and an empty mask; if that fails the child could ignore the
         // shutdown's SIGTERM, so it refuses to serve rather than serve half-isolated.
-        if let Err(e) = signals::reset_in_child() {
+        if let Err(e) = signals::reset_in_child(handlers_default) {
             log::error!("session {}: cannot reset signal handling: {e}", conn.peer);
             return EXIT_PANIC;
         }
