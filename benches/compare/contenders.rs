@@ -305,7 +305,7 @@ fn forkecho_command(program: &Path, port: u16) -> Command {
         "--max-per-source",
         "0",
         "--max-children",
-        "20000",
+        "40000",
     ]);
     c
 }
@@ -353,7 +353,7 @@ fn peers() -> Vec<Spec> {
     if installed("tcpserver") {
         specs.push(Spec::new("tcpserver + cat", 0, |port| {
             let mut c = Command::new("tcpserver");
-            c.args(["-q", "-R", "-H", "-l", "0", "-c", "20000", "-b", "1024"])
+            c.args(["-q", "-R", "-H", "-l", "0", "-c", "40000", "-b", "1024"])
                 .args(["127.0.0.1", &port.to_string(), "cat"]);
             c
         }));

@@ -27,10 +27,13 @@
 //!    per connection (forkecho logs to a real file here, as in phases 2 to 5);
 //! 2. one-stream echo throughput, writer and reader concurrent, every byte checked (the median
 //!    of the rounds);
-//! 3. 10,000 sessions held at once (each opened with connect → banner → echo), an echo on every
-//!    one again, then all closed: failed sessions, the server's (parent's) RSS and the median
-//!    USS of its children (Private_Clean + Private_Dirty of `/proc/PID/smaps_rollup`), all
-//!    taken while the sessions are held;
+//! 3. 30,000 sessions held at once (each opened with connect → banner → echo, by two holder
+//!    processes from two source addresses: `phases::holder`), an echo on every one again, then
+//!    all closed: failed sessions, the server's (parent's) RSS, the median USS of its children
+//!    (Private_Clean + Private_Dirty of `/proc/PID/smaps_rollup`), the drop of MemAvailable
+//!    per session, and how long forkecho takes to log its SIGUSR1 status line, all taken while
+//!    the sessions are held (a server in one process that cannot have 30,000 descriptors is
+//!    left out);
 //! 4. reap storm: 10,000 sessions, every child SIGKILLed at once, time until the last one is
 //!    reaped, while one more client keeps connecting (sessions served during the storm and
 //!    their worst latency show that the parent still accepts);
@@ -93,6 +96,16 @@ struct Flags {
     /// Internal: serve the in-process mio floor on this port, in place of the bench.
     #[arg(long, hide = true, value_name = "PORT")]
     serve_mio_floor: Option<u16>,
+    /// Internal: hold sessions to this address for phase 3, in place of the bench (see
+    /// `phases::holder`), with the three options below.
+    #[arg(long, hide = true, value_name = "ADDR")]
+    hold_sessions: Option<std::net::SocketAddr>,
+    #[arg(long, hide = true, default_value_t = 0)]
+    hold_count: usize,
+    #[arg(long, hide = true, default_value = "127.0.0.1")]
+    hold_source: std::net::IpAddr,
+    #[arg(long, hide = true, default_value_t = 0)]
+    hold_banner: usize,
 }
 
 impl Flags {
@@ -111,6 +124,10 @@ fn main() {
     if let Some(port) = flags.serve_mio_floor {
         floors::mio_echo(port);
     }
+    if let Some(addr) = flags.hold_sessions {
+        raise_nofile_limit();
+        phases::holder_main(addr, flags.hold_count, flags.hold_source, flags.hold_banner);
+    }
     let plan = if flags.quick {
         Plan::quick()
     } else {
@@ -120,7 +137,8 @@ fn main() {
     let nofile = raise_nofile_limit();
     if nofile < plan.sessions as u64 + 100 {
         eprintln!(
-            "note: RLIMIT_NOFILE is {nofile}: phase 3 cannot hold {} sessions",
+            "note: RLIMIT_NOFILE is {nofile}: a server in one process cannot hold {} sessions \
+             (phase 3 leaves it out)",
             plan.sessions
         );
     }
@@ -129,7 +147,7 @@ fn main() {
     if (1..=4).any(|phase| flags.runs(phase)) {
         let contenders = start_contenders(&flags.only);
         measured += contenders.len();
-        echo_phases(&flags, &plan, &contenders, &mut table);
+        echo_phases(&flags, &plan, &contenders, nofile, &mut table);
     }
     let mut targets = Vec::new();
     let mut exec_complete = true;
@@ -186,7 +204,13 @@ fn main() {
 }
 
 /// Phases 1 to 4, on the echo servers.
-fn echo_phases(flags: &Flags, plan: &Plan, contenders: &[Contender], table: &mut Vec<report::Row>) {
+fn echo_phases(
+    flags: &Flags,
+    plan: &Plan,
+    contenders: &[Contender],
+    nofile: u64,
+    table: &mut Vec<report::Row>,
+) {
     if contenders.is_empty() {
         return;
     }
@@ -211,7 +235,9 @@ fn echo_phases(flags: &Flags, plan: &Plan, contenders: &[Contender], table: &mut
     }
     if flags.runs(3) {
         eprintln!("phase 3: {} sessions held at once", plan.sessions);
-        let results = interleave(contenders, 1, |c| phases::hold_sessions(c, plan.sessions));
+        let results = interleave(contenders, 1, |c| {
+            phases::hold_sessions(c, plan.sessions, nofile)
+        });
         table.extend(report::hold_rows(contenders, plan.sessions, &results));
     }
     if flags.runs(4) {
@@ -310,7 +336,7 @@ impl Plan {
             rounds: 3,
             rate_trial: Duration::from_secs(2),
             stream_bytes: 1 << 30,
-            sessions: 10_000,
+            sessions: 30_000,
             storm: 10_000,
         }
     }

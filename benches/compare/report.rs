@@ -205,13 +205,17 @@ pub fn stream_rows(contenders: &[Contender], bytes: usize, results: &[Vec<Durati
         .collect()
 }
 
-pub fn hold_rows(contenders: &[Contender], n: usize, results: &[Vec<Held>]) -> Vec<Row> {
+pub fn hold_rows(contenders: &[Contender], n: usize, results: &[Vec<Option<Held>>]) -> Vec<Row> {
     // KiB as a figure; NaN (shown as "-") when unknown or when there are no children.
     let kib = |k: Option<u64>| k.map_or(f64::NAN, |k| k as f64);
-    let base = &results[0][0];
+    let Some(base) = &results[0][0] else {
+        return Vec::new();
+    };
     let mut rows = Vec::new();
     for (c, trials) in contenders.iter().zip(results) {
-        let held = &trials[0];
+        let Some(held) = &trials[0] else {
+            continue;
+        };
         rows.push(Row {
             metric: format!("failed sessions, {n} held"),
             contender: c.name,
@@ -235,6 +239,26 @@ pub fn hold_rows(contenders: &[Contender], n: usize, results: &[Vec<Held>]) -> V
             unit: "KiB",
             ratio: ratio(uss, kib(base.median_child_uss_kib)),
         });
+        let per_session = held.available_kib_per_session.unwrap_or(f64::NAN);
+        rows.push(Row {
+            metric: format!("memory per session (MemAvailable drop), {n} sessions"),
+            contender: c.name,
+            value: per_session,
+            unit: "KiB",
+            ratio: ratio(
+                per_session,
+                base.available_kib_per_session.unwrap_or(f64::NAN),
+            ),
+        });
+        if let Some(latency) = held.status_latency {
+            rows.push(Row {
+                metric: format!("SIGUSR1 status line while {n} held"),
+                contender: c.name,
+                value: latency.as_secs_f64() * 1e3,
+                unit: "ms",
+                ratio: f64::NAN,
+            });
+        }
     }
     rows
 }

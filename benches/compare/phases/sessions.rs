@@ -56,12 +56,46 @@ impl<'a> Progress<'a> {
 
 /// connect → banner → echo of `payload`, every step bounded by IO_TIMEOUT; the stream is kept.
 pub fn open_session(c: &Contender, payload: &[u8]) -> io::Result<TcpStream> {
-    let mut s = TcpStream::connect_timeout(&c.addr, IO_TIMEOUT)?;
+    open_session_at(c.addr, c.banner, None, payload)
+}
+
+/// [`open_session`] to `addr`, whose banner is `banner` bytes, from `source` if given (one
+/// source address has about 28,000 ephemeral ports toward one server address).
+pub fn open_session_at(
+    addr: std::net::SocketAddr,
+    banner: usize,
+    source: Option<std::net::IpAddr>,
+    payload: &[u8],
+) -> io::Result<TcpStream> {
+    let mut s = match source {
+        None => TcpStream::connect_timeout(&addr, IO_TIMEOUT)?,
+        Some(ip) => {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            // The port is chosen at connect, per destination, not at bind.
+            let one: libc::c_int = 1;
+            // Safe: an int option on a socket we own.
+            let set = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&socket),
+                    libc::IPPROTO_IP,
+                    libc::IP_BIND_ADDRESS_NO_PORT,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if set != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            socket.bind(&std::net::SocketAddr::new(ip, 0).into())?;
+            socket.connect_timeout(&addr.into(), IO_TIMEOUT)?;
+            socket.into()
+        }
+    };
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
     s.set_nodelay(true)?;
-    let mut banner = vec![0; c.banner];
-    s.read_exact(&mut banner)?;
+    let mut greeting = vec![0; banner];
+    s.read_exact(&mut greeting)?;
     echo(&mut s, payload)?;
     Ok(s)
 }
