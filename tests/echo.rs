@@ -95,7 +95,6 @@ fn half_close_echoes_all_then_eof_and_child_exits_0() {
 
 /// Urgent (out-of-band) data does not end the session: the urgent byte is not part of the
 /// stream (as with `read`), everything around it is echoed, and only the real EOF ends it.
-/// (TCP splice stops at the urgent mark and returns 0 there, which is not an EOF.)
 #[test]
 fn urgent_data_mid_session_is_not_taken_for_eof() {
     use std::os::fd::AsRawFd;

@@ -241,8 +241,7 @@ fn rate_limit_serves_burst_refuses_rest_then_refills() {
 
 /// `--max-session-time` also bounds a write the client blocks by not reading: with a long idle
 /// timeout, the child still ends at the session limit (code 8), not after the write timeout,
-/// and not twice the limit either (one splice may wait out the send timeout twice; near the
-/// end the child copies instead).
+/// and not twice the limit either (near the end, each write may block only until the end).
 #[test]
 fn max_session_time_bounds_a_blocked_write() {
     const LIMIT_SECS: f64 = 2.0;

@@ -46,6 +46,8 @@
 //! 7. upgrade in place: one client loops connect → banner while forkecho is upgraded ten times
 //!    through its control command; its worst latency during the upgrades (target ≤ 50 ms),
 //!    its median, and how long an upgrade took (three rounds).
+//! 8. long-lived sessions with small messages: 512-byte request/response on 50 and on 500
+//!    sessions at once (requests/s), and one stream of 4 KiB writes (MiB/s, the median round);
 //!
 //! Phases 3 and 4 run one round (they are heavy) and one contender at a time: each waits until
 //! the previous contender's children are gone. The bench lifts its soft RLIMIT_NOFILE to the
@@ -87,8 +89,8 @@ struct Flags {
     /// the base of the ratios. A partial run writes nothing.
     #[arg(long, value_name = "NAME")]
     only: Vec<String>,
-    /// Run only phase N, 1 to 7 (repeatable). A partial run writes nothing.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=7))]
+    /// Run only phase N, 1 to 8 (repeatable). A partial run writes nothing.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=8))]
     phase: Vec<u32>,
     /// Added by `cargo bench` to every bench target's arguments.
     #[arg(long, hide = true)]
@@ -144,7 +146,7 @@ fn main() {
     }
     let mut table = Vec::new();
     let mut measured = 0;
-    if (1..=4).any(|phase| flags.runs(phase)) {
+    if [1, 2, 3, 4, 8].into_iter().any(|phase| flags.runs(phase)) {
         let contenders = start_contenders(&flags.only);
         measured += contenders.len();
         echo_phases(&flags, &plan, &contenders, nofile, &mut table);
@@ -248,7 +250,40 @@ fn echo_phases(
         });
         table.extend(report::storm_rows(contenders, plan.storm, &results));
     }
-    report_log_lines("phases 1 to 4", contenders);
+    if flags.runs(8) {
+        long_lived_phase(plan, contenders, table);
+    }
+    report_log_lines("phases 1 to 4 and 8", contenders);
+}
+
+/// Phase 8: long-lived sessions with small messages.
+fn long_lived_phase(plan: &Plan, contenders: &[Contender], table: &mut Vec<report::Row>) {
+    for sessions in [50, 500] {
+        eprintln!(
+            "phase 8: request/response, {sessions} sessions, {} bytes",
+            phases::MESSAGE
+        );
+        let results = interleave(contenders, plan.rounds, |c| {
+            phases::request_response(c, sessions, plan.rate_trial)
+        });
+        let load = format!("{sessions} sessions × {} B", phases::MESSAGE);
+        table.extend(report::exchange_rows(contenders, &load, &results));
+    }
+    eprintln!(
+        "phase 8: one stream of {} B writes, {} MiB",
+        phases::STREAM_WRITE,
+        plan.small_stream_bytes >> 20
+    );
+    let results = interleave(contenders, plan.rounds, |c| {
+        phases::small_write_stream(c, plan.small_stream_bytes)
+    });
+    let what = format!("stream of {} B writes", phases::STREAM_WRITE);
+    table.extend(report::streamed_rows(
+        contenders,
+        &what,
+        plan.small_stream_bytes,
+        &results,
+    ));
 }
 
 /// Phase 5, on the servers that run `cat` for each connection; returns its targets.
@@ -328,6 +363,8 @@ struct Plan {
     sessions: usize,
     /// Phase 4: children killed at once.
     storm: usize,
+    /// Phase 8: bytes of the stream of 4 KiB writes.
+    small_stream_bytes: usize,
 }
 
 impl Plan {
@@ -338,6 +375,7 @@ impl Plan {
             stream_bytes: 1 << 30,
             sessions: 30_000,
             storm: 10_000,
+            small_stream_bytes: 256 << 20,
         }
     }
 
@@ -348,6 +386,7 @@ impl Plan {
             stream_bytes: 16 << 20,
             sessions: 200,
             storm: 100,
+            small_stream_bytes: 8 << 20,
         }
     }
 }

@@ -9,7 +9,7 @@ use crate::contenders::{
     Contender, FORKECHO_EXEC, FORKECHO_PLAIN, FORKECHO_PROXY, SOCAT_EXEC, TCPSERVER_EXEC,
 };
 use crate::floors;
-use crate::phases::{Held, RateTrial, Storm, CHILDREN_WAIT, PROXY_TARGET};
+use crate::phases::{Exchanges, Held, RateTrial, Storm, CHILDREN_WAIT, PROXY_TARGET};
 
 /// A table row: metric, contender, value, and the value's ratio to forkecho's.
 pub struct Row {
@@ -175,6 +175,16 @@ pub fn upgrade_rows(c: &Contender, gaps: &[crate::phases::Gap]) -> Vec<Row> {
 }
 
 pub fn stream_rows(contenders: &[Contender], bytes: usize, results: &[Vec<Duration>]) -> Vec<Row> {
+    streamed_rows(contenders, "one-stream echo", bytes, results)
+}
+
+/// Rows of a stream of `bytes` called `what`: MiB/s, the median round.
+pub fn streamed_rows(
+    contenders: &[Contender],
+    what: &str,
+    bytes: usize,
+    results: &[Vec<Duration>],
+) -> Vec<Row> {
     // The median round: one slow round (a page-cache flush, a neighbour) does not decide.
     let mib_per_sec = |trials: &[Duration]| {
         let mut rates: Vec<f64> = trials
@@ -192,7 +202,7 @@ pub fn stream_rows(contenders: &[Contender], bytes: usize, results: &[Vec<Durati
             let value = mib_per_sec(trials);
             Row {
                 metric: format!(
-                    "one-stream echo, {} MiB, median of {} rounds",
+                    "{what}, {} MiB, median of {} rounds",
                     bytes >> 20,
                     trials.len()
                 ),
@@ -459,4 +469,36 @@ fn ratio_text(ratio: f64) -> String {
     } else {
         format!("{ratio:.2}×")
     }
+}
+
+/// Rows of a request/response trial: exchanges per second over all sessions, and failed
+/// sessions if any.
+pub fn exchange_rows(contenders: &[Contender], load: &str, results: &[Vec<Exchanges>]) -> Vec<Row> {
+    let per_sec = |trials: &[Exchanges]| {
+        let secs: f64 = trials.iter().map(|t| t.elapsed.as_secs_f64()).sum();
+        trials.iter().map(|t| t.completed).sum::<u64>() as f64 / secs
+    };
+    let base = per_sec(&results[0]);
+    let mut rows = Vec::new();
+    for (c, trials) in contenders.iter().zip(results) {
+        let value = per_sec(trials);
+        rows.push(Row {
+            metric: format!("requests/s, {load}"),
+            contender: c.name,
+            value,
+            unit: "/s",
+            ratio: value / base,
+        });
+        let failed: usize = trials.iter().map(|t| t.failed).sum();
+        if failed > 0 {
+            rows.push(Row {
+                metric: format!("failed sessions, {load}"),
+                contender: c.name,
+                value: failed as f64,
+                unit: "sessions",
+                ratio: f64::NAN,
+            });
+        }
+    }
+    rows
 }

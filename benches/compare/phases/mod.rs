@@ -4,6 +4,7 @@
 mod exec;
 mod hold;
 mod holder;
+mod longlived;
 mod proxy;
 mod rate;
 mod sessions;
@@ -14,6 +15,7 @@ mod upgrade;
 pub use exec::{exec_rate, CLIENTS as EXEC_CLIENTS};
 pub use hold::{hold_sessions, Held};
 pub use holder::holder_main;
+pub use longlived::{request_response, small_write_stream, Exchanges, MESSAGE, STREAM_WRITE};
 pub use proxy::{proxy_rate, proxy_v2_header, CLIENTS as PROXY_CLIENTS, TARGET as PROXY_TARGET};
 pub use rate::{connection_rate, RateTrial};
 pub use sessions::CHILDREN_WAIT;
