@@ -60,6 +60,7 @@
 mod contenders;
 mod floors;
 mod phases;
+mod plots;
 mod report;
 
 // What the bench reads from /proc, shared with the tests (support/procfs).
@@ -192,7 +193,19 @@ fn main() {
         eprintln!("no contender to measure (see --only and the notes above)");
         std::process::exit(2);
     }
-    let markdown = report::render(&table, &targets, flags.quick);
+    let mut markdown = report::render(&table, &targets, flags.quick);
+    // Beside the record; for any other run, in cargo's temporary directory.
+    let record = flags.writes_record() && exec_complete && proxy_complete;
+    let plot_dir = match record {
+        true => env!("CARGO_MANIFEST_DIR"),
+        false => env!("CARGO_TARGET_TMPDIR"),
+    };
+    let plots = plots::draw(&table, std::path::Path::new(plot_dir));
+    if record {
+        markdown.push_str(&report::render_plots(&plots));
+    } else if !plots.is_empty() {
+        eprintln!("plots drawn in {plot_dir}");
+    }
     println!("{markdown}");
     if flags.writes_record() && !exec_complete {
         println!("not written to BENCHMARKS.md: `{FORKECHO_EXEC}` did not run (see the notes)");

@@ -13,12 +13,12 @@ use crate::phases::{Exchanges, Held, RateTrial, Storm, CHILDREN_WAIT, PROXY_TARG
 
 /// A table row: metric, contender, value, and the value's ratio to forkecho's.
 pub struct Row {
-    metric: String,
-    contender: &'static str,
-    value: f64,
-    unit: &'static str,
+    pub metric: String,
+    pub contender: &'static str,
+    pub value: f64,
+    pub unit: &'static str,
     /// NaN (shown as "-"): not applicable or nothing to compare with.
-    ratio: f64,
+    pub ratio: f64,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -501,4 +501,31 @@ pub fn exchange_rows(contenders: &[Contender], load: &str, results: &[Vec<Exchan
         }
     }
     rows
+}
+
+/// The plots' section of BENCHMARKS.md: each plot, and how to read them.
+pub fn render_plots(plots: &[crate::plots::Plot]) -> String {
+    if plots.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("\n## Plots\n\n");
+    for plot in plots {
+        out.push_str(&format!(
+            "{}:\n\n![{}]({})\n\n",
+            plot.title, plot.title, plot.file
+        ));
+    }
+    out.push_str(
+        "How to read them: the first plot shows each server's connection rate as more clients \
+         connect at once (higher is better). The two floors bound what is possible: the mio \
+         echo serves without forking at all, and the minimal C fork loop forks with nothing \
+         else to do. A forking server's line stays between the seed's and the C loop's. Past 4 \
+         clients, 2 cores are busy, so the lines flatten. The second plot shows how much memory \
+         the machine gave up for each session held while 30,000 were open (lower is better). \
+         That is MemAvailable's drop divided by the sessions. It counts both ends of each \
+         connection, and the kernel's share: socket buffers, page tables and process \
+         structures. A server with a process per session pays for a process each; a server \
+         in one process cannot hold that many descriptors here and has no bar.\n",
+    );
+    out
 }
