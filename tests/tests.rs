@@ -24,6 +24,7 @@ mod proxy;
 mod review_config;
 mod review_crash;
 mod review_exec;
+mod review_lean;
 mod review_ops;
 mod review_proxy;
 mod review_unix;

@@ -98,7 +98,6 @@ impl Server {
         check
             .arg("--check-config")
             .args(context.args.iter().skip(1))
-            .current_dir(&context.start_dir)
             .env(upgrade::CHECK_ENV, upgrade::FORMAT.to_string())
             .stdin(config_text);
         // `spawn` waits for the check's exec, as `fork` waits for the copy: bounded, never for
@@ -106,10 +105,7 @@ impl Server {
         let spawned = output
             .try_clone()
             .and_then(|out| Ok((out.try_clone()?, out)))
-            .and_then(|(out, err)| {
-                // `spawn` may fork, and its child returns into these frames before its exec.
-                crate::lean_fork::with_stack_inherited(|| check.stdout(out).stderr(err).spawn())
-            });
+            .and_then(|(out, err)| spawn_check(check.stdout(out).stderr(err), &context.start_dir));
         match spawned {
             Ok(child) => {
                 info!(
@@ -457,4 +453,27 @@ fn read_bounded(file: &mut std::fs::File) -> String {
     let _ = file.rewind();
     let _ = file.take(2048).read_to_string(&mut text);
     text.lines().collect::<Vec<_>>().join(" / ")
+}
+
+/// Starts the check from `start_dir` (relative paths in the arguments are from there).
+///
+/// Why the parent moves there for the moment, rather than `Command::current_dir`: with a
+/// directory to change to, std forks (this static build cannot find glibc's
+/// `posix_spawn_file_actions_addchdir_np`), and until its `execve` the forked child keeps the
+/// parent's signal handlers with the signal mask emptied. A hooked signal in that window (one
+/// sent to the process group) runs signal-hook's handler on its registry, which children see
+/// zeroed (`parent_memory`): the check crashed, and the upgrade was refused (a test). Without
+/// one, std uses `posix_spawn`, whose child resets every handler before it unblocks a signal.
+fn spawn_check(
+    check: &mut Command,
+    start_dir: &std::path::Path,
+) -> std::io::Result<std::process::Child> {
+    let here = std::env::current_dir();
+    std::env::set_current_dir(start_dir)?;
+    // Should std fork after all, its child returns into these frames before its exec.
+    let spawned = crate::lean_fork::with_stack_inherited(|| check.spawn());
+    if let Ok(here) = here {
+        let _ = std::env::set_current_dir(here);
+    }
+    spawned
 }
