@@ -23,8 +23,8 @@
 //!   stack. The top of the stack (the command line, the environment, `main`'s frames) stays
 //!   inherited.
 //! - Any other `fork` while serving (the upgrade's check through `Command`, a session whose
-//!   slot could not be had) runs inside [`with_stack_inherited`], or its child would return
-//!   into frames it does not have.
+//!   slot could not be had) holds a [`StackInherited`], or its child would return into frames
+//!   it does not have.
 //! - When the slots, the stack or the advice cannot be had, sessions start with a plain
 //!   `fork`, as before: slower, same result.
 //! - A child killed before it took its slot (between `clone` and its first instructions)
@@ -148,11 +148,23 @@ struct ChildStack {
 
 /// An echo session's deepest path (a long log line, a panic's message) fits with room.
 const STACK_SIZE: usize = 256 * 1024;
-const GUARD_SIZE: usize = 4096;
+/// The guard page below it.
+fn guard_size() -> usize {
+    page_size()
+}
+
+/// The kernel's page size (4 KiB on x86_64, up to 64 KiB elsewhere).
+fn page_size() -> usize {
+    // Safe: sysconf only answers.
+    match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        size if size > 0 => size as usize,
+        _ => 4096,
+    }
+}
 
 impl ChildStack {
     fn new() -> std::io::Result<ChildStack> {
-        let len = STACK_SIZE + GUARD_SIZE;
+        let len = STACK_SIZE + guard_size();
         // Safe: a fresh anonymous mapping; nothing else refers to it.
         let base = unsafe {
             libc::mmap(
@@ -168,7 +180,7 @@ impl ChildStack {
             return Err(std::io::Error::last_os_error());
         }
         // Safe: the mapping just made.
-        if unsafe { libc::mprotect(base, GUARD_SIZE, libc::PROT_NONE) } != 0 {
+        if unsafe { libc::mprotect(base, guard_size(), libc::PROT_NONE) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
         Ok(ChildStack {
@@ -238,7 +250,7 @@ pub fn stack_pointer() -> usize {
 /// line and the environment, stay inherited, and are not written while the loop runs).
 pub fn prepare(stack_pointer: usize) {
     LEAN.get_or_init(|| {
-        let boundary = stack_pointer.next_multiple_of(4096);
+        let boundary = stack_pointer.next_multiple_of(page_size());
         // Rule 2, once: nothing writes to stdout from here on (see `spawn`).
         let _ = std::io::Write::flush(&mut std::io::stdout());
         let made = (|| -> std::io::Result<LeanFork> {
@@ -260,21 +272,33 @@ pub fn prepare(stack_pointer: usize) {
     });
 }
 
-/// Runs `f`, which forks a child that returns into the caller's frames (as `fork` and
-/// `Command` do), with the whole stack inherited again.
-pub fn with_stack_inherited<T>(f: impl FnOnce() -> T) -> T {
+/// The whole stack inherited by children, until dropped: for a `fork` whose child returns
+/// into the caller's frames (as `fork` and `Command` do).
+pub struct StackInherited {
+    boundary: Option<usize>,
+}
+
+/// Makes the whole stack inherited (see [`StackInherited`]). Fails if it cannot be: a child
+/// forked then would start without the frames it returns into, so the caller must not fork.
+pub fn inherit_stack() -> std::io::Result<StackInherited> {
     let boundary = match LEAN.get() {
-        Some(Some(lean)) => lean.boundary,
-        _ => return f(),
+        Some(Some(lean)) => Some(lean.boundary),
+        _ => None,
     };
-    if let Err(e) = set_stack_inherited(boundary, true) {
-        log::error!("cannot make the stack inherited for a fork: {e}");
+    if let Some(boundary) = boundary {
+        set_stack_inherited(boundary, true)?;
     }
-    let result = f();
-    if let Err(e) = set_stack_inherited(boundary, false) {
-        log::warn!("cannot make the stack the parent's alone again: {e}");
+    Ok(StackInherited { boundary })
+}
+
+impl Drop for StackInherited {
+    fn drop(&mut self) {
+        if let Some(boundary) = self.boundary {
+            if let Err(e) = set_stack_inherited(boundary, false) {
+                log::warn!("cannot make the stack the parent's alone again: {e}");
+            }
+        }
     }
-    result
 }
 
 /// What became of a lean start.

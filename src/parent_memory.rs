@@ -162,6 +162,17 @@ unsafe impl std::alloc::GlobalAlloc for ForkAware {
         unsafe { std::alloc::System.alloc(layout) }
     }
 
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if DIVERTED.load(Ordering::Relaxed) && layout.size() > 0 {
+            // Fresh from the mapping, never handed out before: zero already.
+            if let Some(block) = bump(layout) {
+                return block.as_ptr().cast();
+            }
+        }
+        // Safe: the caller's layout, unchanged.
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         match NonNull::new(ptr) {
             Some(p) if in_region(p) => {}

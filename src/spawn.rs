@@ -68,9 +68,13 @@ pub fn spawn_session(conn: Conn, handler: &Handler) -> Result<Pid, crate::spawn:
             match crate::lean_fork::spawn(start) {
                 Started::Child(pid) => Ok(Pid::from_raw(pid)),
                 Started::Failed(conn, e) => Err(Box::new((conn, e))),
-                Started::Unavailable(start) => crate::lean_fork::with_stack_inherited(|| {
-                    fork_session(start.conn, |conn| echo::run(conn, settings).exit_code())
-                }),
+                // Its child returns into these frames: they must be inherited.
+                Started::Unavailable(start) => match crate::lean_fork::inherit_stack() {
+                    Ok(_inherited) => {
+                        fork_session(start.conn, |conn| echo::run(conn, settings).exit_code())
+                    }
+                    Err(e) => Err(Box::new((start.conn, e))),
+                },
             }
         }
         Handler::Exec { program, banner } => spawn_program(conn, program, banner),

@@ -471,7 +471,7 @@ fn spawn_check(
     let here = std::env::current_dir();
     std::env::set_current_dir(start_dir)?;
     // Should std fork after all, its child returns into these frames before its exec.
-    let spawned = crate::lean_fork::with_stack_inherited(|| check.spawn());
+    let spawned = crate::lean_fork::inherit_stack().and_then(|_inherited| check.spawn());
     if let Ok(here) = here {
         let _ = std::env::set_current_dir(here);
     }
