@@ -10,7 +10,8 @@
 //!
 //! So the part of the parent's stack its loop runs in is not inherited at all
 //! (`MADV_DONTFORK` below the frame of `Server::run`, while serving), and the child starts with
-//! `clone` on a stack of its own ([`ChildStack`], inherited, which the parent never writes).
+//! `clone3` (`CLONE_CLEAR_SIGHAND`: born with default handlers) or `clone` on a stack of its
+//! own ([`ChildStack`], inherited, which the parent never writes).
 //! What the child needs of its connection goes through a shared mapping ([`Slots`]): pages
 //! that are shared, not copied, so the parent's writes to them never fault. Everything else
 //! the child reads (its settings, the logger) was written before serving began and is
@@ -25,6 +26,10 @@
 //! - Any other `fork` while serving (the upgrade's check through `Command`, a session whose
 //!   slot could not be had) holds a [`StackInherited`], or its child would return into frames
 //!   it does not have.
+//! - No forked child may read `parent_memory` (it sees zeros there), and so none may run a
+//!   signal handler of the parent's: signal-hook's registry lives there. A session's child
+//!   resets its handlers with every signal blocked; the upgrade's check is started by
+//!   `posix_spawn`, whose child does the same before its `execve`.
 //! - When the slots, the stack or the advice cannot be had, sessions start with a plain
 //!   `fork`, as before: slower, same result.
 //! - A child killed before it took its slot (between `clone` and its first instructions)
