@@ -431,10 +431,23 @@ impl Children {
     /// stand for many children: loop until the kernel says none is left to collect
     /// (`StillAlive`) or there are no children at all (ECHILD).
     pub fn reap(&mut self) {
-        while self.collect_one(Some(WaitPidFlag::WNOHANG)) {}
+        while self.reap_some(usize::MAX) {}
+    }
+
+    /// [`Children::reap`], stopping after `most` children: true if it stopped there, and more
+    /// may be waiting (the caller goes on in its next turn, without waiting for a signal).
+    pub fn reap_some(&mut self, most: usize) -> bool {
+        let mut reaped = 0;
+        while reaped < most {
+            if !self.collect_one(Some(WaitPidFlag::WNOHANG)) {
+                break;
+            }
+            reaped += 1;
+        }
         if !self.lingering.is_empty() {
             self.lingering.retain(|group| group_has_members(group.pgid));
         }
+        reaped == most
     }
 
     /// The nearest deadline the parent must act on, if any (perhaps one of a child already

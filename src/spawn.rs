@@ -22,7 +22,10 @@
 //!    It restores the default action of every hooked signal, clears its signal mask, and starts
 //!    its own process group, so that Ctrl-C on the terminal or a signal to the parent's process
 //!    group reaches the parent, which decides what the sessions get.
-//! 4. (In `children`:) reaping loops, because SIGCHLD coalesces.
+//! 4. (In `children`:) reaping loops, because SIGCHLD coalesces: until nothing is left to
+//!    collect, over as many turns of the loop as it takes (at most 128 a turn, so that
+//!    accepting goes on while ten thousand children end at once; the next turn does not wait
+//!    for another signal).
 //! 5. The parent closes its copy of the connection right after `fork`, or the client would never
 //!    see EOF when the child ends, and the parent's fd table would fill up.
 //!

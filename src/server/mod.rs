@@ -124,8 +124,13 @@ pub struct Server {
     checking: Option<upgrade::Checking>,
     /// This image took over from a previous one (an upgrade).
     taken_over: bool,
+    /// The last turn reaped its most (`REAP_BATCH`): more children may be waiting.
+    reap_more: bool,
     started: Instant,
 }
+
+/// The most children one turn of the loop reaps (see `handle_signals`).
+const REAP_BATCH: usize = 128;
 
 impl Server {
     /// Sets up the loop: the poll instance, the signal handlers (from here on a signal is a
@@ -180,6 +185,7 @@ impl Server {
             upgrade_context: None,
             checking: None,
             taken_over: false,
+            reap_more: false,
             poll,
             signals,
             // Connections may already be queued before the first edge is seen.
@@ -281,7 +287,7 @@ impl Server {
                     None => debug!("event for an unknown token {:?}", event.token()),
                 }
             }
-            if signalled {
+            if signalled || self.reap_more {
                 self.handle_signals();
             }
             self.handle_control(control_events);
@@ -314,7 +320,7 @@ impl Server {
     fn next_wakeup(&self) -> Option<Duration> {
         let headers_to_serve = self.headers.has_readable()
             || (self.headers.has_complete() && self.room_for_a_session_now());
-        if self.acceptable_work() || headers_to_serve {
+        if self.acceptable_work() || headers_to_serve || self.reap_more {
             return Some(Duration::ZERO);
         }
         let deadline = match self.phase {
@@ -350,10 +356,14 @@ impl Server {
 
     fn handle_signals(&mut self) {
         let requests = signals::pending(&mut self.signals);
-        // Reap first, so status lines and shutdown decisions see the current table.
-        if requests.reap {
+        let reap = requests.reap || self.reap_more;
+        // Reap first, so status lines and shutdown decisions see the current table. At most
+        // REAP_BATCH a turn: when ten thousand children end at once, accepting gets its turn
+        // between batches, and the next turn goes on without waiting for a signal (rule 4
+        // holds across turns).
+        if reap {
             let before = self.children.len();
-            self.children.reap();
+            self.reap_more = self.children.reap_some(REAP_BATCH);
             if self.fork_failure_run.len() > 0 && self.children.len() < before {
                 // A child's exit is what frees a process slot: try forking again now.
                 self.paused_until = None;
@@ -381,7 +391,7 @@ impl Server {
         }
         // Last: an upgrade whose check has ended hands over by `execve`, and every request of
         // this batch (a SIGTERM that came with the check's SIGCHLD) must be acted on first.
-        if requests.reap {
+        if reap {
             self.continue_upgrade();
         }
     }
