@@ -285,26 +285,32 @@ impl Children {
         // A child sees this table zero-filled (see `parent_memory`): it must never touch it.
         debug_assert!(crate::spawn::in_parent(), "children table used in a child");
         let started = Instant::now();
-        self.live.insert(
-            pid,
-            Child {
-                peer,
-                started,
-                source,
-                kind,
-                kill_at: None,
-            },
-        );
-        if let Some(limit) = end_by {
-            self.deadlines.push(Reverse(Deadline {
-                at: started + limit,
-                pid: pid.as_raw(),
-                started,
-                kill: false,
-            }));
-        }
-        *self.per_source.entry(source).or_default() += 1;
+        let deadline = end_by.map(|limit| Deadline {
+            at: started + limit,
+            pid: pid.as_raw(),
+            started,
+            kill: false,
+        });
+        let child = Child {
+            peer,
+            started,
+            source,
+            kind,
+            kill_at: None,
+        };
+        self.track(pid, child, deadline);
         self.totals.forked += 1;
+    }
+
+    /// Enters a live child in the table, its source's count and, if the parent must act on
+    /// it at some time, the deadlines: for a child just forked and one an upgrade passed on.
+    #[inline]
+    fn track(&mut self, pid: Pid, child: Child, deadline: Option<Deadline>) {
+        *self.per_source.entry(child.source).or_default() += 1;
+        self.live.insert(pid, child);
+        if let Some(deadline) = deadline {
+            self.deadlines.push(Reverse(deadline));
+        }
     }
 
     /// The table as an upgrade passes it on: each live child with its age and the time left to
@@ -374,25 +380,20 @@ impl Children {
                 true => Kind::Program,
                 false => Kind::Echo,
             };
-            self.live.insert(
-                pid,
-                Child {
-                    peer,
-                    started,
-                    source,
-                    kind,
-                    kill_at: state.kill_in_ns.map(after),
-                },
-            );
-            if let Some(ns) = state.deadline_in_ns {
-                self.deadlines.push(Reverse(Deadline {
-                    at: after(ns),
-                    pid: state.pid,
-                    started,
-                    kill: state.deadline_kills,
-                }));
-            }
-            *self.per_source.entry(source).or_default() += 1;
+            let deadline = state.deadline_in_ns.map(|ns| Deadline {
+                at: after(ns),
+                pid: state.pid,
+                started,
+                kill: state.deadline_kills,
+            });
+            let child = Child {
+                peer,
+                started,
+                source,
+                kind,
+                kill_at: state.kill_in_ns.map(after),
+            };
+            self.track(pid, child, deadline);
         }
         for group in lingering {
             self.lingering.push(Lingering {

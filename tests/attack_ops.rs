@@ -108,14 +108,7 @@ fn a_control_socket_flood_does_not_stop_echo_or_status() {
         }
     }
     assert_serves(&server, b"through the flood\n");
-    let started = Instant::now();
-    loop {
-        let out = deployment.command(&["status"]);
-        if out.status.success() {
-            break;
-        }
-        assert!(started.elapsed() < WAIT, "status never answered: {out:?}");
-    }
+    assert_status_answers(&deployment);
     drop(silent);
 }
 
@@ -403,13 +396,18 @@ fn control_clients_trickling_garbage_do_not_stop_echo_or_status_for_long() {
         }
         assert_serves(&server, b"trickle\n");
     }
+    assert_status_answers(&deployment);
+    drop(tricklers);
+}
+
+/// Asks `status` until it is answered, for at most WAIT.
+fn assert_status_answers(deployment: &Deployment) {
     let started = Instant::now();
     loop {
         let out = deployment.command(&["status"]);
         if out.status.success() {
-            break;
+            return;
         }
         assert!(started.elapsed() < WAIT, "status never answered: {out:?}");
     }
-    drop(tricklers);
 }

@@ -3,17 +3,11 @@
 
 use crate::util::*;
 
-use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
 /// Writes an executable shell script.
-fn write_script(path: &Path, text: &str) {
-    std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-}
-
 #[test]
 fn upgrades_leave_the_parent_no_more_descriptors_than_before() {
     let deployment = Deployment::new();
@@ -79,15 +73,7 @@ fn an_upgrade_runs_the_binary_the_started_symlink_names_now() {
 fn a_check_that_hangs_does_not_block_upgrades_forever() {
     let deployment = Deployment::new();
     let server = deployment.start(&[]);
-    let good = deployment.dir.path().join("forkecho.good");
-    std::fs::rename(&deployment.binary, &good).unwrap();
-    write_script(
-        &deployment.binary,
-        &format!(
-            "#!/bin/sh\ncase \"$*\" in *--check-config*) exec sleep 300;; esac\nexec {} \"$@\"\n",
-            good.display()
-        ),
-    );
+    let good = deployment.wrap_with_a_hanging_check();
     let out = deployment.upgrade();
     assert!(!out.status.success(), "{out:?}");
     std::fs::rename(&good, &deployment.binary).unwrap();
@@ -258,15 +244,7 @@ fn the_metrics_counters_are_the_same_after_an_upgrade() {
 fn a_shutdown_during_a_hanging_check_stops_and_leaves_no_checker() {
     let deployment = Deployment::new();
     let mut server = deployment.start(&[]);
-    let good = deployment.dir.path().join("forkecho.good");
-    std::fs::rename(&deployment.binary, &good).unwrap();
-    write_script(
-        &deployment.binary,
-        &format!(
-            "#!/bin/sh\ncase \"$*\" in *--check-config*) exec sleep 300;; esac\nexec {} \"$@\"\n",
-            good.display()
-        ),
-    );
+    deployment.wrap_with_a_hanging_check();
     server.signal(Signal::SIGUSR2);
     server.wait_for_line("upgrade: checking");
     let checker = server.children();
@@ -322,15 +300,7 @@ fn a_rollback_leaves_no_descriptor_behind() {
     let deployment = Deployment::new();
     let server = deployment.start(&[]);
     let before = fds_of(server.pid());
-    let good = deployment.dir.path().join("forkecho.good");
-    std::fs::rename(&deployment.binary, &good).unwrap();
-    write_script(
-        &deployment.binary,
-        &format!(
-            "#!/bin/sh\nif [ -n \"$FORKECHO_UPGRADE_STATE\" ]; then exec {good} --max-children 0 \"$@\"; fi\nexec {good} \"$@\"\n",
-            good = good.display()
-        ),
-    );
+    deployment.wrap_for_takeover("exec {good} --max-children 0 \"$@\"");
     for _ in 0..2 {
         let out = deployment.upgrade();
         assert_eq!(out.status.code(), Some(1), "{out:?}");
@@ -390,18 +360,13 @@ fn a_rollback_does_not_depend_on_the_config_file_the_new_binary_was_given() {
         .args(["-c", config.to_str().unwrap()])
         .start();
     let mut session = server.connect_greeted();
-    let good = deployment.dir.path().join("forkecho.good");
-    std::fs::rename(&deployment.binary, &good).unwrap();
     // At the takeover, the file gains what the old binary does not know (the check saw it
     // without: the key stands for one only the new version has).
-    write_script(
-        &deployment.binary,
-        &format!(
-            "#!/bin/sh\nif [ -n \"$FORKECHO_UPGRADE_STATE\" ]; then echo 'new_key = 1' >> {config}; exec {good} --max-children 0 \"$@\"; fi\nexec {good} \"$@\"\n",
-            config = config.display(),
-            good = good.display()
-        ),
+    let takeover = format!(
+        "echo 'new_key = 1' >> {}; exec {{good}} --max-children 0 \"$@\"",
+        config.display()
     );
+    deployment.wrap_for_takeover(&takeover);
     let out = deployment.upgrade();
     assert!(!out.status.success(), "{out:?}");
     assert!(

@@ -764,13 +764,28 @@ impl Deployment {
     /// names the real binary, moved aside) when an upgrade executes it, and the real binary
     /// otherwise (the check before it). Returns the real binary's new path.
     pub fn wrap_for_takeover(&self, takeover: &str) -> PathBuf {
+        self.wrap(
+            "if [ -n \"$FORKECHO_UPGRADE_STATE\" ]; then {takeover}; fi",
+            takeover,
+        )
+    }
+
+    /// A wrapper at the binary's path whose check before an upgrade hangs (sleeps 300 s); the
+    /// real binary otherwise. Returns the real binary's new path.
+    pub fn wrap_with_a_hanging_check(&self) -> PathBuf {
+        self.wrap("case \"$*\" in *--check-config*) exec sleep 300;; esac", "")
+    }
+
+    /// Moves the real binary aside and puts a shell script at its path: `first` (where
+    /// `{takeover}` stands for `takeover`, and `{good}` in either for the real binary), then
+    /// the real binary with the same arguments.
+    fn wrap(&self, first: &str, takeover: &str) -> PathBuf {
         let good = self.dir.path().join("forkecho.good");
         std::fs::rename(&self.binary, &good).unwrap();
-        let takeover = takeover.replace("{good}", &good.display().to_string());
-        let wrapper = format!(
-            "#!/bin/sh\nif [ -n \"$FORKECHO_UPGRADE_STATE\" ]; then {takeover}; fi\nexec {good} \"$@\"\n",
-            good = good.display()
-        );
+        let first = first
+            .replace("{takeover}", takeover)
+            .replace("{good}", &good.display().to_string());
+        let wrapper = format!("#!/bin/sh\n{first}\nexec {} \"$@\"\n", good.display());
         std::fs::write(&self.binary, wrapper).unwrap();
         std::fs::set_permissions(
             &self.binary,

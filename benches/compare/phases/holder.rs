@@ -12,20 +12,12 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::thread;
-use std::time::{Duration, Instant};
 
-use super::sessions::{echo, open_session_at, SESSION_PAYLOAD};
+use super::sessions::{echo, open_with_retries_at, OPENERS, SESSION_PAYLOAD};
 
 /// Sessions per holder process: under its descriptor limit, and under a source address's
 /// ports.
 pub const PER_HOLDER: usize = 15_000;
-
-/// Threads a holder opens sessions from, each with one in flight: a few connects at once keep
-/// the pace up but never overflow even the seed's backlog of 36.
-const OPENERS: usize = 4;
-
-/// How long one session may keep failing and be retried before it counts as failed.
-const RETRY_BUDGET: Duration = Duration::from_secs(5);
 
 /// After this many failed sessions in a row, a holder stops trying (a server that cannot take
 /// more would otherwise cost the retry budget for each of thousands).
@@ -72,7 +64,7 @@ fn open_from_threads(
                         if failed_in_a_row.load(Relaxed) >= GIVE_UP_AFTER {
                             break;
                         }
-                        match open_with_retries(addr, banner, source) {
+                        match open_with_retries_at(addr, banner, Some(source)) {
                             Some(s) => {
                                 failed_in_a_row.store(0, Relaxed);
                                 streams.push(s);
@@ -91,17 +83,6 @@ fn open_from_threads(
             .flat_map(|w| w.join().expect("opener thread"))
             .collect()
     })
-}
-
-fn open_with_retries(addr: SocketAddr, banner: usize, source: IpAddr) -> Option<TcpStream> {
-    let deadline = Instant::now() + RETRY_BUDGET;
-    loop {
-        match open_session_at(addr, banner, Some(source), SESSION_PAYLOAD) {
-            Ok(s) => return Some(s),
-            Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
-            Err(_) => return None,
-        }
-    }
 }
 
 /// A holder process, from the bench's side. Killed (by pid) when dropped.

@@ -160,49 +160,7 @@ fn open(c: &Contender) -> Option<StdStream> {
 }
 
 /// One stream of `bytes` through `c` in writes of STREAM_WRITE bytes, read concurrently and
-/// checked; the time it took. Every write is the same block, so checking costs a compare.
+/// checked (as phase 2's); the time it took.
 pub fn small_write_stream(c: &Contender, bytes: usize) -> Duration {
-    let mut s = StdStream::connect(c.addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut banner = vec![0; c.banner];
-    s.read_exact(&mut banner).expect("banner");
-    let mut writer = s.try_clone().unwrap();
-    let block: Vec<u8> = (0..STREAM_WRITE).map(|i| (i % 251) as u8).collect();
-    let sent_block = block.clone();
-    let started = Instant::now();
-    let sender = thread::spawn(move || {
-        let mut sent = 0;
-        while sent < bytes {
-            let n = STREAM_WRITE.min(bytes - sent);
-            writer.write_all(&sent_block[..n]).expect("write");
-            sent += n;
-        }
-        writer.shutdown(std::net::Shutdown::Write).unwrap();
-    });
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut got = 0usize;
-    loop {
-        let n = match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => panic!("{}: read: {e}", c.name),
-        };
-        let mut i = 0;
-        while i < n {
-            let k = (got + i) % STREAM_WRITE;
-            let m = (n - i).min(STREAM_WRITE - k);
-            assert!(
-                buf[i..i + m] == block[k..k + m],
-                "{}: the 4 KiB stream differs near byte {}",
-                c.name,
-                got + i
-            );
-            i += m;
-        }
-        got += n;
-    }
-    sender.join().expect("writer");
-    assert_eq!(got, bytes, "{}: stream length", c.name);
-    started.elapsed()
+    super::stream::stream_in_writes(c, bytes, STREAM_WRITE)
 }

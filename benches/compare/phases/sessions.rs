@@ -19,7 +19,7 @@ const RETRY_BUDGET: Duration = Duration::from_secs(5);
 
 /// Threads opening sessions in phases 3 and 4, each with one session in flight at a time: a
 /// few connects at once keep the pace up but never overflow even the seed's backlog of 36.
-const OPENERS: usize = 4;
+pub const OPENERS: usize = 4;
 
 /// Bound on waiting for a server's children to appear (forks lag connects) or to be gone.
 pub const CHILDREN_WAIT: Duration = Duration::from_secs(120);
@@ -113,9 +113,19 @@ pub fn echo(s: &mut TcpStream, payload: &[u8]) -> io::Result<()> {
 
 /// `open_session`, retried for up to RETRY_BUDGET; None when the budget ran out.
 fn open_with_retries(c: &Contender) -> Option<TcpStream> {
+    open_with_retries_at(c.addr, c.banner, None)
+}
+
+/// [`open_session_at`] with SESSION_PAYLOAD, retried for up to RETRY_BUDGET; None when the
+/// budget ran out.
+pub fn open_with_retries_at(
+    addr: std::net::SocketAddr,
+    banner: usize,
+    source: Option<std::net::IpAddr>,
+) -> Option<TcpStream> {
     let deadline = Instant::now() + RETRY_BUDGET;
     loop {
-        match open_session(c, SESSION_PAYLOAD) {
+        match open_session_at(addr, banner, source, SESSION_PAYLOAD) {
             Ok(s) => return Some(s),
             Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
             Err(_) => return None,

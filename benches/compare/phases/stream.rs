@@ -12,6 +12,11 @@ const PATTERN: usize = 256 * 1024;
 
 /// One stream of `bytes` through the contender, written and read concurrently, checked.
 pub fn stream(c: &Contender, bytes: usize) -> Duration {
+    stream_in_writes(c, bytes, PATTERN)
+}
+
+/// [`stream`] written `write` bytes at a time (at most PATTERN).
+pub fn stream_in_writes(c: &Contender, bytes: usize, write: usize) -> Duration {
     let mut s = TcpStream::connect(c.addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut banner = vec![0; c.banner];
@@ -23,8 +28,9 @@ pub fn stream(c: &Contender, bytes: usize) -> Duration {
     let sender = thread::spawn(move || {
         let mut sent = 0;
         while sent < bytes {
-            let n = chunk.len().min(bytes - sent);
-            writer.write_all(&chunk[..n]).expect("write");
+            let k = sent % PATTERN;
+            let n = write.min(PATTERN - k).min(bytes - sent);
+            writer.write_all(&chunk[k..k + n]).expect("write");
             sent += n;
         }
         writer.shutdown(std::net::Shutdown::Write).unwrap();
