@@ -226,7 +226,9 @@ impl SessionClock {
             return Ok(());
         };
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        // Under a microsecond is the end: a socket timeout keeps whole microseconds, and 0
+        // would mean no timeout at all.
+        if left < Duration::from_micros(1) {
             return Err(Outcome::SessionTimeLimit);
         }
         if self.idle.is_none_or(|idle| left < idle) {

@@ -251,6 +251,7 @@ pub(crate) fn discard_pending_meant_for_parent() -> io::Result<()> {
     // Safe: initialized by the successful call above.
     let pending = unsafe { pending.assume_init() };
     let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
     for sig in [
         Signal::SIGINT,
         Signal::SIGQUIT,
@@ -260,8 +261,10 @@ pub(crate) fn discard_pending_meant_for_parent() -> io::Result<()> {
     ] {
         // Safe: reads a set filled by sigpending.
         if unsafe { libc::sigismember(&pending, sig as libc::c_int) } == 1 {
-            // Safe: installs SIG_IGN, no handler code.
+            // Safe: installs SIG_IGN, then SIG_DFL, no handler code. Back to the default at
+            // once: a child born with default handlers (clone3) resets nothing after this.
             unsafe { sigaction(sig, &ignore) }?;
+            unsafe { sigaction(sig, &default) }?;
         }
     }
     Ok(())

@@ -4,6 +4,7 @@
 mod util;
 
 mod attack;
+mod attack_lean;
 mod attack_ops;
 mod config;
 mod config_fuzz;
