@@ -19,9 +19,8 @@
 //! | 8  | `max_session_time` reached |
 //! | 70 | internal error: the session panicked (caught; never a core dump): `spawn::EXIT_PANIC` |
 
-use std::io::{self, ErrorKind, Write};
+use std::io::{self, ErrorKind};
 use std::mem::MaybeUninit;
-use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
@@ -83,6 +82,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    #[link_section = ".text.hot.forkecho_child"]
     pub fn exit_code(&self) -> i32 {
         match self {
             Outcome::ClientClosed => EXIT_CLIENT_CLOSED,
@@ -96,6 +96,7 @@ impl Outcome {
     }
 
     /// Classifies an error from a read (`writing == false`) or a write.
+    #[link_section = ".text.hot.forkecho_child"]
     fn from_error(e: io::Error, writing: bool) -> Outcome {
         match e.kind() {
             // SO_RCVTIMEO / SO_SNDTIMEO expiring surface as EAGAIN. (ETIMEDOUT is different: the
@@ -111,12 +112,16 @@ impl Outcome {
 
 /// Runs the whole session on `stream` and says how it ended.
 ///
-/// SIGPIPE is ignored, inherited from the parent (`signals::hook` makes sure): a write to a
-/// client that is gone fails with EPIPE (exit code 6) instead of killing the child, and
-/// splicing into a socket cannot say MSG_NOSIGNAL.
-pub fn run(conn: Conn, settings: &Settings) -> Outcome {
+/// A write to a client that is gone fails with EPIPE (exit code 6) instead of killing the
+/// child: sends say MSG_NOSIGNAL, and SIGPIPE is ignored anyway, inherited from the parent
+/// (`signals::hook` makes sure).
+///
+/// `buffer` is the echo's buffer, [`BUFFER_SIZE`] bytes or any other size; its contents do not
+/// matter (see [`heap_buffer`] and `lean_fork`'s child memory).
+#[link_section = ".text.hot.forkecho_child"]
+pub fn run(conn: Conn, settings: &Settings, buffer: &mut [MaybeUninit<u8>]) -> Outcome {
     let tcp = matches!(conn.peer, Peer::Ip(_));
-    let outcome = match serve(&conn.stream, settings, tcp) {
+    let outcome = match serve(&conn.stream, settings, tcp, buffer) {
         Ok(()) => Outcome::ClientClosed,
         Err(outcome) => outcome,
     };
@@ -155,13 +160,19 @@ impl std::fmt::Display for Described<'_> {
     }
 }
 
-fn serve(stream: &Socket, settings: &Settings, tcp: bool) -> Result<(), Outcome> {
+#[link_section = ".text.hot.forkecho_child"]
+fn serve(
+    stream: &Socket,
+    settings: &Settings,
+    tcp: bool,
+    buffer: &mut [MaybeUninit<u8>],
+) -> Result<(), Outcome> {
     prepare(stream, settings, tcp).map_err(Outcome::IoError)?;
     let mut clock = SessionClock::new(settings);
     write_all(stream, &settings.banner, &mut clock)?;
-    echo(stream, &mut clock)?;
+    echo(stream, &mut clock, buffer)?;
     // The client half-closed and everything it sent is echoed: pass the EOF on.
-    match stream.shutdown(Shutdown::Write) {
+    match socket::shutdown_write(stream) {
         Ok(()) => Ok(()),
         // The connection was reset after the client's EOF: whatever was still in our send
         // buffer is lost, so this is not a clean end.
@@ -179,15 +190,17 @@ fn serve(stream: &Socket, settings: &Settings, tcp: bool) -> Result<(), Outcome>
 /// connection rates unchanged. A splice moves at most one pipe's 16 slots, one socket buffer
 /// fragment each (about 64 KiB a call for 4 KiB writes), where one read takes 128 KiB.
 ///
-/// The buffer is not zeroed: at 128 KiB, malloc maps it fresh, and a page of it is touched
-/// only when a read reaches it (a 64-byte session touches one).
-fn echo(stream: &Socket, clock: &mut SessionClock) -> Result<(), Outcome> {
-    let mut buffer: Vec<MaybeUninit<u8>> = Vec::with_capacity(COPY_BUFFER);
-    // Safe: MaybeUninit needs no initialisation.
-    unsafe { buffer.set_len(COPY_BUFFER) };
+/// The buffer is never zeroed: a page of it is touched only when a read reaches it (a 64-byte
+/// session touches one).
+#[link_section = ".text.hot.forkecho_child"]
+fn echo(
+    stream: &Socket,
+    clock: &mut SessionClock,
+    buffer: &mut [MaybeUninit<u8>],
+) -> Result<(), Outcome> {
     loop {
         clock.before_io(stream)?;
-        let n = match stream.recv(&mut buffer) {
+        let n = match socket::recv(stream, buffer) {
             Ok(0) => return Ok(()),
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -199,9 +212,15 @@ fn echo(stream: &Socket, clock: &mut SessionClock) -> Result<(), Outcome> {
     }
 }
 
-/// The echo's buffer: as large as `cat`'s, and at glibc's threshold for a mapping of its own
-/// (so untouched pages cost nothing).
-const COPY_BUFFER: usize = 128 * 1024;
+/// The echo's buffer: as large as `cat`'s.
+pub const BUFFER_SIZE: usize = 128 * 1024;
+
+/// A buffer for [`run`] from the heap, for a child started with a plain `fork`. Not zeroed: at
+/// 128 KiB, malloc maps it fresh, so untouched pages cost nothing. (A lean child's buffer is
+/// in memory it inherits untouched, which saves it malloc's writes to the parent's pages.)
+pub fn heap_buffer() -> Box<[MaybeUninit<u8>]> {
+    Box::new_uninit_slice(BUFFER_SIZE)
+}
 
 /// Enforces `max_session_time` with the socket timeouts the idle limit already uses: while the
 /// session's end is further away than `idle_timeout`, nothing changes (no extra system call);
@@ -212,6 +231,7 @@ struct SessionClock {
 }
 
 impl SessionClock {
+    #[link_section = ".text.hot.forkecho_child"]
     fn new(settings: &Settings) -> Self {
         SessionClock {
             idle: settings.idle_timeout,
@@ -221,6 +241,7 @@ impl SessionClock {
 
     /// Called before each blocking call: fails once the session's time is up, else shortens
     /// the socket timeouts to the time left if that is less than the idle limit.
+    #[link_section = ".text.hot.forkecho_child"]
     fn before_io(&mut self, stream: &Socket) -> Result<(), Outcome> {
         let Some(deadline) = self.deadline else {
             return Ok(());
@@ -233,15 +254,13 @@ impl SessionClock {
         }
         if self.idle.is_none_or(|idle| left < idle) {
             self.idle = Some(left);
-            stream
-                .set_read_timeout(Some(left))
-                .and_then(|()| stream.set_write_timeout(Some(left)))
-                .map_err(Outcome::IoError)?;
+            socket::set_timeouts(stream, Some(left)).map_err(Outcome::IoError)?;
         }
         Ok(())
     }
 
     /// A timeout that fired at or after the session's end is the session limit, not idleness.
+    #[link_section = ".text.hot.forkecho_child"]
     fn explain(&self, outcome: Outcome) -> Outcome {
         let timed_out = matches!(outcome, Outcome::IdleTimeout | Outcome::WriteTimeout);
         match self.deadline {
@@ -252,31 +271,28 @@ impl SessionClock {
 }
 
 /// Per-session socket setup, done in the child so the parent's accept loop stays short.
+#[link_section = ".text.hot.forkecho_child"]
 fn prepare(stream: &Socket, settings: &Settings, tcp: bool) -> io::Result<()> {
     // (Already blocking: the parent accepts it so; see `Listener::accept_blocking`.)
     // An echo is interactive: send each reply at once instead of waiting to coalesce (Nagle;
     // a UNIX-domain socket has none).
     if tcp {
-        stream.set_tcp_nodelay(true)?;
+        socket::set_nodelay(stream)?;
     }
     // The same limit bounds silence from the client and a client that stopped reading, so no
     // peer can pin a child forever. `None` (timeout 0) means wait indefinitely.
-    stream.set_read_timeout(settings.idle_timeout)?;
-    stream.set_write_timeout(settings.idle_timeout)?;
+    socket::set_timeouts(stream, settings.idle_timeout)?;
     Ok(())
 }
 
 /// Writes all of `bytes`, retrying partial writes and EINTR, and consulting the session clock
 /// before every `write`: a client that reads a little now and then must not stretch one
 /// echo past `max_session_time` (each partial write would restart the socket timeout).
-fn write_all(
-    mut stream: &Socket,
-    mut bytes: &[u8],
-    clock: &mut SessionClock,
-) -> Result<(), Outcome> {
+#[link_section = ".text.hot.forkecho_child"]
+fn write_all(stream: &Socket, mut bytes: &[u8], clock: &mut SessionClock) -> Result<(), Outcome> {
     while !bytes.is_empty() {
         clock.before_io(stream)?;
-        match stream.write(bytes) {
+        match socket::send(stream, bytes) {
             Ok(0) => return Err(Outcome::IoError(ErrorKind::WriteZero.into())),
             Ok(n) => bytes = &bytes[n..],
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -284,4 +300,100 @@ fn write_all(
         }
     }
     Ok(())
+}
+
+/// The session's socket calls, made to libc directly: socket2's wrappers are code outside the
+/// child's section, a page fault per session (see `lean_fork`). Same calls, same flags.
+mod socket {
+    use std::io;
+    use std::mem::MaybeUninit;
+    use std::os::fd::AsRawFd;
+    use std::time::Duration;
+
+    use socket2::Socket;
+
+    /// `ret`, or the error it reports.
+    #[link_section = ".text.hot.forkecho_child"]
+    fn checked(ret: isize) -> io::Result<usize> {
+        match ret {
+            -1 => Err(io::Error::last_os_error()),
+            n => Ok(n as usize),
+        }
+    }
+
+    #[link_section = ".text.hot.forkecho_child"]
+    fn set_option<T>(socket: &Socket, level: i32, name: i32, value: &T) -> io::Result<()> {
+        // Safe: `value` is a valid T for the option, of the length given.
+        let ret = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                level,
+                name,
+                (value as *const T).cast(),
+                std::mem::size_of::<T>() as libc::socklen_t,
+            )
+        };
+        checked(ret as isize).map(drop)
+    }
+
+    /// TCP_NODELAY on.
+    #[link_section = ".text.hot.forkecho_child"]
+    pub fn set_nodelay(socket: &Socket) -> io::Result<()> {
+        set_option(
+            socket,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            &1 as &libc::c_int,
+        )
+    }
+
+    /// SO_RCVTIMEO and SO_SNDTIMEO to `timeout`; `None` (as a zero timeval) means none. A
+    /// timeout under a microsecond would be none too: callers never pass one.
+    #[link_section = ".text.hot.forkecho_child"]
+    pub fn set_timeouts(socket: &Socket, timeout: Option<Duration>) -> io::Result<()> {
+        let timeout = timeout.unwrap_or(Duration::ZERO);
+        let value = libc::timeval {
+            tv_sec: timeout.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
+            tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+        };
+        set_option(socket, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &value)?;
+        set_option(socket, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &value)
+    }
+
+    #[link_section = ".text.hot.forkecho_child"]
+    pub fn recv(socket: &Socket, buffer: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
+        // Safe: the kernel writes at most `buffer.len()` bytes into it.
+        let ret = unsafe {
+            libc::recv(
+                socket.as_raw_fd(),
+                buffer.as_mut_ptr().cast(),
+                buffer.len(),
+                0,
+            )
+        };
+        checked(ret)
+    }
+
+    /// With MSG_NOSIGNAL, as socket2's `write`: a client gone is EPIPE, whatever SIGPIPE's
+    /// disposition.
+    #[link_section = ".text.hot.forkecho_child"]
+    pub fn send(socket: &Socket, bytes: &[u8]) -> io::Result<usize> {
+        // Safe: the kernel reads at most `bytes.len()` bytes of it.
+        let ret = unsafe {
+            libc::send(
+                socket.as_raw_fd(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        checked(ret)
+    }
+
+    #[link_section = ".text.hot.forkecho_child"]
+    pub fn shutdown_write(socket: &Socket) -> io::Result<()> {
+        // Safe: shuts down a descriptor this process owns.
+        let ret = unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_WR) };
+        checked(ret as isize).map(drop)
+    }
 }

@@ -226,15 +226,24 @@ pub fn restore_mask(mask: &SigSet) -> io::Result<()> {
 /// the handler's policy (see `handler`).
 ///
 /// `handlers_default`: the kernel did the first part already (`CLONE_CLEAR_SIGHAND`).
+#[link_section = ".text.hot.forkecho_child"]
 pub fn reset_in_child(handlers_default: bool) -> io::Result<()> {
     discard_pending_meant_for_parent()?;
-    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
-    for signal in HOOKED.iter().copied().filter(|_| !handlers_default) {
-        let sig = Signal::try_from(signal)?;
-        // Safe: installs SIG_DFL, no Rust code runs as a handler.
-        unsafe { sigaction(sig, &default) }?;
+    if !handlers_default {
+        let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+        for signal in HOOKED {
+            let sig = Signal::try_from(signal)?;
+            // Safe: installs SIG_DFL, no Rust code runs as a handler.
+            unsafe { sigaction(sig, &default) }?;
+        }
     }
-    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+    // libc's own call, not nix's: the usual path of a lean child runs no code outside its
+    // section but libc's (see `lean_fork`: each other page of code is a fault per session).
+    // Safe: an all-zero sigset_t is the empty set; sigprocmask only reads it.
+    let empty: libc::sigset_t = unsafe { std::mem::zeroed() };
+    if unsafe { libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(())
 }
 
@@ -242,6 +251,7 @@ pub fn reset_in_child(handlers_default: bool) -> io::Result<()> {
 /// call in the usual case, where nothing is pending. Async-signal-safe and allocation-free
 /// (thin wrappers over sigpending and sigaction), so a `clone(CLONE_VM)`d child may call it
 /// too (see `exec`).
+#[link_section = ".text.hot.forkecho_child"]
 pub(crate) fn discard_pending_meant_for_parent() -> io::Result<()> {
     let mut pending = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
     // Safe: sigpending fills the set it is given.
@@ -250,8 +260,6 @@ pub(crate) fn discard_pending_meant_for_parent() -> io::Result<()> {
     }
     // Safe: initialized by the successful call above.
     let pending = unsafe { pending.assume_init() };
-    let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
-    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
     for sig in [
         Signal::SIGINT,
         Signal::SIGQUIT,
@@ -261,6 +269,8 @@ pub(crate) fn discard_pending_meant_for_parent() -> io::Result<()> {
     ] {
         // Safe: reads a set filled by sigpending.
         if unsafe { libc::sigismember(&pending, sig as libc::c_int) } == 1 {
+            let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+            let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
             // Safe: installs SIG_IGN, then SIG_DFL, no handler code. Back to the default at
             // once: a child born with default handlers (clone3) resets nothing after this.
             unsafe { sigaction(sig, &ignore) }?;

@@ -73,9 +73,9 @@ pub fn spawn_session(conn: Conn, handler: &Handler) -> Result<Pid, crate::spawn:
                 Started::Failed(conn, e) => Err(Box::new((conn, e))),
                 // Its child returns into these frames: they must be inherited.
                 Started::Unavailable(start) => match crate::lean_fork::inherit_stack() {
-                    Ok(_inherited) => {
-                        fork_session(start.conn, |conn| echo::run(conn, settings).exit_code())
-                    }
+                    Ok(_inherited) => fork_session(start.conn, |conn| {
+                        echo::run(conn, settings, &mut echo::heap_buffer()).exit_code()
+                    }),
                     Err(e) => Err(Box::new((start.conn, e))),
                 },
             }
@@ -161,6 +161,7 @@ fn fork_session(
 /// exit with its code. Never returns.
 /// `handlers_default`: the kernel already reset every handled signal (`clone3`'s
 /// `CLONE_CLEAR_SIGHAND`).
+#[link_section = ".text.hot.forkecho_child"]
 pub(crate) fn child_main(conn: Conn, handlers_default: bool, serve: impl FnOnce(Conn) -> i32) -> ! {
     // Rule 2: no panic may unwind out of here into the parent's accept loop, from the cleanup
     // or from the session.
@@ -238,6 +239,7 @@ pub fn install_panic_hook() {
 /// to that terminal is not stopped. (One difference
 /// from a session of its own: if the parent dies while a child is stopped by hand with
 /// SIGSTOP, the child's orphaned group gets SIGHUP and SIGCONT, and that session ends.)
+#[link_section = ".text.hot.forkecho_child"]
 fn leave_parents_process_group() {
     // Cannot fail here: a freshly forked child is not a group leader and is in our session.
     let _ = setpgid(Pid::from_raw(0), Pid::from_raw(0));
@@ -247,8 +249,11 @@ fn leave_parents_process_group() {
 
 /// `_exit`, not `exit`: the at-exit hooks and stdio buffers are the parent's, not ours. Our own
 /// cleanup is done (the stream is closed by the kernel on exit; logs are written unbuffered).
+/// Nothing is flushed: a child writes nothing to stdout (the parent flushed its own before
+/// the child existed), and taking stdout's lock would write a page shared with the parent,
+/// which the kernel then copies, in every session.
+#[link_section = ".text.hot.forkecho_child"]
 fn exit_child(code: i32) -> ! {
-    let _ = io::stdout().flush();
     // Safe: `_exit` only ends this process.
     unsafe { libc::_exit(code) }
 }
@@ -257,6 +262,7 @@ fn exit_child(code: i32) -> ! {
 /// of signal-hook's pipe, whose numbers signal-hook does not expose, plus anything else the
 /// parent may hold. The Rust objects that owned them in the parent are never dropped here
 /// (the child `_exit`s), so nothing closes a number twice.
+#[link_section = ".text.hot.forkecho_child"]
 fn close_inherited_fds(keep: RawFd) {
     let keep = keep as libc::c_uint;
     // The raw system call, not glibc's wrapper (glibc 2.34+ only): where the kernel lacks it,
