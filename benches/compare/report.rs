@@ -174,21 +174,27 @@ pub fn upgrade_rows(c: &Contender, gaps: &[crate::phases::Gap]) -> Vec<Row> {
     rows
 }
 
-pub fn stream_rows(contenders: &[Contender], bytes: usize, results: &[Vec<Duration>]) -> Vec<Row> {
+pub fn stream_rows(
+    contenders: &[Contender],
+    bytes: usize,
+    results: &[Vec<Option<Duration>>],
+) -> Vec<Row> {
     streamed_rows(contenders, "one-stream echo", bytes, results)
 }
 
-/// Rows of a stream of `bytes` called `what`: MiB/s, the median round.
+/// Rows of a stream of `bytes` called `what`: MiB/s, the median of the rounds that did not
+/// stall (`None`; "-" if all did).
 pub fn streamed_rows(
     contenders: &[Contender],
     what: &str,
     bytes: usize,
-    results: &[Vec<Duration>],
+    results: &[Vec<Option<Duration>>],
 ) -> Vec<Row> {
     // The median round: one slow round (a page-cache flush, a neighbour) does not decide.
-    let mib_per_sec = |trials: &[Duration]| {
+    let mib_per_sec = |trials: &[Option<Duration>]| {
         let mut rates: Vec<f64> = trials
             .iter()
+            .flatten()
             .map(|t| bytes as f64 / f64::from(1 << 20) / t.as_secs_f64())
             .collect();
         rates.sort_by(f64::total_cmp);
@@ -204,7 +210,7 @@ pub fn streamed_rows(
                 metric: format!(
                     "{what}, {} MiB, median of {} rounds",
                     bytes >> 20,
-                    trials.len()
+                    trials.iter().flatten().count()
                 ),
                 contender: c.name,
                 value,

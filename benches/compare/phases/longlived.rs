@@ -161,6 +161,6 @@ fn open(c: &Contender) -> Option<StdStream> {
 
 /// One stream of `bytes` through `c` in writes of STREAM_WRITE bytes, read concurrently and
 /// checked (as phase 2's); the time it took.
-pub fn small_write_stream(c: &Contender, bytes: usize) -> Duration {
+pub fn small_write_stream(c: &Contender, bytes: usize) -> Option<Duration> {
     super::stream::stream_in_writes(c, bytes, STREAM_WRITE)
 }
