@@ -4,6 +4,8 @@
 mod util;
 
 mod attack;
+mod attack_child;
+mod attack_clock;
 mod attack_lean;
 mod attack_ops;
 mod config;
