@@ -204,15 +204,20 @@ fn echo(
 ) -> Result<(), Outcome> {
     loop {
         clock.before_io()?;
-        let n = match socket::recv(stream, buffer) {
+        let n = match socket::recv(stream, buffer, 0) {
             Ok(0) => return Ok(()),
             Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => {
-                clock.interrupted(false)?;
-                continue;
-            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => match clock.interrupted(false) {
+                Ok(()) => continue,
+                Err(limit) => {
+                    last_look(limit, || socket::recv(stream, buffer, libc::MSG_DONTWAIT))?
+                }
+            },
             Err(e) => return Err(Outcome::from_error(e, false)),
         };
+        if n == 0 {
+            return Ok(());
+        }
         clock.progressed();
         // Safe: recv initialised the first `n` bytes.
         let received = unsafe { std::slice::from_raw_parts(buffer.as_ptr().cast::<u8>(), n) };
@@ -399,17 +404,47 @@ fn prepare(stream: &Socket, tcp: bool) -> io::Result<()> {
 fn write_all(stream: &Socket, mut bytes: &[u8], clock: &mut SessionClock) -> Result<(), Outcome> {
     while !bytes.is_empty() {
         clock.before_io()?;
-        match socket::send(stream, bytes) {
+        match socket::send(stream, bytes, 0) {
             Ok(0) => return Err(Outcome::IoError(ErrorKind::WriteZero.into())),
             Ok(n) => {
                 clock.progressed();
                 bytes = &bytes[n..];
             }
-            Err(e) if e.kind() == ErrorKind::Interrupted => clock.interrupted(true)?,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {
+                if let Err(limit) = clock.interrupted(true) {
+                    let n = last_look(limit, || socket::send(stream, bytes, libc::MSG_DONTWAIT))?;
+                    clock.progressed();
+                    bytes = &bytes[n..];
+                }
+            }
             Err(e) => return Err(Outcome::from_error(e, true)),
         }
     }
     Ok(())
+}
+
+/// The clock says an idle or write timeout is reached; `attempt` (the same call, without
+/// waiting) decides. Why: a child stopped for a while (SIGSTOP, a frozen cgroup, a debugger)
+/// sees its timer's signal before the input that came in time or the room the client made,
+/// and the call it was blocked in ends with EINTR without looking. The session limit ends the
+/// session whatever moved.
+#[link_section = ".text.hot.forkecho_child"]
+fn last_look(
+    limit: Outcome,
+    attempt: impl FnOnce() -> io::Result<usize>,
+) -> Result<usize, Outcome> {
+    if matches!(limit, Outcome::SessionTimeLimit) {
+        return Err(limit);
+    }
+    match attempt() {
+        // Read: `0` is the client's EOF, which the caller sees as such.
+        Ok(n) => Ok(n),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => Err(limit),
+        Err(e) => Err(Outcome::from_error(
+            e,
+            matches!(limit, Outcome::WriteTimeout),
+        )),
+    }
 }
 
 /// The session's socket calls, made to libc directly: socket2's wrappers are code outside the
@@ -448,14 +483,18 @@ mod socket {
     }
 
     #[link_section = ".text.hot.forkecho_child"]
-    pub fn recv(socket: &Socket, buffer: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
+    pub fn recv(
+        socket: &Socket,
+        buffer: &mut [MaybeUninit<u8>],
+        flags: libc::c_int,
+    ) -> io::Result<usize> {
         // Safe: the kernel writes at most `buffer.len()` bytes into it.
         let ret = unsafe {
             libc::recv(
                 socket.as_raw_fd(),
                 buffer.as_mut_ptr().cast(),
                 buffer.len(),
-                0,
+                flags,
             )
         };
         checked(ret)
@@ -464,14 +503,14 @@ mod socket {
     /// With MSG_NOSIGNAL, as socket2's `write`: a client gone is EPIPE, whatever SIGPIPE's
     /// disposition.
     #[link_section = ".text.hot.forkecho_child"]
-    pub fn send(socket: &Socket, bytes: &[u8]) -> io::Result<usize> {
+    pub fn send(socket: &Socket, bytes: &[u8], flags: libc::c_int) -> io::Result<usize> {
         // Safe: the kernel reads at most `bytes.len()` bytes of it.
         let ret = unsafe {
             libc::send(
                 socket.as_raw_fd(),
                 bytes.as_ptr().cast(),
                 bytes.len(),
-                libc::MSG_NOSIGNAL,
+                libc::MSG_NOSIGNAL | flags,
             )
         };
         checked(ret)
