@@ -26,18 +26,6 @@ fn quiet(args: &[&str]) -> Server {
         .start()
 }
 
-/// The parent's record of `client`'s session: exit code and the words for it.
-fn ended_with(server: &Server, client: SocketAddr, code: i32, words: &str) -> ChildEnding {
-    let e = server.wait_child_ending(client);
-    assert_eq!(
-        (e.how.as_str(), e.meaning.as_deref()),
-        (format!("exited with code {code}").as_str(), Some(words)),
-        "{e:?}\n--- log ---\n{}",
-        server.log_text()
-    );
-    e
-}
-
 /// Writes `data` from a second handle while this one reads everything back until EOF
 /// (after the writer half-closes): the client never blocks the echo.
 fn stream_through(s: &TcpStream, data: &[u8]) -> Vec<u8> {
@@ -118,7 +106,7 @@ fn concurrent_sessions_echo_only_their_own_bytes() {
     let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     assert!(failures.is_empty(), "{failures:#?}");
     for client in results.into_iter().flatten() {
-        ended_with(&server, client, 0, "client closed");
+        server.wait_child_exited_with(client, 0, "client closed");
     }
 }
 
@@ -368,7 +356,7 @@ fn plain_fork_sessions_after_slot_exhaustion_echo_distinct_streams_exactly() {
     for w in workers {
         match w.join().unwrap() {
             Ok(client) => {
-                ended_with(&server, client, 0, "client closed");
+                server.wait_child_exited_with(client, 0, "client closed");
             }
             Err(e) => failures.push(e),
         }
@@ -392,7 +380,7 @@ fn a_reset_while_waiting_for_input_is_code_5() {
         .set_linger(Some(Duration::ZERO))
         .unwrap();
     drop(c);
-    ended_with(&server, client, 5, "reset by the client");
+    server.wait_child_exited_with(client, 5, "reset by the client");
 }
 
 /// PROBE. A client that sends data and resets before reading its echo: 5 (or 6), never
@@ -427,12 +415,12 @@ fn a_client_that_sends_nothing_and_half_closes_gets_the_banner_and_code_0() {
     let mut c = server.connect_greeted();
     c.shutdown(Shutdown::Write).unwrap();
     assert_eq!(read_to_eof(&mut c), b"");
-    ended_with(&server, c.local_addr().unwrap(), 0, "client closed");
+    server.wait_child_exited_with(c.local_addr().unwrap(), 0, "client closed");
 
     let mut c = server.connect();
     c.shutdown(Shutdown::Write).unwrap();
     assert_eq!(read_to_eof(&mut c), BANNER);
-    ended_with(&server, c.local_addr().unwrap(), 0, "client closed");
+    server.wait_child_exited_with(c.local_addr().unwrap(), 0, "client closed");
 }
 
 /// PROBE. A silent client with a sub-second idle_timeout: banner, then closed on time, code 3.
@@ -442,7 +430,7 @@ fn a_silent_client_is_closed_after_a_sub_second_idle_timeout_with_code_3() {
     let mut c = server.connect_greeted();
     let took = closed_within(&mut c, Duration::from_secs(5));
     assert!(took >= Duration::from_millis(250), "closed after {took:?}");
-    let e = ended_with(&server, c.local_addr().unwrap(), 3, "idle timeout");
+    let e = server.wait_child_exited_with(c.local_addr().unwrap(), 3, "idle timeout");
     assert!(e.seconds < 1.5, "{e:?}");
 }
 
@@ -469,7 +457,7 @@ fn idle_timeout_zero_never_ends_a_silent_session() {
     c.set_read_timeout(Some(WAIT)).unwrap();
     assert_eq!(echo_roundtrip(&mut c, b"still here\n"), b"still here\n");
     assert_eq!(send_and_drain(&mut c, b"bye"), b"bye");
-    ended_with(&server, client, 0, "client closed");
+    server.wait_child_exited_with(client, 0, "client closed");
 }
 
 /// PROBE. A client that sends but never reads, with idle_timeout 0.5: code 4 (write timeout),
@@ -485,7 +473,7 @@ fn a_client_that_never_reads_is_cut_off_with_code_4() {
     let started = Instant::now();
     let chunk = vec![3u8; 64 * 1024];
     while c.write_all(&chunk).is_ok() && started.elapsed() < Duration::from_secs(5) {}
-    let e = ended_with(&server, client, 4, "write timeout");
+    let e = server.wait_child_exited_with(client, 4, "write timeout");
     assert!(e.seconds < 2.5, "{e:?}");
 }
 
@@ -508,7 +496,7 @@ fn max_session_time_ends_a_busy_session_with_code_8() {
         }
         assert!(started.elapsed() < Duration::from_secs(5), "still echoing");
     }
-    let e = ended_with(&server, client, 8, "max_session_time");
+    let e = server.wait_child_exited_with(client, 8, "max_session_time");
     assert!(e.seconds >= 0.55 && e.seconds < 1.5, "{e:?}");
 }
 
@@ -622,7 +610,7 @@ fn running_sessions_keep_their_settings_across_reloads() {
     let mut new = server.connect();
     assert_eq!(read_exactly(&mut new, 4), b"two\n");
     closed_within(&mut new, Duration::from_secs(5));
-    ended_with(&server, new.local_addr().unwrap(), 3, "idle timeout");
+    server.wait_child_exited_with(new.local_addr().unwrap(), 3, "idle timeout");
     // The old session has been silent for longer than 0.3 s: still served.
     assert_eq!(echo_roundtrip(&mut old, b"b\n"), b"b\n");
 
@@ -633,12 +621,12 @@ fn running_sessions_keep_their_settings_across_reloads() {
     server.signal(Signal::SIGHUP);
     server.wait_for_lines("reloaded configuration", 2);
     closed_within(&mut limited, Duration::from_secs(5));
-    ended_with(&server, limited.local_addr().unwrap(), 3, "idle timeout");
+    server.wait_child_exited_with(limited.local_addr().unwrap(), 3, "idle timeout");
     let mut third = server.connect();
     assert_eq!(read_exactly(&mut third, 6), b"three\n");
     assert_eq!(send_and_drain(&mut third, b"c"), b"c");
     assert_eq!(send_and_drain(&mut old, b"d"), b"d");
-    ended_with(&server, old.local_addr().unwrap(), 0, "client closed");
+    server.wait_child_exited_with(old.local_addr().unwrap(), 0, "client closed");
 }
 
 // ---- stdout and the child's exit ----
@@ -827,7 +815,7 @@ fn the_childs_tcp_socket_has_nodelay_on_ipv4_and_ipv6() {
             started.elapsed()
         );
         assert_eq!(send_and_drain(&mut c, b"z"), b"z");
-        ended_with(&server, c.local_addr().unwrap(), 0, "client closed");
+        server.wait_child_exited_with(c.local_addr().unwrap(), 0, "client closed");
     }
 }
 
@@ -878,11 +866,11 @@ fn the_release_build_echoes_distinct_sessions_exactly_and_ends_them_with_the_rig
     drop(reset);
     for w in workers {
         let client = w.join().unwrap().unwrap_or_else(|e| panic!("{e}"));
-        ended_with(&server, client, 0, "client closed");
+        server.wait_child_exited_with(client, 0, "client closed");
     }
     closed_within(&mut silent, Duration::from_secs(5));
-    ended_with(&server, silent.local_addr().unwrap(), 3, "idle timeout");
-    ended_with(&server, reset_addr, 5, "reset by the client");
+    server.wait_child_exited_with(silent.local_addr().unwrap(), 3, "idle timeout");
+    server.wait_child_exited_with(reset_addr, 5, "reset by the client");
     let (b0, _, s0, _) = child_memory_of(server.pid()).expect("ChildMemory in the parent");
     assert_eq!(rss_of_mapping(server.pid(), b0), 0);
     assert_eq!(rss_of_mapping(server.pid(), s0), 0);

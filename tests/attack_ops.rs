@@ -16,17 +16,6 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 
-/// Where each descriptor of `pid` points, by number.
-fn fd_targets(pid: nix::unistd::Pid) -> Vec<(u64, String)> {
-    fds_of(pid)
-        .into_iter()
-        .filter_map(|fd| {
-            let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
-            Some((fd, target.display().to_string()))
-        })
-        .collect()
-}
-
 #[test]
 fn a_signal_storm_of_upgrades_reloads_and_reopens_under_load_loses_nothing() {
     let deployment = Deployment::new();

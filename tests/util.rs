@@ -569,6 +569,24 @@ impl Server {
         pid.unwrap()
     }
 
+    /// [`Server::wait_child_ending`], asserting that the child exited with `code`, described
+    /// by the parent's log as `words`.
+    pub fn wait_child_exited_with(
+        &self,
+        client: SocketAddr,
+        code: i32,
+        words: &str,
+    ) -> ChildEnding {
+        let e = self.wait_child_ending(client);
+        assert_eq!(
+            (e.how.as_str(), e.meaning.as_deref()),
+            (format!("exited with code {code}").as_str(), Some(words)),
+            "{e:?}\n--- log ---\n{}",
+            self.log_text()
+        );
+        e
+    }
+
     /// How the child serving `client` ended, from the line the parent logs once it reaped it.
     pub fn wait_child_ending(&self, client: SocketAddr) -> ChildEnding {
         let pid = self.child_pid_for(client);
@@ -1381,6 +1399,18 @@ pub fn processes_in_group(pgid: Pid) -> Vec<Pid> {
     all_pids()
         .filter(|&pid| stat_field(pid, 5).as_deref() == Some(pgid.as_str()))
         .filter(|&pid| process_state(pid).is_some_and(|s| s != 'Z'))
+        .collect()
+}
+
+/// Where each descriptor of `pid` points, by number; a descriptor closed between the listing
+/// and its readlink is left out (the process runs on while it is read).
+pub fn fd_targets(pid: Pid) -> Vec<(u64, String)> {
+    fds_of(pid)
+        .into_iter()
+        .filter_map(|fd| {
+            let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
+            Some((fd, target.display().to_string()))
+        })
         .collect()
 }
 
