@@ -741,51 +741,6 @@ fn the_childs_path_is_in_the_text_hot_section() {
 
 // ---- The socket calls made to libc directly ----
 
-/// The one socket `pid` holds, copied into this process (pidfd_getfd).
-fn socket_of(pid: Pid) -> Option<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    let fd: i32 = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .ok()?
-        .flatten()
-        .find(|e| {
-            std::fs::read_link(e.path())
-                .map(|t| t.to_string_lossy().starts_with("socket:"))
-                .unwrap_or(false)
-        })?
-        .file_name()
-        .to_str()?
-        .parse()
-        .ok()?;
-    // Safe: plain system calls; the copy is owned by what we return.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) as i32;
-        if pidfd < 0 {
-            return None;
-        }
-        let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
-        libc::close(pidfd);
-        (copy >= 0).then(|| std::os::fd::OwnedFd::from_raw_fd(copy))
-    }
-}
-
-fn int_option(fd: &std::os::fd::OwnedFd, level: i32, name: i32) -> i32 {
-    use std::os::fd::AsRawFd;
-    let mut value: libc::c_int = -1;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // Safe: an int option into an int.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(r, 0, "getsockopt: {}", std::io::Error::last_os_error());
-    value
-}
-
 /// PROBE. The child's TCP connection has TCP_NODELAY on (IPv4 and IPv6), set by the child's
 /// own setsockopt; replies to small requests come at once.
 #[test]

@@ -367,51 +367,12 @@ fn max_session_time_is_never_turned_into_no_timeout() {
     );
 }
 
-/// The (SO_RCVTIMEO, SO_SNDTIMEO) of the one socket `pid` holds, as (sec, usec) pairs, read
-/// through a copy of its descriptor (pidfd_getfd).
-fn socket_timeouts_of(pid: Pid) -> Option<((i64, i64), (i64, i64))> {
-    let fd: i32 = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .ok()?
-        .flatten()
-        .find(|e| {
-            std::fs::read_link(e.path())
-                .map(|t| t.to_string_lossy().starts_with("socket:"))
-                .unwrap_or(false)
-        })?
-        .file_name()
-        .to_str()?
-        .parse()
-        .ok()?;
-    // Safe: plain system calls on descriptors this function owns.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) as i32;
-        if pidfd < 0 {
-            return None;
-        }
-        let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
-        libc::close(pidfd);
-        if copy < 0 {
-            return None;
-        }
-        let get = |opt| {
-            let mut tv = libc::timeval {
-                tv_sec: -1,
-                tv_usec: -1,
-            };
-            let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
-            libc::getsockopt(
-                copy,
-                libc::SOL_SOCKET,
-                opt,
-                (&mut tv as *mut libc::timeval).cast(),
-                &mut len,
-            );
-            (tv.tv_sec, tv.tv_usec)
-        };
-        let r = (get(libc::SO_RCVTIMEO), get(libc::SO_SNDTIMEO));
-        libc::close(copy);
-        Some(r)
-    }
+/// The (SO_RCVTIMEO, SO_SNDTIMEO) of the one socket `pid` holds, read through a copy of its
+/// descriptor.
+fn socket_timeouts_of(pid: Pid) -> Option<(Option<Duration>, Option<Duration>)> {
+    let copy = socket_of(pid)?;
+    let socket = socket2::SockRef::from(&copy);
+    Some((socket.read_timeout().ok()?, socket.write_timeout().ok()?))
 }
 
 fn number_before(line: &str, word: &str) -> u64 {

@@ -69,6 +69,72 @@ fn large_stream_echoed_exactly() {
     writer.join().expect("writer thread");
 }
 
+/// A client streaming in 4 KiB writes gets every byte back, and the session lets TCP
+/// coalesce the echo (TCP_NODELAY off) while the stream lasts: one read-and-send at a time
+/// makes more, smaller segments. Once the client has everything back and goes quiet, the child
+/// waits for it with TCP_NODELAY on again: nothing of the echo is held back for an
+/// acknowledgement that a client waiting for its answer would delay.
+#[test]
+fn a_stream_is_coalesced_and_the_child_waits_with_nothing_held_back() {
+    const TOTAL: usize = 16 << 20;
+    const WRITE: usize = 4096;
+    const SEED: u64 = 0x5eed_4096;
+    let server = Server::start();
+    let mut s = server.connect_greeted();
+    let child = server.child_pid_for(s.local_addr().unwrap());
+    let socket = socket_of(child).expect("the child's socket");
+    let nodelay = || int_option(&socket, libc::IPPROTO_TCP, libc::TCP_NODELAY) != 0;
+    // Made beforehand, so that the writer outpaces the child (a debug build too).
+    let data = std::sync::Arc::new(Noise::new(SEED).bytes(TOTAL));
+    let (mut w, sent) = (s.try_clone().unwrap(), data.clone());
+    let writer = thread::spawn(move || {
+        for chunk in sent.chunks(WRITE) {
+            w.write_all(chunk).expect("write to server");
+        }
+    });
+    let mut buf = vec![0; 1 << 16];
+    let (mut received, mut coalesced) = (0, false);
+    while received < TOTAL {
+        let n = s.read(&mut buf).expect("read echo");
+        assert!(n > 0, "EOF after {received} of {TOTAL} bytes");
+        assert!(
+            buf[..n] == data[received..received + n],
+            "echo differs near byte {received}"
+        );
+        received += n;
+        coalesced |= !nodelay();
+    }
+    writer.join().expect("writer thread");
+    assert!(
+        coalesced,
+        "TCP_NODELAY stayed on through a stream of {TOTAL} bytes in {WRITE}-byte writes"
+    );
+    // Everything came back, so the child's sends are done: asleep, it waits in its read.
+    assert!(
+        wait_until(WAIT, || process_state(child) == Some('S')),
+        "the child never went back to waiting for input"
+    );
+    assert!(nodelay(), "the child waits for input with TCP_NODELAY off");
+}
+
+/// Requests and answers of 512 bytes never turn TCP_NODELAY off: each answer leaves at once.
+#[test]
+fn request_and_answer_sessions_keep_nodelay_on() {
+    let server = Server::start();
+    let mut s = server.connect_greeted();
+    let child = server.child_pid_for(s.local_addr().unwrap());
+    let socket = socket_of(child).expect("the child's socket");
+    let request = Noise::new(512).bytes(512);
+    for i in 0..200 {
+        assert_eq!(echo_roundtrip(&mut s, &request), request);
+        assert_ne!(
+            int_option(&socket, libc::IPPROTO_TCP, libc::TCP_NODELAY),
+            0,
+            "TCP_NODELAY off after request {i}"
+        );
+    }
+}
+
 /// Binary data with every byte value, NUL included, is echoed unchanged.
 #[test]
 fn binary_bytes_including_nul_echoed() {

@@ -10,7 +10,6 @@ use crate::util::*;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::Instant;
@@ -157,24 +156,6 @@ fn have_or_skip(program: &str, what: &str) -> bool {
         eprintln!("skipping {what}: `{program}` is not installed (.ci/run installs it)");
     }
     found
-}
-
-/// A duplicate of descriptor `fd` of process `pid` (pidfd_getfd(2): the test is an ancestor
-/// of the program, which ptrace rules allow), or the kernel's refusal.
-fn descriptor_of(pid: Pid, fd: i32) -> std::io::Result<OwnedFd> {
-    // Safe: plain system calls; each descriptor returned is owned by exactly one OwnedFd.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0);
-        if pidfd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
-        let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
-        if copy < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(OwnedFd::from_raw_fd(copy as i32))
-    }
 }
 
 /// The signal numbers in a /proc signal mask (bit n-1 is signal n).

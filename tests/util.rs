@@ -1422,6 +1422,54 @@ pub fn fd_target(pid: Pid, fd: u64) -> String {
         .to_string()
 }
 
+/// A duplicate of descriptor `fd` of process `pid` (pidfd_getfd(2): the test is an ancestor
+/// of the server and its children, which ptrace rules allow), or the kernel's refusal.
+pub fn descriptor_of(pid: Pid, fd: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // Safe: plain system calls; each descriptor returned is owned by exactly one OwnedFd.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0);
+        if pidfd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
+        let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
+        if copy < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(copy as i32))
+    }
+}
+
+/// A duplicate of the first socket process `pid` holds (a session's child holds one), or
+/// None if it holds none or the kernel refuses.
+pub fn socket_of(pid: Pid) -> Option<std::os::fd::OwnedFd> {
+    let fd = fd_targets(pid)
+        .into_iter()
+        .find(|(_, target)| target.starts_with("socket:"))?
+        .0;
+    descriptor_of(pid, fd as i32).ok()
+}
+
+/// An integer socket option of `fd` (getsockopt), e.g. TCP_NODELAY.
+pub fn int_option(fd: &std::os::fd::OwnedFd, level: i32, name: i32) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut value: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // Safe: an int option into an int.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0, "getsockopt: {}", std::io::Error::last_os_error());
+    value
+}
+
 /// The descriptor target (`socket:[<inode>]`) of the TCP socket whose own end is `local` and
 /// whose peer is `remote`, from /proc/net/tcp (or tcp6): which process holds which end of a
 /// connection.
