@@ -30,8 +30,8 @@
 //! 3. 30,000 sessions held at once (each opened with connect → banner → echo, by two holder
 //!    processes from two source addresses: `phases::holder`), an echo on every one again, then
 //!    all closed: failed sessions, the server's (parent's) RSS, the median USS of its children
-//!    (Private_Clean + Private_Dirty of `/proc/PID/smaps_rollup`), the drop of MemAvailable
-//!    per session, and how long forkecho takes to log its SIGUSR1 status line, all taken while
+//!    (Private_Clean + Private_Dirty of `/proc/PID/smaps_rollup`), the drop of the available
+//!    memory (MemAvailable plus the per-CPU free lists) per session, and how long forkecho takes to log its SIGUSR1 status line, all taken while
 //!    the sessions are held (a server in one process that cannot have 30,000 descriptors is
 //!    left out);
 //! 4. reap storm: 10,000 sessions, every child SIGKILLed at once, time until the last one is

@@ -136,7 +136,7 @@ fn memory_plot(rows: &[Row], path: &Path) -> Result<bool, Box<dyn std::error::Er
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "KiB of memory per held session (MemAvailable drop)",
+            "KiB of memory per held session (available memory's drop)",
             ("sans-serif", 18),
         )
         .margin(12)

@@ -257,7 +257,7 @@ pub fn hold_rows(contenders: &[Contender], n: usize, results: &[Vec<Option<Held>
         });
         let per_session = held.available_kib_per_session.unwrap_or(f64::NAN);
         rows.push(Row {
-            metric: format!("memory per session (MemAvailable drop), {n} sessions"),
+            metric: format!("memory per session (available memory's drop), {n} sessions"),
             contender: c.name,
             value: per_session,
             unit: "KiB",
@@ -528,7 +528,11 @@ pub fn render_plots(plots: &[crate::plots::Plot]) -> String {
          else to do. A forking server's line stays between the seed's and the C loop's. Past 4 \
          clients, 2 cores are busy, so the lines flatten. The second plot shows how much memory \
          the machine gave up for each session held while 30,000 were open (lower is better). \
-         That is MemAvailable's drop divided by the sessions. It counts both ends of each \
+         That is the drop of the memory available, divided by the sessions: MemAvailable \
+         plus the free pages waiting on the per-CPU lists (/proc/zoneinfo), which \
+         MemAvailable leaves out and which, after the previous server's children exit, \
+         return over tens of seconds; MemAvailable alone put one server's sessions at 65 to \
+         93 KiB in runs where this figure said 135. It counts both ends of each \
          connection, and the kernel's share: socket buffers, page tables and process \
          structures. A server with a process per session pays for a process each; a server \
          in one process cannot hold that many descriptors here and has no bar.\n",
