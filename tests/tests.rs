@@ -7,6 +7,7 @@ mod attack;
 mod attack_child;
 mod attack_clock;
 mod attack_lean;
+mod attack_nagle;
 mod attack_ops;
 mod config;
 mod config_fuzz;

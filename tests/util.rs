@@ -1442,7 +1442,8 @@ pub fn descriptor_of(pid: Pid, fd: i32) -> std::io::Result<std::os::fd::OwnedFd>
 }
 
 /// A duplicate of the first socket process `pid` holds (a session's child holds one), or
-/// None if it holds none or the kernel refuses.
+/// None if it holds none or the kernel refuses. The duplicate keeps the connection open after
+/// the child exits: drop it before waiting for the client's EOF.
 pub fn socket_of(pid: Pid) -> Option<std::os::fd::OwnedFd> {
     let fd = fd_targets(pid)
         .into_iter()
