@@ -1022,13 +1022,18 @@ pub fn read_to_eof(s: &mut TcpStream) -> Vec<u8> {
 }
 
 /// Asserts the server closed this connection: the next read gives EOF or a reset, no data.
+/// A read interrupted (EINTR: with a receive timeout set, a stop and continue of this
+/// process is enough) is made again.
 pub fn assert_closed_by_server(s: &mut TcpStream, what: &str) {
     let mut buf = [0; 64];
-    match s.read(&mut buf) {
-        Ok(0) => {}
-        Ok(n) => panic!("{what}: got {n} unexpected bytes {:?}", &buf[..n]),
-        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
-        Err(e) => panic!("{what}: expected EOF or reset, got {e}"),
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => panic!("{what}: got {n} unexpected bytes {:?}", &buf[..n]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => panic!("{what}: expected EOF or reset, got {e}"),
+        }
     }
 }
 
