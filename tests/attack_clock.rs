@@ -7,8 +7,6 @@ use crate::util::*;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -39,52 +37,6 @@ fn wait_eof(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, Duration) {
         }
     }
     (got, start.elapsed())
-}
-
-/// Stops a signal sender on drop and joins it: a failing test must not leave it running.
-struct Storm {
-    stop: Arc<AtomicBool>,
-    sent: Arc<AtomicU64>,
-    handle: Option<thread::JoinHandle<()>>,
-}
-
-impl Storm {
-    /// Sends `signal` to `pid` (one process, by pid) every `every`, for at most 30 s.
-    fn start(pid: Pid, signal: Signal, every: Duration) -> Storm {
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicU64::new(0));
-        let handle = {
-            let (stop, sent) = (Arc::clone(&stop), Arc::clone(&sent));
-            thread::spawn(move || {
-                let until = Instant::now() + Duration::from_secs(30);
-                while !stop.load(Ordering::Relaxed) && Instant::now() < until {
-                    if kill(pid, signal).is_err() {
-                        break;
-                    }
-                    sent.fetch_add(1, Ordering::Relaxed);
-                    thread::sleep(every);
-                }
-            })
-        };
-        Storm {
-            stop,
-            sent,
-            handle: Some(handle),
-        }
-    }
-
-    fn sent(&self) -> u64 {
-        self.sent.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for Storm {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
 }
 
 // ---- idle_timeout ----
@@ -409,7 +361,7 @@ fn sigalrm_from_outside_neither_ends_nor_corrupts_a_session_within_its_limits() 
     let mut s = server.connect_greeted();
     let client = s.local_addr().unwrap();
     let pid = server.child_pid_for(client);
-    let storm = Storm::start(pid, Signal::SIGALRM, Duration::from_micros(200));
+    let storm = SignalStorm::start(pid, Signal::SIGALRM, Duration::from_micros(200));
     let mut noise = Noise::new(3);
     let start = Instant::now();
     let mut round = 0;
@@ -440,7 +392,7 @@ fn an_outside_sigalrm_storm_does_not_postpone_the_idle_timeout() {
     let mut s = server.connect_greeted();
     let client = s.local_addr().unwrap();
     let pid = server.child_pid_for(client);
-    let _storm = Storm::start(pid, Signal::SIGALRM, Duration::from_millis(2));
+    let _storm = SignalStorm::start(pid, Signal::SIGALRM, Duration::from_millis(2));
     let (got, _) = wait_eof(&mut s, Duration::from_secs(5));
     assert_eq!(got, b"");
     let e = server.wait_child_exited_with(client, 3, "idle timeout");
@@ -708,10 +660,12 @@ fn a_stop_shorter_than_the_idle_time_left_is_harmless() {
 #[test]
 fn an_outside_sigalrm_storm_does_not_postpone_the_write_timeout() {
     let server = server(&["--idle-timeout", "0.4"]);
-    let s = connect_with_recv_buffer(server.addr(), 4096);
+    let mut s = connect_with_recv_buffer(server.addr(), 4096);
+    // The banner comes after the child catches SIGALRM; before, the signal would kill it.
+    expect_banner(&mut s);
     let client = s.local_addr().unwrap();
     let pid = server.child_pid_for(client);
-    let _storm = Storm::start(pid, Signal::SIGALRM, Duration::from_millis(1));
+    let _storm = SignalStorm::start(pid, Signal::SIGALRM, Duration::from_millis(1));
     let mut w = s.try_clone().unwrap();
     w.set_write_timeout(Some(Duration::from_millis(100)))
         .unwrap();

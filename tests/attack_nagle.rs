@@ -17,12 +17,12 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 /// The echo's threshold (`echo::STREAM_READ`): a read this large turns Nagle on.
@@ -650,21 +650,7 @@ fn a_sigalrm_storm_through_streams_and_requests_changes_nothing() {
     let mut s = client(&server);
     let addr = s.local_addr().unwrap();
     let child = Child::of(&server, addr);
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
-    let storm = {
-        let (stop, sent, pid) = (Arc::clone(&stop), Arc::clone(&sent), child.pid);
-        thread::spawn(move || {
-            let until = Instant::now() + Duration::from_secs(20);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < until {
-                if kill(pid, Signal::SIGALRM).is_err() {
-                    break;
-                }
-                sent.fetch_add(1, Ordering::Relaxed);
-                thread::sleep(Duration::from_micros(500));
-            }
-        })
-    };
+    let storm = SignalStorm::start(child.pid, Signal::SIGALRM, Duration::from_micros(500));
     let mut noise = Noise::new(14);
     let start = Instant::now();
     let mut round = 0;
@@ -679,9 +665,8 @@ fn a_sigalrm_storm_through_streams_and_requests_changes_nothing() {
         split_requests(&mut s, 20, round);
         child.assert_waits_with_nodelay(&format!("round {round}, under the storm"));
     }
-    stop.store(true, Ordering::Relaxed);
-    storm.join().unwrap();
-    let signals = sent.load(Ordering::Relaxed);
+    let signals = storm.sent();
+    drop(storm);
     assert!(signals > 100, "only {signals} signals sent");
     assert_eq!(send_and_drain(&mut s, b"bye"), b"bye");
     server.wait_child_exited_with(addr, 0, "client closed");

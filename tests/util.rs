@@ -1427,22 +1427,93 @@ pub fn fd_target(pid: Pid, fd: u64) -> String {
         .to_string()
 }
 
-/// A duplicate of descriptor `fd` of process `pid` (pidfd_getfd(2): the test is an ancestor
-/// of the server and its children, which ptrace rules allow), or the kernel's refusal.
-pub fn descriptor_of(pid: Pid, fd: i32) -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    // Safe: plain system calls; each descriptor returned is owned by exactly one OwnedFd.
+/// A pidfd for process `pid` (pidfd_open(2)): it names that process and no other, even once
+/// its pid is reused.
+pub fn pidfd_open(pid: Pid) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // Safe: a plain system call; the descriptor returned is owned by exactly one OwnedFd.
     unsafe {
         let pidfd = libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0);
         if pidfd < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
+        Ok(std::os::fd::OwnedFd::from_raw_fd(pidfd as i32))
+    }
+}
+
+/// A duplicate of descriptor `fd` of process `pid` (pidfd_getfd(2): the test is an ancestor
+/// of the server and its children, which ptrace rules allow), or the kernel's refusal.
+pub fn descriptor_of(pid: Pid, fd: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let pidfd = pidfd_open(pid)?;
+    // Safe: a plain system call; the descriptor returned is owned by exactly one OwnedFd.
+    unsafe {
         let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
         if copy < 0 {
             return Err(std::io::Error::last_os_error());
         }
         Ok(OwnedFd::from_raw_fd(copy as i32))
+    }
+}
+
+/// Sends `signal` to one process every `every`, from a thread, until dropped (for at most
+/// 30 s). Through a pidfd opened at the start: once that process is gone the storm ends, and
+/// a process that later gets its pid (another test's, or a thread of this one) is never hit.
+pub struct SignalStorm {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+impl SignalStorm {
+    pub fn start(pid: Pid, signal: Signal, every: Duration) -> SignalStorm {
+        use std::os::fd::AsRawFd;
+        use std::sync::atomic::Ordering;
+        let pidfd = pidfd_open(pid).unwrap_or_else(|e| panic!("pidfd_open {pid}: {e}"));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let handle = {
+            let (stop, sent) = (stop.clone(), sent.clone());
+            thread::spawn(move || {
+                let until = Instant::now() + Duration::from_secs(30);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                    // Safe: a signal through a pidfd this thread owns.
+                    let r = unsafe {
+                        libc::syscall(
+                            libc::SYS_pidfd_send_signal,
+                            pidfd.as_raw_fd(),
+                            signal as libc::c_int,
+                            std::ptr::null::<libc::siginfo_t>(),
+                            0,
+                        )
+                    };
+                    if r != 0 {
+                        break;
+                    }
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    thread::sleep(every);
+                }
+            })
+        };
+        SignalStorm {
+            stop,
+            sent,
+            handle: Some(handle),
+        }
+    }
+
+    /// The signals sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for SignalStorm {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
     }
 }
 
