@@ -130,21 +130,7 @@ fn a_client_that_stops_reading_ends_with_code_4_within_two_idle_timeouts() {
     let mut s = connect_with_recv_buffer(server.addr(), 4096);
     expect_banner(&mut s);
     let client = s.local_addr().unwrap();
-    let mut w = s.try_clone().unwrap();
-    w.set_write_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let writer = thread::spawn(move || {
-        let chunk = vec![7u8; 64 * 1024];
-        let mut last_accepted = Instant::now();
-        while Instant::now() < last_accepted + Duration::from_secs(5) {
-            match w.write(&chunk) {
-                Ok(_) => last_accepted = Instant::now(),
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                Err(_) => break,
-            }
-        }
-        last_accepted
-    });
+    let writer = write_until_refused(&s, 7);
     let e = server.wait_child_exited_with(client, 4, "write timeout");
     let ended = Instant::now();
     let last_accepted = writer.join().unwrap();

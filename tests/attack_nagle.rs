@@ -506,21 +506,7 @@ fn a_client_that_stops_reading_after_a_stream_gets_code_4_within_two_idle_timeou
     stream_until_coalesced(&mut s, &child, 4);
     // Our duplicate of the child's socket would keep the connection open past its exit.
     drop(child);
-    let mut w = s.try_clone().unwrap();
-    w.set_write_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let writer = thread::spawn(move || {
-        let chunk = vec![4u8; 64 * 1024];
-        let mut last_accepted = Instant::now();
-        while Instant::now() < last_accepted + Duration::from_secs(5) {
-            match w.write(&chunk) {
-                Ok(_) => last_accepted = Instant::now(),
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                Err(_) => break,
-            }
-        }
-        last_accepted
-    });
+    let writer = write_until_refused(&s, 4);
     let e = server.wait_child_exited_with(addr, 4, "write timeout");
     let ended = Instant::now();
     let last_accepted = writer.join().unwrap();
@@ -722,34 +708,6 @@ fn proxy_v2_header(client: Option<SocketAddr>) -> Vec<u8> {
     header
 }
 
-/// The child the parent forked for `client`, from its `accepted <client> via <proxy> -> child
-/// <pid>` line (or `accepted <proxy> -> child` for a LOCAL header, `client` then being the
-/// connection's own address).
-fn child_named(server: &Server, client: SocketAddr) -> Pid {
-    let mut pid = None;
-    server.wait_for_log(&format!("`accepted {client}`"), WAIT, |lines| {
-        pid = lines
-            .iter()
-            .filter_map(|l| LogLine::parse(l)?.accepted_via())
-            .find_map(|(peer, _, pid)| (peer == client).then_some(pid));
-        pid.is_some()
-    });
-    pid.unwrap()
-}
-
-/// How the child `pid` ended, from the parent's line.
-fn ending_of(server: &Server, pid: Pid) -> ChildEnding {
-    let mut ending = None;
-    server.wait_for_log(&format!("the end of child {pid}"), WAIT, |lines| {
-        ending = lines
-            .iter()
-            .filter_map(|l| LogLine::parse(l)?.child_ending())
-            .find(|e| e.pid == pid);
-        ending.is_some()
-    });
-    ending.unwrap()
-}
-
 /// PROBE. Behind a PROXY v2 listener (a real client over IPv4, one over IPv6, and a LOCAL
 /// health check): the session is TCP whatever the header names, so the stream switches,
 /// the child waits with TCP_NODELAY on, every byte comes back, code 0 at the half-close.
@@ -768,7 +726,9 @@ fn behind_a_proxy_v2_listener_the_child_waits_with_nodelay_on() {
         s.set_nodelay(true).unwrap();
         s.write_all(&proxy_v2_header(named)).unwrap();
         expect_banner(&mut s);
-        let pid = child_named(&server, named.unwrap_or(s.local_addr().unwrap()));
+        let pid = server
+            .accepted_via(named.unwrap_or(s.local_addr().unwrap()))
+            .1;
         let child = Child::new(pid);
         stream_until_coalesced(&mut s, &child, 20 + 16 * i as u64);
         stream(&mut s, 1 << 20, 4096, 10 + i as u64, Some(&child));
@@ -776,7 +736,7 @@ fn behind_a_proxy_v2_listener_the_child_waits_with_nodelay_on() {
         split_requests(&mut s, 20, i as u64);
         child.assert_waits_with_nodelay(&format!("header {named:?}, after the requests"));
         assert_eq!(send_and_drain(&mut s, b"bye"), b"bye");
-        let e = ending_of(&server, pid);
+        let e = server.wait_reaped(pid);
         assert_eq!(
             (e.how.as_str(), e.meaning.as_deref()),
             ("exited with code 0", Some("client closed")),

@@ -188,23 +188,9 @@ fn assert_echoes(s: &mut TcpStream, data: &[u8], what: &str) {
     assert_eq!(send_and_drain(s, b""), b"", "{what}: bytes after the echo");
 }
 
-/// Waits for the parent's `accepted <client> [via <proxy>] -> child <pid>` line for `client`
-/// and returns the proxy it names and the child.
-fn accepted_line_for(server: &Server, client: SocketAddr) -> (Option<SocketAddr>, Pid) {
-    let mut found = None;
-    server.wait_for_log(&format!("`accepted {client}`"), WAIT, |lines| {
-        found = lines
-            .iter()
-            .filter_map(|l| LogLine::parse(l)?.accepted_via())
-            .find_map(|(peer, proxy, pid)| (peer == client).then_some((proxy, pid)));
-        found.is_some()
-    });
-    found.unwrap()
-}
-
 /// Asserts the parent logged `accepted <client> via <proxy> -> child <pid>` and returns the pid.
 fn assert_accepted_via(server: &Server, client: SocketAddr, proxy: SocketAddr) -> Pid {
-    let (named_proxy, pid) = accepted_line_for(server, client);
+    let (named_proxy, pid) = server.accepted_via(client);
     assert_eq!(
         named_proxy,
         Some(proxy),
@@ -214,24 +200,11 @@ fn assert_accepted_via(server: &Server, client: SocketAddr, proxy: SocketAddr) -
     pid
 }
 
-/// Waits for the parent's line about the end of child `pid` and returns it.
-fn wait_reaped(server: &Server, pid: Pid) -> ChildEnding {
-    let mut ending = None;
-    server.wait_for_log(&format!("the end of child {pid}"), WAIT, |lines| {
-        ending = lines
-            .iter()
-            .filter_map(|l| LogLine::parse(l)?.child_ending())
-            .find(|e| e.pid == pid);
-        ending.is_some()
-    });
-    ending.unwrap()
-}
-
 /// Asserts the session of `client` (through `proxy`) was logged by its real client at accept
 /// and at reap (the client has already closed).
 fn assert_logged_as(server: &Server, client: SocketAddr, proxy: SocketAddr) {
     let pid = assert_accepted_via(server, client, proxy);
-    let ending = wait_reaped(server, pid);
+    let ending = server.wait_reaped(pid);
     assert_eq!(ending.peer, client, "the reap line of child {pid}");
 }
 
@@ -379,8 +352,8 @@ fn assert_header_consumed(server: &Server, sent: &Sent, mode: &str) {
         Some(client) => assert_logged_as(server, client, proxy),
         None => {
             // A health check: the socket's own peer, the proxy, is the client.
-            let (_, pid) = accepted_line_for(server, proxy);
-            assert_eq!(wait_reaped(server, pid).peer, proxy, "{what}: reap line");
+            let (_, pid) = server.accepted_via(proxy);
+            assert_eq!(server.wait_reaped(pid).peer, proxy, "{what}: reap line");
         }
     }
 }

@@ -569,6 +569,34 @@ impl Server {
         pid.unwrap()
     }
 
+    /// Waits for the parent's `accepted <client> [via <proxy>] -> child <pid>` line for
+    /// `client` (the address a PROXY header named, if any) and returns the proxy it names and
+    /// the child.
+    pub fn accepted_via(&self, client: SocketAddr) -> (Option<SocketAddr>, Pid) {
+        let mut found = None;
+        self.wait_for_log(&format!("`accepted {client}`"), WAIT, |lines| {
+            found = lines
+                .iter()
+                .filter_map(|l| LogLine::parse(l)?.accepted_via())
+                .find_map(|(peer, proxy, pid)| (peer == client).then_some((proxy, pid)));
+            found.is_some()
+        });
+        found.unwrap()
+    }
+
+    /// Waits for the parent's line about the end of child `pid` and returns it.
+    pub fn wait_reaped(&self, pid: Pid) -> ChildEnding {
+        let mut ending = None;
+        self.wait_for_log(&format!("the end of child {pid}"), WAIT, |lines| {
+            ending = lines
+                .iter()
+                .filter_map(|l| LogLine::parse(l)?.child_ending())
+                .find(|e| e.pid == pid);
+            ending.is_some()
+        });
+        ending.unwrap()
+    }
+
     /// [`Server::wait_child_ending`], asserting that the child exited with `code`, described
     /// by the parent's log as `words`.
     pub fn wait_child_exited_with(
@@ -1019,6 +1047,27 @@ pub fn read_to_eof(s: &mut TcpStream) -> Vec<u8> {
     let mut out = Vec::new();
     s.read_to_end(&mut out).expect("read to EOF");
     out
+}
+
+/// Writes 64 KiB chunks of `byte` to `s` from a thread, as a client that never reads would,
+/// until no write has been accepted for 5 s or one fails (the connection ended); the thread
+/// returns when its last write was accepted. `s` gets a 100 ms write timeout.
+pub fn write_until_refused(s: &TcpStream, byte: u8) -> thread::JoinHandle<Instant> {
+    let mut w = s.try_clone().unwrap();
+    w.set_write_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    thread::spawn(move || {
+        let chunk = vec![byte; 64 * 1024];
+        let mut last_accepted = Instant::now();
+        while Instant::now() < last_accepted + Duration::from_secs(5) {
+            match w.write(&chunk) {
+                Ok(_) => last_accepted = Instant::now(),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => break,
+            }
+        }
+        last_accepted
+    })
 }
 
 /// Asserts the server closed this connection: the next read gives EOF or a reset, no data.
