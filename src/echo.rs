@@ -207,7 +207,6 @@ fn echo(
     loop {
         clock.before_io()?;
         let n = match nagle.receive(stream, buffer) {
-            Ok(0) => return Ok(()),
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => match clock.interrupted(false) {
                 Ok(()) => continue,
@@ -217,6 +216,7 @@ fn echo(
             },
             Err(e) => return Err(Outcome::from_error(e, false)),
         };
+        // The client's EOF, from the read or from its last look.
         if n == 0 {
             return Ok(());
         }
@@ -352,17 +352,17 @@ impl SessionClock {
     #[link_section = ".text.hot.forkecho_child"]
     fn arm(&self, now: Instant) -> io::Result<()> {
         let idle_end = self.idle.map(|idle| self.last_progress + idle);
-        let end = match (idle_end, self.deadline) {
-            (Some(a), Some(b)) => a.min(b),
-            (a, b) => a.or(b).unwrap_or(now),
-        };
-        let nearest = match (self.idle, self.deadline) {
-            (Some(idle), Some(deadline)) => idle.min(deadline.saturating_duration_since(now)),
-            (idle, deadline) => idle
-                .or(deadline.map(|d| d.saturating_duration_since(now)))
-                .unwrap_or_default(),
-        };
-        timer::set(end.saturating_duration_since(now), nearest / 8)
+        let end = idle_end
+            .into_iter()
+            .chain(self.deadline)
+            .min()
+            .unwrap_or(now);
+        let session_left = self.deadline.map(|d| d.saturating_duration_since(now));
+        let nearest = self.idle.into_iter().chain(session_left).min();
+        timer::set(
+            end.saturating_duration_since(now),
+            nearest.unwrap_or_default() / 8,
+        )
     }
 
     /// Before each blocking call: fails once the session's time is up.
