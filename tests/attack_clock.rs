@@ -298,19 +298,9 @@ fn max_session_time_alone_ends_a_blocked_write() {
     let server = server(&["--idle-timeout", "0", "--max-session-time", "0.5"]);
     let s = connect_with_recv_buffer(server.addr(), 4096);
     let client = s.local_addr().unwrap();
-    let mut w = s.try_clone().unwrap();
-    w.set_write_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let chunk = vec![3u8; 64 * 1024];
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(3) {
-        if let Err(e) = w.write(&chunk) {
-            if !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
-                break;
-            }
-        }
-    }
+    let writer = write_until_refused(&s, 3);
     let e = server.wait_child_exited_with(client, 8, "max_session_time");
+    writer.join().unwrap();
     assert!(e.seconds < 1.0, "{e:?}");
 }
 
@@ -652,18 +642,8 @@ fn an_outside_sigalrm_storm_does_not_postpone_the_write_timeout() {
     let client = s.local_addr().unwrap();
     let pid = server.child_pid_for(client);
     let _storm = SignalStorm::start(pid, Signal::SIGALRM, Duration::from_millis(1));
-    let mut w = s.try_clone().unwrap();
-    w.set_write_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let chunk = vec![9u8; 64 * 1024];
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(3) {
-        if let Err(e) = w.write(&chunk) {
-            if !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
-                break;
-            }
-        }
-    }
+    let writer = write_until_refused(&s, 9);
     let e = server.wait_child_exited_with(client, 4, "write timeout");
+    writer.join().unwrap();
     assert!(e.seconds < 1.1, "{e:?}");
 }

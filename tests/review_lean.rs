@@ -104,88 +104,18 @@ fn with_every_slot_in_flight_sessions_fall_back_to_a_plain_fork_and_all_serve() 
         .env("RUST_LOG", "info")
         .config("listen = [\"127.0.0.1:0\"]\nmax_children = 4000\nmax_per_source = 0\n")
         .start();
-    let pid = server.pid().as_raw();
-    let attached = Arc::new(AtomicBool::new(false));
-    let tracer_attached = attached.clone();
-    // The tracer: one thread does every ptrace call and wait (the tracer is a thread).
-    let tracer = thread::spawn(move || -> Result<(usize, usize, Vec<i32>), String> {
-        // Safe throughout: ptrace and waitpid on the server and the children it forks.
-        unsafe {
-            let options = libc::PTRACE_O_TRACEFORK | libc::PTRACE_O_TRACEVFORK;
-            if libc::ptrace(libc::PTRACE_SEIZE, pid, 0, options as libc::c_long) != 0 {
-                tracer_attached.store(true, Ordering::SeqCst);
-                return Err(format!("PTRACE_SEIZE: {}", std::io::Error::last_os_error()));
-            }
-            tracer_attached.store(true, Ordering::SeqCst);
-            let (mut lean, mut plain, mut held) = (0, 0, Vec::new());
-            let until = Instant::now() + Duration::from_secs(120);
-            while held.len() < CLIENTS {
-                if Instant::now() > until {
-                    // Ending this thread lets every tracee go.
-                    return Err(format!("only {} forks in time", held.len()));
-                }
-                let mut status = 0;
-                let got = libc::waitpid(pid, &mut status, libc::__WALL | libc::WNOHANG);
-                if got == 0 {
-                    thread::sleep(Duration::from_micros(200));
-                    continue;
-                }
-                if got != pid || !libc::WIFSTOPPED(status) {
-                    return Err(format!("server: waitpid {got}, status {status:#x}"));
-                }
-                let event = status >> 16;
-                if event == libc::PTRACE_EVENT_FORK || event == libc::PTRACE_EVENT_VFORK {
-                    let mut regs: libc::user_regs_struct = std::mem::zeroed();
-                    libc::ptrace(libc::PTRACE_GETREGS, pid, 0, &mut regs);
-                    // A lean start is clone3 (`CLONE_CLEAR_SIGHAND`), or clone with SIGCHLD
-                    // alone where clone3 is refused; glibc's fork is clone with
-                    // CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID too.
-                    let clone3 = regs.orig_rax == libc::SYS_clone3 as u64;
-                    if clone3 || regs.rdi == libc::SIGCHLD as u64 {
-                        lean += 1;
-                    } else {
-                        plain += 1;
-                    }
-                    let mut child: libc::c_ulong = 0;
-                    libc::ptrace(libc::PTRACE_GETEVENTMSG, pid, 0, &mut child);
-                    let child = child as i32;
-                    let mut child_status = 0;
-                    libc::waitpid(child, &mut child_status, libc::__WALL);
-                    held.push(child);
-                    if held.len() < CLIENTS {
-                        libc::ptrace(libc::PTRACE_CONT, pid, 0, 0);
-                    }
-                } else if event != 0 {
-                    libc::ptrace(libc::PTRACE_CONT, pid, 0, 0);
-                } else {
-                    // A signal on its way to the server: deliver it.
-                    let signal = libc::WSTOPSIG(status);
-                    libc::ptrace(libc::PTRACE_CONT, pid, 0, signal as libc::c_long);
-                }
-            }
-            // The server is in its last fork's stop: let go of it, then of the children.
-            libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0);
-            for &child in &held {
-                libc::ptrace(libc::PTRACE_DETACH, child, 0, 0);
-            }
-            Ok((lean, plain, held))
-        }
-    });
+    let hold = ForkHold::start(server.pid(), CLIENTS);
     // Every client connects once the tracer holds the server.
-    assert!(wait_until(WAIT, || attached.load(Ordering::SeqCst)));
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
         let s = server.connect();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         clients.push(s);
     }
-    let (lean, plain, held) = tracer
-        .join()
-        .unwrap()
-        .unwrap_or_else(|e| panic!("tracer: {e}"));
-    assert_eq!(held.len(), CLIENTS);
+    let held = hold.join().unwrap_or_else(|e| panic!("tracer: {e}"));
+    assert_eq!(held.children.len(), CLIENTS);
     assert_eq!(
-        (lean, plain),
+        (held.lean, held.plain),
         (1024, CLIENTS - 1024),
         "lean and plain forks while no child ran"
     );

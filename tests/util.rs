@@ -1476,6 +1476,112 @@ pub fn fd_target(pid: Pid, fd: u64) -> String {
         .to_string()
 }
 
+/// The forks a [`ForkHold`] held: how many were lean starts (clone3, or clone with SIGCHLD
+/// alone) and how many plain forks (glibc's fork: clone with CLONE_CHILD_SETTID |
+/// CLONE_CHILD_CLEARTID too), and the children, in order.
+pub struct HeldForks {
+    pub lean: usize,
+    pub plain: usize,
+    pub children: Vec<i32>,
+}
+
+/// A tracer (ptrace) that holds each child the server forks in its first stop, before it has
+/// run one instruction (so before a lean child takes its slot), until `n` exist; then lets the
+/// server and every child go. One thread makes every ptrace call and wait: the tracer is a
+/// thread, not the process. Ending that thread early lets every tracee go.
+pub struct ForkHold {
+    tracer: thread::JoinHandle<Result<HeldForks, String>>,
+}
+
+impl ForkHold {
+    /// Attaches to `server` and returns once it is traced (or the attach failed: `join`
+    /// says so).
+    pub fn start(server: Pid, n: usize) -> ForkHold {
+        let pid = server.as_raw();
+        let attached = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tracer_attached = attached.clone();
+        let tracer = thread::spawn(move || {
+            let result = Self::hold(pid, n, &tracer_attached);
+            tracer_attached.store(true, std::sync::atomic::Ordering::SeqCst);
+            result
+        });
+        assert!(wait_until(WAIT, || attached.load(std::sync::atomic::Ordering::SeqCst)));
+        ForkHold { tracer }
+    }
+
+    /// Waits until `n` children are held and let go, and says what they were.
+    pub fn join(self) -> Result<HeldForks, String> {
+        self.tracer.join().unwrap()
+    }
+
+    fn hold(
+        pid: i32,
+        n: usize,
+        attached: &std::sync::atomic::AtomicBool,
+    ) -> Result<HeldForks, String> {
+        // Safe throughout: ptrace and waitpid on the server and the children it forks.
+        unsafe {
+            let options = libc::PTRACE_O_TRACEFORK | libc::PTRACE_O_TRACEVFORK;
+            if libc::ptrace(libc::PTRACE_SEIZE, pid, 0, options as libc::c_long) != 0 {
+                return Err(format!("PTRACE_SEIZE: {}", std::io::Error::last_os_error()));
+            }
+            attached.store(true, std::sync::atomic::Ordering::SeqCst);
+            let mut held = HeldForks {
+                lean: 0,
+                plain: 0,
+                children: Vec::new(),
+            };
+            let until = Instant::now() + Duration::from_secs(120);
+            while held.children.len() < n {
+                if Instant::now() > until {
+                    return Err(format!("only {} forks in time", held.children.len()));
+                }
+                let mut status = 0;
+                let got = libc::waitpid(pid, &mut status, libc::__WALL | libc::WNOHANG);
+                if got == 0 {
+                    thread::sleep(Duration::from_micros(200));
+                    continue;
+                }
+                if got != pid || !libc::WIFSTOPPED(status) {
+                    return Err(format!("server: waitpid {got}, status {status:#x}"));
+                }
+                let event = status >> 16;
+                if event == libc::PTRACE_EVENT_FORK || event == libc::PTRACE_EVENT_VFORK {
+                    let mut regs: libc::user_regs_struct = std::mem::zeroed();
+                    libc::ptrace(libc::PTRACE_GETREGS, pid, 0, &mut regs);
+                    let clone3 = regs.orig_rax == libc::SYS_clone3 as u64;
+                    if clone3 || regs.rdi == libc::SIGCHLD as u64 {
+                        held.lean += 1;
+                    } else {
+                        held.plain += 1;
+                    }
+                    let mut child: libc::c_ulong = 0;
+                    libc::ptrace(libc::PTRACE_GETEVENTMSG, pid, 0, &mut child);
+                    let child = child as i32;
+                    let mut child_status = 0;
+                    libc::waitpid(child, &mut child_status, libc::__WALL);
+                    held.children.push(child);
+                    if held.children.len() < n {
+                        libc::ptrace(libc::PTRACE_CONT, pid, 0, 0);
+                    }
+                } else if event != 0 {
+                    libc::ptrace(libc::PTRACE_CONT, pid, 0, 0);
+                } else {
+                    // A signal on its way to the server: deliver it.
+                    let signal = libc::WSTOPSIG(status);
+                    libc::ptrace(libc::PTRACE_CONT, pid, 0, signal as libc::c_long);
+                }
+            }
+            // The server is in its last fork's stop: let go of it, then of the children.
+            libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0);
+            for &child in &held.children {
+                libc::ptrace(libc::PTRACE_DETACH, child, 0, 0);
+            }
+            Ok(held)
+        }
+    }
+}
+
 /// A pidfd for process `pid` (pidfd_open(2)): it names that process and no other, even once
 /// its pid is reused.
 pub fn pidfd_open(pid: Pid) -> std::io::Result<std::os::fd::OwnedFd> {
